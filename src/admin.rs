@@ -1,0 +1,281 @@
+//! The admin API (SPEC §5) on its own listener, loopback by default. In
+//! DB-less mode it answers reads and `POST /config`; entity writes are 405.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::config::load::config_from_text;
+use crate::config::{Config, ConfigErrors, Format};
+use crate::diff::ConfigDiff;
+use crate::server::Shared;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub shared: Arc<Shared>,
+    pub token: Option<Arc<str>>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/config", get(get_config).post(post_config))
+        .route("/status", get(status))
+        .route("/status/ready", get(ready))
+        .route("/{kind}", get(list_entities).post(read_only))
+        .route(
+            "/{kind}/{name}",
+            get(get_entity)
+                .put(read_only)
+                .patch(read_only)
+                .delete(read_only),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state)
+}
+
+fn message(status: StatusCode, text: &str) -> Response {
+    (status, Json(json!({ "message": text }))).into_response()
+}
+
+async fn not_found() -> Response {
+    message(StatusCode::NOT_FOUND, "not found")
+}
+
+async fn method_not_allowed() -> Response {
+    message(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        // Readiness stays open for load balancers and probes; it tells nothing else.
+        if req.uri().path() != "/status/ready" {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
+                let mut resp = message(
+                    StatusCode::UNAUTHORIZED,
+                    "a valid admin token is required (Authorization: Bearer ...)",
+                );
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
+                return resp;
+            }
+        }
+    }
+    next.run(req).await
+}
+
+fn wants_yaml(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("yaml"))
+}
+
+pub fn config_as(config: &Config, yaml: bool) -> Response {
+    if yaml {
+        match serde_norway::to_string(config) {
+            Ok(text) => ([(header::CONTENT_TYPE, "application/yaml")], text).into_response(),
+            Err(e) => message(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("cannot render YAML: {e}"),
+            ),
+        }
+    } else {
+        Json(config).into_response()
+    }
+}
+
+async fn get_config(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+    let snap = state.shared.snapshot.load();
+    config_as(&snap.config, wants_yaml(&headers))
+}
+
+/// The 400 body of SPEC §5: every error, keyed by field.
+pub fn invalid(errors: &ConfigErrors) -> Response {
+    let mut fields = serde_json::Map::new();
+    for e in &errors.0 {
+        let key = if e.path.is_empty() {
+            "(document)".to_string()
+        } else {
+            e.path.clone()
+        };
+        match fields.get_mut(&key) {
+            Some(Value::String(prev)) => {
+                prev.push_str("; ");
+                prev.push_str(&e.message);
+            }
+            _ => {
+                fields.insert(key, Value::String(e.message.clone()));
+            }
+        }
+    }
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({ "message": "invalid config", "fields": fields })),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct ConfigQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn post_config(
+    State(state): State<AdminState>,
+    Query(q): Query<ConfigQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return message(StatusCode::BAD_REQUEST, "the body is not UTF-8");
+    };
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    let format = if is_json { Format::Json } else { Format::Yaml };
+    let config = match config_from_text(text, format) {
+        Ok(c) => c,
+        Err(errors) => return invalid(&errors),
+    };
+    let shared = &state.shared;
+    let _guard = shared.reload_lock.lock().await;
+    let diff = ConfigDiff::between(&shared.snapshot.load().config, &config);
+    if q.dry_run {
+        return Json(json!({ "dry_run": true, "changes": diff })).into_response();
+    }
+    match shared.replace_config(config) {
+        Ok(version) => {
+            tracing::info!(
+                version,
+                created = diff.created.len(),
+                updated = diff.updated.len(),
+                deleted = diff.deleted.len(),
+                "config replaced through the admin API"
+            );
+            Json(json!({ "version": version, "changes": diff })).into_response()
+        }
+        Err(errors) => invalid(&errors),
+    }
+}
+
+async fn status(State(state): State<AdminState>) -> Response {
+    let shared = &state.shared;
+    let snap = shared.snapshot.load();
+    Json(json!({
+        "node_id": shared.node_id,
+        "mode": "db-less",
+        "config_version": snap.version,
+        "database_reachable": Value::Null,
+        "reloads": shared.reloads.load(Ordering::Relaxed),
+        "uptime_seconds": shared.started.elapsed().as_secs(),
+        "entities": {
+            "routes": snap.config.routes.len(),
+            "compositions": snap.config.compositions.len(),
+            "consumers": snap.config.consumers.len(),
+            "policies": snap.config.policies.len(),
+        },
+    }))
+    .into_response()
+}
+
+async fn ready(State(_): State<AdminState>) -> Response {
+    // A node only starts serving with a loaded config, so it is ready as
+    // soon as it answers. Database mode will add the not-yet-loaded case.
+    Json(json!({ "ready": true })).into_response()
+}
+
+fn entities(config: &Config, kind: &str) -> Option<Vec<Value>> {
+    fn values<T: serde::Serialize>(list: &[T]) -> Vec<Value> {
+        list.iter()
+            .filter_map(|e| serde_json::to_value(e).ok())
+            .collect()
+    }
+    Some(match kind {
+        "routes" => values(&config.routes),
+        "compositions" => values(&config.compositions),
+        "consumers" => values(&config.consumers),
+        "policies" => values(&config.policies),
+        _ => return None,
+    })
+}
+
+#[derive(Deserialize)]
+struct Page {
+    size: Option<usize>,
+    offset: Option<usize>,
+}
+
+async fn list_entities(
+    State(state): State<AdminState>,
+    Path(kind): Path<String>,
+    Query(page): Query<Page>,
+) -> Response {
+    let snap = state.shared.snapshot.load();
+    let Some(all) = entities(&snap.config, &kind) else {
+        return not_found().await;
+    };
+    let size = page.size.unwrap_or(100).clamp(1, 1000);
+    let offset = page.offset.unwrap_or(0);
+    let data: Vec<Value> = all.iter().skip(offset).take(size).cloned().collect();
+    let next = (offset + size < all.len())
+        .then(|| format!("/{kind}?size={size}&offset={}", offset + size));
+    Json(json!({ "data": data, "next": next })).into_response()
+}
+
+async fn get_entity(
+    State(state): State<AdminState>,
+    Path((kind, name)): Path<(String, String)>,
+) -> Response {
+    let snap = state.shared.snapshot.load();
+    let found = entities(&snap.config, &kind).and_then(|all| {
+        all.into_iter()
+            .find(|e| e.get("name").and_then(Value::as_str) == Some(name.as_str()))
+    });
+    match found {
+        Some(entity) => Json(entity).into_response(),
+        None => not_found().await,
+    }
+}
+
+async fn read_only(Path(_): Path<Vec<(String, String)>>) -> Response {
+    message(StatusCode::METHOD_NOT_ALLOWED, "entities are read-only in DB-less mode: edit the config files, or replace the whole config with POST /config")
+}
+
+/// Serves the admin API until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}

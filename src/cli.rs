@@ -1,0 +1,261 @@
+//! The `manifold` command line (SPEC §1). Thin: parse, set up logging, call
+//! the library.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+use crate::config::units::Dur;
+use crate::config::validate::parse_cidr;
+use crate::config::{load_paths, Config};
+use crate::gateway::{Gateway, GatewayOptions};
+use crate::server::ServerOptions;
+
+#[derive(Parser, Debug)]
+#[command(name = "manifold", version, about = "An API gateway that proxies routes and composes backend calls into one response", long_about = None)]
+pub struct Cli {
+    /// Log filter, e.g. `info` or `manifold=debug,info`
+    #[arg(long, env = "MANIFOLD_LOG", default_value = "info", global = true)]
+    pub log: String,
+    /// Log format; json when stdout is not a terminal
+    #[arg(long, env = "MANIFOLD_LOG_FORMAT", global = true)]
+    pub log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway: the proxy on MANIFOLD_PROXY_LISTEN, the admin API on
+    /// MANIFOLD_ADMIN_LISTEN. Without a database URL the config is every
+    /// *.yaml, *.yml and *.json file under --config-dir (DB-less mode).
+    Serve(ServeArgs),
+    /// Check config files (or directories of them) and print every error as
+    /// `file: path.to.field: message`. Exit 0 when valid, 1 otherwise.
+    Validate {
+        /// Files or directories; default: MANIFOLD_CONFIG_DIR or ./compositions
+        paths: Vec<PathBuf>,
+    },
+    /// Apply the Postgres migrations (database mode; not in this build yet)
+    Migrate,
+    /// Print the whole live config as YAML (database mode; not in this build yet)
+    Export {
+        #[arg(long, env = "MANIFOLD_ADMIN")]
+        admin: Option<String>,
+    },
+    /// Make gateways' config equal to files (database mode; not in this build yet)
+    Sync {
+        path: PathBuf,
+        #[arg(long)]
+        admin: Vec<String>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Directory of config files for DB-less mode
+    #[arg(long, env = "MANIFOLD_CONFIG_DIR", default_value = "./compositions")]
+    pub config_dir: PathBuf,
+    /// Also start the demo backend services of fixtures/demo/ on 127.0.0.1:9101-9103
+    #[arg(long, env = "MANIFOLD_DEMO")]
+    pub demo: bool,
+    /// Proxy listen address (HTTP/1.1 and h2c)
+    #[arg(long, env = "MANIFOLD_PROXY_LISTEN", default_value = "0.0.0.0:8000")]
+    pub proxy_listen: SocketAddr,
+    /// Admin API listen address; a non-loopback address needs --admin-token
+    #[arg(long, env = "MANIFOLD_ADMIN_LISTEN", default_value = "127.0.0.1:8001")]
+    pub admin_listen: SocketAddr,
+    /// Bearer token required by the admin API
+    #[arg(long, env = "MANIFOLD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Postgres URL: database mode (not in this build yet)
+    #[arg(long, env = "MANIFOLD_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Redis URL, for cluster rate limits (not in this build yet)
+    #[arg(long, env = "MANIFOLD_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Where database mode keeps its last good config
+    #[arg(
+        long,
+        env = "MANIFOLD_SNAPSHOT_PATH",
+        default_value = "manifold-snapshot.json"
+    )]
+    pub snapshot_path: PathBuf,
+    /// Comma-separated CIDRs whose X-Forwarded-* headers are believed
+    #[arg(long, env = "MANIFOLD_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Worker threads (one runtime and listener each); default: one per core
+    #[arg(long, env = "MANIFOLD_WORKERS")]
+    pub workers: Option<usize>,
+    /// How long in-flight requests may take to finish after SIGTERM or SIGINT
+    #[arg(long, env = "MANIFOLD_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_dur)]
+    pub drain_timeout: Dur,
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    parse_cidr(s.trim())
+}
+
+fn parse_dur(s: &str) -> Result<Dur, String> {
+    Dur::parse(s)
+}
+
+fn init_logging(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match cli.log_format {
+        Some(LogFormat::Json) => true,
+        Some(LogFormat::Pretty) => false,
+        None => !std::io::stdout().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    } else {
+        builder.init();
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Validate { paths } => return validate(paths),
+        Command::Migrate | Command::Export { .. } | Command::Sync { .. } => {
+            eprintln!("manifold: database mode (migrate, export, sync) is not in this build yet; DB-less mode works today: see `manifold serve --help`");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("manifold: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn validate(mut paths: Vec<PathBuf>) -> ExitCode {
+    if paths.is_empty() {
+        paths.push(
+            std::env::var_os("MANIFOLD_CONFIG_DIR")
+                .map_or_else(|| PathBuf::from("./compositions"), PathBuf::from),
+        );
+    }
+    let result = load_paths(&paths).and_then(|config| {
+        let summary = (
+            config.routes.len(),
+            config.compositions.len(),
+            config.consumers.len(),
+            config.policies.len(),
+        );
+        crate::snapshot::compile(config, 1).map(|_| summary)
+    });
+    match result {
+        Ok((r, c, u, p)) => {
+            println!("ok: {r} routes, {c} compositions, {u} consumers, {p} policies");
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("{} error(s)", errors.0.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(dir: &PathBuf) -> anyhow::Result<Config> {
+    if !dir.is_dir() {
+        bail!(
+            "config directory {} does not exist (set --config-dir or MANIFOLD_CONFIG_DIR)",
+            dir.display()
+        );
+    }
+    load_paths(std::slice::from_ref(dir))
+        .map_err(|errors| anyhow::anyhow!("the config in {} is invalid:\n{errors}", dir.display()))
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.database_url.is_some() {
+        bail!("database mode (MANIFOLD_DATABASE_URL) is not in this build yet; unset it to run DB-less from --config-dir");
+    }
+    if args.demo {
+        let addrs = crate::demo::start()?;
+        tracing::info!(?addrs, "demo backends started");
+    }
+    let config = load_config(&args.config_dir)?;
+    let mut server = ServerOptions {
+        proxy_listen: args.proxy_listen,
+        drain_timeout: args.drain_timeout.0,
+        ..ServerOptions::default()
+    };
+    if let Some(w) = args.workers {
+        server.workers = w.max(1);
+    }
+    let opts = GatewayOptions {
+        server,
+        admin_listen: args.admin_listen,
+        admin_token: args.admin_token,
+        trusted_proxies: args.trusted_proxies,
+        ..GatewayOptions::default()
+    };
+    let (routes, compositions) = (config.routes.len(), config.compositions.len());
+    let gateway = Gateway::start(opts, config)?;
+    tracing::info!(proxy = %gateway.proxy_addr, admin = %gateway.admin_addr, routes, compositions, config_dir = %args.config_dir.display(), "manifold is serving (DB-less)");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("a tokio runtime")?;
+    let signal = rt.block_on(wait_for_signal())?;
+    tracing::info!(
+        signal,
+        "shutting down: no new connections, draining in-flight requests"
+    );
+    let started = std::time::Instant::now();
+    gateway.shutdown();
+    tracing::info!(
+        drained_in_ms = started.elapsed().as_millis() as u64,
+        "stopped"
+    );
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+/// Parses a drain timeout for tests and tools that set it in code.
+pub fn duration(s: &str) -> Option<Duration> {
+    Dur::parse(s).ok().map(|d| d.0)
+}

@@ -1,0 +1,296 @@
+//! From text to a [`Config`]: YAML or JSON documents, one entity at a time so
+//! that one bad entity does not hide the errors of the others.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::{validate, Config, ConfigError, ConfigErrors};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Yaml,
+    Json,
+}
+
+impl Format {
+    pub fn from_path(path: &Path) -> Option<Format> {
+        match path.extension()?.to_str()? {
+            "yaml" | "yml" => Some(Format::Yaml),
+            "json" => Some(Format::Json),
+            _ => None,
+        }
+    }
+}
+
+/// A merged config and, for each entity, the file it came from.
+#[derive(Clone, Debug, Default)]
+pub struct LoadedConfig {
+    pub config: Config,
+    pub origins: Origins,
+}
+
+/// Parallel to the entity lists of a [`Config`]: where each entity came from.
+#[derive(Clone, Debug, Default)]
+pub struct Origins {
+    pub routes: Vec<Option<Arc<str>>>,
+    pub compositions: Vec<Option<Arc<str>>>,
+    pub consumers: Vec<Option<Arc<str>>>,
+    pub policies: Vec<Option<Arc<str>>>,
+}
+
+impl LoadedConfig {
+    pub fn from_config(config: Config) -> Self {
+        let origins = Origins {
+            routes: vec![None; config.routes.len()],
+            compositions: vec![None; config.compositions.len()],
+            consumers: vec![None; config.consumers.len()],
+            policies: vec![None; config.policies.len()],
+        };
+        LoadedConfig { config, origins }
+    }
+
+    fn append(&mut self, other: LoadedConfig) {
+        let LoadedConfig { config, origins } = other;
+        self.config.routes.extend(config.routes);
+        self.config.compositions.extend(config.compositions);
+        self.config.consumers.extend(config.consumers);
+        self.config.policies.extend(config.policies);
+        self.origins.routes.extend(origins.routes);
+        self.origins.compositions.extend(origins.compositions);
+        self.origins.consumers.extend(origins.consumers);
+        self.origins.policies.extend(origins.policies);
+    }
+
+    /// Validates the whole config, then replaces plain secrets by digests.
+    pub fn validated(mut self) -> Result<Config, ConfigErrors> {
+        let errors = validate::validate(&self.config, &self.origins);
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        validate::hash_secrets(&mut self.config);
+        Ok(self.config)
+    }
+}
+
+fn entity_label(kind: &str, index: usize, value: &Value) -> String {
+    match value.get("name").and_then(Value::as_str) {
+        Some(name) if !name.is_empty() => format!("{kind}.{name}"),
+        _ => format!("{kind}[{index}]"),
+    }
+}
+
+fn parse_entities<T: DeserializeOwned>(
+    kind: &str,
+    value: Value,
+    file: &Option<Arc<str>>,
+    out: &mut Vec<T>,
+    origins: &mut Vec<Option<Arc<str>>>,
+    errors: &mut Vec<ConfigError>,
+) {
+    let items = match value {
+        Value::Array(items) => items,
+        Value::Null => return,
+        _ => {
+            errors.push(ConfigError {
+                file: file.clone(),
+                path: kind.to_string(),
+                message: "expected a list".into(),
+            });
+            return;
+        }
+    };
+    for (index, item) in items.into_iter().enumerate() {
+        let label = entity_label(kind, index, &item);
+        if !item.is_object() {
+            errors.push(ConfigError {
+                file: file.clone(),
+                path: label,
+                message: "expected an object".into(),
+            });
+            continue;
+        }
+        match serde_path_to_error::deserialize::<_, T>(item) {
+            Ok(entity) => {
+                out.push(entity);
+                origins.push(file.clone());
+            }
+            Err(e) => {
+                let inner = e.path().to_string();
+                let path = if inner == "." {
+                    label
+                } else {
+                    format!("{label}.{inner}")
+                };
+                errors.push(ConfigError {
+                    file: file.clone(),
+                    path,
+                    message: e.into_inner().to_string(),
+                });
+            }
+        }
+    }
+}
+
+/// Parses one document. Structural errors (wrong types, unknown fields) are
+/// collected per entity; semantic checks come later, over the merged config.
+pub fn parse_document(
+    file: Option<Arc<str>>,
+    text: &str,
+    format: Format,
+) -> (LoadedConfig, Vec<ConfigError>) {
+    let mut loaded = LoadedConfig::default();
+    let mut errors = Vec::new();
+    let doc: Result<Value, String> = match format {
+        Format::Json => serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}")),
+        Format::Yaml => serde_norway::from_str(text).map_err(|e| format!("invalid YAML: {e}")),
+    };
+    let doc = match doc {
+        Ok(doc) => doc,
+        Err(message) => {
+            errors.push(ConfigError {
+                file,
+                path: String::new(),
+                message,
+            });
+            return (loaded, errors);
+        }
+    };
+    let map = match doc {
+        Value::Object(map) => map,
+        Value::Null => return (loaded, errors),
+        _ => {
+            errors.push(ConfigError {
+                file,
+                path: String::new(),
+                message: "expected an object with routes, compositions, consumers or policies"
+                    .into(),
+            });
+            return (loaded, errors);
+        }
+    };
+    let (c, o) = (&mut loaded.config, &mut loaded.origins);
+    for (key, value) in map {
+        match key.as_str() {
+            "routes" => parse_entities(
+                &key,
+                value,
+                &file,
+                &mut c.routes,
+                &mut o.routes,
+                &mut errors,
+            ),
+            "compositions" => parse_entities(
+                &key,
+                value,
+                &file,
+                &mut c.compositions,
+                &mut o.compositions,
+                &mut errors,
+            ),
+            "consumers" => parse_entities(
+                &key,
+                value,
+                &file,
+                &mut c.consumers,
+                &mut o.consumers,
+                &mut errors,
+            ),
+            "policies" => parse_entities(
+                &key,
+                value,
+                &file,
+                &mut c.policies,
+                &mut o.policies,
+                &mut errors,
+            ),
+            _ => errors.push(ConfigError {
+                file: file.clone(),
+                path: key.clone(),
+                message: "unknown key: expected routes, compositions, consumers or policies".into(),
+            }),
+        }
+    }
+    (loaded, errors)
+}
+
+/// Parses a request body (the admin API's `POST /config`) and validates it.
+pub fn config_from_text(text: &str, format: Format) -> Result<Config, ConfigErrors> {
+    let (loaded, errors) = parse_document(None, text, format);
+    finish(loaded, errors)
+}
+
+fn finish(loaded: LoadedConfig, mut errors: Vec<ConfigError>) -> Result<Config, ConfigErrors> {
+    // Semantic checks still run when some entities failed to parse, so the
+    // user sees every problem at once.
+    match loaded.validated() {
+        Ok(config) if errors.is_empty() => Ok(config),
+        Ok(_) => Err(ConfigErrors(errors)),
+        Err(ConfigErrors(more)) => {
+            errors.extend(more);
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+/// Every `*.yaml`, `*.yml` and `*.json` file under `dir`, sorted, recursively.
+fn config_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            config_files(&path, out)?;
+        } else if Format::from_path(&path).is_some() {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Loads, merges and validates the config files named by `paths` (files or
+/// directories).
+pub fn load_paths(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
+    let mut loaded = LoadedConfig::default();
+    let mut errors = Vec::new();
+    for path in paths {
+        let mut files = Vec::new();
+        let label: Arc<str> = path.display().to_string().into();
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => {
+                if let Err(e) = config_files(path, &mut files) {
+                    errors.push(ConfigError {
+                        file: Some(label),
+                        path: String::new(),
+                        message: format!("cannot read directory: {e}"),
+                    });
+                }
+            }
+            Ok(_) => files.push(path.clone()),
+            Err(e) => errors.push(ConfigError {
+                file: Some(label),
+                path: String::new(),
+                message: format!("cannot read: {e}"),
+            }),
+        }
+        for file in files {
+            let label: Arc<str> = file.display().to_string().into();
+            let format = Format::from_path(&file).unwrap_or(Format::Yaml);
+            match std::fs::read_to_string(&file) {
+                Ok(text) => {
+                    let (part, errs) = parse_document(Some(label), &text, format);
+                    loaded.append(part);
+                    errors.extend(errs);
+                }
+                Err(e) => errors.push(ConfigError {
+                    file: Some(label),
+                    path: String::new(),
+                    message: format!("cannot read: {e}"),
+                }),
+            }
+        }
+    }
+    finish(loaded, errors)
+}

@@ -1,0 +1,58 @@
+//! The declarative config: its types ([`model`]), how files and request
+//! bodies become a [`Config`] ([`load`]), and every check made before a config
+//! is accepted ([`validate`]).
+
+pub mod load;
+pub mod model;
+pub mod pattern;
+pub mod refs;
+pub mod units;
+pub mod validate;
+
+use std::fmt;
+use std::sync::Arc;
+
+pub use load::{load_paths, parse_document, Format, LoadedConfig};
+pub use model::*;
+
+/// One problem with a config: where it is and what is wrong.
+/// Printed as `file: path.to.field: message`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file the entity came from; `None` for a request body.
+    pub file: Option<Arc<str>>,
+    /// Dotted path to the field, entities named by their `name`
+    /// (`routes.users-api.timeout`); empty for the whole document.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{file}: ")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every error found in a config, never only the first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}

@@ -1,0 +1,1057 @@
+//! Every check a config passes before it is accepted, whatever its source
+//! (files, `POST /config`, later the database). All errors are collected.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use indexmap::IndexMap;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::load::Origins;
+use super::model::*;
+use super::pattern::{is_identifier, parse_rewrite, PathPattern};
+use super::refs::{jsonpath_root, template_refs};
+use super::units::Dur;
+use super::ConfigError;
+
+/// Reserved call names: `request` is the client request, `item` the current
+/// value of a `for_each`.
+pub const RESERVED_CALL_NAMES: [&str; 2] = ["request", "item"];
+
+struct Errors<'a> {
+    list: Vec<ConfigError>,
+    file: Option<Arc<str>>,
+    _origins: &'a Origins,
+}
+
+impl Errors<'_> {
+    fn at(&mut self, file: &Option<Arc<str>>) {
+        self.file = file.clone();
+    }
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.list.push(ConfigError {
+            file: self.file.clone(),
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+pub fn is_valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+const NAME_RULE: &str =
+    "a name is 1 to 64 characters of a-z, 0-9 and -, starting with a letter or digit";
+
+fn check_name(errs: &mut Errors, base: &str, name: &str) {
+    if !is_valid_name(name) {
+        errs.push(
+            format!("{base}.name"),
+            format!("invalid name {name:?}: {NAME_RULE}"),
+        );
+    }
+}
+
+fn check_tags(errs: &mut Errors, base: &str, tags: &[String]) {
+    for (i, tag) in tags.iter().enumerate() {
+        if tag.is_empty() || tag.len() > 128 || tag.chars().any(|c| c.is_control() || c == ',') {
+            errs.push(
+                format!("{base}.tags[{i}]"),
+                "a tag is 1 to 128 printable characters without commas",
+            );
+        }
+    }
+}
+
+fn check_unique<'a>(
+    errs: &mut Errors,
+    kind: &str,
+    names: impl Iterator<Item = (&'a str, &'a Option<Arc<str>>)>,
+) {
+    let mut seen: HashMap<&str, &Option<Arc<str>>> = HashMap::new();
+    for (name, file) in names {
+        if let Some(first) = seen.get(name) {
+            errs.at(file);
+            let where_ = first
+                .as_deref()
+                .map(|f| format!(" (also defined in {f})"))
+                .unwrap_or_default();
+            errs.push(
+                format!("{kind}.{name}.name"),
+                format!("duplicate name {name:?}{where_}"),
+            );
+        } else {
+            seen.insert(name, file);
+        }
+    }
+}
+
+fn check_method(errs: &mut Errors, path: String, method: &str) {
+    let ok = !method.is_empty()
+        && method.len() <= 32
+        && method
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
+    if !ok {
+        errs.push(
+            path,
+            format!("invalid method {method:?}: use upper case, such as GET"),
+        );
+    }
+}
+
+fn check_header_name(errs: &mut Errors, path: String, name: &str) {
+    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        errs.push(path, format!("invalid header name {name:?}"));
+    }
+}
+
+fn check_duration(errs: &mut Errors, path: String, d: Option<Dur>) {
+    if let Some(d) = d {
+        if d.0.is_zero() {
+            errs.push(path, "must be more than 0");
+        }
+    }
+}
+
+fn check_host(errs: &mut Errors, path: String, host: &str) {
+    let bare = host.strip_prefix("*.").unwrap_or(host);
+    let ok = !bare.is_empty()
+        && bare.len() <= 253
+        && bare.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !ok {
+        errs.push(
+            path,
+            format!("invalid host {host:?}: a host name, or *.domain for its subdomains"),
+        );
+    }
+}
+
+/// `scheme://host[:port][/base]` for a plain route's upstream.
+pub fn check_upstream(upstream: &str) -> Result<(), String> {
+    let uri: http::Uri = upstream
+        .parse()
+        .map_err(|e| format!("invalid upstream {upstream:?}: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err("https upstreams are not supported yet; use http://".into()),
+        _ => {
+            return Err(format!(
+                "invalid upstream {upstream:?}: expected http://host[:port][/base]"
+            ))
+        }
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("invalid upstream {upstream:?}: no host"))?;
+    if authority.as_str().contains('@') {
+        return Err("an upstream cannot hold user info (user@host)".into());
+    }
+    if authority.host().is_empty() {
+        return Err(format!("invalid upstream {upstream:?}: no host"));
+    }
+    if uri.query().is_some() || upstream.contains('#') {
+        return Err("an upstream cannot hold a query or fragment".into());
+    }
+    Ok(())
+}
+
+/// Parses a policy's `config` into its typed form, reporting the field.
+pub fn policy_config(kind: PolicyKind, config: &Value) -> Result<PolicyConfig, (String, String)> {
+    fn typed<T: DeserializeOwned>(config: &Value) -> Result<T, (String, String)> {
+        let value = if config.is_null() {
+            Value::Object(Default::default())
+        } else {
+            config.clone()
+        };
+        serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            (path, e.into_inner().to_string())
+        })
+    }
+    Ok(match kind {
+        PolicyKind::KeyAuth => PolicyConfig::KeyAuth(typed(config)?),
+        PolicyKind::BasicAuth => PolicyConfig::BasicAuth(typed(config)?),
+        PolicyKind::Jwt => PolicyConfig::Jwt(typed(config)?),
+        PolicyKind::Acl => PolicyConfig::Acl(typed(config)?),
+        PolicyKind::IpRestriction => PolicyConfig::IpRestriction(typed(config)?),
+        PolicyKind::RateLimit => PolicyConfig::RateLimit(typed(config)?),
+        PolicyKind::CorrelationId => PolicyConfig::CorrelationId(typed(config)?),
+        PolicyKind::RequestTransform => PolicyConfig::RequestTransform(typed(config)?),
+        PolicyKind::ResponseTransform => PolicyConfig::ResponseTransform(typed(config)?),
+        PolicyKind::Cors => PolicyConfig::Cors(typed(config)?),
+        PolicyKind::HttpsRedirect => PolicyConfig::HttpsRedirect(typed(config)?),
+        PolicyKind::RequestSizeLimit => PolicyConfig::RequestSizeLimit(typed(config)?),
+        PolicyKind::ResponseCache => PolicyConfig::ResponseCache(typed(config)?),
+    })
+}
+
+/// A CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a single address.
+pub fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("invalid CIDR {s:?}: expected an address or address/prefix"))
+}
+
+fn check_policy_refs(errs: &mut Errors, base: &str, names: &[String], policies: &HashSet<&str>) {
+    let mut seen = HashSet::new();
+    for (i, name) in names.iter().enumerate() {
+        if !policies.contains(name.as_str()) {
+            errs.push(
+                format!("{base}.policies[{i}]"),
+                format!("unknown policy {name:?}"),
+            );
+        } else if !seen.insert(name) {
+            errs.push(
+                format!("{base}.policies[{i}]"),
+                format!("policy {name:?} is listed twice"),
+            );
+        }
+    }
+}
+
+/// Who answers a (host, path shape): the methods (`None` = all) and a label.
+type Claim = (Option<Vec<String>>, String);
+
+pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
+    let mut errs = Errors {
+        list: Vec::new(),
+        file: None,
+        _origins: origins,
+    };
+    let file_of = |v: &Vec<Option<Arc<str>>>, i: usize| v.get(i).cloned().flatten();
+
+    let policy_names: HashSet<&str> = config.policies.iter().map(|p| p.name.as_str()).collect();
+    let consumer_names: HashSet<&str> = config.consumers.iter().map(|c| c.name.as_str()).collect();
+
+    check_unique(
+        &mut errs,
+        "routes",
+        config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), origins.routes.get(i).unwrap_or(&None))),
+    );
+    check_unique(
+        &mut errs,
+        "compositions",
+        config.compositions.iter().enumerate().map(|(i, r)| {
+            (
+                r.name.as_str(),
+                origins.compositions.get(i).unwrap_or(&None),
+            )
+        }),
+    );
+    check_unique(
+        &mut errs,
+        "consumers",
+        config
+            .consumers
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), origins.consumers.get(i).unwrap_or(&None))),
+    );
+    check_unique(
+        &mut errs,
+        "policies",
+        config
+            .policies
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), origins.policies.get(i).unwrap_or(&None))),
+    );
+
+    // Which (host, path shape) pairs are taken, by which methods, so two
+    // entities can never answer the same request.
+    let mut claims: HashMap<(String, String), Vec<Claim>> = HashMap::new();
+    let mut claim = |errs: &mut Errors,
+                     base: &str,
+                     label: String,
+                     hosts: &[String],
+                     shape: &str,
+                     methods: Option<Vec<String>>| {
+        let any = [String::new()];
+        let hosts: &[String] = if hosts.is_empty() { &any } else { hosts };
+        for host in hosts {
+            let entry = claims
+                .entry((host.to_ascii_lowercase(), shape.to_string()))
+                .or_default();
+            for (other_methods, other) in entry.iter() {
+                let overlap = match (&methods, other_methods) {
+                    (Some(a), Some(b)) => a.iter().any(|m| b.contains(m)),
+                    _ => true,
+                };
+                if overlap {
+                    errs.push(
+                        format!("{base}.path"),
+                        format!("conflicts with {other}: same path, host and method"),
+                    );
+                }
+            }
+            entry.push((methods.clone(), label.clone()));
+        }
+    };
+
+    for (i, route) in config.routes.iter().enumerate() {
+        errs.at(&file_of(&origins.routes, i));
+        let base = format!("routes.{}", route.name);
+        check_name(&mut errs, "routes", &route.name);
+        check_tags(&mut errs, &base, &route.tags);
+        for (j, m) in route.methods.iter().enumerate() {
+            check_method(&mut errs, format!("{base}.methods[{j}]"), m);
+        }
+        for (j, h) in route.hosts.iter().enumerate() {
+            check_host(&mut errs, format!("{base}.hosts[{j}]"), h);
+        }
+        match PathPattern::parse(&route.path) {
+            Ok(pattern) => {
+                let params: Vec<&str> = pattern.param_names().collect();
+                if let Some(rewrite) = &route.path_rewrite {
+                    if let Err(e) = parse_rewrite(rewrite, &params) {
+                        errs.push(format!("{base}.path_rewrite"), e);
+                    }
+                }
+                let methods = (!route.methods.is_empty()).then(|| route.methods.clone());
+                claim(
+                    &mut errs,
+                    &base,
+                    format!("route {:?}", route.name),
+                    &route.hosts,
+                    &pattern.shape(),
+                    methods,
+                );
+            }
+            Err(e) => errs.push(format!("{base}.path"), e),
+        }
+        if let Err(e) = check_upstream(&route.upstream) {
+            errs.push(format!("{base}.upstream"), e);
+        }
+        check_duration(&mut errs, format!("{base}.timeout"), route.timeout);
+        check_policy_refs(&mut errs, &base, &route.policies, &policy_names);
+    }
+
+    for (i, comp) in config.compositions.iter().enumerate() {
+        errs.at(&file_of(&origins.compositions, i));
+        let base = format!("compositions.{}", comp.name);
+        check_name(&mut errs, "compositions", &comp.name);
+        check_tags(&mut errs, &base, &comp.tags);
+        let method = comp.method.clone().unwrap_or_else(|| "GET".into());
+        check_method(&mut errs, format!("{base}.method"), &method);
+        for (j, h) in comp.hosts.iter().enumerate() {
+            check_host(&mut errs, format!("{base}.hosts[{j}]"), h);
+        }
+        match PathPattern::parse(&comp.path) {
+            Ok(pattern) => claim(
+                &mut errs,
+                &base,
+                format!("composition {:?}", comp.name),
+                &comp.hosts,
+                &pattern.shape(),
+                Some(vec![method]),
+            ),
+            Err(e) => errs.push(format!("{base}.path"), e),
+        }
+        check_duration(&mut errs, format!("{base}.timeout"), comp.timeout);
+        check_policy_refs(&mut errs, &base, &comp.policies, &policy_names);
+        check_composition(&mut errs, &base, comp);
+    }
+
+    let mut keys: HashMap<String, String> = HashMap::new();
+    let mut usernames: HashMap<String, String> = HashMap::new();
+    let mut issuers: HashMap<String, String> = HashMap::new();
+    for (i, consumer) in config.consumers.iter().enumerate() {
+        errs.at(&file_of(&origins.consumers, i));
+        let base = format!("consumers.{}", consumer.name);
+        check_name(&mut errs, "consumers", &consumer.name);
+        check_tags(&mut errs, &base, &consumer.tags);
+        for (j, g) in consumer.groups.iter().enumerate() {
+            if !is_valid_name(g) {
+                errs.push(
+                    format!("{base}.groups[{j}]"),
+                    format!("invalid group {g:?}: {NAME_RULE}"),
+                );
+            }
+        }
+        for (j, cred) in consumer.credentials.iter().enumerate() {
+            let path = format!("{base}.credentials[{j}]");
+            let unique = |errs: &mut Errors,
+                          seen: &mut HashMap<String, String>,
+                          what: &str,
+                          value: String| {
+                if let Some(other) = seen.get(&value) {
+                    errs.push(
+                        path.clone(),
+                        format!("{what} is already used by consumer {other:?}"),
+                    );
+                } else {
+                    seen.insert(value, consumer.name.clone());
+                }
+            };
+            match cred {
+                Credential::KeyAuth { key, key_sha256 } => match (key, key_sha256) {
+                    (Some(k), None) if !k.is_empty() => {
+                        unique(&mut errs, &mut keys, "this key", sha256_hex(k))
+                    }
+                    (None, Some(d))
+                        if d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()) =>
+                    {
+                        unique(&mut errs, &mut keys, "this key", d.to_ascii_lowercase())
+                    }
+                    (None, Some(_)) => errs.push(
+                        format!("{path}.key_sha256"),
+                        "expected 64 hexadecimal characters",
+                    ),
+                    _ => errs.push(
+                        path.clone(),
+                        "a key-auth credential has exactly one of key or key_sha256",
+                    ),
+                },
+                Credential::BasicAuth {
+                    username,
+                    password,
+                    password_hash,
+                } => {
+                    if username.is_empty() || username.contains(':') {
+                        errs.push(
+                            format!("{path}.username"),
+                            "a username is not empty and holds no ':'",
+                        );
+                    } else {
+                        unique(&mut errs, &mut usernames, "this username", username.clone());
+                    }
+                    match (password, password_hash) {
+                        (Some(p), None) if !p.is_empty() => {}
+                        (None, Some(h)) if h.starts_with("$argon2") => {}
+                        (None, Some(_)) => errs.push(
+                            format!("{path}.password_hash"),
+                            "expected an argon2 hash ($argon2id$...)",
+                        ),
+                        _ => errs.push(
+                            path.clone(),
+                            "a basic-auth credential has exactly one of password or password_hash",
+                        ),
+                    }
+                }
+                Credential::Jwt {
+                    issuer,
+                    algorithm,
+                    secret,
+                    public_key,
+                } => {
+                    if issuer.is_empty() {
+                        errs.push(format!("{path}.issuer"), "must not be empty");
+                    } else {
+                        unique(&mut errs, &mut issuers, "this issuer", issuer.clone());
+                    }
+                    match algorithm.as_str() {
+                        "HS256" | "HS384" | "HS512" => {
+                            if secret.as_deref().unwrap_or("").is_empty() || public_key.is_some() {
+                                errs.push(path.clone(), format!("{algorithm} needs a secret and no public_key"));
+                            }
+                        }
+                        "RS256" | "RS384" | "RS512" | "ES256" | "ES384" | "EdDSA" => {
+                            match public_key {
+                                Some(k) if k.trim_start().starts_with("-----BEGIN ") && secret.is_none() => {}
+                                _ => errs.push(path.clone(), format!("{algorithm} needs a PEM public_key and no secret")),
+                            }
+                        }
+                        other => errs.push(format!("{path}.algorithm"), format!("unknown algorithm {other:?}: use HS256/384/512, RS256/384/512, ES256/384 or EdDSA")),
+                    }
+                }
+            }
+        }
+    }
+
+    for (i, policy) in config.policies.iter().enumerate() {
+        errs.at(&file_of(&origins.policies, i));
+        let base = format!("policies.{}", policy.name);
+        check_name(&mut errs, "policies", &policy.name);
+        check_tags(&mut errs, &base, &policy.tags);
+        match policy_config(policy.kind, &policy.config) {
+            Ok(typed) => check_policy_config(
+                &mut errs,
+                &format!("{base}.config"),
+                &typed,
+                &consumer_names,
+            ),
+            Err((path, message)) => {
+                let path = if path.is_empty() {
+                    format!("{base}.config")
+                } else {
+                    format!("{base}.config.{path}")
+                };
+                errs.push(path, message);
+            }
+        }
+    }
+    errs.list
+}
+
+fn check_anonymous(
+    errs: &mut Errors,
+    base: &str,
+    anonymous: &Option<String>,
+    consumers: &HashSet<&str>,
+) {
+    if let Some(name) = anonymous {
+        if !consumers.contains(name.as_str()) {
+            errs.push(
+                format!("{base}.anonymous"),
+                format!("unknown consumer {name:?}"),
+            );
+        }
+    }
+}
+
+fn check_string_map(errs: &mut Errors, path: String, value: &Option<Value>, header_names: bool) {
+    let Some(value) = value else { return };
+    match value.as_object() {
+        Some(map) => {
+            for (k, v) in map {
+                if header_names {
+                    check_header_name(errs, format!("{path}.{k}"), k);
+                }
+                if !v.is_string() {
+                    errs.push(format!("{path}.{k}"), "expected a string");
+                }
+            }
+        }
+        None => errs.push(path, "expected a map of names to values"),
+    }
+}
+
+fn check_string_list(errs: &mut Errors, path: String, value: &Option<Value>) {
+    let Some(value) = value else { return };
+    match value.as_array() {
+        Some(items) if items.iter().all(Value::is_string) => {}
+        _ => errs.push(path, "expected a list of names"),
+    }
+}
+
+fn check_transform(errs: &mut Errors, base: &str, t: &TransformConfig, allow_query: bool) {
+    let sections = [
+        ("add", &t.add),
+        ("remove", &t.remove),
+        ("rename", &t.rename),
+        ("replace", &t.replace),
+    ];
+    for (op, targets) in sections {
+        let Some(targets) = targets else { continue };
+        let path = format!("{base}.{op}");
+        if !allow_query && targets.query.is_some() {
+            errs.push(
+                format!("{path}.query"),
+                "a response has no query to transform",
+            );
+        }
+        if op == "remove" {
+            check_string_list(errs, format!("{path}.headers"), &targets.headers);
+            check_string_list(errs, format!("{path}.query"), &targets.query);
+            check_string_list(errs, format!("{path}.body"), &targets.body);
+        } else {
+            check_string_map(errs, format!("{path}.headers"), &targets.headers, true);
+            check_string_map(errs, format!("{path}.query"), &targets.query, false);
+            if op == "rename" {
+                check_string_map(errs, format!("{path}.body"), &targets.body, false);
+            } else if let Some(body) = &targets.body {
+                if !body.is_object() {
+                    errs.push(
+                        format!("{path}.body"),
+                        "expected a map of field names to values",
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn check_policy_config(
+    errs: &mut Errors,
+    base: &str,
+    config: &PolicyConfig,
+    consumers: &HashSet<&str>,
+) {
+    match config {
+        PolicyConfig::KeyAuth(c) => {
+            if c.key_names.is_empty() {
+                errs.push(format!("{base}.key_names"), "needs at least one name");
+            }
+            for (i, n) in c.key_names.iter().enumerate() {
+                check_header_name(errs, format!("{base}.key_names[{i}]"), n);
+            }
+            check_anonymous(errs, base, &c.anonymous, consumers);
+        }
+        PolicyConfig::BasicAuth(c) => check_anonymous(errs, base, &c.anonymous, consumers),
+        PolicyConfig::Jwt(c) => {
+            check_header_name(errs, format!("{base}.header"), &c.header);
+            for (i, claim) in c.claims_to_verify.iter().enumerate() {
+                if claim != "exp" && claim != "nbf" {
+                    errs.push(
+                        format!("{base}.claims_to_verify[{i}]"),
+                        format!("unknown claim {claim:?}: use exp or nbf"),
+                    );
+                }
+            }
+            if let Some(url) = &c.jwks_url {
+                let ok = url.parse::<http::Uri>().ok().is_some_and(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+                });
+                if !ok {
+                    errs.push(format!("{base}.jwks_url"), format!("invalid URL {url:?}"));
+                }
+            }
+            check_anonymous(errs, base, &c.anonymous, consumers);
+        }
+        PolicyConfig::Acl(c) => match (&c.allow, &c.deny) {
+            (Some(groups), None) | (None, Some(groups)) if !groups.is_empty() => {}
+            _ => errs.push(
+                base.to_string(),
+                "an acl has exactly one of allow or deny, with at least one group",
+            ),
+        },
+        PolicyConfig::IpRestriction(c) => {
+            if c.allow.is_empty() && c.deny.is_empty() {
+                errs.push(base.to_string(), "needs allow or deny CIDRs");
+            }
+            for (list, name) in [(&c.allow, "allow"), (&c.deny, "deny")] {
+                for (i, cidr) in list.iter().enumerate() {
+                    if let Err(e) = parse_cidr(cidr) {
+                        errs.push(format!("{base}.{name}[{i}]"), e);
+                    }
+                }
+            }
+            if !(400..=599).contains(&c.status) {
+                errs.push(
+                    format!("{base}.status"),
+                    "expected a status from 400 to 599",
+                );
+            }
+        }
+        PolicyConfig::RateLimit(c) => {
+            let windows: Vec<(u64, Dur)> = match (c.limit, c.window, &c.limits) {
+                (Some(l), Some(w), None) => vec![(l, w)],
+                (None, None, Some(list)) if !list.is_empty() => {
+                    list.iter().map(|w| (w.limit, w.window)).collect()
+                }
+                _ => {
+                    errs.push(
+                        base.to_string(),
+                        "a rate-limit has limit and window, or a non-empty limits list",
+                    );
+                    vec![]
+                }
+            };
+            for (limit, window) in windows {
+                if limit == 0 || window.0.is_zero() {
+                    errs.push(base.to_string(), "limit and window must be more than 0");
+                }
+            }
+            match c.by.as_str() {
+                "consumer" | "ip" | "route" => {}
+                other => match other.strip_prefix("header:") {
+                    Some(h) => check_header_name(errs, format!("{base}.by"), h),
+                    None => errs.push(
+                        format!("{base}.by"),
+                        format!("invalid key {other:?}: use consumer, ip, route or header:NAME"),
+                    ),
+                },
+            }
+        }
+        PolicyConfig::CorrelationId(c) => {
+            check_header_name(errs, format!("{base}.header"), &c.header)
+        }
+        PolicyConfig::RequestTransform(t) => check_transform(errs, base, t, true),
+        PolicyConfig::ResponseTransform(t) => check_transform(errs, base, t, false),
+        PolicyConfig::Cors(c) => {
+            if c.origins.is_empty() {
+                errs.push(
+                    format!("{base}.origins"),
+                    "needs at least one origin (or \"*\")",
+                );
+            }
+            for (i, o) in c.origins.iter().enumerate() {
+                if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                    errs.push(
+                        format!("{base}.origins[{i}]"),
+                        format!("invalid origin {o:?}: expected * or scheme://host[:port]"),
+                    );
+                }
+            }
+            if c.credentials && c.origins.iter().any(|o| o == "*") {
+                errs.push(
+                    format!("{base}.credentials"),
+                    "credentials cannot be allowed for every origin (*)",
+                );
+            }
+            for (i, m) in c.methods.iter().enumerate() {
+                check_method(errs, format!("{base}.methods[{i}]"), m);
+            }
+            for (list, name) in [
+                (&c.headers, "headers"),
+                (&c.exposed_headers, "exposed_headers"),
+            ] {
+                for (i, h) in list.iter().enumerate() {
+                    check_header_name(errs, format!("{base}.{name}[{i}]"), h);
+                }
+            }
+        }
+        PolicyConfig::HttpsRedirect(c) => {
+            if c.status != 301 && c.status != 308 {
+                errs.push(format!("{base}.status"), "expected 301 or 308");
+            }
+        }
+        PolicyConfig::RequestSizeLimit(c) => {
+            if c.max_bytes.0 == 0 {
+                errs.push(format!("{base}.max_bytes"), "must be more than 0");
+            }
+        }
+        PolicyConfig::ResponseCache(c) => {
+            check_duration(errs, format!("{base}.ttl"), Some(c.ttl));
+            for (i, h) in c.vary_headers.iter().enumerate() {
+                check_header_name(errs, format!("{base}.vary_headers[{i}]"), h);
+            }
+            if c.max_bytes.0 == 0 {
+                errs.push(format!("{base}.max_bytes"), "must be more than 0");
+            }
+        }
+    }
+}
+
+/// Where a composition's template or query reads from.
+struct Reads {
+    path: String,
+    roots: Vec<(String, bool)>,
+}
+
+fn template_reads(errs: &mut Errors, path: String, template: &str) -> Reads {
+    if let Err(e) = handlebars::Template::compile(template) {
+        errs.push(path.clone(), format!("invalid template: {e}"));
+    }
+    let roots = template_refs(template)
+        .into_iter()
+        .map(|r| (r.root, r.certain))
+        .collect();
+    Reads { path, roots }
+}
+
+fn query_reads(errs: &mut Errors, path: String, query: &str, anchored: bool) -> Reads {
+    let mut roots = Vec::new();
+    match jsonpath_root(query) {
+        Ok(Some(root)) => roots.push((root, true)),
+        Ok(None) if anchored => errs.push(
+            path.clone(),
+            format!("{query:?} must start with the name it reads, such as $.user.body"),
+        ),
+        Ok(None) => {}
+        Err(e) => errs.push(path.clone(), e),
+    }
+    Reads { path, roots }
+}
+
+/// JSONPath leaves of a body template: strings starting with `$` (not `$$`).
+fn body_reads(errs: &mut Errors, path: String, body: &Value, anchored: bool, out: &mut Vec<Reads>) {
+    match body {
+        Value::String(s) if s.starts_with('$') && !s.starts_with("$$") => {
+            out.push(query_reads(errs, path, s, anchored))
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                body_reads(errs, format!("{path}[{i}]"), v, anchored, out);
+            }
+        }
+        Value::Object(map) => {
+            for (k, v) in map {
+                body_reads(errs, format!("{path}.{k}"), v, anchored, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Splits a call URL into its fixed origin (`scheme://host[:port]`) and the
+/// templated rest. Templates in the origin are an error: they would let a
+/// request choose where the gateway connects.
+pub fn split_call_url(url: &str) -> Result<(&str, &str), String> {
+    let Some(scheme_end) = url.find("://") else {
+        return Err(format!(
+            "invalid url {url:?}: expected http://host[:port]/path"
+        ));
+    };
+    let after = &url[scheme_end + 3..];
+    let origin_end = scheme_end + 3 + after.find(['/', '?']).unwrap_or(after.len());
+    let (origin, rest) = url.split_at(origin_end);
+    if origin.contains("{{") || origin.contains("}}") {
+        return Err("the scheme, host and port of a url are fixed text: templates are allowed only in its path and query".into());
+    }
+    let uri: http::Uri = origin
+        .parse()
+        .map_err(|e| format!("invalid url {url:?}: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https"))
+        || uri.host().is_none_or(str::is_empty)
+        || origin.contains('@')
+    {
+        return Err(format!(
+            "invalid url {url:?}: expected http://host[:port]/path"
+        ));
+    }
+    if rest.contains('#') {
+        return Err("a url cannot hold a fragment".into());
+    }
+    Ok((origin, rest))
+}
+
+fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
+    if comp.calls.is_empty() {
+        errs.push(
+            format!("{base}.calls"),
+            "a composition needs at least one call",
+        );
+    }
+    let mut deps: IndexMap<&str, Vec<String>> = IndexMap::new();
+    for (name, call) in &comp.calls {
+        let cbase = format!("{base}.calls.{name}");
+        if !is_identifier(name) {
+            errs.push(
+                cbase.clone(),
+                format!(
+                    "invalid call name {name:?}: letters, digits and _, not starting with a digit"
+                ),
+            );
+        }
+        if RESERVED_CALL_NAMES.contains(&name.as_str()) {
+            errs.push(cbase.clone(), format!("{name:?} is reserved"));
+        }
+        let method = call.method.clone().unwrap_or_else(|| "GET".into());
+        check_method(errs, format!("{cbase}.method"), &method);
+        check_duration(errs, format!("{cbase}.timeout"), call.timeout);
+        if call.retries.unwrap_or(0) > 0
+            && !matches!(
+                method.as_str(),
+                "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE"
+            )
+        {
+            errs.push(
+                format!("{cbase}.retries"),
+                format!("retries are allowed only for idempotent methods, not {method}"),
+            );
+        }
+        if call.max_concurrency == Some(0) {
+            errs.push(format!("{cbase}.max_concurrency"), "must be at least 1");
+        }
+        if call.max_items == Some(0) {
+            errs.push(format!("{cbase}.max_items"), "must be at least 1");
+        }
+        if call.max_body_bytes.is_some_and(|b| b.0 == 0) {
+            errs.push(format!("{cbase}.max_body_bytes"), "must be more than 0");
+        }
+        if call.for_each.is_none() && (call.max_concurrency.is_some() || call.max_items.is_some()) {
+            errs.push(
+                cbase.clone(),
+                "max_concurrency and max_items apply only to a for_each call",
+            );
+        }
+        let mut reads = Vec::new();
+        match split_call_url(&call.url) {
+            Ok((_, rest)) => reads.push(template_reads(errs, format!("{cbase}.url"), rest)),
+            Err(e) => errs.push(format!("{cbase}.url"), e),
+        }
+        for (h, v) in &call.headers {
+            check_header_name(errs, format!("{cbase}.headers.{h}"), h);
+            reads.push(template_reads(errs, format!("{cbase}.headers.{h}"), v));
+        }
+        for (i, h) in call.forward_headers.iter().enumerate() {
+            check_header_name(errs, format!("{cbase}.forward_headers[{i}]"), h);
+        }
+        for (field, query) in [("when", &call.when), ("for_each", &call.for_each)] {
+            if let Some(q) = query {
+                if q.starts_with('$') {
+                    reads.push(query_reads(errs, format!("{cbase}.{field}"), q, true));
+                } else {
+                    errs.push(
+                        format!("{cbase}.{field}"),
+                        "expected a JSONPath query starting with $",
+                    );
+                }
+            }
+        }
+        if let Some(body) = &call.body {
+            body_reads(errs, format!("{cbase}.body"), body, true, &mut reads);
+        }
+        let mut mine = Vec::new();
+        for r in reads {
+            for (root, certain) in r.roots {
+                if comp.calls.contains_key(&root) {
+                    mine.push(root);
+                } else if root == "item" {
+                    if call.for_each.is_none() || r.path.ends_with(".for_each") {
+                        errs.push(r.path.clone(), "`item` is only available in the url, headers, body and when of a for_each call");
+                    }
+                } else if root != "request" && certain {
+                    errs.push(r.path.clone(), format!("unknown call {root:?}"));
+                }
+            }
+        }
+        mine.dedup();
+        deps.insert(name.as_str(), mine);
+    }
+    if let Some(cycle) = find_cycle(&deps) {
+        errs.push(
+            format!("{base}.calls"),
+            format!(
+                "calls depend on each other in a cycle: {}",
+                cycle.join(" -> ")
+            ),
+        );
+    }
+
+    let Some(resp) = &comp.response else { return };
+    let rbase = format!("{base}.response");
+    if let Some(status) = resp.status {
+        if !(100..=599).contains(&status) {
+            errs.push(
+                format!("{rbase}.status"),
+                "expected a status from 100 to 599",
+            );
+        }
+    }
+    if resp.body.is_some() && resp.template.is_some() {
+        errs.push(rbase.clone(), "a response has body or template, not both");
+    }
+    if resp.content_type.is_some() && resp.template.is_none() {
+        errs.push(
+            format!("{rbase}.content_type"),
+            "content_type goes with template (a body is always JSON)",
+        );
+    }
+    let mut reads = Vec::new();
+    for (h, v) in &resp.headers {
+        check_header_name(errs, format!("{rbase}.headers.{h}"), h);
+        reads.push(template_reads(errs, format!("{rbase}.headers.{h}"), v));
+    }
+    for (call, names) in &resp.forward_headers {
+        if !comp.calls.contains_key(call) {
+            errs.push(
+                format!("{rbase}.forward_headers.{call}"),
+                format!("unknown call {call:?}"),
+            );
+        }
+        for (i, h) in names.iter().enumerate() {
+            check_header_name(errs, format!("{rbase}.forward_headers.{call}[{i}]"), h);
+        }
+    }
+    if let Some(body) = &resp.body {
+        body_reads(errs, format!("{rbase}.body"), body, false, &mut reads);
+    }
+    if let Some(t) = &resp.template {
+        reads.push(template_reads(errs, format!("{rbase}.template"), t));
+    }
+    for r in reads {
+        for (root, certain) in r.roots {
+            if certain && !comp.calls.contains_key(&root) && root != "request" {
+                errs.push(r.path.clone(), format!("unknown call {root:?}"));
+            }
+        }
+    }
+}
+
+/// A cycle in the call graph, as the names along it, first repeated last.
+fn find_cycle(deps: &IndexMap<&str, Vec<String>>) -> Option<Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Active,
+        Done,
+    }
+    fn visit<'a>(
+        node: &'a str,
+        deps: &'a IndexMap<&str, Vec<String>>,
+        marks: &mut HashMap<&'a str, Mark>,
+        stack: &mut Vec<&'a str>,
+    ) -> Option<Vec<String>> {
+        match marks.get(node).copied().unwrap_or(Mark::New) {
+            Mark::Done => return None,
+            Mark::Active => {
+                let start = stack.iter().position(|n| *n == node).unwrap_or(0);
+                let mut cycle: Vec<String> = stack[start..].iter().map(|s| s.to_string()).collect();
+                cycle.push(node.to_string());
+                return Some(cycle);
+            }
+            Mark::New => {}
+        }
+        marks.insert(node, Mark::Active);
+        stack.push(node);
+        for dep in deps.get(node).into_iter().flatten() {
+            if let Some(cycle) = visit(dep.as_str(), deps, marks, stack) {
+                return Some(cycle);
+            }
+        }
+        stack.pop();
+        marks.insert(node, Mark::Done);
+        None
+    }
+    let mut marks = HashMap::new();
+    for node in deps.keys() {
+        if let Some(cycle) = visit(node, deps, &mut marks, &mut Vec::new()) {
+            return Some(cycle);
+        }
+    }
+    None
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// Replaces plain keys by SHA-256 digests and plain passwords by argon2id
+/// hashes, so no secret outlives loading.
+pub fn hash_secrets(config: &mut Config) {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    for consumer in &mut config.consumers {
+        for cred in &mut consumer.credentials {
+            match cred {
+                Credential::KeyAuth { key, key_sha256 } => {
+                    if let Some(k) = key.take() {
+                        *key_sha256 = Some(sha256_hex(&k));
+                    } else if let Some(d) = key_sha256 {
+                        *d = d.to_ascii_lowercase();
+                    }
+                }
+                Credential::BasicAuth {
+                    password,
+                    password_hash,
+                    ..
+                } => {
+                    if let Some(p) = password.take() {
+                        // A salt must be unique, not secret: 16 random bytes.
+                        let Ok(salt) = SaltString::encode_b64(&fastrand::u128(..).to_le_bytes())
+                        else {
+                            continue;
+                        };
+                        let hash = argon2::Argon2::default()
+                            .hash_password(p.as_bytes(), &salt)
+                            .map(|h| h.to_string())
+                            .unwrap_or_default();
+                        *password_hash = Some(hash);
+                    }
+                }
+                Credential::Jwt { .. } => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Request IDs and W3C trace context (SPEC §3).
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    for b in bytes {
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 15) as usize] as char);
+    }
+}
+
+/// A random (version 4) UUID in its usual text form.
+pub fn new_uuid() -> String {
+    let mut b = fastrand::u128(..).to_be_bytes();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let mut s = String::with_capacity(36);
+    for (i, range) in [0..4, 4..6, 6..8, 8..10, 10..16].into_iter().enumerate() {
+        if i > 0 {
+            s.push('-');
+        }
+        push_hex(&mut s, &b[range]);
+    }
+    s
+}
+
+/// The client's ID when it is 1–128 visible ASCII characters, else a new one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(REQUEST_ID_HEADER) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    HeaderValue::from_str(&new_uuid()).expect("a uuid is a valid header value")
+}
+
+fn is_lower_hex(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The trace a request belongs to: the client's, when its `traceparent` is
+/// valid, else a new one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: String,
+    pub flags: String,
+}
+
+impl TraceContext {
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        headers
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Self::parse)
+            .unwrap_or_else(|| {
+                let mut trace_id = String::with_capacity(32);
+                push_hex(&mut trace_id, &fastrand::u128(1..).to_be_bytes());
+                TraceContext {
+                    trace_id,
+                    flags: "01".into(),
+                }
+            })
+    }
+
+    fn parse(v: &str) -> Option<Self> {
+        let parts: Vec<&str> = v.trim().split('-').collect();
+        let [version, trace, parent, flags, ..] = parts[..] else {
+            return None;
+        };
+        let valid = version.len() == 2
+            && is_lower_hex(version)
+            && version != "ff"
+            && (version != "00" || parts.len() == 4)
+            && trace.len() == 32
+            && is_lower_hex(trace)
+            && trace.bytes().any(|b| b != b'0')
+            && parent.len() == 16
+            && is_lower_hex(parent)
+            && parent.bytes().any(|b| b != b'0')
+            && flags.len() == 2
+            && is_lower_hex(flags);
+        valid.then(|| TraceContext {
+            trace_id: trace.to_string(),
+            flags: flags.to_string(),
+        })
+    }
+
+    /// A `traceparent` for one backend call: same trace, a new span ID.
+    pub fn child(&self) -> HeaderValue {
+        let mut s = String::with_capacity(55);
+        s.push_str("00-");
+        s.push_str(&self.trace_id);
+        s.push('-');
+        push_hex(&mut s, &fastrand::u64(1..).to_be_bytes());
+        s.push('-');
+        s.push_str(&self.flags);
+        HeaderValue::from_str(&s).expect("hex is a valid header value")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids() {
+        let id = new_uuid();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert_ne!(new_uuid(), id);
+    }
+
+    #[test]
+    fn request_ids() {
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID_HEADER, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert(REQUEST_ID_HEADER, HeaderValue::from_static("has space"));
+        assert_eq!(request_id(&h).len(), 36);
+        h.insert(
+            REQUEST_ID_HEADER,
+            HeaderValue::from_str(&"x".repeat(129)).unwrap(),
+        );
+        assert_eq!(request_id(&h).len(), 36);
+    }
+
+    #[test]
+    fn traceparent() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            TRACEPARENT,
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        let t = TraceContext::from_headers(&h);
+        assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        let child = t.child();
+        let child = child.to_str().unwrap();
+        assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(!child.contains("00f067aa0ba902b7"));
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "garbage",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            h.insert(TRACEPARENT, HeaderValue::from_static(bad));
+            assert_ne!(
+                TraceContext::from_headers(&h).trace_id,
+                "4bf92f3577b34da6a3ce929d0e0e4736",
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! Manifold: an API gateway whose speciality is composition.
+//!
+//! # Layout
+//! A request flows `server → router → policies → (proxy | compose) → response`:
+//! - [`server`]: listeners, one current-thread runtime per core, request
+//!   hygiene ([`server::hygiene`]) and the per-request handler.
+//! - [`snapshot`]: the compiled config (router, resolved routes) the request
+//!   path reads, swapped whole on every change.
+//! - [`proxy`]: plain routes: forward, stream, strip hop-by-hop headers.
+//! - [`config`]: the declarative config: types, loading, validation.
+//! - [`admin`]: the admin API on its own listener.
+//! - [`gateway`]: a whole node (proxy + admin), as `serve` and tests start it.
+//! - [`demo`]: the fake backends `--demo` starts.
+//! - [`cli`]: the `manifold` command line.
+//! - [`errors`], [`ids`], [`body`], [`diff`]: the JSON errors of SPEC §4,
+//!   request IDs and trace context, the body type, config diffs.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod diff;
+pub mod errors;
+pub mod gateway;
+pub mod ids;
+pub mod proxy;
+pub mod server;
+pub mod snapshot;

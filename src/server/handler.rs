@@ -1,0 +1,152 @@
+//! One request, from the wire to the answer: hygiene, routing, then the
+//! route's target. Policies slot in between routing and the target.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Method, Request, Response};
+use hyper::body::Incoming;
+
+use super::hygiene::{check_head, normalize_path};
+use super::Shared;
+use crate::body::Body;
+use crate::errors::{ErrorCode, GatewayError};
+use crate::ids::{request_id, TraceContext, REQUEST_ID_HEADER};
+use crate::proxy::{self, Forwarding, HttpClient};
+use crate::snapshot::{RouteMatch, Target};
+
+/// What one worker thread owns: the shared state and its own client.
+pub struct Worker {
+    shared: Arc<Shared>,
+    client: HttpClient,
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>) -> Arc<Self> {
+        Arc::new(Worker {
+            shared,
+            client: proxy::new_client(),
+        })
+    }
+
+    pub fn service(self: &Arc<Self>, peer: SocketAddr) -> ConnService {
+        ConnService {
+            worker: self.clone(),
+            peer,
+        }
+    }
+}
+
+/// The per-connection hyper service.
+#[derive(Clone)]
+pub struct ConnService {
+    worker: Arc<Worker>,
+    peer: SocketAddr,
+}
+
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let worker = self.worker.clone();
+        let peer = self.peer;
+        Box::pin(async move { Ok(handle(&worker, peer, req).await) })
+    }
+}
+
+/// The host a request is for: lower case, without port.
+fn request_host<B>(req: &Request<B>) -> String {
+    let raw = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let host = if raw.starts_with('[') {
+        raw.split(']')
+            .next()
+            .map(|h| format!("{h}]"))
+            .unwrap_or_default()
+    } else {
+        raw.split(':').next().unwrap_or("").to_string()
+    };
+    host.to_ascii_lowercase()
+}
+
+pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let request_id = request_id(req.headers());
+    let mut resp = match route_and_run(worker, peer, &request_id, req).await {
+        Ok(resp) => resp,
+        Err((e, close)) => {
+            let mut resp = e.into_response(request_id.to_str().unwrap_or(""));
+            if close {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
+        }
+    };
+    resp.headers_mut().insert(REQUEST_ID_HEADER, request_id);
+    resp
+}
+
+async fn route_and_run(
+    worker: &Worker,
+    peer: SocketAddr,
+    request_id: &HeaderValue,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, (GatewayError, bool)> {
+    let shared = &worker.shared;
+    check_head(&req, &shared.limits).map_err(|e| (e, true))?;
+    // A Uri clone shares its bytes, so the normalized path borrows for free.
+    let uri = req.uri().clone();
+    let path = normalize_path(uri.path()).map_err(|e| (e, false))?;
+    let host = request_host(&req);
+
+    let (target, params) = {
+        let snap = shared.snapshot.load();
+        match snap.router.find(&host, req.method(), &path) {
+            RouteMatch::Found { target, params } => (target.clone(), params),
+            RouteMatch::NotFound => {
+                return Err((
+                    GatewayError::new(ErrorCode::NotFound, "no route matches the request"),
+                    false,
+                ))
+            }
+            RouteMatch::MethodNotAllowed(allowed) => {
+                let list = allowed
+                    .iter()
+                    .map(Method::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let mut resp = GatewayError::new(
+                    ErrorCode::MethodNotAllowed,
+                    format!("the method is not allowed here; allowed: {list}"),
+                )
+                .into_response(request_id.to_str().unwrap_or(""));
+                if let Ok(v) = HeaderValue::from_str(&list) {
+                    resp.headers_mut().insert(header::ALLOW, v);
+                }
+                return Ok(resp);
+            }
+        }
+    };
+
+    match target {
+        Target::Proxy(route) => {
+            let trace = TraceContext::from_headers(req.headers());
+            let trusted_peer = shared.trusted_proxies.iter().any(|net| net.contains(&peer.ip()));
+            let fwd = Forwarding { client_ip: peer.ip(), trusted_peer, request_id, trace: &trace, path: &path, params: &params };
+            proxy::forward(&worker.client, &route, fwd, req).await.map_err(|e| (e, false))
+        }
+        Target::Composition(comp) => Err((
+            GatewayError::new(ErrorCode::NotImplemented, format!("composition {:?} is configured, but the composition engine is not in this build yet", comp.name)),
+            false,
+        )),
+    }
+}

@@ -1,0 +1,215 @@
+//! The proxy listener: one current-thread runtime per worker thread, each
+//! with its own `SO_REUSEPORT` listener and its own backend client, so a
+//! connection and the backend calls it makes never leave their thread
+//! (PERFORMANCE.md). State shared between workers is behind `ArcSwap`.
+
+pub mod handler;
+pub mod hygiene;
+
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use ipnet::IpNet;
+use socket2::{Domain, Socket, Type};
+use tokio::sync::watch;
+
+use crate::config::{Config, ConfigErrors};
+use crate::snapshot::{self, Snapshot};
+use hygiene::Limits;
+
+/// State every worker and the admin API share.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Serializes config changes (never taken on the request path).
+    pub reload_lock: tokio::sync::Mutex<()>,
+    pub reloads: AtomicU64,
+    pub started: Instant,
+    pub node_id: String,
+    pub trusted_proxies: Vec<IpNet>,
+    pub limits: Limits,
+}
+
+impl Shared {
+    pub fn new(
+        config: Config,
+        trusted_proxies: Vec<IpNet>,
+        limits: Limits,
+    ) -> Result<Arc<Self>, ConfigErrors> {
+        let snap = snapshot::compile(config, 1)?;
+        Ok(Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snap),
+            reload_lock: tokio::sync::Mutex::new(()),
+            reloads: AtomicU64::new(0),
+            started: Instant::now(),
+            node_id: crate::ids::new_uuid(),
+            trusted_proxies,
+            limits,
+        }))
+    }
+
+    /// Compiles `config` and swaps it in whole. In-flight requests finish on
+    /// the snapshot they started with.
+    pub fn replace_config(&self, config: Config) -> Result<u64, ConfigErrors> {
+        let version = self.snapshot.load().version + 1;
+        let snap = snapshot::compile(config, version)?;
+        self.snapshot.store(Arc::new(snap));
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        Ok(version)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub proxy_listen: SocketAddr,
+    /// Worker threads, each with its own runtime and listener.
+    pub workers: usize,
+    /// How long in-flight requests may take to finish after a shutdown signal.
+    pub drain_timeout: Duration,
+    /// Header read timeout (SPEC §2: 10 s).
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            proxy_listen: ([127, 0, 0, 1], 0).into(),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            drain_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running set of proxy workers.
+pub struct ProxyServer {
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Binds one listener per worker on the same address. Port 0 is resolved by
+/// the first bind, so tests can ask for any free port.
+fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<StdTcpListener>> {
+    let mut listeners = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        let listener: StdTcpListener = socket.into();
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+impl ProxyServer {
+    pub fn start(opts: &ServerOptions, shared: Arc<Shared>) -> std::io::Result<ProxyServer> {
+        let listeners = bind_reuseport(opts.proxy_listen, opts.workers.max(1))?;
+        let addr = listeners[0].local_addr()?;
+        let (tx, rx) = watch::channel(false);
+        let mut threads = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let shared = shared.clone();
+            let rx = rx.clone();
+            let opts = opts.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("manifold-worker-{i}"))
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a tokio runtime");
+                    rt.block_on(worker(listener, shared, opts, rx));
+                })?;
+            threads.push(thread);
+        }
+        Ok(ProxyServer {
+            addr,
+            shutdown: tx,
+            threads,
+        })
+    }
+
+    /// Stops accepting; in-flight requests get the drain time to finish.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn worker(
+    listener: StdTcpListener,
+    shared: Arc<Shared>,
+    opts: ServerOptions,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use the proxy listener");
+            return;
+        }
+    };
+    let client = handler::Worker::new(shared);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout)
+        // Our own limits (hygiene.rs) answer with JSON below these; hyper's
+        // are the backstop for what cannot even be parsed.
+        .max_headers(256)
+        .max_buf_size(128 << 10);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(96 << 10);
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let svc = client.service(peer);
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, %peer, "connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, don't spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(opts.drain_timeout) => {
+            tracing::warn!("drain time over: closing the connections still open");
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! The compiled, immutable form of a config: what the request path reads.
+//! Built once per config change and swapped whole behind an `ArcSwap`, so a
+//! request never parses config, never waits on a lock, and finishes on the
+//! snapshot it started with.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Method};
+
+use crate::config::pattern::{parse_rewrite, PathPattern, RewritePart, Segment};
+use crate::config::{Config, ConfigError, ConfigErrors};
+
+/// Route timeout when a route sets none (Kong's default too).
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Composition deadline when a composition sets none (SPEC §2).
+pub const DEFAULT_COMPOSITION_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Snapshot {
+    /// The config this was compiled from, as accepted (secrets hashed).
+    pub config: Arc<Config>,
+    pub version: u64,
+    pub router: Router,
+}
+
+/// A plain route, resolved: where to send, and how to rewrite.
+#[derive(Debug)]
+pub struct ProxyRoute {
+    pub name: Arc<str>,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// `Host` sent upstream unless `preserve_host`.
+    pub upstream_host: HeaderValue,
+    /// The upstream's base path without a trailing slash (may be empty).
+    pub base_path: String,
+    pub rewrite: Option<Vec<RewritePart>>,
+    pub timeout: Duration,
+    pub preserve_host: bool,
+}
+
+/// A composition's place in the router. The execution plan arrives with
+/// the composition engine.
+#[derive(Debug)]
+pub struct CompositionRoute {
+    pub name: Arc<str>,
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub enum Target {
+    Proxy(Arc<ProxyRoute>),
+    Composition(Arc<CompositionRoute>),
+}
+
+#[derive(Debug)]
+struct Candidate {
+    methods: Option<Vec<Method>>,
+    params: Arc<[Arc<str>]>,
+    target: Target,
+    /// Added for an empty catch-all (`/files` for `/files/{*rest}`); an
+    /// explicit route of the same shape comes first.
+    implied: bool,
+}
+
+type Tree = matchit::Router<Vec<Candidate>>;
+
+/// Host, then path, then method. Hosts are tried most specific first:
+/// exact, then wildcard (longest suffix first), then routes for any host.
+#[derive(Default)]
+pub struct Router {
+    exact: HashMap<String, Tree>,
+    wildcard: Vec<(String, Tree)>,
+    any: Option<Tree>,
+}
+
+pub enum RouteMatch<'a> {
+    Found {
+        target: &'a Target,
+        params: Vec<(Arc<str>, String)>,
+    },
+    MethodNotAllowed(Vec<Method>),
+    NotFound,
+}
+
+impl Router {
+    pub fn find(&self, host: &str, method: &Method, path: &str) -> RouteMatch<'_> {
+        let mut allowed: Vec<Method> = Vec::new();
+        let exact = self.exact.get(host).into_iter();
+        let wild = self
+            .wildcard
+            .iter()
+            .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+            .map(|(_, t)| t);
+        for tree in exact.chain(wild).chain(self.any.iter()) {
+            let Ok(m) = tree.at(path) else { continue };
+            for cand in m.value {
+                let ok = cand
+                    .methods
+                    .as_ref()
+                    .is_none_or(|ms| ms.iter().any(|x| x == method));
+                if ok {
+                    let mut values = m.params.iter().map(|(_, v)| v);
+                    let params = cand
+                        .params
+                        .iter()
+                        .map(|name| (name.clone(), values.next().unwrap_or("").to_string()))
+                        .collect();
+                    return RouteMatch::Found {
+                        target: &cand.target,
+                        params,
+                    };
+                }
+                allowed.extend(cand.methods.iter().flatten().cloned());
+            }
+        }
+        if allowed.is_empty() {
+            RouteMatch::NotFound
+        } else {
+            allowed.dedup();
+            RouteMatch::MethodNotAllowed(allowed)
+        }
+    }
+}
+
+/// The shapes a pattern answers on: itself and, for a trailing catch-all,
+/// the path without it (`/files` and `/files/` for `/files/{*rest}`).
+fn shapes(pattern: &PathPattern) -> Vec<(String, bool)> {
+    let shape = pattern.shape();
+    let mut out = vec![(shape.clone(), false)];
+    if matches!(pattern.segments.last(), Some(Segment::CatchAll(_))) {
+        let cut = shape.rfind("/{*").unwrap_or(0);
+        let prefix = &shape[..cut];
+        out.push((format!("{prefix}/"), true));
+        if !prefix.is_empty() {
+            out.push((prefix.to_string(), true));
+        }
+    }
+    out
+}
+
+fn err(path: String, message: String) -> ConfigError {
+    ConfigError {
+        file: None,
+        path,
+        message,
+    }
+}
+
+fn parse_methods(methods: &[String]) -> Option<Vec<Method>> {
+    if methods.is_empty() {
+        return None;
+    }
+    Some(
+        methods
+            .iter()
+            .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+            .collect(),
+    )
+}
+
+/// Compiles a validated config. Errors here are ones only the router can
+/// see (two patterns matchit cannot tell apart).
+pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
+    let mut errors = Vec::new();
+    // host key ("" = any host, "*.x" = wildcard) -> shape -> candidates
+    let mut tables: BTreeMap<String, BTreeMap<String, Vec<Candidate>>> = BTreeMap::new();
+    let mut owners: HashMap<(String, String), String> = HashMap::new();
+    let mut add = |base: String,
+                   hosts: &[String],
+                   pattern: &PathPattern,
+                   methods: Option<Vec<Method>>,
+                   target: Target| {
+        let params: Arc<[Arc<str>]> = pattern.param_names().map(Arc::from).collect();
+        let any = [String::new()];
+        let hosts: &[String] = if hosts.is_empty() { &any } else { hosts };
+        for host in hosts {
+            let table = tables.entry(host.to_ascii_lowercase()).or_default();
+            for (shape, implied) in shapes(pattern) {
+                owners
+                    .entry((host.clone(), shape.clone()))
+                    .or_insert_with(|| base.clone());
+                table.entry(shape).or_default().push(Candidate {
+                    methods: methods.clone(),
+                    params: params.clone(),
+                    target: target.clone(),
+                    implied,
+                });
+            }
+        }
+    };
+
+    for route in &config.routes {
+        let base = format!("routes.{}", route.name);
+        let Ok(pattern) = PathPattern::parse(&route.path) else {
+            continue;
+        };
+        let uri: http::Uri = match route.upstream.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                errors.push(err(format!("{base}.upstream"), e.to_string()));
+                continue;
+            }
+        };
+        let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
+        else {
+            errors.push(err(
+                format!("{base}.upstream"),
+                "expected scheme://host[:port]".into(),
+            ));
+            continue;
+        };
+        let params: Vec<&str> = pattern.param_names().collect();
+        let rewrite = match &route.path_rewrite {
+            Some(r) => match parse_rewrite(r, &params) {
+                Ok(parts) => Some(parts),
+                Err(e) => {
+                    errors.push(err(format!("{base}.path_rewrite"), e));
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let route_data = ProxyRoute {
+            name: route.name.as_str().into(),
+            upstream_host: HeaderValue::from_str(authority.as_str())
+                .expect("an authority is a valid header value"),
+            scheme,
+            authority,
+            base_path: uri.path().trim_end_matches('/').to_string(),
+            rewrite,
+            timeout: route.timeout.map_or(DEFAULT_ROUTE_TIMEOUT, |d| d.0),
+            preserve_host: route.preserve_host,
+        };
+        add(
+            base,
+            &route.hosts,
+            &pattern,
+            parse_methods(&route.methods),
+            Target::Proxy(Arc::new(route_data)),
+        );
+    }
+    for comp in &config.compositions {
+        let base = format!("compositions.{}", comp.name);
+        let Ok(pattern) = PathPattern::parse(&comp.path) else {
+            continue;
+        };
+        let method = comp.method.clone().unwrap_or_else(|| "GET".into());
+        let target = Target::Composition(Arc::new(CompositionRoute {
+            name: comp.name.as_str().into(),
+            timeout: comp.timeout.map_or(DEFAULT_COMPOSITION_TIMEOUT, |d| d.0),
+        }));
+        add(
+            base,
+            &comp.hosts,
+            &pattern,
+            parse_methods(&[method]),
+            target,
+        );
+    }
+
+    let mut router = Router::default();
+    for (host, table) in tables {
+        let mut tree = Tree::new();
+        for (shape, mut candidates) in table {
+            candidates.sort_by_key(|c| c.implied);
+            if let Err(e) = tree.insert(shape.clone(), candidates) {
+                let owner = owners
+                    .get(&(host.clone(), shape.clone()))
+                    .cloned()
+                    .unwrap_or_default();
+                errors.push(err(
+                    format!("{owner}.path"),
+                    format!("the path cannot be routed beside the others: {e}"),
+                ));
+            }
+        }
+        if host.is_empty() {
+            router.any = Some(tree);
+        } else if let Some(suffix) = host.strip_prefix('*') {
+            router.wildcard.push((suffix.to_string(), tree));
+        } else {
+            router.exact.insert(host, tree);
+        }
+    }
+    router
+        .wildcard
+        .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(Snapshot {
+        config: Arc::new(config),
+        version,
+        router,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse_document, Format};
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let (loaded, errs) = parse_document(None, yaml, Format::Yaml);
+        assert!(errs.is_empty(), "{errs:?}");
+        compile(loaded.validated().unwrap(), 1).unwrap()
+    }
+
+    fn found(
+        s: &Snapshot,
+        host: &str,
+        method: &str,
+        path: &str,
+    ) -> Option<(String, Vec<(String, String)>)> {
+        match s
+            .router
+            .find(host, &Method::from_bytes(method.as_bytes()).unwrap(), path)
+        {
+            RouteMatch::Found { target, params } => {
+                let name = match target {
+                    Target::Proxy(p) => p.name.to_string(),
+                    Target::Composition(c) => c.name.to_string(),
+                };
+                Some((
+                    name,
+                    params
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn routing_table() {
+        let s = snapshot(
+            r#"
+routes:
+  - { name: users, path: "/api/users/{id}", upstream: "http://127.0.0.1:1" }
+  - { name: users-me, path: /api/users/me, upstream: "http://127.0.0.1:1" }
+  - { name: users-post, methods: [POST], path: "/api/orders/{uid}", upstream: "http://127.0.0.1:1" }
+  - { name: files, path: "/files/{*rest}", upstream: "http://127.0.0.1:1" }
+  - { name: host-a, hosts: [a.example.com], path: "/api/users/{id}", upstream: "http://127.0.0.1:1" }
+  - { name: wild, hosts: ["*.example.com"], path: "/w", upstream: "http://127.0.0.1:1" }
+  - { name: root, path: /, upstream: "http://127.0.0.1:1" }
+"#,
+        );
+        let p = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect::<Vec<_>>()
+        };
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            &'a str,
+            Option<(&'a str, Vec<(String, String)>)>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "x",
+                "GET",
+                "/api/users/7",
+                Some(("users", p(&[("id", "7")]))),
+            ),
+            (
+                "x",
+                "POST",
+                "/api/users/7",
+                Some(("users", p(&[("id", "7")]))),
+            ),
+            (
+                "x",
+                "POST",
+                "/api/orders/7",
+                Some(("users-post", p(&[("uid", "7")]))),
+            ),
+            ("x", "GET", "/api/orders/7", None),
+            ("x", "GET", "/api/users/me", Some(("users-me", vec![]))),
+            (
+                "a.example.com",
+                "GET",
+                "/api/users/7",
+                Some(("host-a", p(&[("id", "7")]))),
+            ),
+            (
+                "b.example.com",
+                "GET",
+                "/api/users/7",
+                Some(("users", p(&[("id", "7")]))),
+            ),
+            ("b.example.com", "GET", "/w", Some(("wild", vec![]))),
+            ("example.com", "GET", "/w", None),
+            (
+                "x",
+                "GET",
+                "/files/a/b%2Fc",
+                Some(("files", p(&[("rest", "a/b%2Fc")]))),
+            ),
+            ("x", "GET", "/files/", Some(("files", p(&[("rest", "")])))),
+            ("x", "GET", "/files", Some(("files", p(&[("rest", "")])))),
+            ("x", "GET", "/", Some(("root", vec![]))),
+            ("x", "GET", "/nothing", None),
+        ];
+        for (host, method, path, want) in cases {
+            let got = found(&s, host, method, path);
+            let want = want.map(|(n, p)| (n.to_string(), p));
+            assert_eq!(got, want, "{method} {host}{path}");
+        }
+    }
+
+    #[test]
+    fn method_not_allowed() {
+        let s = snapshot(
+            r#"
+routes:
+  - { name: only-get, methods: [GET, HEAD], path: /x, upstream: "http://127.0.0.1:1" }
+"#,
+        );
+        match s.router.find("h", &Method::DELETE, "/x") {
+            RouteMatch::MethodNotAllowed(m) => assert_eq!(m, [Method::GET, Method::HEAD]),
+            _ => panic!("expected 405"),
+        }
+    }
+}
