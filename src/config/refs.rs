@@ -76,8 +76,28 @@ pub fn template_refs(template: &str) -> Vec<TemplateRef> {
 /// `user`), `Ok(None)` for a query not anchored on one name (`$..x`, `$[*]`).
 /// The query itself must parse (RFC 9535).
 pub fn jsonpath_root(query: &str) -> Result<Option<String>, String> {
-    jsonpath_rust::parser::parse_json_path(query)
-        .map_err(|e| format!("invalid JSONPath {query:?}: {e}"))?;
+    jsonpath_rust::parser::parse_json_path(query).map_err(|e| {
+        // pest's messages are drawings over several lines; keep the gist.
+        let text = e.to_string();
+        let column = text
+            .split("--> ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.split(':').nth(1).map(str::to_string));
+        let what = text
+            .lines()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix("= ").map(str::to_string));
+        match (what, column) {
+            (Some(what), Some(column)) => {
+                format!("invalid JSONPath {query:?}: {what} at column {column}")
+            }
+            _ => format!(
+                "invalid JSONPath {query:?}: {}",
+                text.split_whitespace().collect::<Vec<_>>().join(" ")
+            ),
+        }
+    })?;
     let rest = &query[1..];
     if let Some(after) = rest.strip_prefix('.') {
         if after.starts_with('.') || after.starts_with('*') {

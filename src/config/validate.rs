@@ -31,10 +31,18 @@ impl Errors<'_> {
         self.file = file.clone();
     }
     fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        // One error, one line: parser messages can span several.
+        let message: String = message.into();
+        let message = message
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
         self.list.push(ConfigError {
             file: self.file.clone(),
             path: path.into(),
-            message: message.into(),
+            message,
         });
     }
 }
@@ -311,7 +319,7 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
     for (i, route) in config.routes.iter().enumerate() {
         errs.at(&file_of(&origins.routes, i));
         let base = format!("routes.{}", route.name);
-        check_name(&mut errs, "routes", &route.name);
+        check_name(&mut errs, &base, &route.name);
         check_tags(&mut errs, &base, &route.tags);
         for (j, m) in route.methods.iter().enumerate() {
             check_method(&mut errs, format!("{base}.methods[{j}]"), m);
@@ -349,7 +357,7 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
     for (i, comp) in config.compositions.iter().enumerate() {
         errs.at(&file_of(&origins.compositions, i));
         let base = format!("compositions.{}", comp.name);
-        check_name(&mut errs, "compositions", &comp.name);
+        check_name(&mut errs, &base, &comp.name);
         check_tags(&mut errs, &base, &comp.tags);
         let method = comp.method.clone().unwrap_or_else(|| "GET".into());
         check_method(&mut errs, format!("{base}.method"), &method);
@@ -378,7 +386,7 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
     for (i, consumer) in config.consumers.iter().enumerate() {
         errs.at(&file_of(&origins.consumers, i));
         let base = format!("consumers.{}", consumer.name);
-        check_name(&mut errs, "consumers", &consumer.name);
+        check_name(&mut errs, &base, &consumer.name);
         check_tags(&mut errs, &base, &consumer.tags);
         for (j, g) in consumer.groups.iter().enumerate() {
             if !is_valid_name(g) {
@@ -481,7 +489,7 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
     for (i, policy) in config.policies.iter().enumerate() {
         errs.at(&file_of(&origins.policies, i));
         let base = format!("policies.{}", policy.name);
-        check_name(&mut errs, "policies", &policy.name);
+        check_name(&mut errs, &base, &policy.name);
         check_tags(&mut errs, &base, &policy.tags);
         match policy_config(policy.kind, &policy.config) {
             Ok(typed) => check_policy_config(
@@ -741,7 +749,14 @@ struct Reads {
 
 fn template_reads(errs: &mut Errors, path: String, template: &str) -> Reads {
     if let Err(e) = handlebars::Template::compile(template) {
-        errs.push(path.clone(), format!("invalid template: {e}"));
+        // handlebars lists every token it expected; the reason and place say enough.
+        let reason = e.reason().to_string();
+        let reason = reason.split(": expected").next().unwrap_or(&reason);
+        let place = e
+            .pos()
+            .map(|(line, col)| format!(" at line {line} column {col}"))
+            .unwrap_or_default();
+        errs.push(path.clone(), format!("invalid template: {reason}{place}"));
     }
     let roots = template_refs(template)
         .into_iter()
@@ -810,10 +825,25 @@ pub fn split_call_url(url: &str) -> Result<(&str, &str), String> {
             "invalid url {url:?}: expected http://host[:port]/path"
         ));
     }
-    if rest.contains('#') {
+    if strip_templates(rest).contains('#') {
         return Err("a url cannot hold a fragment".into());
     }
     Ok((origin, rest))
+}
+
+/// The text of a template outside its `{{...}}` expressions.
+fn strip_templates(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        match rest[open..].find("}}") {
+            Some(close) => rest = &rest[open + close + 2..],
+            None => return out,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {

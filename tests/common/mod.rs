@@ -1,0 +1,263 @@
+//! Test fixtures: small real HTTP backends on port 0 with delay, status and
+//! fault knobs, and gateways started in-process or as a real process.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use manifold::config::load::config_from_text;
+use manifold::config::Format;
+use manifold::gateway::{Gateway, GatewayOptions};
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+
+/// What a backend does with each request.
+#[derive(Clone, Default)]
+pub struct BackendBuilder {
+    status: Option<u16>,
+    delay: Duration,
+    fault: bool,
+    body: Option<Value>,
+}
+
+pub fn backend() -> BackendBuilder {
+    BackendBuilder::default()
+}
+
+/// A running backend. By default it answers 200 with a JSON echo of the
+/// request: method, path (raw), query, headers (every value of each), and
+/// the number of body bytes, counted as they stream in.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    /// Notified each time a request's head arrives.
+    pub arrived: Arc<Notify>,
+}
+
+impl Backend {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl BackendBuilder {
+    pub fn status(mut self, status: u16) -> Self {
+        self.status = Some(status);
+        self
+    }
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+    /// Close the connection without answering.
+    pub fn fault(mut self) -> Self {
+        self.fault = true;
+        self
+    }
+    pub fn json(mut self, body: Value) -> Self {
+        self.body = Some(body);
+        self
+    }
+
+    pub async fn run(self) -> Backend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let arrived = Arc::new(Notify::new());
+        let (h, a) = (hits.clone(), arrived.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (cfg, hits, arrived) = (self.clone(), h.clone(), a.clone());
+                tokio::spawn(async move {
+                    if cfg.fault {
+                        // Read the request head, then hang up.
+                        let mut buf = [0u8; 1024];
+                        let _ = tokio::io::AsyncReadExt::read(&mut { stream }, &mut buf).await;
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        arrived.notify_waiters();
+                        return;
+                    }
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (cfg, hits, arrived) = (cfg.clone(), hits.clone(), arrived.clone());
+                        async move {
+                            hits.fetch_add(1, Ordering::SeqCst);
+                            arrived.notify_waiters();
+                            Ok::<_, Infallible>(cfg.answer(req).await)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            hits,
+            arrived,
+        }
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let (parts, mut body) = req.into_parts();
+        let mut body_bytes = 0u64;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => body_bytes += f.data_ref().map_or(0, |d| d.len() as u64),
+                Err(_) => break,
+            }
+        }
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        let value = self.body.clone().unwrap_or_else(|| {
+            let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (k, v) in &parts.headers {
+                headers
+                    .entry(k.to_string())
+                    .or_default()
+                    .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+            }
+            json!({
+                "method": parts.method.as_str(),
+                "path": parts.uri.path(),
+                "query": parts.uri.query(),
+                "headers": headers,
+                "body_bytes": body_bytes,
+            })
+        });
+        let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
+        *resp.status_mut() = StatusCode::from_u16(self.status.unwrap_or(200)).unwrap();
+        resp.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        resp.headers_mut()
+            .insert("x-backend", "yes".parse().unwrap());
+        resp
+    }
+}
+
+/// A gateway in this process, from a YAML config.
+pub fn gateway(yaml: &str) -> Gateway {
+    gateway_with(yaml, GatewayOptions::default())
+}
+
+pub fn gateway_with(yaml: &str, mut opts: GatewayOptions) -> Gateway {
+    let config = config_from_text(yaml, Format::Yaml)
+        .unwrap_or_else(|e| panic!("invalid test config:\n{e}"));
+    opts.server.workers = 2;
+    Gateway::start(opts, config).expect("gateway starts")
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// A `manifold serve` process, for what only a process shows: its memory,
+/// its signals, its exit code.
+pub struct GatewayProcess {
+    pub child: Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl GatewayProcess {
+    pub fn start(config_dir: &std::path::Path, extra: &[&str]) -> GatewayProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_manifold"))
+            .args([
+                "serve",
+                "--proxy-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--config-dir",
+            ])
+            .arg(config_dir)
+            .args(extra)
+            .env("MANIFOLD_LOG_FORMAT", "json")
+            .env_remove("MANIFOLD_DATABASE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("manifold starts");
+        let stdout = child.stdout.take().unwrap();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("manifold is serving"))
+                    {
+                        let _ = tx.send((
+                            v["proxy"].as_str().unwrap().parse().unwrap(),
+                            v["admin"].as_str().unwrap().parse().unwrap(),
+                        ));
+                    }
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let (proxy, admin) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("manifold reports its addresses");
+        GatewayProcess {
+            child,
+            proxy,
+            admin,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident memory so far, in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
