@@ -36,15 +36,16 @@ routes:
     ));
     let base = format!("http://{}", g.proxy_addr);
     // (method, host, path and query, expected status, expected backend, expected upstream path, expected query)
-    let cases: &[(
-        &str,
-        Option<&str>,
-        &str,
+    type Case<'a> = (
+        &'a str,
+        Option<&'a str>,
+        &'a str,
         u16,
-        Option<&str>,
-        &str,
-        Option<&str>,
-    )] = &[
+        Option<&'a str>,
+        &'a str,
+        Option<&'a str>,
+    );
+    let cases: &[Case] = &[
         (
             "GET",
             None,
