@@ -9,6 +9,36 @@ use bytes::Bytes;
 use common::{backend, client, GatewayProcess};
 use serde_json::Value;
 
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_variables_are_ignored_and_redirects_passed_on() {
+    let moved = backend()
+        .status(302)
+        .json(serde_json::json!({"moved": true}))
+        .run()
+        .await;
+    let dir = config_dir(&format!(
+        "routes: [{{ name: moved, path: /moved, upstream: \"{}\" }}]",
+        moved.url()
+    ));
+    // A proxy that does not exist: were it used, every request would fail.
+    let gw = GatewayProcess::start_with_env(
+        dir.path(),
+        &[],
+        &[
+            ("HTTP_PROXY", "http://127.0.0.1:1"),
+            ("http_proxy", "http://127.0.0.1:1"),
+            ("ALL_PROXY", "http://127.0.0.1:1"),
+        ],
+    );
+    let resp = client()
+        .get(format!("http://{}/moved", gw.proxy))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 302, "the redirect is the client's to follow");
+    assert_eq!(moved.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
 fn config_dir(yaml: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("gateway.yaml"), yaml).unwrap();

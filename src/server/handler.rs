@@ -10,6 +10,7 @@ use std::sync::Arc;
 use http::{header, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 
+use super::conn_io::ConnActivity;
 use super::hygiene::{check_head, normalize_path};
 use super::Shared;
 use crate::body::Body;
@@ -32,10 +33,11 @@ impl Worker {
         })
     }
 
-    pub fn service(self: &Arc<Self>, peer: SocketAddr) -> ConnService {
+    pub fn service(self: &Arc<Self>, peer: SocketAddr, activity: Arc<ConnActivity>) -> ConnService {
         ConnService {
             worker: self.clone(),
             peer,
+            activity,
         }
     }
 }
@@ -45,6 +47,7 @@ impl Worker {
 pub struct ConnService {
     worker: Arc<Worker>,
     peer: SocketAddr,
+    activity: Arc<ConnActivity>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
@@ -55,7 +58,12 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let worker = self.worker.clone();
         let peer = self.peer;
-        Box::pin(async move { Ok(handle(&worker, peer, req).await) })
+        let in_flight = self.activity.start();
+        Box::pin(async move {
+            let resp = handle(&worker, peer, req).await;
+            drop(in_flight);
+            Ok(resp)
+        })
     }
 }
 

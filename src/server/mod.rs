@@ -3,6 +3,7 @@
 //! connection and the backend calls it makes never leave their thread
 //! (PERFORMANCE.md). State shared between workers is behind `ArcSwap`.
 
+pub mod conn_io;
 pub mod handler;
 pub mod hygiene;
 
@@ -22,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, ConfigErrors};
 use crate::snapshot::{self, Snapshot};
+use conn_io::{ConnActivity, ConnTimeouts, TimedIo};
 use hygiene::Limits;
 
 /// State every worker and the admin API share.
@@ -72,8 +74,10 @@ pub struct ServerOptions {
     pub workers: usize,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub drain_timeout: Duration,
-    /// Header read timeout (SPEC §2: 10 s).
+    /// Time to send a request head once it started (SPEC §2: 10 s).
     pub header_read_timeout: Duration,
+    /// Time a connection may sit idle between requests (SPEC §2: 60 s).
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -83,6 +87,7 @@ impl Default for ServerOptions {
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             drain_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -171,7 +176,9 @@ async fn worker(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout)
+        // conn_io.rs times head reads and idle connections apart; hyper's
+        // timer would cut idle keep-alive connections at the head timeout.
+        .header_read_timeout(None)
         // Our own limits (hygiene.rs) answer with JSON below these; hyper's
         // are the backstop for what cannot even be parsed.
         .max_headers(256)
@@ -180,6 +187,10 @@ async fn worker(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(96 << 10);
+    let timeouts = ConnTimeouts {
+        header_read: opts.header_read_timeout,
+        idle: opts.idle_timeout,
+    };
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -188,8 +199,10 @@ async fn worker(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let svc = client.service(peer);
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                    let activity = Arc::new(ConnActivity::default());
+                    let svc = client.service(peer, activity.clone());
+                    let io = TimedIo::new(stream, activity, timeouts);
+                    let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {

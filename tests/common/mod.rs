@@ -182,6 +182,14 @@ pub struct GatewayProcess {
 
 impl GatewayProcess {
     pub fn start(config_dir: &std::path::Path, extra: &[&str]) -> GatewayProcess {
+        Self::start_with_env(config_dir, extra, &[])
+    }
+
+    pub fn start_with_env(
+        config_dir: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> GatewayProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_manifold"))
             .args([
                 "serve",
@@ -195,6 +203,7 @@ impl GatewayProcess {
             .args(extra)
             .env("MANIFOLD_LOG_FORMAT", "json")
             .env_remove("MANIFOLD_DATABASE_URL")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
