@@ -10,20 +10,25 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::compose::context::request_context;
 use crate::config::load::config_from_text;
 use crate::config::{Config, ConfigErrors, Format};
 use crate::diff::ConfigDiff;
+use crate::ids::{new_uuid, TraceContext};
+use crate::proxy::HttpClient;
 use crate::server::Shared;
 
 #[derive(Clone)]
 pub struct AdminState {
     pub shared: Arc<Shared>,
     pub token: Option<Arc<str>>,
+    /// The admin API's own backend client, for `try`.
+    pub client: HttpClient,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -31,6 +36,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/config", get(get_config).post(post_config))
         .route("/status", get(status))
         .route("/status/ready", get(ready))
+        .route("/compositions/{name}/try", post(try_composition))
         .route("/{kind}", get(list_entities).post(read_only))
         .route(
             "/{kind}/{name}",
@@ -263,6 +269,153 @@ async fn get_entity(
 
 async fn read_only(Path(_): Path<Vec<(String, String)>>) -> Response {
     message(StatusCode::METHOD_NOT_ALLOWED, "entities are read-only in DB-less mode: edit the config files, or replace the whole config with POST /config")
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TryRequest {
+    method: Option<String>,
+    path: String,
+    #[serde(default)]
+    query: Option<Value>,
+    #[serde(default)]
+    headers: serde_json::Map<String, Value>,
+    #[serde(default)]
+    body: Value,
+}
+
+/// Runs a composition for real and reports every backend call (SPEC §5).
+async fn try_composition(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let input: TryRequest = match serde_json::from_slice(&body) {
+        Ok(t) => t,
+        Err(e) => return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "message": "invalid try request", "fields": { "body": e.to_string() } })),
+        )
+            .into_response(),
+    };
+    let snap = state.shared.snapshot.load_full();
+    let Some((pattern, plan)) = snap.compositions.get(&name) else {
+        return not_found().await;
+    };
+    let mut field_errors = serde_json::Map::new();
+    let method = match input
+        .method
+        .as_deref()
+        .map(|m| http::Method::from_bytes(m.as_bytes()))
+    {
+        None => plan.method.clone(),
+        Some(Ok(m)) => m,
+        Some(Err(_)) => {
+            field_errors.insert("method".into(), json!("invalid method"));
+            plan.method.clone()
+        }
+    };
+    let (path, query) = match input.path.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (input.path.clone(), None),
+    };
+    let params = match crate::server::hygiene::normalize_path(&path)
+        .ok()
+        .and_then(|p| pattern.matches(&p))
+    {
+        Some(p) => p,
+        None => {
+            field_errors.insert(
+                "path".into(),
+                json!(format!(
+                    "does not match the composition's path {:?}",
+                    snap.config
+                        .compositions
+                        .iter()
+                        .find(|c| c.name == name)
+                        .map(|c| c.path.clone())
+                        .unwrap_or_default()
+                )),
+            );
+            vec![]
+        }
+    };
+    let query = match input.query {
+        None | Some(Value::Null) => query,
+        Some(Value::String(q)) => Some(q),
+        Some(Value::Object(map)) => Some(
+            map.iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{}={}",
+                        crate::compose::template::percent_encode(k),
+                        crate::compose::template::percent_encode(
+                            &crate::compose::template::value_text(v)
+                        )
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("&"),
+        ),
+        Some(_) => {
+            field_errors.insert(
+                "query".into(),
+                json!("expected an object or a query string"),
+            );
+            None
+        }
+    };
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in &input.headers {
+        match (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            v.as_str().map(http::HeaderValue::from_str),
+        ) {
+            (Ok(n), Some(Ok(v))) => {
+                headers.append(n, v);
+            }
+            _ => {
+                field_errors.insert(format!("headers.{k}"), json!("invalid header"));
+            }
+        }
+    }
+    if !field_errors.is_empty() {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "message": "invalid try request", "fields": field_errors })),
+        )
+            .into_response();
+    }
+    let params: Vec<(Arc<str>, String)> =
+        params.into_iter().map(|(k, v)| (Arc::from(k), v)).collect();
+    let request = request_context(&method, &params, query.as_deref(), &headers, input.body);
+    let request_id =
+        http::HeaderValue::from_str(&new_uuid()).expect("a uuid is a valid header value");
+    let trace = TraceContext::from_headers(&headers);
+    let ex = crate::compose::Exchange {
+        client: &state.client,
+        request_id: &request_id,
+        trace: &trace,
+        client_headers: &headers,
+    };
+    let outcome = crate::compose::run(ex, plan, request).await;
+    let (parts, body) = outcome.response.into_parts();
+    let bytes = match body {
+        crate::body::Body::Full(Some(b)) => b,
+        _ => Default::default(),
+    };
+    let body: Value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let mut resp_headers = crate::compose::context::headers_map(&parts.headers);
+    resp_headers.insert(
+        "x-request-id".into(),
+        json!(request_id.to_str().unwrap_or("")),
+    );
+    Json(json!({
+        "response": { "status": parts.status.as_u16(), "headers": resp_headers, "body": body },
+        "calls": outcome.calls,
+    }))
+    .into_response()
 }
 
 /// Serves the admin API until `shutdown` resolves.

@@ -70,6 +70,7 @@ impl Gateway {
         let state = AdminState {
             shared: shared.clone(),
             token: opts.admin_token.filter(|t| !t.is_empty()).map(Arc::from),
+            client: crate::proxy::new_client(),
         };
         let admin_thread = std::thread::Builder::new()
             .name("manifold-admin".into())

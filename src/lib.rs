@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod body;
 pub mod cli;
+pub mod compose;
 pub mod config;
 pub mod demo;
 pub mod diff;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Method};
 
+use crate::compose::CompositionPlan;
 use crate::config::pattern::{parse_rewrite, PathPattern, RewritePart, Segment};
 use crate::config::{Config, ConfigError, ConfigErrors};
 
@@ -23,6 +24,9 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     pub version: u64,
     pub router: Router,
+    /// Compositions by name, with their path patterns, for the admin API's
+    /// `try` endpoint.
+    pub compositions: HashMap<String, (PathPattern, Arc<CompositionPlan>)>,
 }
 
 /// A plain route, resolved: where to send, and how to rewrite.
@@ -40,18 +44,10 @@ pub struct ProxyRoute {
     pub preserve_host: bool,
 }
 
-/// A composition's place in the router. The execution plan arrives with
-/// the composition engine.
-#[derive(Debug)]
-pub struct CompositionRoute {
-    pub name: Arc<str>,
-    pub timeout: Duration,
-}
-
 #[derive(Clone, Debug)]
 pub enum Target {
     Proxy(Arc<ProxyRoute>),
-    Composition(Arc<CompositionRoute>),
+    Composition(Arc<CompositionPlan>),
 }
 
 #[derive(Debug)]
@@ -241,16 +237,24 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
             Target::Proxy(Arc::new(route_data)),
         );
     }
+    let mut compositions = HashMap::new();
     for comp in &config.compositions {
         let base = format!("compositions.{}", comp.name);
         let Ok(pattern) = PathPattern::parse(&comp.path) else {
             continue;
         };
         let method = comp.method.clone().unwrap_or_else(|| "GET".into());
-        let target = Target::Composition(Arc::new(CompositionRoute {
-            name: comp.name.as_str().into(),
-            timeout: comp.timeout.map_or(DEFAULT_COMPOSITION_TIMEOUT, |d| d.0),
-        }));
+        let target = match crate::compose::plan::compile(comp) {
+            Ok(plan) => {
+                let plan = Arc::new(plan);
+                compositions.insert(comp.name.clone(), (pattern.clone(), plan.clone()));
+                Target::Composition(plan)
+            }
+            Err(errs) => {
+                errors.extend(errs);
+                continue;
+            }
+        };
         add(
             base,
             &comp.hosts,
@@ -294,6 +298,7 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
         config: Arc::new(config),
         version,
         router,
+        compositions,
     })
 }
 

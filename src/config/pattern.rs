@@ -88,6 +88,37 @@ impl PathPattern {
         })
     }
 
+    /// Matches a (normalized) path on its own, without a router: the
+    /// parameters' raw values, or `None`.
+    pub fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
+        let mut rest = path.strip_prefix('/')?;
+        let mut params = Vec::new();
+        for (i, seg) in self.segments.iter().enumerate() {
+            let last = i + 1 == self.segments.len();
+            let (part, next) = match rest.find('/') {
+                Some(p) => (&rest[..p], Some(&rest[p + 1..])),
+                None => (rest, None),
+            };
+            match seg {
+                Segment::CatchAll(name) => {
+                    params.push((name.clone(), rest.to_string()));
+                    return Some(params);
+                }
+                Segment::Static(s) if s == part => {}
+                Segment::Param(name) if !part.is_empty() => {
+                    params.push((name.clone(), part.to_string()))
+                }
+                _ => return None,
+            }
+            match next {
+                Some(n) if !last => rest = n,
+                None if last => return Some(params),
+                _ => return None,
+            }
+        }
+        None
+    }
+
     /// The pattern with parameters renamed by position, so two routes of the
     /// same shape (`/u/{id}` and `/u/{name}`) share one router entry.
     pub fn shape(&self) -> String {
@@ -159,6 +190,24 @@ mod tests {
         ] {
             assert!(PathPattern::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn standalone_matching() {
+        let p = PathPattern::parse("/v1/users/{id}/dashboard").unwrap();
+        assert_eq!(
+            p.matches("/v1/users/42/dashboard"),
+            Some(vec![("id".into(), "42".into())])
+        );
+        assert_eq!(p.matches("/v1/users/42"), None);
+        assert_eq!(p.matches("/v1/users//dashboard"), None);
+        assert_eq!(p.matches("/v1/users/42/dashboard/x"), None);
+        let c = PathPattern::parse("/files/{*rest}").unwrap();
+        assert_eq!(
+            c.matches("/files/a/b"),
+            Some(vec![("rest".into(), "a/b".into())])
+        );
+        assert_eq!(PathPattern::parse("/").unwrap().matches("/"), Some(vec![]));
     }
 
     #[test]

@@ -748,6 +748,14 @@ struct Reads {
 }
 
 fn template_reads(errs: &mut Errors, path: String, template: &str) -> Reads {
+    // Output in urls and headers is always escaped for where it lands;
+    // only a response template may print raw text.
+    if !path.ends_with(".template") && (template.contains("{{{") || template.contains("{{&")) {
+        errs.push(
+            path.clone(),
+            "unescaped output ({{{...}}} or {{&...}}) is allowed only in response.template",
+        );
+    }
     if let Err(e) = handlebars::Template::compile(template) {
         // handlebars lists every token it expected; the reason and place say enough.
         let reason = e.reason().to_string();
@@ -898,7 +906,21 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
         }
         let mut reads = Vec::new();
         match split_call_url(&call.url) {
-            Ok((_, rest)) => reads.push(template_reads(errs, format!("{cbase}.url"), rest)),
+            Ok((_, rest)) => {
+                let path_part = strip_templates(rest.split('?').next().unwrap_or(""));
+                if path_part.split('/').any(|seg| {
+                    matches!(
+                        seg.to_ascii_lowercase().as_str(),
+                        "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."
+                    )
+                }) {
+                    errs.push(
+                        format!("{cbase}.url"),
+                        "a url path cannot hold . or .. segments",
+                    );
+                }
+                reads.push(template_reads(errs, format!("{cbase}.url"), rest))
+            }
             Err(e) => errs.push(format!("{cbase}.url"), e),
         }
         for (h, v) in &call.headers {

@@ -14,6 +14,10 @@ use super::conn_io::ConnActivity;
 use super::hygiene::{check_head, normalize_path};
 use super::Shared;
 use crate::body::Body;
+use crate::compose::{
+    self,
+    context::{request_context, MAX_REQUEST_BODY},
+};
 use crate::errors::{ErrorCode, GatewayError};
 use crate::ids::{request_id, TraceContext, REQUEST_ID_HEADER};
 use crate::proxy::{self, Forwarding, HttpClient};
@@ -64,6 +68,45 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             drop(in_flight);
             Ok(resp)
         })
+    }
+}
+
+/// A composition's request body: JSON when it is JSON, else null. A body
+/// that claims to be JSON and is not is the client's error.
+pub async fn read_json_body(
+    headers: &http::HeaderMap,
+    body: Incoming,
+) -> Result<serde_json::Value, GatewayError> {
+    use http_body_util::{BodyExt, Limited};
+    let bytes = match Limited::new(body, MAX_REQUEST_BODY).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(GatewayError::new(
+                ErrorCode::PayloadTooLarge,
+                "the request body is too large",
+            ))
+        }
+        Err(_) => {
+            return Err(GatewayError::new(
+                ErrorCode::BadRequest,
+                "the request body could not be read",
+            ))
+        }
+    };
+    if bytes.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    let says_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    match serde_json::from_slice(&bytes) {
+        Ok(v) => Ok(v),
+        Err(_) if says_json => Err(GatewayError::new(
+            ErrorCode::BadRequest,
+            "the request body is not valid JSON",
+        )),
+        Err(_) => Ok(serde_json::Value::Null),
     }
 }
 
@@ -148,13 +191,42 @@ async fn route_and_run(
     match target {
         Target::Proxy(route) => {
             let trace = TraceContext::from_headers(req.headers());
-            let trusted_peer = shared.trusted_proxies.iter().any(|net| net.contains(&peer.ip()));
-            let fwd = Forwarding { client_ip: peer.ip(), trusted_peer, request_id, trace: &trace, path: &path, params: &params };
-            proxy::forward(&worker.client, &route, fwd, req).await.map_err(|e| (e, false))
+            let trusted_peer = shared
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(&peer.ip()));
+            let fwd = Forwarding {
+                client_ip: peer.ip(),
+                trusted_peer,
+                request_id,
+                trace: &trace,
+                path: &path,
+                params: &params,
+            };
+            proxy::forward(&worker.client, &route, fwd, req)
+                .await
+                .map_err(|e| (e, false))
         }
-        Target::Composition(comp) => Err((
-            GatewayError::new(ErrorCode::NotImplemented, format!("composition {:?} is configured, but the composition engine is not in this build yet", comp.name)),
-            false,
-        )),
+        Target::Composition(plan) => {
+            let trace = TraceContext::from_headers(req.headers());
+            let (parts, body) = req.into_parts();
+            let body = read_json_body(&parts.headers, body)
+                .await
+                .map_err(|e| (e, false))?;
+            let request = request_context(
+                &parts.method,
+                &params,
+                parts.uri.query(),
+                &parts.headers,
+                body,
+            );
+            let ex = compose::Exchange {
+                client: &worker.client,
+                request_id,
+                trace: &trace,
+                client_headers: &parts.headers,
+            };
+            Ok(compose::run(ex, &plan, request).await.response)
+        }
     }
 }

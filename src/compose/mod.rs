@@ -1,0 +1,14 @@
+//! Compositions: one request fans out to several backend calls whose JSON
+//! answers are merged and reshaped into one response (SPEC §2).
+//!
+//! [`plan`] compiles a composition once per config; [`exec`] runs it per
+//! request; [`template`] and [`query`] are the two expression languages.
+
+pub mod context;
+pub mod exec;
+pub mod plan;
+pub mod query;
+pub mod template;
+
+pub use exec::{run, CallRecord, Exchange, Outcome};
+pub use plan::CompositionPlan;

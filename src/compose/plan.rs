@@ -1,0 +1,322 @@
+//! A composition compiled into its execution plan: call graph ordered,
+//! templates and queries parsed, limits resolved. Built once per config;
+//! nothing here is parsed per request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+
+use super::query::{JsonTemplate, Query};
+use super::template::{Escape, Template};
+use crate::config::refs::{jsonpath_root, template_refs};
+use crate::config::validate::split_call_url;
+use crate::config::{Composition, ConfigError};
+use crate::snapshot::DEFAULT_COMPOSITION_TIMEOUT;
+
+/// Largest backend body a call accepts unless it says otherwise (SPEC §2).
+pub const DEFAULT_MAX_BODY: usize = 10 << 20;
+/// Most items a `for_each` expands to unless it says otherwise (SPEC §2).
+pub const DEFAULT_MAX_ITEMS: usize = 100;
+/// Concurrent requests of one `for_each` unless it says otherwise.
+pub const DEFAULT_MAX_CONCURRENCY: usize = 8;
+
+#[derive(Debug)]
+pub struct CallPlan {
+    pub name: Arc<str>,
+    pub method: Method,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub host_header: HeaderValue,
+    /// `scheme://host[:port]`, for the `try` endpoint's report.
+    pub origin: String,
+    pub path: Template,
+    pub query: Option<Template>,
+    pub headers: Vec<(HeaderName, Template)>,
+    pub forward_headers: Vec<HeaderName>,
+    pub body: Option<JsonTemplate>,
+    pub when: Option<Query>,
+    pub for_each: Option<Query>,
+    pub timeout: Option<Duration>,
+    pub required: bool,
+    pub retries: u32,
+    pub max_body: usize,
+    pub max_items: usize,
+    pub max_concurrency: usize,
+    /// Indexes of the calls this one reads; it starts when they are done.
+    pub deps: Vec<usize>,
+}
+
+#[derive(Debug)]
+pub enum ResponseBody {
+    /// Each call's body under its name.
+    Default,
+    Json(JsonTemplate),
+    Text {
+        template: Template,
+        content_type: HeaderValue,
+    },
+}
+
+#[derive(Debug)]
+pub struct ResponsePlan {
+    pub status: StatusCode,
+    pub headers: Vec<(HeaderName, Template)>,
+    pub forward_headers: Vec<(usize, Vec<HeaderName>)>,
+    pub body: ResponseBody,
+}
+
+#[derive(Debug)]
+pub struct CompositionPlan {
+    pub name: Arc<str>,
+    pub method: Method,
+    pub deadline: Duration,
+    pub calls: Vec<CallPlan>,
+    pub response: ResponsePlan,
+}
+
+/// Splits `path?query` at the first `?` outside a `{{...}}` expression.
+fn split_path_query(rest: &str) -> (&str, Option<&str>) {
+    let mut depth = 0usize;
+    let b = rest.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i..].starts_with(b"{{") {
+            depth += 1;
+            i += 2;
+        } else if b[i..].starts_with(b"}}") {
+            depth = depth.saturating_sub(1);
+            i += 2;
+        } else if b[i] == b'?' && depth == 0 {
+            return (&rest[..i], Some(&rest[i + 1..]));
+        } else {
+            i += 1;
+        }
+    }
+    (rest, None)
+}
+
+fn json_roots(t: &serde_json::Value, out: &mut Vec<String>) {
+    match t {
+        serde_json::Value::String(s) if s.starts_with('$') && !s.starts_with("$$") => {
+            if let Ok(Some(root)) = jsonpath_root(s) {
+                out.push(root);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|i| json_roots(i, out)),
+        serde_json::Value::Object(map) => map.values().for_each(|v| json_roots(v, out)),
+        _ => {}
+    }
+}
+
+pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> {
+    let base = format!("compositions.{}", comp.name);
+    let mut errors = Vec::new();
+    let mut fail = |path: String, message: String| {
+        errors.push(ConfigError {
+            file: None,
+            path,
+            message,
+        })
+    };
+    let names: Vec<&str> = comp.calls.keys().map(String::as_str).collect();
+    let deadline = comp.timeout.map_or(DEFAULT_COMPOSITION_TIMEOUT, |d| d.0);
+    let mut calls = Vec::with_capacity(comp.calls.len());
+
+    for (name, call) in &comp.calls {
+        let cbase = format!("{base}.calls.{name}");
+        let (origin, rest) = match split_call_url(&call.url) {
+            Ok(parts) => parts,
+            Err(e) => {
+                fail(format!("{cbase}.url"), e);
+                continue;
+            }
+        };
+        let origin_uri: http::Uri = match origin.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                fail(format!("{cbase}.url"), format!("{e}"));
+                continue;
+            }
+        };
+        let (Some(scheme), Some(authority)) = (
+            origin_uri.scheme().cloned(),
+            origin_uri.authority().cloned(),
+        ) else {
+            fail(
+                format!("{cbase}.url"),
+                "expected http://host[:port]/path".into(),
+            );
+            continue;
+        };
+        let (path_text, query_text) = split_path_query(rest);
+        let path_text = if path_text.is_empty() { "/" } else { path_text };
+        let path = Template::compile(path_text, Escape::PathSegment);
+        let query = query_text
+            .map(|q| Template::compile(q, Escape::QueryComponent))
+            .transpose();
+        let (path, query) = match (path, query) {
+            (Ok(p), Ok(q)) => (p, q),
+            (Err(e), _) | (_, Err(e)) => {
+                fail(format!("{cbase}.url"), e);
+                continue;
+            }
+        };
+        let mut roots: Vec<String> = template_refs(rest).into_iter().map(|r| r.root).collect();
+        let mut headers = Vec::new();
+        for (h, v) in &call.headers {
+            roots.extend(template_refs(v).into_iter().map(|r| r.root));
+            match (
+                HeaderName::from_bytes(h.as_bytes()),
+                Template::compile(v, Escape::Header),
+            ) {
+                (Ok(n), Ok(t)) => headers.push((n, t)),
+                (Err(e), _) => fail(format!("{cbase}.headers.{h}"), e.to_string()),
+                (_, Err(e)) => fail(format!("{cbase}.headers.{h}"), e),
+            }
+        }
+        let body = match &call.body {
+            Some(b) => {
+                json_roots(b, &mut roots);
+                match JsonTemplate::compile(b) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        fail(format!("{cbase}.body"), e);
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let mut query_of = |field: &str, q: &Option<String>| -> Option<Query> {
+            let q = q.as_ref()?;
+            if let Ok(Some(root)) = jsonpath_root(q) {
+                roots.push(root);
+            }
+            Query::parse(q)
+                .map_err(|e| fail(format!("{cbase}.{field}"), e))
+                .ok()
+        };
+        let when = query_of("when", &call.when);
+        let for_each = query_of("for_each", &call.for_each);
+        let mut deps: Vec<usize> = roots
+            .iter()
+            .filter_map(|r| names.iter().position(|n| n == r))
+            .collect();
+        deps.sort_unstable();
+        deps.dedup();
+        let method = Method::from_bytes(call.method.as_deref().unwrap_or("GET").as_bytes())
+            .unwrap_or(Method::GET);
+        calls.push(CallPlan {
+            name: name.as_str().into(),
+            method,
+            host_header: HeaderValue::from_str(authority.as_str())
+                .expect("an authority is a valid header value"),
+            origin: origin.to_string(),
+            scheme,
+            authority,
+            path,
+            query,
+            headers,
+            forward_headers: call
+                .forward_headers
+                .iter()
+                .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                .collect(),
+            body,
+            when,
+            for_each,
+            timeout: call.timeout.map(|d| d.0),
+            required: call.required,
+            retries: call.retries.unwrap_or(0),
+            max_body: call
+                .max_body_bytes
+                .map_or(DEFAULT_MAX_BODY, |b| b.0 as usize),
+            max_items: call.max_items.map_or(DEFAULT_MAX_ITEMS, |n| n as usize),
+            max_concurrency: call
+                .max_concurrency
+                .map_or(DEFAULT_MAX_CONCURRENCY, |n| n as usize)
+                .max(1),
+            deps,
+        });
+    }
+
+    let spec = comp.response.clone().unwrap_or_default();
+    let rbase = format!("{base}.response");
+    let status = StatusCode::from_u16(spec.status.unwrap_or(200)).unwrap_or(StatusCode::OK);
+    let mut headers = Vec::new();
+    for (h, v) in &spec.headers {
+        match (
+            HeaderName::from_bytes(h.as_bytes()),
+            Template::compile(v, Escape::Header),
+        ) {
+            (Ok(n), Ok(t)) => headers.push((n, t)),
+            (Err(e), _) => fail(format!("{rbase}.headers.{h}"), e.to_string()),
+            (_, Err(e)) => fail(format!("{rbase}.headers.{h}"), e),
+        }
+    }
+    let forward_headers = spec
+        .forward_headers
+        .iter()
+        .filter_map(|(call, names_)| {
+            let idx = names.iter().position(|n| n == call)?;
+            Some((
+                idx,
+                names_
+                    .iter()
+                    .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                    .collect(),
+            ))
+        })
+        .collect();
+    let body = match (&spec.body, &spec.template) {
+        (Some(b), _) => match JsonTemplate::compile(b) {
+            Ok(t) => ResponseBody::Json(t),
+            Err(e) => {
+                fail(format!("{rbase}.body"), e);
+                ResponseBody::Default
+            }
+        },
+        (None, Some(t)) => {
+            let content_type = spec
+                .content_type
+                .as_deref()
+                .unwrap_or("text/html; charset=utf-8");
+            match (
+                Template::compile(t, Escape::Html),
+                HeaderValue::from_str(content_type),
+            ) {
+                (Ok(template), Ok(content_type)) => ResponseBody::Text {
+                    template,
+                    content_type,
+                },
+                (Err(e), _) => {
+                    fail(format!("{rbase}.template"), e);
+                    ResponseBody::Default
+                }
+                (_, Err(e)) => {
+                    fail(format!("{rbase}.content_type"), e.to_string());
+                    ResponseBody::Default
+                }
+            }
+        }
+        (None, None) => ResponseBody::Default,
+    };
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(CompositionPlan {
+        name: comp.name.as_str().into(),
+        method: Method::from_bytes(comp.method.as_deref().unwrap_or("GET").as_bytes())
+            .unwrap_or(Method::GET),
+        deadline,
+        calls,
+        response: ResponsePlan {
+            status,
+            headers,
+            forward_headers,
+            body,
+        },
+    })
+}

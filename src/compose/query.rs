@@ -1,0 +1,220 @@
+//! JSONPath queries (RFC 9535), parsed once at compile time. A singular
+//! query (only names and indexes) gives its value or null, walked directly;
+//! any other gives an array of matches, through jsonpath-rust.
+
+use jsonpath_rust::parser::model::{JpQuery, Segment, Selector};
+use jsonpath_rust::parser::parse_json_path;
+use serde_json::Value;
+
+#[derive(Clone, Debug)]
+pub enum Step {
+    Name(String),
+    Index(i64),
+}
+
+#[derive(Clone, Debug)]
+pub enum Query {
+    Singular(Vec<Step>),
+    General(JpQuery),
+}
+
+impl Query {
+    pub fn parse(text: &str) -> Result<Query, String> {
+        let parsed =
+            parse_json_path(text).map_err(|e| format!("invalid JSONPath {text:?}: {e}"))?;
+        let steps: Option<Vec<Step>> = parsed
+            .segments
+            .iter()
+            .map(|seg| match seg {
+                Segment::Selector(Selector::Name(n)) => Some(Step::Name(n.clone())),
+                Segment::Selector(Selector::Index(i)) => Some(Step::Index(*i)),
+                _ => None,
+            })
+            .collect();
+        Ok(match steps {
+            Some(steps) => Query::Singular(steps),
+            None => Query::General(parsed),
+        })
+    }
+
+    /// The value a singular query points at, borrowed.
+    pub fn get<'a>(&self, doc: &'a Value) -> Option<&'a Value> {
+        let Query::Singular(steps) = self else {
+            return None;
+        };
+        let mut cur = doc;
+        for step in steps {
+            cur = match (step, cur) {
+                (Step::Name(n), Value::Object(map)) => map.get(n)?,
+                (Step::Index(i), Value::Array(items)) => {
+                    let idx = if *i < 0 { items.len() as i64 + i } else { *i };
+                    items.get(usize::try_from(idx).ok()?)?
+                }
+                _ => return None,
+            };
+        }
+        Some(cur)
+    }
+
+    /// The query's result as SPEC §2 defines it: a singular query's value or
+    /// null; any other query's matches as an array.
+    pub fn eval(&self, doc: &Value) -> Value {
+        match self {
+            Query::Singular(_) => self.get(doc).cloned().unwrap_or(Value::Null),
+            Query::General(q) => match jsonpath_rust::query::js_path_process(q, doc) {
+                Ok(refs) => Value::Array(refs.into_iter().map(|r| r.val().clone()).collect()),
+                Err(_) => Value::Array(vec![]),
+            },
+        }
+    }
+
+    /// The items a `for_each` runs over: a general query's matches, or the
+    /// elements of the array a singular query points at.
+    pub fn items(&self, doc: &Value) -> Vec<Value> {
+        match self.eval(doc) {
+            Value::Array(items) => items,
+            Value::Null => vec![],
+            other => vec![other],
+        }
+    }
+}
+
+/// `when`'s truth: false for null, false, 0, "" and [].
+pub fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(_) => true,
+    }
+}
+
+/// A JSON template: literal JSON with JSONPath leaves (strings starting with
+/// `$`; `$$` escapes a literal `$`).
+#[derive(Clone, Debug)]
+pub enum JsonTemplate {
+    Literal(Value),
+    Query(Query),
+    Array(Vec<JsonTemplate>),
+    Object(Vec<(String, JsonTemplate)>),
+}
+
+impl JsonTemplate {
+    pub fn compile(v: &Value) -> Result<JsonTemplate, String> {
+        let t = match v {
+            Value::String(s) if s.starts_with("$$") => {
+                JsonTemplate::Literal(Value::String(s[1..].to_string()))
+            }
+            Value::String(s) if s.starts_with('$') => JsonTemplate::Query(Query::parse(s)?),
+            Value::Array(items) => JsonTemplate::Array(
+                items
+                    .iter()
+                    .map(JsonTemplate::compile)
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Object(map) => JsonTemplate::Object(
+                map.iter()
+                    .map(|(k, v)| Ok((k.clone(), JsonTemplate::compile(v)?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+            other => JsonTemplate::Literal(other.clone()),
+        };
+        // A subtree without queries is one literal, cloned whole.
+        Ok(match &t {
+            JsonTemplate::Array(items)
+                if items.iter().all(|i| matches!(i, JsonTemplate::Literal(_))) =>
+            {
+                JsonTemplate::Literal(fold(&t))
+            }
+            JsonTemplate::Object(fields)
+                if fields
+                    .iter()
+                    .all(|(_, i)| matches!(i, JsonTemplate::Literal(_))) =>
+            {
+                JsonTemplate::Literal(fold(&t))
+            }
+            _ => t,
+        })
+    }
+
+    pub fn render(&self, doc: &Value) -> Value {
+        match self {
+            JsonTemplate::Literal(v) => v.clone(),
+            JsonTemplate::Query(q) => q.eval(doc),
+            JsonTemplate::Array(items) => {
+                Value::Array(items.iter().map(|i| i.render(doc)).collect())
+            }
+            JsonTemplate::Object(fields) => Value::Object(
+                fields
+                    .iter()
+                    .map(|(k, t)| (k.clone(), t.render(doc)))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+fn fold(t: &JsonTemplate) -> Value {
+    t.render(&Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn queries() {
+        let doc =
+            json!({"user": {"body": {"id": 7, "tags": ["a", "b"], "items": [{"p": 1}, {"p": 2}]}}});
+        let cases = [
+            ("$.user.body.id", json!(7)),
+            ("$.user.body.missing", Value::Null),
+            ("$.user.body.tags[1]", json!("b")),
+            ("$.user.body.tags[-1]", json!("b")),
+            ("$['user']['body']['id']", json!(7)),
+            ("$.user.body.items[*].p", json!([1, 2])),
+            ("$.user.body.nothing[*]", json!([])),
+            ("$..p", json!([1, 2])),
+        ];
+        for (q, want) in cases {
+            assert_eq!(Query::parse(q).unwrap().eval(&doc), want, "{q}");
+        }
+        assert_eq!(
+            Query::parse("$.user.body.tags").unwrap().items(&doc),
+            vec![json!("a"), json!("b")]
+        );
+        assert_eq!(
+            Query::parse("$.user.body.id").unwrap().items(&doc),
+            vec![json!(7)]
+        );
+    }
+
+    #[test]
+    fn templates() {
+        let doc = json!({"a": {"body": {"x": 1}}});
+        let t = JsonTemplate::compile(&json!({"x": "$.a.body.x", "lit": "$$dollars", "n": [1, "$.a.body.x"], "fixed": {"k": "v"}})).unwrap();
+        assert_eq!(
+            t.render(&doc),
+            json!({"x": 1, "lit": "$dollars", "n": [1, 1], "fixed": {"k": "v"}})
+        );
+    }
+
+    #[test]
+    fn truth() {
+        for (v, t) in [
+            (json!(null), false),
+            (json!(false), false),
+            (json!(0), false),
+            (json!(""), false),
+            (json!([]), false),
+            (json!({}), true),
+            (json!("x"), true),
+            (json!(2), true),
+        ] {
+            assert_eq!(truthy(&v), t, "{v}");
+        }
+    }
+}
