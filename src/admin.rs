@@ -38,13 +38,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/status/ready", get(ready))
         .route("/compositions/{name}/try", post(try_composition))
         .route("/{kind}", get(list_entities).post(read_only))
-        .route(
-            "/{kind}/{name}",
-            get(get_entity)
-                .put(read_only)
-                .patch(read_only)
-                .delete(read_only),
-        )
+        .route("/{kind}/{name}", get(get_entity).put(read_only).patch(read_only).delete(read_only))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
@@ -72,18 +66,10 @@ async fn require_token(State(state): State<AdminState>, req: Request, next: Next
     if let Some(token) = &state.token {
         // Readiness stays open for load balancers and probes; it tells nothing else.
         if req.uri().path() != "/status/ready" {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
+            let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
             if !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
-                let mut resp = message(
-                    StatusCode::UNAUTHORIZED,
-                    "a valid admin token is required (Authorization: Bearer ...)",
-                );
-                resp.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
+                let mut resp = message(StatusCode::UNAUTHORIZED, "a valid admin token is required (Authorization: Bearer ...)");
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
                 return resp;
             }
         }
@@ -92,20 +78,14 @@ async fn require_token(State(state): State<AdminState>, req: Request, next: Next
 }
 
 fn wants_yaml(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("yaml"))
+    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("yaml"))
 }
 
 pub fn config_as(config: &Config, yaml: bool) -> Response {
     if yaml {
         match serde_norway::to_string(config) {
             Ok(text) => ([(header::CONTENT_TYPE, "application/yaml")], text).into_response(),
-            Err(e) => message(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("cannot render YAML: {e}"),
-            ),
+            Err(e) => message(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render YAML: {e}")),
         }
     } else {
         Json(config).into_response()
@@ -121,11 +101,7 @@ async fn get_config(State(state): State<AdminState>, headers: HeaderMap) -> Resp
 pub fn invalid(errors: &ConfigErrors) -> Response {
     let mut fields = serde_json::Map::new();
     for e in &errors.0 {
-        let key = if e.path.is_empty() {
-            "(document)".to_string()
-        } else {
-            e.path.clone()
-        };
+        let key = if e.path.is_empty() { "(document)".to_string() } else { e.path.clone() };
         match fields.get_mut(&key) {
             Some(Value::String(prev)) => {
                 prev.push_str("; ");
@@ -136,11 +112,7 @@ pub fn invalid(errors: &ConfigErrors) -> Response {
             }
         }
     }
-    (
-        StatusCode::BAD_REQUEST,
-        Json(json!({ "message": "invalid config", "fields": fields })),
-    )
-        .into_response()
+    (StatusCode::BAD_REQUEST, Json(json!({ "message": "invalid config", "fields": fields }))).into_response()
 }
 
 #[derive(Deserialize)]
@@ -149,19 +121,11 @@ struct ConfigQuery {
     dry_run: bool,
 }
 
-async fn post_config(
-    State(state): State<AdminState>,
-    Query(q): Query<ConfigQuery>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn post_config(State(state): State<AdminState>, Query(q): Query<ConfigQuery>, headers: HeaderMap, body: Bytes) -> Response {
     let Ok(text) = std::str::from_utf8(&body) else {
         return message(StatusCode::BAD_REQUEST, "the body is not UTF-8");
     };
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("json"));
+    let is_json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
     let format = if is_json { Format::Json } else { Format::Yaml };
     let config = match config_from_text(text, format) {
         Ok(c) => c,
@@ -216,9 +180,7 @@ async fn ready(State(_): State<AdminState>) -> Response {
 
 fn entities(config: &Config, kind: &str) -> Option<Vec<Value>> {
     fn values<T: serde::Serialize>(list: &[T]) -> Vec<Value> {
-        list.iter()
-            .filter_map(|e| serde_json::to_value(e).ok())
-            .collect()
+        list.iter().filter_map(|e| serde_json::to_value(e).ok()).collect()
     }
     Some(match kind {
         "routes" => values(&config.routes),
@@ -235,11 +197,7 @@ struct Page {
     offset: Option<usize>,
 }
 
-async fn list_entities(
-    State(state): State<AdminState>,
-    Path(kind): Path<String>,
-    Query(page): Query<Page>,
-) -> Response {
+async fn list_entities(State(state): State<AdminState>, Path(kind): Path<String>, Query(page): Query<Page>) -> Response {
     let snap = state.shared.snapshot.load();
     let Some(all) = entities(&snap.config, &kind) else {
         return not_found().await;
@@ -247,20 +205,14 @@ async fn list_entities(
     let size = page.size.unwrap_or(100).clamp(1, 1000);
     let offset = page.offset.unwrap_or(0);
     let data: Vec<Value> = all.iter().skip(offset).take(size).cloned().collect();
-    let next = (offset + size < all.len())
-        .then(|| format!("/{kind}?size={size}&offset={}", offset + size));
+    let next = (offset + size < all.len()).then(|| format!("/{kind}?size={size}&offset={}", offset + size));
     Json(json!({ "data": data, "next": next })).into_response()
 }
 
-async fn get_entity(
-    State(state): State<AdminState>,
-    Path((kind, name)): Path<(String, String)>,
-) -> Response {
+async fn get_entity(State(state): State<AdminState>, Path((kind, name)): Path<(String, String)>) -> Response {
     let snap = state.shared.snapshot.load();
-    let found = entities(&snap.config, &kind).and_then(|all| {
-        all.into_iter()
-            .find(|e| e.get("name").and_then(Value::as_str) == Some(name.as_str()))
-    });
+    let found = entities(&snap.config, &kind)
+        .and_then(|all| all.into_iter().find(|e| e.get("name").and_then(Value::as_str) == Some(name.as_str())));
     match found {
         Some(entity) => Json(entity).into_response(),
         None => not_found().await,
@@ -268,7 +220,10 @@ async fn get_entity(
 }
 
 async fn read_only(Path(_): Path<Vec<(String, String)>>) -> Response {
-    message(StatusCode::METHOD_NOT_ALLOWED, "entities are read-only in DB-less mode: edit the config files, or replace the whole config with POST /config")
+    message(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "entities are read-only in DB-less mode: edit the config files, or replace the whole config with POST /config",
+    )
 }
 
 #[derive(Deserialize)]
@@ -285,29 +240,20 @@ struct TryRequest {
 }
 
 /// Runs a composition for real and reports every backend call (SPEC §5).
-async fn try_composition(
-    State(state): State<AdminState>,
-    Path(name): Path<String>,
-    body: Bytes,
-) -> Response {
+async fn try_composition(State(state): State<AdminState>, Path(name): Path<String>, body: Bytes) -> Response {
     let input: TryRequest = match serde_json::from_slice(&body) {
         Ok(t) => t,
-        Err(e) => return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({ "message": "invalid try request", "fields": { "body": e.to_string() } })),
-        )
-            .into_response(),
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, Json(json!({ "message": "invalid try request", "fields": { "body": e.to_string() } })))
+                .into_response()
+        }
     };
     let snap = state.shared.snapshot.load_full();
     let Some((pattern, plan)) = snap.compositions.get(&name) else {
         return not_found().await;
     };
     let mut field_errors = serde_json::Map::new();
-    let method = match input
-        .method
-        .as_deref()
-        .map(|m| http::Method::from_bytes(m.as_bytes()))
-    {
+    let method = match input.method.as_deref().map(|m| http::Method::from_bytes(m.as_bytes())) {
         None => plan.method.clone(),
         Some(Ok(m)) => m,
         Some(Err(_)) => {
@@ -319,22 +265,14 @@ async fn try_composition(
         Some((p, q)) => (p.to_string(), Some(q.to_string())),
         None => (input.path.clone(), None),
     };
-    let params = match crate::server::hygiene::normalize_path(&path)
-        .ok()
-        .and_then(|p| pattern.matches(&p))
-    {
+    let params = match crate::server::hygiene::normalize_path(&path).ok().and_then(|p| pattern.matches(&p)) {
         Some(p) => p,
         None => {
             field_errors.insert(
                 "path".into(),
                 json!(format!(
                     "does not match the composition's path {:?}",
-                    snap.config
-                        .compositions
-                        .iter()
-                        .find(|c| c.name == name)
-                        .map(|c| c.path.clone())
-                        .unwrap_or_default()
+                    snap.config.compositions.iter().find(|c| c.name == name).map(|c| c.path.clone()).unwrap_or_default()
                 )),
             );
             vec![]
@@ -349,28 +287,20 @@ async fn try_composition(
                     format!(
                         "{}={}",
                         crate::compose::template::percent_encode(k),
-                        crate::compose::template::percent_encode(
-                            &crate::compose::template::value_text(v)
-                        )
+                        crate::compose::template::percent_encode(&crate::compose::template::value_text(v))
                     )
                 })
                 .collect::<Vec<_>>()
                 .join("&"),
         ),
         Some(_) => {
-            field_errors.insert(
-                "query".into(),
-                json!("expected an object or a query string"),
-            );
+            field_errors.insert("query".into(), json!("expected an object or a query string"));
             None
         }
     };
     let mut headers = http::HeaderMap::new();
     for (k, v) in &input.headers {
-        match (
-            http::HeaderName::from_bytes(k.as_bytes()),
-            v.as_str().map(http::HeaderValue::from_str),
-        ) {
+        match (http::HeaderName::from_bytes(k.as_bytes()), v.as_str().map(http::HeaderValue::from_str)) {
             (Ok(n), Some(Ok(v))) => {
                 headers.append(n, v);
             }
@@ -380,37 +310,22 @@ async fn try_composition(
         }
     }
     if !field_errors.is_empty() {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({ "message": "invalid try request", "fields": field_errors })),
-        )
-            .into_response();
+        return (StatusCode::BAD_REQUEST, Json(json!({ "message": "invalid try request", "fields": field_errors }))).into_response();
     }
-    let params: Vec<(Arc<str>, String)> =
-        params.into_iter().map(|(k, v)| (Arc::from(k), v)).collect();
+    let params: Vec<(Arc<str>, String)> = params.into_iter().map(|(k, v)| (Arc::from(k), v)).collect();
     let request = request_context(&method, &params, query.as_deref(), &headers, input.body);
-    let request_id =
-        http::HeaderValue::from_str(&new_uuid()).expect("a uuid is a valid header value");
+    let request_id = http::HeaderValue::from_str(&new_uuid()).expect("a uuid is a valid header value");
     let trace = TraceContext::from_headers(&headers);
-    let ex = crate::compose::Exchange {
-        client: &state.client,
-        request_id: &request_id,
-        trace: &trace,
-        client_headers: &headers,
-    };
+    let ex = crate::compose::Exchange { client: &state.client, request_id: &request_id, trace: &trace, client_headers: &headers };
     let outcome = crate::compose::run(ex, plan, request).await;
     let (parts, body) = outcome.response.into_parts();
     let bytes = match body {
         crate::body::Body::Full(Some(b)) => b,
         _ => Default::default(),
     };
-    let body: Value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     let mut resp_headers = crate::compose::context::headers_map(&parts.headers);
-    resp_headers.insert(
-        "x-request-id".into(),
-        json!(request_id.to_str().unwrap_or("")),
-    );
+    resp_headers.insert("x-request-id".into(), json!(request_id.to_str().unwrap_or("")));
     Json(json!({
         "response": { "status": parts.status.as_u16(), "headers": resp_headers, "body": body },
         "calls": outcome.calls,
@@ -424,9 +339,7 @@ pub async fn serve(
     state: AdminState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }
 
 pub fn is_loopback(addr: &SocketAddr) -> bool {

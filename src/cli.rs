@@ -89,11 +89,7 @@ pub struct ServeArgs {
     #[arg(long, env = "MANIFOLD_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Where database mode keeps its last good config
-    #[arg(
-        long,
-        env = "MANIFOLD_SNAPSHOT_PATH",
-        default_value = "manifold-snapshot.json"
-    )]
+    #[arg(long, env = "MANIFOLD_SNAPSHOT_PATH", default_value = "manifold-snapshot.json")]
     pub snapshot_path: PathBuf,
     /// Comma-separated CIDRs whose X-Forwarded-* headers are believed
     #[arg(long, env = "MANIFOLD_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
@@ -115,22 +111,15 @@ fn parse_dur(s: &str) -> Result<Dur, String> {
 }
 
 fn init_logging(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = match cli.log_format {
         Some(LogFormat::Json) => true,
         Some(LogFormat::Pretty) => false,
         None => !std::io::stdout().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
     if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init();
+        builder.json().flatten_event(true).with_current_span(false).init();
     } else {
         builder.init();
     }
@@ -159,18 +148,10 @@ pub fn main() -> ExitCode {
 
 fn validate(mut paths: Vec<PathBuf>) -> ExitCode {
     if paths.is_empty() {
-        paths.push(
-            std::env::var_os("MANIFOLD_CONFIG_DIR")
-                .map_or_else(|| PathBuf::from("./compositions"), PathBuf::from),
-        );
+        paths.push(std::env::var_os("MANIFOLD_CONFIG_DIR").map_or_else(|| PathBuf::from("./compositions"), PathBuf::from));
     }
     let result = load_paths(&paths).and_then(|config| {
-        let summary = (
-            config.routes.len(),
-            config.compositions.len(),
-            config.consumers.len(),
-            config.policies.len(),
-        );
+        let summary = (config.routes.len(), config.compositions.len(), config.consumers.len(), config.policies.len());
         crate::snapshot::compile(config, 1).map(|_| summary)
     });
     match result {
@@ -190,13 +171,9 @@ fn validate(mut paths: Vec<PathBuf>) -> ExitCode {
 
 fn load_config(dir: &PathBuf) -> anyhow::Result<Config> {
     if !dir.is_dir() {
-        bail!(
-            "config directory {} does not exist (set --config-dir or MANIFOLD_CONFIG_DIR)",
-            dir.display()
-        );
+        bail!("config directory {} does not exist (set --config-dir or MANIFOLD_CONFIG_DIR)", dir.display());
     }
-    load_paths(std::slice::from_ref(dir))
-        .map_err(|errors| anyhow::anyhow!("the config in {} is invalid:\n{errors}", dir.display()))
+    load_paths(std::slice::from_ref(dir)).map_err(|errors| anyhow::anyhow!("the config in {} is invalid:\n{errors}", dir.display()))
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -208,11 +185,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(?addrs, "demo backends started");
     }
     let config = load_config(&args.config_dir)?;
-    let mut server = ServerOptions {
-        proxy_listen: args.proxy_listen,
-        drain_timeout: args.drain_timeout.0,
-        ..ServerOptions::default()
-    };
+    let mut server = ServerOptions { proxy_listen: args.proxy_listen, drain_timeout: args.drain_timeout.0, ..ServerOptions::default() };
     if let Some(w) = args.workers {
         server.workers = w.max(1);
     }
@@ -227,21 +200,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let gateway = Gateway::start(opts, config)?;
     tracing::info!(proxy = %gateway.proxy_addr, admin = %gateway.admin_addr, routes, compositions, config_dir = %args.config_dir.display(), "manifold is serving (DB-less)");
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("a tokio runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("a tokio runtime")?;
     let signal = rt.block_on(wait_for_signal())?;
-    tracing::info!(
-        signal,
-        "shutting down: no new connections, draining in-flight requests"
-    );
+    tracing::info!(signal, "shutting down: no new connections, draining in-flight requests");
     let started = std::time::Instant::now();
     gateway.shutdown();
-    tracing::info!(
-        drained_in_ms = started.elapsed().as_millis() as u64,
-        "stopped"
-    );
+    tracing::info!(drained_in_ms = started.elapsed().as_millis() as u64, "stopped");
     Ok(())
 }
 

@@ -18,32 +18,17 @@ pub struct ConfigDiff {
     pub deleted: Vec<EntityRef>,
 }
 
-fn diff_list<T: PartialEq>(
-    kind: &'static str,
-    old: &[T],
-    new: &[T],
-    name: impl Fn(&T) -> &str,
-    out: &mut ConfigDiff,
-) {
+fn diff_list<T: PartialEq>(kind: &'static str, old: &[T], new: &[T], name: impl Fn(&T) -> &str, out: &mut ConfigDiff) {
     for n in new {
         match old.iter().find(|o| name(o) == name(n)) {
-            None => out.created.push(EntityRef {
-                kind,
-                name: name(n).to_string(),
-            }),
-            Some(o) if o != n => out.updated.push(EntityRef {
-                kind,
-                name: name(n).to_string(),
-            }),
+            None => out.created.push(EntityRef { kind, name: name(n).to_string() }),
+            Some(o) if o != n => out.updated.push(EntityRef { kind, name: name(n).to_string() }),
             Some(_) => {}
         }
     }
     for o in old {
         if !new.iter().any(|n| name(n) == name(o)) {
-            out.deleted.push(EntityRef {
-                kind,
-                name: name(o).to_string(),
-            });
+            out.deleted.push(EntityRef { kind, name: name(o).to_string() });
         }
     }
 }
@@ -52,27 +37,9 @@ impl ConfigDiff {
     pub fn between(old: &Config, new: &Config) -> ConfigDiff {
         let mut d = ConfigDiff::default();
         diff_list("routes", &old.routes, &new.routes, |e| &e.name, &mut d);
-        diff_list(
-            "compositions",
-            &old.compositions,
-            &new.compositions,
-            |e| &e.name,
-            &mut d,
-        );
-        diff_list(
-            "consumers",
-            &old.consumers,
-            &new.consumers,
-            |e| &e.name,
-            &mut d,
-        );
-        diff_list(
-            "policies",
-            &old.policies,
-            &new.policies,
-            |e| &e.name,
-            &mut d,
-        );
+        diff_list("compositions", &old.compositions, &new.compositions, |e| &e.name, &mut d);
+        diff_list("consumers", &old.consumers, &new.consumers, |e| &e.name, &mut d);
+        diff_list("policies", &old.policies, &new.policies, |e| &e.name, &mut d);
         d
     }
 

@@ -17,7 +17,6 @@ pub enum ErrorCode {
     Forbidden,
     PayloadTooLarge,
     RateLimited,
-    NotImplemented,
     UpstreamError,
     UpstreamUnavailable,
     UpstreamTimeout,
@@ -36,7 +35,6 @@ impl ErrorCode {
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::NotImplemented => StatusCode::NOT_IMPLEMENTED,
             ErrorCode::UpstreamError => StatusCode::BAD_GATEWAY,
             ErrorCode::UpstreamUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -55,7 +53,6 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::NotImplemented => "not_implemented",
             ErrorCode::UpstreamError => "upstream_error",
             ErrorCode::UpstreamUnavailable => "upstream_unavailable",
             ErrorCode::UpstreamTimeout => "upstream_timeout",
@@ -73,10 +70,7 @@ pub struct GatewayError {
 
 impl GatewayError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        GatewayError {
-            code,
-            message: message.into(),
-        }
+        GatewayError { code, message: message.into() }
     }
 
     pub fn into_response(self, request_id: &str) -> Response<Body> {
@@ -91,10 +85,7 @@ pub fn error_response(code: ErrorCode, message: &str, request_id: &str) -> Respo
     let mut resp = Response::new(Body::full(Bytes::from(body.to_string())));
     *resp.status_mut() = code.status();
     let headers = resp.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Ok(v) = HeaderValue::from_str(request_id) {
         headers.insert(crate::ids::REQUEST_ID_HEADER, v);
     }

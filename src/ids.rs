@@ -41,8 +41,7 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 fn is_lower_hex(s: &str) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The trace a request belongs to: the client's, when its `traceparent` is
@@ -55,18 +54,11 @@ pub struct TraceContext {
 
 impl TraceContext {
     pub fn from_headers(headers: &HeaderMap) -> Self {
-        headers
-            .get(TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(Self::parse)
-            .unwrap_or_else(|| {
-                let mut trace_id = String::with_capacity(32);
-                push_hex(&mut trace_id, &fastrand::u128(1..).to_be_bytes());
-                TraceContext {
-                    trace_id,
-                    flags: "01".into(),
-                }
-            })
+        headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(Self::parse).unwrap_or_else(|| {
+            let mut trace_id = String::with_capacity(32);
+            push_hex(&mut trace_id, &fastrand::u128(1..).to_be_bytes());
+            TraceContext { trace_id, flags: "01".into() }
+        })
     }
 
     fn parse(v: &str) -> Option<Self> {
@@ -86,10 +78,7 @@ impl TraceContext {
             && parent.bytes().any(|b| b != b'0')
             && flags.len() == 2
             && is_lower_hex(flags);
-        valid.then(|| TraceContext {
-            trace_id: trace.to_string(),
-            flags: flags.to_string(),
-        })
+        valid.then(|| TraceContext { trace_id: trace.to_string(), flags: flags.to_string() })
     }
 
     /// A `traceparent` for one backend call: same trace, a new span ID.
@@ -124,20 +113,14 @@ mod tests {
         assert_eq!(request_id(&h), "abc-123");
         h.insert(REQUEST_ID_HEADER, HeaderValue::from_static("has space"));
         assert_eq!(request_id(&h).len(), 36);
-        h.insert(
-            REQUEST_ID_HEADER,
-            HeaderValue::from_str(&"x".repeat(129)).unwrap(),
-        );
+        h.insert(REQUEST_ID_HEADER, HeaderValue::from_str(&"x".repeat(129)).unwrap());
         assert_eq!(request_id(&h).len(), 36);
     }
 
     #[test]
     fn traceparent() {
         let mut h = HeaderMap::new();
-        h.insert(
-            TRACEPARENT,
-            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-        );
+        h.insert(TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         let t = TraceContext::from_headers(&h);
         assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         let child = t.child();
@@ -150,11 +133,7 @@ mod tests {
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ] {
             h.insert(TRACEPARENT, HeaderValue::from_static(bad));
-            assert_ne!(
-                TraceContext::from_headers(&h).trace_id,
-                "4bf92f3577b34da6a3ce929d0e0e4736",
-                "{bad}"
-            );
+            assert_ne!(TraceContext::from_headers(&h).trace_id, "4bf92f3577b34da6a3ce929d0e0e4736", "{bad}");
         }
     }
 }

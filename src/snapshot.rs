@@ -72,10 +72,7 @@ pub struct Router {
 }
 
 pub enum RouteMatch<'a> {
-    Found {
-        target: &'a Target,
-        params: Vec<(Arc<str>, String)>,
-    },
+    Found { target: &'a Target, params: Vec<(Arc<str>, String)> },
     MethodNotAllowed(Vec<Method>),
     NotFound,
 }
@@ -84,29 +81,15 @@ impl Router {
     pub fn find(&self, host: &str, method: &Method, path: &str) -> RouteMatch<'_> {
         let mut allowed: Vec<Method> = Vec::new();
         let exact = self.exact.get(host).into_iter();
-        let wild = self
-            .wildcard
-            .iter()
-            .filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
-            .map(|(_, t)| t);
+        let wild = self.wildcard.iter().filter(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str())).map(|(_, t)| t);
         for tree in exact.chain(wild).chain(self.any.iter()) {
             let Ok(m) = tree.at(path) else { continue };
             for cand in m.value {
-                let ok = cand
-                    .methods
-                    .as_ref()
-                    .is_none_or(|ms| ms.iter().any(|x| x == method));
+                let ok = cand.methods.as_ref().is_none_or(|ms| ms.iter().any(|x| x == method));
                 if ok {
                     let mut values = m.params.iter().map(|(_, v)| v);
-                    let params = cand
-                        .params
-                        .iter()
-                        .map(|name| (name.clone(), values.next().unwrap_or("").to_string()))
-                        .collect();
-                    return RouteMatch::Found {
-                        target: &cand.target,
-                        params,
-                    };
+                    let params = cand.params.iter().map(|name| (name.clone(), values.next().unwrap_or("").to_string())).collect();
+                    return RouteMatch::Found { target: &cand.target, params };
                 }
                 allowed.extend(cand.methods.iter().flatten().cloned());
             }
@@ -137,23 +120,14 @@ fn shapes(pattern: &PathPattern) -> Vec<(String, bool)> {
 }
 
 fn err(path: String, message: String) -> ConfigError {
-    ConfigError {
-        file: None,
-        path,
-        message,
-    }
+    ConfigError { file: None, path, message }
 }
 
 fn parse_methods(methods: &[String]) -> Option<Vec<Method>> {
     if methods.is_empty() {
         return None;
     }
-    Some(
-        methods
-            .iter()
-            .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
-            .collect(),
-    )
+    Some(methods.iter().filter_map(|m| Method::from_bytes(m.as_bytes()).ok()).collect())
 }
 
 /// Compiles a validated config. Errors here are ones only the router can
@@ -163,20 +137,14 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
     // host key ("" = any host, "*.x" = wildcard) -> shape -> candidates
     let mut tables: BTreeMap<String, BTreeMap<String, Vec<Candidate>>> = BTreeMap::new();
     let mut owners: HashMap<(String, String), String> = HashMap::new();
-    let mut add = |base: String,
-                   hosts: &[String],
-                   pattern: &PathPattern,
-                   methods: Option<Vec<Method>>,
-                   target: Target| {
+    let mut add = |base: String, hosts: &[String], pattern: &PathPattern, methods: Option<Vec<Method>>, target: Target| {
         let params: Arc<[Arc<str>]> = pattern.param_names().map(Arc::from).collect();
         let any = [String::new()];
         let hosts: &[String] = if hosts.is_empty() { &any } else { hosts };
         for host in hosts {
             let table = tables.entry(host.to_ascii_lowercase()).or_default();
             for (shape, implied) in shapes(pattern) {
-                owners
-                    .entry((host.clone(), shape.clone()))
-                    .or_insert_with(|| base.clone());
+                owners.entry((host.clone(), shape.clone())).or_insert_with(|| base.clone());
                 table.entry(shape).or_default().push(Candidate {
                     methods: methods.clone(),
                     params: params.clone(),
@@ -199,12 +167,8 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
                 continue;
             }
         };
-        let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
-        else {
-            errors.push(err(
-                format!("{base}.upstream"),
-                "expected scheme://host[:port]".into(),
-            ));
+        let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned()) else {
+            errors.push(err(format!("{base}.upstream"), "expected scheme://host[:port]".into()));
             continue;
         };
         let params: Vec<&str> = pattern.param_names().collect();
@@ -220,8 +184,7 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
         };
         let route_data = ProxyRoute {
             name: route.name.as_str().into(),
-            upstream_host: HeaderValue::from_str(authority.as_str())
-                .expect("an authority is a valid header value"),
+            upstream_host: HeaderValue::from_str(authority.as_str()).expect("an authority is a valid header value"),
             scheme,
             authority,
             base_path: uri.path().trim_end_matches('/').to_string(),
@@ -229,13 +192,7 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
             timeout: route.timeout.map_or(DEFAULT_ROUTE_TIMEOUT, |d| d.0),
             preserve_host: route.preserve_host,
         };
-        add(
-            base,
-            &route.hosts,
-            &pattern,
-            parse_methods(&route.methods),
-            Target::Proxy(Arc::new(route_data)),
-        );
+        add(base, &route.hosts, &pattern, parse_methods(&route.methods), Target::Proxy(Arc::new(route_data)));
     }
     let mut compositions = HashMap::new();
     for comp in &config.compositions {
@@ -255,13 +212,7 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
                 continue;
             }
         };
-        add(
-            base,
-            &comp.hosts,
-            &pattern,
-            parse_methods(&[method]),
-            target,
-        );
+        add(base, &comp.hosts, &pattern, parse_methods(&[method]), target);
     }
 
     let mut router = Router::default();
@@ -270,14 +221,8 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
         for (shape, mut candidates) in table {
             candidates.sort_by_key(|c| c.implied);
             if let Err(e) = tree.insert(shape.clone(), candidates) {
-                let owner = owners
-                    .get(&(host.clone(), shape.clone()))
-                    .cloned()
-                    .unwrap_or_default();
-                errors.push(err(
-                    format!("{owner}.path"),
-                    format!("the path cannot be routed beside the others: {e}"),
-                ));
+                let owner = owners.get(&(host.clone(), shape.clone())).cloned().unwrap_or_default();
+                errors.push(err(format!("{owner}.path"), format!("the path cannot be routed beside the others: {e}")));
             }
         }
         if host.is_empty() {
@@ -288,18 +233,11 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
             router.exact.insert(host, tree);
         }
     }
-    router
-        .wildcard
-        .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+    router.wildcard.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    Ok(Snapshot {
-        config: Arc::new(config),
-        version,
-        router,
-        compositions,
-    })
+    Ok(Snapshot { config: Arc::new(config), version, router, compositions })
 }
 
 #[cfg(test)]
@@ -313,28 +251,14 @@ mod tests {
         compile(loaded.validated().unwrap(), 1).unwrap()
     }
 
-    fn found(
-        s: &Snapshot,
-        host: &str,
-        method: &str,
-        path: &str,
-    ) -> Option<(String, Vec<(String, String)>)> {
-        match s
-            .router
-            .find(host, &Method::from_bytes(method.as_bytes()).unwrap(), path)
-        {
+    fn found(s: &Snapshot, host: &str, method: &str, path: &str) -> Option<(String, Vec<(String, String)>)> {
+        match s.router.find(host, &Method::from_bytes(method.as_bytes()).unwrap(), path) {
             RouteMatch::Found { target, params } => {
                 let name = match target {
                     Target::Proxy(p) => p.name.to_string(),
                     Target::Composition(c) => c.name.to_string(),
                 };
-                Some((
-                    name,
-                    params
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), v))
-                        .collect(),
-                ))
+                Some((name, params.into_iter().map(|(k, v)| (k.to_string(), v)).collect()))
             }
             _ => None,
         }
@@ -354,59 +278,19 @@ routes:
   - { name: root, path: /, upstream: "http://127.0.0.1:1" }
 "#,
         );
-        let p = |pairs: &[(&str, &str)]| {
-            pairs
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect::<Vec<_>>()
-        };
-        type Case<'a> = (
-            &'a str,
-            &'a str,
-            &'a str,
-            Option<(&'a str, Vec<(String, String)>)>,
-        );
+        let p = |pairs: &[(&str, &str)]| pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>();
+        type Case<'a> = (&'a str, &'a str, &'a str, Option<(&'a str, Vec<(String, String)>)>);
         let cases: Vec<Case> = vec![
-            (
-                "x",
-                "GET",
-                "/api/users/7",
-                Some(("users", p(&[("id", "7")]))),
-            ),
-            (
-                "x",
-                "POST",
-                "/api/users/7",
-                Some(("users", p(&[("id", "7")]))),
-            ),
-            (
-                "x",
-                "POST",
-                "/api/orders/7",
-                Some(("users-post", p(&[("uid", "7")]))),
-            ),
+            ("x", "GET", "/api/users/7", Some(("users", p(&[("id", "7")])))),
+            ("x", "POST", "/api/users/7", Some(("users", p(&[("id", "7")])))),
+            ("x", "POST", "/api/orders/7", Some(("users-post", p(&[("uid", "7")])))),
             ("x", "GET", "/api/orders/7", None),
             ("x", "GET", "/api/users/me", Some(("users-me", vec![]))),
-            (
-                "a.example.com",
-                "GET",
-                "/api/users/7",
-                Some(("host-a", p(&[("id", "7")]))),
-            ),
-            (
-                "b.example.com",
-                "GET",
-                "/api/users/7",
-                Some(("users", p(&[("id", "7")]))),
-            ),
+            ("a.example.com", "GET", "/api/users/7", Some(("host-a", p(&[("id", "7")])))),
+            ("b.example.com", "GET", "/api/users/7", Some(("users", p(&[("id", "7")])))),
             ("b.example.com", "GET", "/w", Some(("wild", vec![]))),
             ("example.com", "GET", "/w", None),
-            (
-                "x",
-                "GET",
-                "/files/a/b%2Fc",
-                Some(("files", p(&[("rest", "a/b%2Fc")]))),
-            ),
+            ("x", "GET", "/files/a/b%2Fc", Some(("files", p(&[("rest", "a/b%2Fc")])))),
             ("x", "GET", "/files/", Some(("files", p(&[("rest", "")])))),
             ("x", "GET", "/files", Some(("files", p(&[("rest", "")])))),
             ("x", "GET", "/", Some(("root", vec![]))),

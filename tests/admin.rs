@@ -47,11 +47,7 @@ async fn hot_reload_under_load_loses_no_request() {
         }));
     }
     for i in 0..20 {
-        let (name, upstream) = if i % 2 == 0 {
-            ("api-b", b.url())
-        } else {
-            ("api-a", a.url())
-        };
+        let (name, upstream) = if i % 2 == 0 { ("api-b", b.url()) } else { ("api-a", a.url()) };
         let (status, body) = post_config(&g, &route_config(name, &upstream), "").await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["version"], i + 2);
@@ -61,11 +57,7 @@ async fn hot_reload_under_load_loses_no_request() {
     for t in load {
         t.await.unwrap();
     }
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "requests failed during reloads"
-    );
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during reloads");
     assert!(ok.load(Ordering::Relaxed) > 20);
     // Both configs really served traffic.
     assert!(a.hits.load(Ordering::SeqCst) > 0 && b.hits.load(Ordering::SeqCst) > 0);
@@ -77,17 +69,12 @@ async fn in_flight_requests_finish_on_the_old_config() {
     let slow = backend().delay(Duration::from_millis(700)).run().await;
     let g = gateway(&route_config("api", &slow.url()));
     let url = format!("http://{}/api/x", g.proxy_addr);
-    let in_flight =
-        tokio::spawn(async move { client().get(&url).send().await.unwrap().status().as_u16() });
+    let in_flight = tokio::spawn(async move { client().get(&url).send().await.unwrap().status().as_u16() });
     slow.arrived.notified().await;
     let (status, _) = post_config(&g, "routes: []\n", "").await;
     assert_eq!(status, 200);
     assert_eq!(in_flight.await.unwrap(), 200);
-    let after = client()
-        .get(format!("http://{}/api/x", g.proxy_addr))
-        .send()
-        .await
-        .unwrap();
+    let after = client().get(format!("http://{}/api/x", g.proxy_addr)).send().await.unwrap();
     assert_eq!(after.status(), 404);
     g.shutdown();
 }
@@ -101,43 +88,17 @@ async fn an_invalid_config_is_refused_whole_with_every_error() {
     assert_eq!(status, 400);
     assert_eq!(body["message"], "invalid config");
     let fields = body["fields"].as_object().unwrap();
-    for key in [
-        "routes.Bad.name",
-        "routes.Bad.path",
-        "routes.Bad.upstream",
-        "routes.ok.policies[0]",
-    ] {
+    for key in ["routes.Bad.name", "routes.Bad.path", "routes.Bad.upstream", "routes.ok.policies[0]"] {
         assert!(fields.contains_key(key), "{key} missing in {body}");
     }
     // The old config still serves.
-    assert_eq!(
-        client()
-            .get(format!("http://{}/api/x", g.proxy_addr))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let status: Value = client()
-        .get(format!("http://{}/status", g.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(client().get(format!("http://{}/api/x", g.proxy_addr)).send().await.unwrap().status(), 200);
+    let status: Value = client().get(format!("http://{}/status", g.admin_addr)).send().await.unwrap().json().await.unwrap();
     assert_eq!(status["config_version"], 1);
 
     let (status, body) = post_config(&g, "routes: [unclosed", "").await;
     assert_eq!(status, 400);
-    assert!(
-        body["fields"]["(document)"]
-            .as_str()
-            .unwrap()
-            .starts_with("invalid YAML"),
-        "{body}"
-    );
+    assert!(body["fields"]["(document)"].as_str().unwrap().starts_with("invalid YAML"), "{body}");
     g.shutdown();
 }
 
@@ -147,26 +108,10 @@ async fn dry_run_answers_the_diff_and_changes_nothing() {
     let next = "routes:\n  - { name: a, path: /a, upstream: \"http://127.0.0.1:2\" }\n  - { name: c, path: /c, upstream: \"http://127.0.0.1:1\" }\n";
     let (status, body) = post_config(&g, next, "?dry_run=true").await;
     assert_eq!(status, 200);
-    assert_eq!(
-        body["changes"]["created"],
-        json!([{"kind": "routes", "name": "c"}])
-    );
-    assert_eq!(
-        body["changes"]["updated"],
-        json!([{"kind": "routes", "name": "a"}])
-    );
-    assert_eq!(
-        body["changes"]["deleted"],
-        json!([{"kind": "routes", "name": "b"}])
-    );
-    let config: Value = client()
-        .get(format!("http://{}/config", g.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(body["changes"]["created"], json!([{"kind": "routes", "name": "c"}]));
+    assert_eq!(body["changes"]["updated"], json!([{"kind": "routes", "name": "a"}]));
+    assert_eq!(body["changes"]["deleted"], json!([{"kind": "routes", "name": "b"}]));
+    let config: Value = client().get(format!("http://{}/config", g.admin_addr)).send().await.unwrap().json().await.unwrap();
     assert_eq!(config["routes"][1]["name"], "b");
     g.shutdown();
 }
@@ -181,58 +126,18 @@ async fn reads_status_and_read_only_entities() {
     let admin = format!("http://{}", g.admin_addr);
     let c = client();
 
-    let text = c
-        .get(format!("{admin}/config"))
-        .header("accept", "application/yaml")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        text.contains("- name: r0") && text.contains("timeout: 1500ms"),
-        "{text}"
-    );
-    let json: Value = c
-        .get(format!("{admin}/config"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let text = c.get(format!("{admin}/config")).header("accept", "application/yaml").send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("- name: r0") && text.contains("timeout: 1500ms"), "{text}");
+    let json: Value = c.get(format!("{admin}/config")).send().await.unwrap().json().await.unwrap();
     assert_eq!(json["routes"].as_array().unwrap().len(), 5);
     // What GET /config answers is a config POST /config accepts.
     let (status, _) = post_config(&g, &text, "").await;
     assert_eq!(status, 200);
 
-    let page: Value = c
-        .get(format!("{admin}/routes?size=2&offset=2"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        page["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["name"].as_str().unwrap())
-            .collect::<Vec<_>>(),
-        ["r2", "r3"]
-    );
+    let page: Value = c.get(format!("{admin}/routes?size=2&offset=2")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(page["data"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect::<Vec<_>>(), ["r2", "r3"]);
     assert_eq!(page["next"], "/routes?size=2&offset=4");
-    let last: Value = c
-        .get(format!("{admin}/routes?size=2&offset=4"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let last: Value = c.get(format!("{admin}/routes?size=2&offset=4")).send().await.unwrap().json().await.unwrap();
     assert_eq!(last["next"], Value::Null);
 
     let one = c.get(format!("{admin}/routes/r3")).send().await.unwrap();
@@ -240,106 +145,37 @@ async fn reads_status_and_read_only_entities() {
     assert_eq!(one.json::<Value>().await.unwrap()["path"], "/r3");
     let missing = c.get(format!("{admin}/routes/nope")).send().await.unwrap();
     assert_eq!(missing.status(), 404);
-    assert_eq!(
-        missing.json::<Value>().await.unwrap(),
-        json!({"message": "not found"})
-    );
+    assert_eq!(missing.json::<Value>().await.unwrap(), json!({"message": "not found"}));
 
-    for (method, path) in [
-        ("POST", "/routes"),
-        ("PUT", "/routes/r1"),
-        ("PATCH", "/routes/r1"),
-        ("DELETE", "/routes/r1"),
-    ] {
-        let resp = c
-            .request(method.parse().unwrap(), format!("{admin}{path}"))
-            .json(&json!({"name": "x"}))
-            .send()
-            .await
-            .unwrap();
+    for (method, path) in [("POST", "/routes"), ("PUT", "/routes/r1"), ("PATCH", "/routes/r1"), ("DELETE", "/routes/r1")] {
+        let resp = c.request(method.parse().unwrap(), format!("{admin}{path}")).json(&json!({"name": "x"})).send().await.unwrap();
         assert_eq!(resp.status(), 405, "{method} {path}");
-        assert!(resp.json::<Value>().await.unwrap()["message"]
-            .as_str()
-            .unwrap()
-            .contains("DB-less"));
+        assert!(resp.json::<Value>().await.unwrap()["message"].as_str().unwrap().contains("DB-less"));
     }
 
-    let status: Value = c
-        .get(format!("{admin}/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = c.get(format!("{admin}/status")).send().await.unwrap().json().await.unwrap();
     assert_eq!(status["mode"], "db-less");
     assert_eq!(status["config_version"], 2);
     assert!(status["node_id"].as_str().is_some_and(|id| id.len() == 36));
-    assert_eq!(
-        c.get(format!("{admin}/status/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(c.get(format!("{admin}/status/ready")).send().await.unwrap().status(), 200);
     g.shutdown();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_admin_token_guards_the_api() {
-    let opts = GatewayOptions {
-        admin_token: Some("s3cret".into()),
-        ..GatewayOptions::default()
-    };
+    let opts = GatewayOptions { admin_token: Some("s3cret".into()), ..GatewayOptions::default() };
     let g = gateway_with("routes: []", opts);
     let admin = format!("http://{}", g.admin_addr);
     let c = client();
-    assert_eq!(
-        c.get(format!("{admin}/config"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        c.get(format!("{admin}/config"))
-            .bearer_auth("wrong")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        c.get(format!("{admin}/config"))
-            .bearer_auth("s3cret")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(c.get(format!("{admin}/config")).send().await.unwrap().status(), 401);
+    assert_eq!(c.get(format!("{admin}/config")).bearer_auth("wrong").send().await.unwrap().status(), 401);
+    assert_eq!(c.get(format!("{admin}/config")).bearer_auth("s3cret").send().await.unwrap().status(), 200);
     // Probes need no token.
-    assert_eq!(
-        c.get(format!("{admin}/status/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(c.get(format!("{admin}/status/ready")).send().await.unwrap().status(), 200);
     g.shutdown();
 
     // A non-loopback admin listener without a token is refused.
-    let opts = GatewayOptions {
-        admin_listen: "0.0.0.0:0".parse().unwrap(),
-        ..GatewayOptions::default()
-    };
-    let err = Gateway::start(opts, Default::default())
-        .err()
-        .expect("refused")
-        .to_string();
+    let opts = GatewayOptions { admin_listen: "0.0.0.0:0".parse().unwrap(), ..GatewayOptions::default() };
+    let err = Gateway::start(opts, Default::default()).err().expect("refused").to_string();
     assert!(err.contains("without a token"), "{err}");
 }

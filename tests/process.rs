@@ -11,30 +11,15 @@ use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn proxy_variables_are_ignored_and_redirects_passed_on() {
-    let moved = backend()
-        .status(302)
-        .json(serde_json::json!({"moved": true}))
-        .run()
-        .await;
-    let dir = config_dir(&format!(
-        "routes: [{{ name: moved, path: /moved, upstream: \"{}\" }}]",
-        moved.url()
-    ));
+    let moved = backend().status(302).json(serde_json::json!({"moved": true})).run().await;
+    let dir = config_dir(&format!("routes: [{{ name: moved, path: /moved, upstream: \"{}\" }}]", moved.url()));
     // A proxy that does not exist: were it used, every request would fail.
     let gw = GatewayProcess::start_with_env(
         dir.path(),
         &[],
-        &[
-            ("HTTP_PROXY", "http://127.0.0.1:1"),
-            ("http_proxy", "http://127.0.0.1:1"),
-            ("ALL_PROXY", "http://127.0.0.1:1"),
-        ],
+        &[("HTTP_PROXY", "http://127.0.0.1:1"), ("http_proxy", "http://127.0.0.1:1"), ("ALL_PROXY", "http://127.0.0.1:1")],
     );
-    let resp = client()
-        .get(format!("http://{}/moved", gw.proxy))
-        .send()
-        .await
-        .unwrap();
+    let resp = client().get(format!("http://{}/moved", gw.proxy)).send().await.unwrap();
     assert_eq!(resp.status(), 302, "the redirect is the client's to follow");
     assert_eq!(moved.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
@@ -48,33 +33,18 @@ fn config_dir(yaml: &str) -> tempfile::TempDir {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_1_gib_upload_streams_through_with_flat_memory() {
     let b = backend().run().await;
-    let dir = config_dir(&format!(
-        "routes: [{{ name: up, path: /up, upstream: \"{}\" }}]",
-        b.url()
-    ));
+    let dir = config_dir(&format!("routes: [{{ name: up, path: /up, upstream: \"{}\" }}]", b.url()));
     let gw = GatewayProcess::start(dir.path(), &[]);
     // Warm up, then take the baseline.
-    client()
-        .post(format!("http://{}/up", gw.proxy))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    client().post(format!("http://{}/up", gw.proxy)).body("x").send().await.unwrap();
     let baseline = gw.peak_rss_kib();
 
     const CHUNK: usize = 256 << 10;
     const TOTAL: u64 = 1 << 30;
     let chunk = Bytes::from(vec![b'm'; CHUNK]);
     let chunks = (TOTAL / CHUNK as u64) as usize;
-    let stream = futures_util::stream::iter(
-        (0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
-    );
-    let resp = client()
-        .post(format!("http://{}/up", gw.proxy))
-        .body(reqwest::Body::wrap_stream(stream))
-        .send()
-        .await
-        .unwrap();
+    let stream = futures_util::stream::iter((0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+    let resp = client().post(format!("http://{}/up", gw.proxy)).body(reqwest::Body::wrap_stream(stream)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["body_bytes"], TOTAL, "every byte reached the backend");
@@ -83,19 +53,13 @@ async fn a_1_gib_upload_streams_through_with_flat_memory() {
     eprintln!("gateway peak RSS: {baseline} KiB before, {peak} KiB after a 1 GiB upload");
     // Buffering even a small part of the body would show here: the bound is
     // 32 MiB of growth for 1024 MiB sent.
-    assert!(
-        peak < baseline + 32 * 1024,
-        "RSS grew from {baseline} KiB to {peak} KiB"
-    );
+    assert!(peak < baseline + 32 * 1024, "RSS grew from {baseline} KiB to {peak} KiB");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_in_flight_requests_then_exits_0() {
     let slow = backend().delay(Duration::from_millis(1500)).run().await;
-    let dir = config_dir(&format!(
-        "routes: [{{ name: slow, path: /slow, upstream: \"{}\" }}]",
-        slow.url()
-    ));
+    let dir = config_dir(&format!("routes: [{{ name: slow, path: /slow, upstream: \"{}\" }}]", slow.url()));
     let mut gw = GatewayProcess::start(dir.path(), &["--drain-timeout", "10s"]);
     let url = format!("http://{}/slow", gw.proxy);
     let in_flight = tokio::spawn(async move {
@@ -126,42 +90,28 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     };
     assert_eq!(code, Some(0));
     let log = gw.log.lock().unwrap().join("\n");
-    assert!(
-        log.contains("shutting down") && log.contains("SIGTERM"),
-        "{log}"
-    );
+    assert!(log.contains("shutting down") && log.contains("SIGTERM"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_demo_serves_the_shipped_config() {
     let gw = GatewayProcess::start(std::path::Path::new("compositions"), &["--demo"]);
-    let resp = client()
-        .get(format!("http://{}/api/users/1", gw.proxy))
-        .send()
-        .await
-        .unwrap();
+    let resp = client().get(format!("http://{}/api/users/1", gw.proxy)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let user: Value = resp.json().await.unwrap();
     assert_eq!(user["name"], "Ada Lovelace");
 
-    let resp = client()
-        .get(format!("http://{}/api/users/999", gw.proxy))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        resp.status(),
-        404,
-        "the users service's own 404 passes through"
-    );
+    let resp = client().get(format!("http://{}/api/users/999", gw.proxy)).send().await.unwrap();
+    assert_eq!(resp.status(), 404, "the users service's own 404 passes through");
 
-    // FIXME(issue 3): the composition engine answers this; until then a clear 501.
-    let resp = client()
-        .get(format!("http://{}/v1/users/1/dashboard", gw.proxy))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 501);
+    // The dashboard composition: three demo services, one reshaped answer.
+    let resp = client().get(format!("http://{}/v1/users/1/dashboard", gw.proxy)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["server-timing"].to_str().unwrap().contains("total;dur="));
     let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "not_implemented");
+    assert_eq!(body["name"], "Ada Lovelace");
+    assert_eq!(body["orders"].as_array().unwrap().len(), 3);
+    assert_eq!(body["rating"], 4.5);
+    let resp = client().get(format!("http://{}/v1/users/999/dashboard", gw.proxy)).send().await.unwrap();
+    assert_eq!(resp.status(), 404, "the required user call's 404 passes through");
 }

@@ -36,90 +36,18 @@ routes:
     ));
     let base = format!("http://{}", g.proxy_addr);
     // (method, host, path and query, expected status, expected backend, expected upstream path, expected query)
-    type Case<'a> = (
-        &'a str,
-        Option<&'a str>,
-        &'a str,
-        u16,
-        Option<&'a str>,
-        &'a str,
-        Option<&'a str>,
-    );
+    type Case<'a> = (&'a str, Option<&'a str>, &'a str, u16, Option<&'a str>, &'a str, Option<&'a str>);
     let cases: &[Case] = &[
-        (
-            "GET",
-            None,
-            "/api/users/42?x=1&y=%20",
-            200,
-            Some("users"),
-            "/base/v2/users/42",
-            Some("x=1&y=%20"),
-        ),
-        (
-            "POST",
-            None,
-            "/api/users/42",
-            200,
-            Some("users"),
-            "/base/v2/users/42",
-            None,
-        ),
+        ("GET", None, "/api/users/42?x=1&y=%20", 200, Some("users"), "/base/v2/users/42", Some("x=1&y=%20")),
+        ("POST", None, "/api/users/42", 200, Some("users"), "/base/v2/users/42", None),
         ("DELETE", None, "/api/users/42", 405, None, "", None),
-        (
-            "GET",
-            None,
-            "/api/users/me",
-            200,
-            Some("admin"),
-            "/api/users/me",
-            None,
-        ),
-        (
-            "GET",
-            Some("admin.example.com"),
-            "/api/users/42",
-            200,
-            Some("admin"),
-            "/api/users/42",
-            None,
-        ),
-        (
-            "GET",
-            Some("ADMIN.example.com:8000"),
-            "/api/users/42",
-            200,
-            Some("admin"),
-            "/api/users/42",
-            None,
-        ),
-        (
-            "GET",
-            Some("other.example.com"),
-            "/api/users/42",
-            200,
-            Some("users"),
-            "/base/v2/users/42",
-            None,
-        ),
-        (
-            "GET",
-            Some("a.b.example.org"),
-            "/hello",
-            200,
-            Some("admin"),
-            "/wild",
-            None,
-        ),
+        ("GET", None, "/api/users/me", 200, Some("admin"), "/api/users/me", None),
+        ("GET", Some("admin.example.com"), "/api/users/42", 200, Some("admin"), "/api/users/42", None),
+        ("GET", Some("ADMIN.example.com:8000"), "/api/users/42", 200, Some("admin"), "/api/users/42", None),
+        ("GET", Some("other.example.com"), "/api/users/42", 200, Some("users"), "/base/v2/users/42", None),
+        ("GET", Some("a.b.example.org"), "/hello", 200, Some("admin"), "/wild", None),
         ("GET", Some("example.org"), "/hello", 404, None, "", None),
-        (
-            "GET",
-            None,
-            "/files/a/b/c.txt",
-            200,
-            Some("files"),
-            "/files/a/b/c.txt",
-            None,
-        ),
+        ("GET", None, "/files/a/b/c.txt", 200, Some("files"), "/files/a/b/c.txt", None),
         ("GET", None, "/files", 200, Some("files"), "/files", None),
         ("GET", None, "/nope", 404, None, "", None),
     ];
@@ -141,11 +69,7 @@ routes:
             }
             None => {
                 assert!(!is_backend);
-                let code = if status == 404 {
-                    "not_found"
-                } else {
-                    "method_not_allowed"
-                };
+                let code = if status == 404 { "not_found" } else { "method_not_allowed" };
                 assert_eq!(body["error"]["code"], code, "{method} {path}");
             }
         }
@@ -212,13 +136,7 @@ routes:
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     let h = &body["headers"];
-    for gone in [
-        "connection",
-        "x-secret",
-        "keep-alive",
-        "proxy-authorization",
-        "te",
-    ] {
+    for gone in ["connection", "x-secret", "keep-alive", "proxy-authorization", "te"] {
         assert!(h.get(gone).is_none(), "{gone} was forwarded: {h}");
     }
     assert_eq!(h["x-kept"][0], "yes");
@@ -239,29 +157,20 @@ routes:
         .unwrap();
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["headers"]["host"][0], "public.example.com");
-    assert_eq!(
-        body["headers"]["x-forwarded-for"][0],
-        "203.0.113.9, 127.0.0.1"
-    );
+    assert_eq!(body["headers"]["x-forwarded-for"][0], "203.0.113.9, 127.0.0.1");
     g.shutdown();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn request_id_and_traceparent_reach_the_backend_and_come_back() {
     let b = backend().run().await;
-    let g = gateway(&format!(
-        "routes: [{{ name: r, path: /r, upstream: \"{}\" }}]",
-        b.url()
-    ));
+    let g = gateway(&format!("routes: [{{ name: r, path: /r, upstream: \"{}\" }}]", b.url()));
     let url = format!("http://{}/r", g.proxy_addr);
 
     let resp = client()
         .get(&url)
         .header("x-request-id", "client-id-1")
-        .header(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        )
+        .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
         .send()
         .await
         .unwrap();
@@ -269,22 +178,11 @@ async fn request_id_and_traceparent_reach_the_backend_and_come_back() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["headers"]["x-request-id"][0], "client-id-1");
     let tp = body["headers"]["traceparent"][0].as_str().unwrap();
-    assert!(
-        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
-        "{tp}"
-    );
-    assert!(
-        !tp.contains("00f067aa0ba902b7"),
-        "a new span id per backend call: {tp}"
-    );
+    assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{tp}");
+    assert!(!tp.contains("00f067aa0ba902b7"), "a new span id per backend call: {tp}");
 
     // An unusable client ID (too long) is replaced by a UUID; a trace starts.
-    let resp = client()
-        .get(&url)
-        .header("x-request-id", "x".repeat(200))
-        .send()
-        .await
-        .unwrap();
+    let resp = client().get(&url).header("x-request-id", "x".repeat(200)).send().await.unwrap();
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(id.len(), 36);
     let body: Value = resp.json().await.unwrap();
@@ -293,12 +191,7 @@ async fn request_id_and_traceparent_reach_the_backend_and_come_back() {
     assert_eq!(tp.len(), 55, "{tp}");
 
     // Gateway errors carry the ID too.
-    let resp = client()
-        .get(format!("http://{}/missing", g.proxy_addr))
-        .header("x-request-id", "err-7")
-        .send()
-        .await
-        .unwrap();
+    let resp = client().get(format!("http://{}/missing", g.proxy_addr)).header("x-request-id", "err-7").send().await.unwrap();
     assert_eq!(resp.headers()["x-request-id"], "err-7");
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["request_id"], "err-7");
@@ -310,15 +203,8 @@ async fn upstream_failures_are_json_errors_that_leak_nothing() {
     let slow = backend().delay(Duration::from_secs(5)).run().await;
     let faulty = backend().fault().run().await;
     // A port nobody listens on: bind, learn it, close.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let failing = backend()
-        .status(500)
-        .json(serde_json::json!({"trace": "secret internals"}))
-        .run()
-        .await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let failing = backend().status(500).json(serde_json::json!({"trace": "secret internals"})).run().await;
     let g = gateway(&format!(
         r#"
 routes:
@@ -345,29 +231,15 @@ routes:
         let text = resp.text().await.unwrap();
         let body: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(body["error"]["code"], code, "{path}");
-        assert!(body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()));
-        assert!(body["error"]["request_id"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()));
-        for leak in [
-            "127.0.0.1",
-            &closed.port().to_string(),
-            &slow.addr.port().to_string(),
-            "hyper",
-            "Connection refused",
-        ] {
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(body["error"]["request_id"].as_str().is_some_and(|m| !m.is_empty()));
+        for leak in ["127.0.0.1", &closed.port().to_string(), &slow.addr.port().to_string(), "hyper", "Connection refused"] {
             assert!(!text.contains(leak), "{path} leaks {leak:?}: {text}");
         }
     }
     // A backend's own error answer is passed through as it is: a proxy does
     // not rewrite its upstream's statuses.
-    let resp = client()
-        .get(format!("{base}/failing"))
-        .send()
-        .await
-        .unwrap();
+    let resp = client().get(format!("{base}/failing")).send().await.unwrap();
     assert_eq!(resp.status(), 500);
     assert!(resp.headers().contains_key("x-backend"));
     g.shutdown();
@@ -377,28 +249,16 @@ routes:
 async fn the_gateway_survives_backend_faults() {
     let faulty = backend().fault().run().await;
     let good = backend().run().await;
-    let g = gateway(&format!("routes: [{{ name: f, path: /f, upstream: \"{}\" }}, {{ name: g, path: /g, upstream: \"{}\" }}]", faulty.url(), good.url()));
+    let g = gateway(&format!(
+        "routes: [{{ name: f, path: /f, upstream: \"{}\" }}, {{ name: g, path: /g, upstream: \"{}\" }}]",
+        faulty.url(),
+        good.url()
+    ));
     let base = format!("http://{}", g.proxy_addr);
     for _ in 0..50 {
-        assert_eq!(
-            client()
-                .get(format!("{base}/f"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            502
-        );
+        assert_eq!(client().get(format!("{base}/f")).send().await.unwrap().status(), 502);
     }
-    assert_eq!(
-        client()
-            .get(format!("{base}/g"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(client().get(format!("{base}/g")).send().await.unwrap().status(), 200);
     g.shutdown();
 }
 
@@ -414,10 +274,7 @@ fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
     loop {
         if let Some(head_end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&out[..head_end]).to_ascii_lowercase();
-            let len = head.lines().find_map(|l| {
-                l.strip_prefix("content-length: ")
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-            });
+            let len = head.lines().find_map(|l| l.strip_prefix("content-length: ").and_then(|v| v.trim().parse::<usize>().ok()));
             if len.is_some_and(|len| out.len() >= head_end + 4 + len) {
                 break;
             }
@@ -433,59 +290,26 @@ fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn request_hygiene() {
     let b = backend().run().await;
-    let g = gateway(&format!(
-        "routes: [{{ name: all, path: \"/{{*rest}}\", upstream: \"{}\" }}]",
-        b.url()
-    ));
+    let g = gateway(&format!("routes: [{{ name: all, path: \"/{{*rest}}\", upstream: \"{}\" }}]", b.url()));
     let addr = g.proxy_addr;
     let cases: &[(&str, &[u8], &str)] = &[
-        (
-            "differing CLs",
-            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
-            "400",
-        ),
-        (
-            "obs-fold",
-            b"GET /a HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n  b\r\n\r\n",
-            "400",
-        ),
+        ("differing CLs", b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", "400"),
+        ("obs-fold", b"GET /a HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n  b\r\n\r\n", "400"),
         ("no Host", b"GET /a HTTP/1.1\r\n\r\n", "400"),
-        (
-            "two Hosts",
-            b"GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
-            "400",
-        ),
-        (
-            "NUL in path",
-            b"GET /a%00b HTTP/1.1\r\nHost: x\r\n\r\n",
-            "400",
-        ),
+        ("two Hosts", b"GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400"),
+        ("NUL in path", b"GET /a%00b HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
         ("backslash", b"GET /a\\b HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
-        (
-            "bad escape",
-            b"GET /a%zzb HTTP/1.1\r\nHost: x\r\n\r\n",
-            "400",
-        ),
-        (
-            "TE not chunked",
-            b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
-            "400",
-        ),
+        ("bad escape", b"GET /a%zzb HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
+        ("TE not chunked", b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", "400"),
     ];
     for (what, request, status) in cases {
         let answer = raw(addr, request);
-        assert!(
-            answer.starts_with(&format!("HTTP/1.1 {status}")),
-            "{what}: {answer}"
-        );
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{what}: {answer}");
     }
     // Our own answers are JSON; framing errors also close the connection.
     let answer = raw(addr, b"GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n");
     assert!(answer.contains("\"code\":\"bad_request\""), "{answer}");
-    assert!(
-        answer.to_ascii_lowercase().contains("connection: close"),
-        "{answer}"
-    );
+    assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
 
     // FIXME(SPEC §2 wants 400): hyper's parser drops Content-Length when
     // Transfer-Encoding is present before our code sees the request, so today
@@ -495,19 +319,13 @@ async fn request_hygiene() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"body_bytes\":3"), "{answer}");
     assert!(!answer.contains("\"content-length\":[\"30\"]"), "{answer}");
-    assert!(
-        answer.to_ascii_lowercase().contains("connection: close"),
-        "{answer}"
-    );
+    assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
     let before = b.hits.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(before, 1);
 
     let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(9000));
     let answer = raw(addr, long_uri.as_bytes());
-    assert!(
-        answer.starts_with("HTTP/1.1 414") && answer.contains("uri_too_long"),
-        "{answer}"
-    );
+    assert!(answer.starts_with("HTTP/1.1 414") && answer.contains("uri_too_long"), "{answer}");
 
     let mut many = String::from("GET /a HTTP/1.1\r\nHost: x\r\n");
     for i in 0..120 {
@@ -515,15 +333,9 @@ async fn request_hygiene() {
     }
     many.push_str("\r\n");
     let answer = raw(addr, many.as_bytes());
-    assert!(
-        answer.starts_with("HTTP/1.1 431") && answer.contains("headers_too_large"),
-        "{answer}"
-    );
+    assert!(answer.starts_with("HTTP/1.1 431") && answer.contains("headers_too_large"), "{answer}");
 
-    let big = format!(
-        "GET /a HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n",
-        "v".repeat(70_000)
-    );
+    let big = format!("GET /a HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n", "v".repeat(70_000));
     let answer = raw(addr, big.as_bytes());
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
 
@@ -535,27 +347,13 @@ async fn request_hygiene() {
 #[tokio::test(flavor = "multi_thread")]
 async fn h2c_prior_knowledge_is_proxied() {
     let b = backend().run().await;
-    let g = gateway(&format!(
-        "routes: [{{ name: r, path: /r, upstream: \"{}\" }}]",
-        b.url()
-    ));
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
-    let resp = h2
-        .get(format!("http://{}/r?q=1", g.proxy_addr))
-        .send()
-        .await
-        .unwrap();
+    let g = gateway(&format!("routes: [{{ name: r, path: /r, upstream: \"{}\" }}]", b.url()));
+    let h2 = reqwest::Client::builder().no_proxy().http2_prior_knowledge().build().unwrap();
+    let resp = h2.get(format!("http://{}/r?q=1", g.proxy_addr)).send().await.unwrap();
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["query"], "q=1");
-    assert_eq!(
-        body["headers"]["x-forwarded-host"][0],
-        g.proxy_addr.to_string()
-    );
+    assert_eq!(body["headers"]["x-forwarded-host"][0], g.proxy_addr.to_string());
     g.shutdown();
 }

@@ -25,21 +25,13 @@ fn read_response(s: &mut TcpStream) -> String {
     loop {
         if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
+            let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length: ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
             if out.len() >= end + 4 + len {
                 return String::from_utf8_lossy(&out).into_owned();
             }
         }
         let n = s.read(&mut buf).unwrap();
-        assert!(
-            n > 0,
-            "connection closed mid-response: {}",
-            String::from_utf8_lossy(&out)
-        );
+        assert!(n > 0, "connection closed mid-response: {}", String::from_utf8_lossy(&out));
         out.extend_from_slice(&buf[..n]);
     }
 }
@@ -52,12 +44,7 @@ fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
         match s.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => continue,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                return false
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => return false,
             Err(_) => return true,
         }
     }
@@ -66,13 +53,7 @@ fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_keep_alive_outlives_the_header_timeout_then_closes() {
     let b = backend().run().await;
-    let g = gateway_with(
-        &format!(
-            "routes: [{{ name: r, path: /r, upstream: \"{}\" }}]",
-            b.url()
-        ),
-        options(),
-    );
+    let g = gateway_with(&format!("routes: [{{ name: r, path: /r, upstream: \"{}\" }}]", b.url()), options());
     let addr = g.proxy_addr;
     tokio::task::spawn_blocking(move || {
         let mut s = TcpStream::connect(addr).unwrap();
@@ -81,15 +62,9 @@ async fn idle_keep_alive_outlives_the_header_timeout_then_closes() {
         // Idle for twice the header-read time: still open.
         std::thread::sleep(Duration::from_millis(600));
         s.write_all(b"GET /r HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        assert!(
-            read_response(&mut s).starts_with("HTTP/1.1 200"),
-            "the idle connection was kept"
-        );
+        assert!(read_response(&mut s).starts_with("HTTP/1.1 200"), "the idle connection was kept");
         // Then idle past the idle time: closed by the gateway.
-        assert!(
-            closed_within(&mut s, Duration::from_secs(10)),
-            "an idle connection is closed"
-        );
+        assert!(closed_within(&mut s, Duration::from_secs(10)), "an idle connection is closed");
     })
     .await
     .unwrap();
@@ -104,10 +79,7 @@ async fn a_request_head_that_never_ends_is_cut() {
         let mut s = TcpStream::connect(addr).unwrap();
         s.write_all(b"GET /r HTTP/1.1\r\nHost: x\r\n").unwrap();
         // Well before the idle time would have closed it.
-        assert!(
-            closed_within(&mut s, Duration::from_millis(1000)),
-            "a slow head is cut at the header-read time"
-        );
+        assert!(closed_within(&mut s, Duration::from_millis(1000)), "a slow head is cut at the header-read time");
     })
     .await
     .unwrap();
@@ -117,21 +89,12 @@ async fn a_request_head_that_never_ends_is_cut() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_answer_is_not_cut_by_connection_timeouts() {
     let slow = backend().delay(Duration::from_millis(2000)).run().await;
-    let g = gateway_with(
-        &format!(
-            "routes: [{{ name: r, path: /r, upstream: \"{}\" }}]",
-            slow.url()
-        ),
-        options(),
-    );
+    let g = gateway_with(&format!("routes: [{{ name: r, path: /r, upstream: \"{}\" }}]", slow.url()), options());
     let addr = g.proxy_addr;
     tokio::task::spawn_blocking(move || {
         let mut s = TcpStream::connect(addr).unwrap();
         s.write_all(b"GET /r HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        assert!(
-            read_response(&mut s).starts_with("HTTP/1.1 200"),
-            "answered after more than the idle time"
-        );
+        assert!(read_response(&mut s).starts_with("HTTP/1.1 200"), "answered after more than the idle time");
     })
     .await
     .unwrap();

@@ -16,36 +16,23 @@ fn errors_of(file: &str) -> Vec<String> {
 
 #[test]
 fn every_invalid_fixture_reports_exactly_its_expected_errors() {
-    let mut files: Vec<_> = std::fs::read_dir("fixtures/invalid")
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut files: Vec<_> = std::fs::read_dir("fixtures/invalid").unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
     assert!(files.len() >= 10, "the fixtures are there");
     let mut failures = Vec::new();
     for path in files {
         let file = path.to_str().unwrap().to_string();
         let text = std::fs::read_to_string(&path).unwrap();
-        let expected: Vec<String> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("# expect: "))
-            .map(|e| format!("{file}: {e}"))
-            .collect();
+        let expected: Vec<String> = text.lines().filter_map(|l| l.strip_prefix("# expect: ")).map(|e| format!("{file}: {e}")).collect();
         assert!(!expected.is_empty(), "{file} has no # expect: lines");
         let got = errors_of(&file);
         for want in &expected {
             if !got.iter().any(|g| g.starts_with(want.trim_end())) {
-                failures.push(format!(
-                    "{file}: missing error\n  want: {want}\n  got:  {got:#?}"
-                ));
+                failures.push(format!("{file}: missing error\n  want: {want}\n  got:  {got:#?}"));
             }
         }
         if got.len() != expected.len() {
-            failures.push(format!(
-                "{file}: {} errors, {} expected:\n{got:#?}",
-                got.len(),
-                expected.len()
-            ));
+            failures.push(format!("{file}: {} errors, {} expected:\n{got:#?}", got.len(), expected.len()));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
@@ -59,32 +46,17 @@ fn the_shipped_config_is_valid() {
 #[test]
 fn the_cli_prints_every_error_and_exits_1() {
     let out = Command::new(env!("CARGO_BIN_EXE_manifold"))
-        .args([
-            "validate",
-            "fixtures/invalid/many-errors.yaml",
-            "fixtures/invalid/cycle.yaml",
-        ])
+        .args(["validate", "fixtures/invalid/many-errors.yaml", "fixtures/invalid/cycle.yaml"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("fixtures/invalid/many-errors.yaml: routes.Bad_Name.name: invalid name"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("fixtures/invalid/many-errors.yaml: routes.Bad_Name.name: invalid name"), "{stderr}");
     assert!(stderr.contains("fixtures/invalid/cycle.yaml: compositions.loop.calls: calls depend on each other in a cycle"), "{stderr}");
     assert!(stderr.contains("8 error(s)"), "{stderr}");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_manifold"))
-        .args(["validate", "compositions"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(env!("CARGO_BIN_EXE_manifold")).args(["validate", "compositions"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: "));
 }
 
@@ -99,28 +71,22 @@ fn secrets_in_files_are_hashed_on_load() {
     .unwrap();
     let config = load_paths(&[file]).unwrap();
     let shown = serde_json::to_string(&config).unwrap();
-    assert!(
-        !shown.contains("\"hello\"") && !shown.contains("\"pw\""),
-        "{shown}"
-    );
+    assert!(!shown.contains("\"hello\"") && !shown.contains("\"pw\""), "{shown}");
     // SHA-256("hello")
-    assert!(
-        shown.contains("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"),
-        "{shown}"
-    );
+    assert!(shown.contains("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"), "{shown}");
     assert!(shown.contains("$argon2id$"), "{shown}");
 }
 
 #[test]
 fn yaml_and_json_files_in_a_directory_are_merged() {
     let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.yaml"), "policies: [{ name: ids, type: correlation-id }]\n").unwrap();
+    std::fs::create_dir(dir.path().join("nested")).unwrap();
     std::fs::write(
-        dir.path().join("a.yaml"),
-        "policies: [{ name: ids, type: correlation-id }]\n",
+        dir.path().join("nested/b.json"),
+        r#"{"routes": [{"name": "r", "path": "/r", "upstream": "http://127.0.0.1:9", "policies": ["ids"]}]}"#,
     )
     .unwrap();
-    std::fs::create_dir(dir.path().join("nested")).unwrap();
-    std::fs::write(dir.path().join("nested/b.json"), r#"{"routes": [{"name": "r", "path": "/r", "upstream": "http://127.0.0.1:9", "policies": ["ids"]}]}"#).unwrap();
     std::fs::write(dir.path().join("ignored.txt"), "not config").unwrap();
     let config = load_paths(&[dir.path().to_path_buf()]).unwrap();
     assert_eq!(config.routes.len(), 1);

@@ -19,19 +19,14 @@ pub fn percent_decode(s: &str, plus_is_space: bool) -> String {
     let mut i = 0;
     while i < b.len() {
         match b[i] {
-            b'%' => {
-                match (
-                    b.get(i + 1).copied().and_then(hex_val),
-                    b.get(i + 2).copied().and_then(hex_val),
-                ) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
+            b'%' => match (b.get(i + 1).copied().and_then(hex_val), b.get(i + 2).copied().and_then(hex_val)) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
+                    continue;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b'+' if plus_is_space => out.push(b' '),
             c => out.push(c),
         }
@@ -57,28 +52,15 @@ pub fn query_map(query: Option<&str>) -> Map<String, Value> {
 pub fn headers_map(headers: &HeaderMap) -> Map<String, Value> {
     let mut map = Map::new();
     for name in headers.keys() {
-        let joined = headers
-            .get_all(name)
-            .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let joined =
+            headers.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect::<Vec<_>>().join(", ");
         map.insert(name.as_str().to_string(), Value::String(joined));
     }
     map
 }
 
-pub fn request_context(
-    method: &Method,
-    params: &[(Arc<str>, String)],
-    query: Option<&str>,
-    headers: &HeaderMap,
-    body: Value,
-) -> Value {
-    let path: Map<String, Value> = params
-        .iter()
-        .map(|(k, v)| (k.to_string(), Value::String(percent_decode(v, false))))
-        .collect();
+pub fn request_context(method: &Method, params: &[(Arc<str>, String)], query: Option<&str>, headers: &HeaderMap, body: Value) -> Value {
+    let path: Map<String, Value> = params.iter().map(|(k, v)| (k.to_string(), Value::String(percent_decode(v, false)))).collect();
     let mut req = Map::with_capacity(5);
     req.insert("method".into(), Value::String(method.as_str().to_string()));
     req.insert("path".into(), Value::Object(path));

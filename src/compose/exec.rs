@@ -52,17 +52,12 @@ struct Failure {
     message: String,
     status: Option<u16>,
     /// A backend's own 4xx, passed on when the call was required.
-    passthrough: Option<(StatusCode, Option<HeaderValue>, Bytes)>,
+    passthrough: Option<Box<(StatusCode, Option<HeaderValue>, Bytes)>>,
 }
 
 impl Failure {
     fn new(kind: &'static str, message: impl Into<String>) -> Self {
-        Failure {
-            kind,
-            message: message.into(),
-            status: None,
-            passthrough: None,
-        }
+        Failure { kind, message: message.into(), status: None, passthrough: None }
     }
 }
 
@@ -103,24 +98,14 @@ fn ms(d: Duration) -> f64 {
 fn headers_json(headers: &HeaderMap) -> Value {
     let mut map = Map::new();
     for name in headers.keys() {
-        let joined = headers
-            .get_all(name)
-            .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let joined =
+            headers.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect::<Vec<_>>().join(", ");
         map.insert(name.as_str().to_string(), Value::String(joined));
     }
     Value::Object(map)
 }
 
-fn call_entry(
-    status: Option<u16>,
-    headers: Value,
-    body: Value,
-    error: Option<&Failure>,
-    duration: Duration,
-) -> Value {
+fn call_entry(status: Option<u16>, headers: Value, body: Value, error: Option<&Failure>, duration: Duration) -> Value {
     json!({
         "status": status,
         "headers": headers,
@@ -158,64 +143,37 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
     }
     for (name, t) in &call.headers {
         let v = t.render(doc).map_err(bad)?;
-        let v = HeaderValue::from_str(&v)
-            .map_err(|_| bad(format!("header {name} would not be a valid value")))?;
+        let v = HeaderValue::from_str(&v).map_err(|_| bad(format!("header {name} would not be a valid value")))?;
         headers.insert(name.clone(), v);
     }
     headers.insert(header::HOST, call.host_header.clone());
     headers.insert(REQUEST_ID_HEADER, ex.request_id.clone());
     headers.insert(TRACEPARENT, ex.trace.child());
-    headers
-        .entry(header::ACCEPT)
-        .or_insert(HeaderValue::from_static("application/json"));
+    headers.entry(header::ACCEPT).or_insert(HeaderValue::from_static("application/json"));
     let body = match &call.body {
         Some(t) => {
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            Some(Bytes::from(
-                serde_json::to_vec(&t.render(doc)).unwrap_or_default(),
-            ))
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            Some(Bytes::from(serde_json::to_vec(&t.render(doc)).unwrap_or_default()))
         }
         None => None,
     };
     Ok(Prepared { uri, headers, body })
 }
 
-async fn attempt(
-    client: &HttpClient,
-    method: &http::Method,
-    p: &Prepared,
-    max_body: usize,
-) -> Result<Success, Failure> {
+async fn attempt(client: &HttpClient, method: &http::Method, p: &Prepared, max_body: usize) -> Result<Success, Failure> {
     let mut req = Request::new(p.body.clone().map_or(Body::Empty, Body::full));
     *req.method_mut() = method.clone();
     *req.uri_mut() = p.uri.clone();
     *req.headers_mut() = p.headers.clone();
     let resp = client.request(req).await.map_err(|e| {
-        let kind = if e.is_connect() {
-            "connect"
-        } else {
-            "upstream"
-        };
-        Failure::new(
-            kind,
-            if e.is_connect() {
-                "the backend could not be reached"
-            } else {
-                "the backend connection failed"
-            },
-        )
+        let kind = if e.is_connect() { "connect" } else { "upstream" };
+        Failure::new(kind, if e.is_connect() { "the backend could not be reached" } else { "the backend connection failed" })
     })?;
     let (parts, body) = resp.into_parts();
     if http_body::Body::size_hint(&body).lower() > max_body as u64 {
         return Err(Failure {
             status: Some(parts.status.as_u16()),
-            ..Failure::new(
-                "body_too_large",
-                format!("the backend body is over {max_body} bytes"),
-            )
+            ..Failure::new("body_too_large", format!("the backend body is over {max_body} bytes"))
         });
     }
     let bytes = match Limited::new(body, max_body).collect().await {
@@ -223,25 +181,15 @@ async fn attempt(
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(Failure {
                 status: Some(parts.status.as_u16()),
-                ..Failure::new(
-                    "body_too_large",
-                    format!("the backend body is over {max_body} bytes"),
-                )
+                ..Failure::new("body_too_large", format!("the backend body is over {max_body} bytes"))
             })
         }
-        Err(_) => {
-            return Err(Failure::new(
-                "upstream",
-                "the backend connection failed while sending the body",
-            ))
-        }
+        Err(_) => return Err(Failure::new("upstream", "the backend connection failed while sending the body")),
     };
     let status = parts.status;
     if !status.is_success() {
         let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
-        let passthrough = status
-            .is_client_error()
-            .then(|| (status, content_type, bytes));
+        let passthrough = status.is_client_error().then(|| Box::new((status, content_type, bytes)));
         return Err(Failure {
             kind: "status",
             message: format!("the backend answered {}", status.as_u16()),
@@ -252,16 +200,10 @@ async fn attempt(
     let body = if bytes.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
-        serde_json::from_slice(&bytes).map_err(|_| Failure {
-            status: Some(status.as_u16()),
-            ..Failure::new("invalid_json", "the backend body is not JSON")
-        })?
+        serde_json::from_slice(&bytes)
+            .map_err(|_| Failure { status: Some(status.as_u16()), ..Failure::new("invalid_json", "the backend body is not JSON") })?
     };
-    Ok(Success {
-        status: status.as_u16(),
-        headers: parts.headers,
-        body,
-    })
+    Ok(Success { status: status.as_u16(), headers: parts.headers, body })
 }
 
 /// One backend request with its retries, within `budget`.
@@ -278,11 +220,7 @@ async fn request_with_retries(
         loop {
             let result = attempt(&client, &method, &p, max_body).await;
             let retryable = match &result {
-                Err(f) => {
-                    f.kind == "connect"
-                        || f.kind == "upstream"
-                        || matches!(f.status, Some(502..=504))
-                }
+                Err(f) => f.kind == "connect" || f.kind == "upstream" || matches!(f.status, Some(502..=504)),
                 Ok(_) => false,
             };
             if !retryable || left == 0 {
@@ -293,10 +231,7 @@ async fn request_with_retries(
     };
     match tokio::time::timeout(budget, work).await {
         Ok(result) => result,
-        Err(_) => Err(Failure::new(
-            "timeout",
-            format!("no answer within {} ms", budget.as_millis()),
-        )),
+        Err(_) => Err(Failure::new("timeout", format!("no answer within {} ms", budget.as_millis()))),
     }
 }
 
@@ -307,6 +242,7 @@ fn report_url(uri: &Uri) -> String {
 }
 
 /// Starts call `index` with its rendered requests; the future owns all it needs.
+#[allow(clippy::too_many_arguments)]
 fn launch(
     index: usize,
     call: &CallPlan,
@@ -324,30 +260,24 @@ fn launch(
     Box::pin(async move {
         let offset = ms(started - composition_start);
         let urls: Vec<String> = requests.iter().map(|p| report_url(&p.uri)).collect();
-        let results: Vec<(Result<Success, Failure>, Duration)> =
-            futures_util::stream::iter(requests)
-                .map(|p| {
-                    let (client, method) = (client.clone(), method.clone());
-                    async move {
-                        let t = Instant::now();
-                        let r = request_with_retries(client, method, p, max_body, retries, budget)
-                            .await;
-                        (r, t.elapsed())
-                    }
-                })
-                .buffered(concurrency)
-                .collect()
-                .await;
+        let results: Vec<(Result<Success, Failure>, Duration)> = futures_util::stream::iter(requests)
+            .map(|p| {
+                let (client, method) = (client.clone(), method.clone());
+                async move {
+                    let t = Instant::now();
+                    let r = request_with_retries(client, method, p, max_body, retries, budget).await;
+                    (r, t.elapsed())
+                }
+            })
+            .buffered(concurrency)
+            .collect()
+            .await;
         let records = results
             .iter()
             .zip(urls)
             .enumerate()
             .map(|(i, ((r, d), url))| CallRecord {
-                name: if for_each {
-                    format!("{name}[{i}]")
-                } else {
-                    name.clone()
-                },
+                name: if for_each { format!("{name}[{i}]") } else { name.clone() },
                 url,
                 started_ms: offset,
                 duration_ms: ms(*d),
@@ -355,10 +285,7 @@ fn launch(
                     Ok(s) => Some(s.status),
                     Err(f) => f.status,
                 },
-                error: r
-                    .as_ref()
-                    .err()
-                    .map(|f| json!({"kind": f.kind, "message": f.message})),
+                error: r.as_ref().err().map(|f| json!({"kind": f.kind, "message": f.message})),
             })
             .collect();
         let duration = started.elapsed();
@@ -375,25 +302,12 @@ fn launch(
             }
             match failure {
                 Some(f) => Err(f),
-                None => Ok(Success {
-                    status: 200,
-                    headers: HeaderMap::new(),
-                    body: Value::Array(bodies),
-                }),
+                None => Ok(Success { status: 200, headers: HeaderMap::new(), body: Value::Array(bodies) }),
             }
         } else {
-            results
-                .into_iter()
-                .next()
-                .map(|(r, _)| r)
-                .unwrap_or_else(|| Err(Failure::new("upstream", "no request was made")))
+            results.into_iter().next().map(|(r, _)| r).unwrap_or_else(|| Err(Failure::new("upstream", "no request was made")))
         };
-        Finished {
-            index,
-            result,
-            duration,
-            records,
-        }
+        Finished { index, result, duration, records }
     })
 }
 
@@ -410,11 +324,7 @@ fn server_timing(
             State::Done => parts.push(format!("{};dur={}", call.name, ms(durations[i]))),
             State::Failed | State::Running => {
                 let kind = failures[i].as_ref().map_or("cancelled", |f| f.kind);
-                parts.push(format!(
-                    "{};dur={};desc=\"{kind}\"",
-                    call.name,
-                    ms(durations[i])
-                ))
+                parts.push(format!("{};dur={};desc=\"{kind}\"", call.name, ms(durations[i])))
             }
             State::Skipped => parts.push(format!("{};dur=0;desc=\"skipped\"", call.name)),
             State::Waiting | State::NotRun => {}
@@ -426,7 +336,7 @@ fn server_timing(
 
 fn failure_response(f: &Failure, call: &str, request_id: &HeaderValue) -> Response<Body> {
     let id = request_id.to_str().unwrap_or("");
-    if let Some((status, content_type, bytes)) = &f.passthrough {
+    if let Some((status, content_type, bytes)) = f.passthrough.as_deref() {
         let mut resp = Response::new(Body::full(bytes.clone()));
         *resp.status_mut() = *status;
         if let Some(ct) = content_type {
@@ -435,21 +345,9 @@ fn failure_response(f: &Failure, call: &str, request_id: &HeaderValue) -> Respon
         return resp;
     }
     match f.kind {
-        "timeout" => error_response(
-            ErrorCode::UpstreamTimeout,
-            &format!("call {call:?} did not answer in time"),
-            id,
-        ),
-        "bad_request" => error_response(
-            ErrorCode::BadRequest,
-            &format!("call {call:?}: {}", f.message),
-            id,
-        ),
-        _ => error_response(
-            ErrorCode::UpstreamError,
-            &format!("call {call:?} failed"),
-            id,
-        ),
+        "timeout" => error_response(ErrorCode::UpstreamTimeout, &format!("call {call:?} did not answer in time"), id),
+        "bad_request" => error_response(ErrorCode::BadRequest, &format!("call {call:?}: {}", f.message), id),
+        _ => error_response(ErrorCode::UpstreamError, &format!("call {call:?} failed"), id),
     }
 }
 
@@ -479,10 +377,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                 }
                 let call = &plan.calls[i];
                 let dep_states: Vec<State> = call.deps.iter().map(|&d| states[d]).collect();
-                if dep_states
-                    .iter()
-                    .any(|s| matches!(s, State::Waiting | State::Running))
-                {
+                if dep_states.iter().any(|s| matches!(s, State::Waiting | State::Running)) {
                     continue;
                 }
                 progress = true;
@@ -491,30 +386,16 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                         m.insert(call.name.to_string(), v);
                     }
                 };
-                if let Some(d) = call
-                    .deps
-                    .iter()
-                    .find(|&&d| matches!(states[d], State::Failed | State::Skipped))
-                {
-                    let f = Failure::new(
-                        "skipped",
-                        format!("skipped because {:?} failed", plan.calls[*d].name),
-                    );
-                    set(
-                        &mut doc,
-                        call_entry(None, json!({}), Value::Null, Some(&f), Duration::ZERO),
-                    );
+                if let Some(d) = call.deps.iter().find(|&&d| matches!(states[d], State::Failed | State::Skipped)) {
+                    let f = Failure::new("skipped", format!("skipped because {:?} failed", plan.calls[*d].name));
+                    set(&mut doc, call_entry(None, json!({}), Value::Null, Some(&f), Duration::ZERO));
                     failures[i] = Some(f);
                     states[i] = State::Skipped;
                     continue;
                 }
-                let run_it = !dep_states.contains(&State::NotRun)
-                    && call.when.as_ref().is_none_or(|w| truthy(&w.eval(&doc)));
+                let run_it = !dep_states.contains(&State::NotRun) && call.when.as_ref().is_none_or(|w| truthy(&w.eval(&doc)));
                 if !run_it {
-                    set(
-                        &mut doc,
-                        call_entry(None, json!({}), Value::Null, None, Duration::ZERO),
-                    );
+                    set(&mut doc, call_entry(None, json!({}), Value::Null, None, Duration::ZERO));
                     states[i] = State::NotRun;
                     continue;
                 }
@@ -525,11 +406,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                         if items.len() > call.max_items {
                             Err(Failure::new(
                                 "too_many_items",
-                                format!(
-                                    "for_each gave {} items, more than {}",
-                                    items.len(),
-                                    call.max_items
-                                ),
+                                format!("for_each gave {} items, more than {}", items.len(), call.max_items),
                             ))
                         } else {
                             let mut out = Vec::with_capacity(items.len());
@@ -558,36 +435,14 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                         let now = Instant::now();
                         let remaining = deadline.saturating_duration_since(now);
                         let budget = call.timeout.map_or(remaining, |t| t.min(remaining));
-                        running.push(launch(
-                            i,
-                            call,
-                            requests,
-                            call.for_each.is_some(),
-                            ex.client,
-                            now,
-                            start,
-                            budget,
-                        ));
+                        running.push(launch(i, call, requests, call.for_each.is_some(), ex.client, now, start, budget));
                         states[i] = State::Running;
                     }
                     Err(f) => {
                         if call.required {
-                            return finish_failed(
-                                plan,
-                                i,
-                                f,
-                                &mut states,
-                                &durations,
-                                &mut failures,
-                                records,
-                                start,
-                                ex.request_id,
-                            );
+                            return finish_failed(plan, i, f, &mut states, &durations, &mut failures, records, start, ex.request_id);
                         }
-                        set(
-                            &mut doc,
-                            call_entry(None, json!({}), Value::Null, Some(&f), Duration::ZERO),
-                        );
+                        set(&mut doc, call_entry(None, json!({}), Value::Null, Some(&f), Duration::ZERO));
                         failures[i] = Some(f);
                         states[i] = State::Failed;
                     }
@@ -603,13 +458,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         let name = plan.calls[i].name.to_string();
         match done.result {
             Ok(s) => {
-                let entry = call_entry(
-                    Some(s.status),
-                    headers_json(&s.headers),
-                    s.body,
-                    None,
-                    done.duration,
-                );
+                let entry = call_entry(Some(s.status), headers_json(&s.headers), s.body, None, done.duration);
                 if let Value::Object(m) = &mut doc {
                     m.insert(name, entry);
                 }
@@ -620,17 +469,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                 if plan.calls[i].required {
                     // Dropping `running` cancels the calls still in flight.
                     drop(running);
-                    return finish_failed(
-                        plan,
-                        i,
-                        f,
-                        &mut states,
-                        &durations,
-                        &mut failures,
-                        records,
-                        start,
-                        ex.request_id,
-                    );
+                    return finish_failed(plan, i, f, &mut states, &durations, &mut failures, records, start, ex.request_id);
                 }
                 let entry = call_entry(f.status, json!({}), Value::Null, Some(&f), done.duration);
                 if let Value::Object(m) = &mut doc {
@@ -642,20 +481,8 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         }
     }
 
-    let response = shape(
-        plan,
-        &doc,
-        &states,
-        &durations,
-        &failures,
-        &call_headers,
-        start.elapsed(),
-        ex.request_id,
-    );
-    Outcome {
-        response,
-        calls: records,
-    }
+    let response = shape(plan, &doc, &states, &durations, &failures, &call_headers, start.elapsed(), ex.request_id);
+    Outcome { response, calls: records }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -674,13 +501,8 @@ fn finish_failed(
     failures[i] = Some(f);
     states[i] = State::Failed;
     let timing = server_timing(plan, states, durations, failures, start.elapsed());
-    response
-        .headers_mut()
-        .insert(HeaderName::from_static("server-timing"), timing);
-    Outcome {
-        response,
-        calls: records,
-    }
+    response.headers_mut().insert(HeaderName::from_static("server-timing"), timing);
+    Outcome { response, calls: records }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -699,34 +521,17 @@ fn shape(
         ResponseBody::Default => {
             let mut map = Map::with_capacity(plan.calls.len());
             for call in &plan.calls {
-                let body = doc
-                    .get(&*call.name)
-                    .and_then(|e| e.get("body"))
-                    .cloned()
-                    .unwrap_or(Value::Null);
+                let body = doc.get(&*call.name).and_then(|e| e.get("body")).cloned().unwrap_or(Value::Null);
                 map.insert(call.name.to_string(), body);
             }
-            (
-                serde_json::to_vec(&Value::Object(map)).unwrap_or_default(),
-                HeaderValue::from_static("application/json"),
-            )
+            (serde_json::to_vec(&Value::Object(map)).unwrap_or_default(), HeaderValue::from_static("application/json"))
         }
-        ResponseBody::Json(t) => (
-            serde_json::to_vec(&t.render(doc)).unwrap_or_default(),
-            HeaderValue::from_static("application/json"),
-        ),
-        ResponseBody::Text {
-            template,
-            content_type,
-        } => match template.render(doc) {
+        ResponseBody::Json(t) => (serde_json::to_vec(&t.render(doc)).unwrap_or_default(), HeaderValue::from_static("application/json")),
+        ResponseBody::Text { template, content_type } => match template.render(doc) {
             Ok(text) => (text.into_bytes(), content_type.clone()),
             Err(e) => {
                 tracing::warn!(request_id = ?request_id, composition = %plan.name, error = %e, "response template failed");
-                return error_response(
-                    ErrorCode::Internal,
-                    "the response template failed",
-                    request_id.to_str().unwrap_or(""),
-                );
+                return error_response(ErrorCode::Internal, "the response template failed", request_id.to_str().unwrap_or(""));
             }
         },
     };
@@ -744,11 +549,7 @@ fn shape(
         }
     }
     for (name, t) in &r.headers {
-        match t
-            .render(doc)
-            .ok()
-            .and_then(|v| HeaderValue::from_str(&v).ok())
-        {
+        match t.render(doc).ok().and_then(|v| HeaderValue::from_str(&v).ok()) {
             Some(v) => {
                 h.insert(name.clone(), v);
             }
@@ -769,9 +570,6 @@ fn shape(
             h.insert(HeaderName::from_static("manifold-partial"), v);
         }
     }
-    h.insert(
-        HeaderName::from_static("server-timing"),
-        server_timing(plan, states, durations, failures, total),
-    );
+    h.insert(HeaderName::from_static("server-timing"), server_timing(plan, states, durations, failures, total));
     resp
 }

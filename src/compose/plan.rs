@@ -113,13 +113,7 @@ fn json_roots(t: &serde_json::Value, out: &mut Vec<String>) {
 pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> {
     let base = format!("compositions.{}", comp.name);
     let mut errors = Vec::new();
-    let mut fail = |path: String, message: String| {
-        errors.push(ConfigError {
-            file: None,
-            path,
-            message,
-        })
-    };
+    let mut fail = |path: String, message: String| errors.push(ConfigError { file: None, path, message });
     let names: Vec<&str> = comp.calls.keys().map(String::as_str).collect();
     let deadline = comp.timeout.map_or(DEFAULT_COMPOSITION_TIMEOUT, |d| d.0);
     let mut calls = Vec::with_capacity(comp.calls.len());
@@ -140,22 +134,14 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
                 continue;
             }
         };
-        let (Some(scheme), Some(authority)) = (
-            origin_uri.scheme().cloned(),
-            origin_uri.authority().cloned(),
-        ) else {
-            fail(
-                format!("{cbase}.url"),
-                "expected http://host[:port]/path".into(),
-            );
+        let (Some(scheme), Some(authority)) = (origin_uri.scheme().cloned(), origin_uri.authority().cloned()) else {
+            fail(format!("{cbase}.url"), "expected http://host[:port]/path".into());
             continue;
         };
         let (path_text, query_text) = split_path_query(rest);
         let path_text = if path_text.is_empty() { "/" } else { path_text };
         let path = Template::compile(path_text, Escape::PathSegment);
-        let query = query_text
-            .map(|q| Template::compile(q, Escape::QueryComponent))
-            .transpose();
+        let query = query_text.map(|q| Template::compile(q, Escape::QueryComponent)).transpose();
         let (path, query) = match (path, query) {
             (Ok(p), Ok(q)) => (p, q),
             (Err(e), _) | (_, Err(e)) => {
@@ -167,10 +153,7 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
         let mut headers = Vec::new();
         for (h, v) in &call.headers {
             roots.extend(template_refs(v).into_iter().map(|r| r.root));
-            match (
-                HeaderName::from_bytes(h.as_bytes()),
-                Template::compile(v, Escape::Header),
-            ) {
+            match (HeaderName::from_bytes(h.as_bytes()), Template::compile(v, Escape::Header)) {
                 (Ok(n), Ok(t)) => headers.push((n, t)),
                 (Err(e), _) => fail(format!("{cbase}.headers.{h}"), e.to_string()),
                 (_, Err(e)) => fail(format!("{cbase}.headers.{h}"), e),
@@ -194,50 +177,34 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
             if let Ok(Some(root)) = jsonpath_root(q) {
                 roots.push(root);
             }
-            Query::parse(q)
-                .map_err(|e| fail(format!("{cbase}.{field}"), e))
-                .ok()
+            Query::parse(q).map_err(|e| fail(format!("{cbase}.{field}"), e)).ok()
         };
         let when = query_of("when", &call.when);
         let for_each = query_of("for_each", &call.for_each);
-        let mut deps: Vec<usize> = roots
-            .iter()
-            .filter_map(|r| names.iter().position(|n| n == r))
-            .collect();
+        let mut deps: Vec<usize> = roots.iter().filter_map(|r| names.iter().position(|n| n == r)).collect();
         deps.sort_unstable();
         deps.dedup();
-        let method = Method::from_bytes(call.method.as_deref().unwrap_or("GET").as_bytes())
-            .unwrap_or(Method::GET);
+        let method = Method::from_bytes(call.method.as_deref().unwrap_or("GET").as_bytes()).unwrap_or(Method::GET);
         calls.push(CallPlan {
             name: name.as_str().into(),
             method,
-            host_header: HeaderValue::from_str(authority.as_str())
-                .expect("an authority is a valid header value"),
+            host_header: HeaderValue::from_str(authority.as_str()).expect("an authority is a valid header value"),
             origin: origin.to_string(),
             scheme,
             authority,
             path,
             query,
             headers,
-            forward_headers: call
-                .forward_headers
-                .iter()
-                .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
-                .collect(),
+            forward_headers: call.forward_headers.iter().filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok()).collect(),
             body,
             when,
             for_each,
             timeout: call.timeout.map(|d| d.0),
             required: call.required,
             retries: call.retries.unwrap_or(0),
-            max_body: call
-                .max_body_bytes
-                .map_or(DEFAULT_MAX_BODY, |b| b.0 as usize),
+            max_body: call.max_body_bytes.map_or(DEFAULT_MAX_BODY, |b| b.0 as usize),
             max_items: call.max_items.map_or(DEFAULT_MAX_ITEMS, |n| n as usize),
-            max_concurrency: call
-                .max_concurrency
-                .map_or(DEFAULT_MAX_CONCURRENCY, |n| n as usize)
-                .max(1),
+            max_concurrency: call.max_concurrency.map_or(DEFAULT_MAX_CONCURRENCY, |n| n as usize).max(1),
             deps,
         });
     }
@@ -247,10 +214,7 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
     let status = StatusCode::from_u16(spec.status.unwrap_or(200)).unwrap_or(StatusCode::OK);
     let mut headers = Vec::new();
     for (h, v) in &spec.headers {
-        match (
-            HeaderName::from_bytes(h.as_bytes()),
-            Template::compile(v, Escape::Header),
-        ) {
+        match (HeaderName::from_bytes(h.as_bytes()), Template::compile(v, Escape::Header)) {
             (Ok(n), Ok(t)) => headers.push((n, t)),
             (Err(e), _) => fail(format!("{rbase}.headers.{h}"), e.to_string()),
             (_, Err(e)) => fail(format!("{rbase}.headers.{h}"), e),
@@ -261,13 +225,7 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
         .iter()
         .filter_map(|(call, names_)| {
             let idx = names.iter().position(|n| n == call)?;
-            Some((
-                idx,
-                names_
-                    .iter()
-                    .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
-                    .collect(),
-            ))
+            Some((idx, names_.iter().filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok()).collect()))
         })
         .collect();
     let body = match (&spec.body, &spec.template) {
@@ -279,18 +237,9 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
             }
         },
         (None, Some(t)) => {
-            let content_type = spec
-                .content_type
-                .as_deref()
-                .unwrap_or("text/html; charset=utf-8");
-            match (
-                Template::compile(t, Escape::Html),
-                HeaderValue::from_str(content_type),
-            ) {
-                (Ok(template), Ok(content_type)) => ResponseBody::Text {
-                    template,
-                    content_type,
-                },
+            let content_type = spec.content_type.as_deref().unwrap_or("text/html; charset=utf-8");
+            match (Template::compile(t, Escape::Html), HeaderValue::from_str(content_type)) {
+                (Ok(template), Ok(content_type)) => ResponseBody::Text { template, content_type },
                 (Err(e), _) => {
                     fail(format!("{rbase}.template"), e);
                     ResponseBody::Default
@@ -308,15 +257,9 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
     }
     Ok(CompositionPlan {
         name: comp.name.as_str().into(),
-        method: Method::from_bytes(comp.method.as_deref().unwrap_or("GET").as_bytes())
-            .unwrap_or(Method::GET),
+        method: Method::from_bytes(comp.method.as_deref().unwrap_or("GET").as_bytes()).unwrap_or(Method::GET),
         deadline,
         calls,
-        response: ResponsePlan {
-            status,
-            headers,
-            forward_headers,
-            body,
-        },
+        response: ResponsePlan { status, headers, forward_headers, body },
     })
 }

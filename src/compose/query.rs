@@ -20,8 +20,7 @@ pub enum Query {
 
 impl Query {
     pub fn parse(text: &str) -> Result<Query, String> {
-        let parsed =
-            parse_json_path(text).map_err(|e| format!("invalid JSONPath {text:?}: {e}"))?;
+        let parsed = parse_json_path(text).map_err(|e| format!("invalid JSONPath {text:?}: {e}"))?;
         let steps: Option<Vec<Step>> = parsed
             .segments
             .iter()
@@ -104,35 +103,18 @@ pub enum JsonTemplate {
 impl JsonTemplate {
     pub fn compile(v: &Value) -> Result<JsonTemplate, String> {
         let t = match v {
-            Value::String(s) if s.starts_with("$$") => {
-                JsonTemplate::Literal(Value::String(s[1..].to_string()))
-            }
+            Value::String(s) if s.starts_with("$$") => JsonTemplate::Literal(Value::String(s[1..].to_string())),
             Value::String(s) if s.starts_with('$') => JsonTemplate::Query(Query::parse(s)?),
-            Value::Array(items) => JsonTemplate::Array(
-                items
-                    .iter()
-                    .map(JsonTemplate::compile)
-                    .collect::<Result<_, _>>()?,
-            ),
-            Value::Object(map) => JsonTemplate::Object(
-                map.iter()
-                    .map(|(k, v)| Ok((k.clone(), JsonTemplate::compile(v)?)))
-                    .collect::<Result<_, String>>()?,
-            ),
+            Value::Array(items) => JsonTemplate::Array(items.iter().map(JsonTemplate::compile).collect::<Result<_, _>>()?),
+            Value::Object(map) => {
+                JsonTemplate::Object(map.iter().map(|(k, v)| Ok((k.clone(), JsonTemplate::compile(v)?))).collect::<Result<_, String>>()?)
+            }
             other => JsonTemplate::Literal(other.clone()),
         };
         // A subtree without queries is one literal, cloned whole.
         Ok(match &t {
-            JsonTemplate::Array(items)
-                if items.iter().all(|i| matches!(i, JsonTemplate::Literal(_))) =>
-            {
-                JsonTemplate::Literal(fold(&t))
-            }
-            JsonTemplate::Object(fields)
-                if fields
-                    .iter()
-                    .all(|(_, i)| matches!(i, JsonTemplate::Literal(_))) =>
-            {
+            JsonTemplate::Array(items) if items.iter().all(|i| matches!(i, JsonTemplate::Literal(_))) => JsonTemplate::Literal(fold(&t)),
+            JsonTemplate::Object(fields) if fields.iter().all(|(_, i)| matches!(i, JsonTemplate::Literal(_))) => {
                 JsonTemplate::Literal(fold(&t))
             }
             _ => t,
@@ -143,15 +125,8 @@ impl JsonTemplate {
         match self {
             JsonTemplate::Literal(v) => v.clone(),
             JsonTemplate::Query(q) => q.eval(doc),
-            JsonTemplate::Array(items) => {
-                Value::Array(items.iter().map(|i| i.render(doc)).collect())
-            }
-            JsonTemplate::Object(fields) => Value::Object(
-                fields
-                    .iter()
-                    .map(|(k, t)| (k.clone(), t.render(doc)))
-                    .collect(),
-            ),
+            JsonTemplate::Array(items) => Value::Array(items.iter().map(|i| i.render(doc)).collect()),
+            JsonTemplate::Object(fields) => Value::Object(fields.iter().map(|(k, t)| (k.clone(), t.render(doc))).collect()),
         }
     }
 }
@@ -167,8 +142,7 @@ mod tests {
 
     #[test]
     fn queries() {
-        let doc =
-            json!({"user": {"body": {"id": 7, "tags": ["a", "b"], "items": [{"p": 1}, {"p": 2}]}}});
+        let doc = json!({"user": {"body": {"id": 7, "tags": ["a", "b"], "items": [{"p": 1}, {"p": 2}]}}});
         let cases = [
             ("$.user.body.id", json!(7)),
             ("$.user.body.missing", Value::Null),
@@ -182,24 +156,16 @@ mod tests {
         for (q, want) in cases {
             assert_eq!(Query::parse(q).unwrap().eval(&doc), want, "{q}");
         }
-        assert_eq!(
-            Query::parse("$.user.body.tags").unwrap().items(&doc),
-            vec![json!("a"), json!("b")]
-        );
-        assert_eq!(
-            Query::parse("$.user.body.id").unwrap().items(&doc),
-            vec![json!(7)]
-        );
+        assert_eq!(Query::parse("$.user.body.tags").unwrap().items(&doc), vec![json!("a"), json!("b")]);
+        assert_eq!(Query::parse("$.user.body.id").unwrap().items(&doc), vec![json!(7)]);
     }
 
     #[test]
     fn templates() {
         let doc = json!({"a": {"body": {"x": 1}}});
-        let t = JsonTemplate::compile(&json!({"x": "$.a.body.x", "lit": "$$dollars", "n": [1, "$.a.body.x"], "fixed": {"k": "v"}})).unwrap();
-        assert_eq!(
-            t.render(&doc),
-            json!({"x": 1, "lit": "$dollars", "n": [1, 1], "fixed": {"k": "v"}})
-        );
+        let t =
+            JsonTemplate::compile(&json!({"x": "$.a.body.x", "lit": "$$dollars", "n": [1, "$.a.body.x"], "fixed": {"k": "v"}})).unwrap();
+        assert_eq!(t.render(&doc), json!({"x": 1, "lit": "$dollars", "n": [1, 1], "fixed": {"k": "v"}}));
     }
 
     #[test]

@@ -65,10 +65,7 @@ enum Part {
 #[derive(Clone)]
 enum Kind {
     Simple(Vec<Part>),
-    Handlebars {
-        registry: Arc<Handlebars<'static>>,
-        name: String,
-    },
+    Handlebars { registry: Arc<Handlebars<'static>>, name: String },
 }
 
 #[derive(Clone)]
@@ -86,10 +83,7 @@ impl std::fmt::Debug for Template {
 /// `a.b-c.[0]` as keys; `None` when the expression is not a plain path.
 fn parse_path(expr: &str) -> Option<Vec<Seg>> {
     let expr = expr.trim();
-    if expr.is_empty()
-        || expr.starts_with(['#', '/', '^', '!', '&', '>', '{', '@', '~'])
-        || expr.contains(char::is_whitespace)
-    {
+    if expr.is_empty() || expr.starts_with(['#', '/', '^', '!', '&', '>', '{', '@', '~']) || expr.contains(char::is_whitespace) {
         return None;
     }
     let mut segs = Vec::new();
@@ -102,12 +96,7 @@ fn parse_path(expr: &str) -> Option<Vec<Seg>> {
             let end = rest.find('.').unwrap_or(rest.len());
             (&rest[..end], &rest[end..])
         };
-        if seg.is_empty()
-            || (!rest.starts_with('[')
-                && !seg
-                    .chars()
-                    .all(|c| c.is_alphanumeric() || c == '_' || c == '-' || c == '$'))
-        {
+        if seg.is_empty() || (!rest.starts_with('[') && !seg.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-' || c == '$')) {
             return None;
         }
         segs.push(Seg::Key(seg.to_string()));
@@ -174,23 +163,12 @@ impl Template {
             return Err("unescaped output ({{{...}}} or {{&...}}) is not allowed here".into());
         }
         if let Some(parts) = parse_simple(text) {
-            return Ok(Template {
-                kind: Kind::Simple(parts),
-                escape: escape_kind,
-            });
+            return Ok(Template { kind: Kind::Simple(parts), escape: escape_kind });
         }
         let mut registry = Handlebars::new();
         registry.register_escape_fn(move |s| escape(escape_kind, s));
-        registry
-            .register_template_string("t", text)
-            .map_err(|e| format!("invalid template: {}", e.reason()))?;
-        Ok(Template {
-            kind: Kind::Handlebars {
-                registry: Arc::new(registry),
-                name: "t".into(),
-            },
-            escape: escape_kind,
-        })
+        registry.register_template_string("t", text).map_err(|e| format!("invalid template: {}", e.reason()))?;
+        Ok(Template { kind: Kind::Handlebars { registry: Arc::new(registry), name: "t".into() }, escape: escape_kind })
     }
 
     /// Renders against the context document. Literal text is the author's
@@ -212,20 +190,13 @@ impl Template {
             }
             Kind::Handlebars { registry, name } => {
                 let ctx = Context::from(doc.clone());
-                registry
-                    .render_with_context(name, &ctx)
-                    .map_err(|e| format!("template failed: {e}"))?
+                registry.render_with_context(name, &ctx).map_err(|e| format!("template failed: {e}"))?
             }
         };
-        if self.escape == Escape::Header && out.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)
-        {
+        if self.escape == Escape::Header && out.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
             return Err("a header value would hold CR, LF or NUL".into());
         }
         Ok(out)
-    }
-
-    pub fn is_static(&self) -> bool {
-        matches!(&self.kind, Kind::Simple(parts) if parts.iter().all(|p| matches!(p, Part::Literal(_))))
     }
 }
 
@@ -251,38 +222,21 @@ mod tests {
             let doc = json!({"request": {"path": {"id": value}}});
             assert_eq!(t.render(&doc).unwrap(), want, "{value}");
         }
-        let q =
-            Template::compile("user={{request.query.u}}&limit=5", Escape::QueryComponent).unwrap();
-        assert_eq!(
-            q.render(&json!({"request": {"query": {"u": "1&admin=true"}}}))
-                .unwrap(),
-            "user=1%26admin%3Dtrue&limit=5"
-        );
+        let q = Template::compile("user={{request.query.u}}&limit=5", Escape::QueryComponent).unwrap();
+        assert_eq!(q.render(&json!({"request": {"query": {"u": "1&admin=true"}}})).unwrap(), "user=1%26admin%3Dtrue&limit=5");
     }
 
     #[test]
     fn values_render_like_handlebars() {
-        let t = Template::compile(
-            "{{a.n}}-{{a.b}}-{{a.missing}}-{{a.s}}-{{a.list.[1]}}-{{a.list.0}}-{{x-y.z}}",
-            Escape::Header,
-        )
-        .unwrap();
-        let doc =
-            json!({"a": {"n": 1.5, "b": true, "s": "str", "list": ["p", "q"]}, "x-y": {"z": "h"}});
+        let t = Template::compile("{{a.n}}-{{a.b}}-{{a.missing}}-{{a.s}}-{{a.list.[1]}}-{{a.list.0}}-{{x-y.z}}", Escape::Header).unwrap();
+        let doc = json!({"a": {"n": 1.5, "b": true, "s": "str", "list": ["p", "q"]}, "x-y": {"z": "h"}});
         assert_eq!(t.render(&doc).unwrap(), "1.5-true--str-q-p-h");
     }
 
     #[test]
     fn helpers_go_through_handlebars_with_the_same_escaping() {
-        let t = Template::compile(
-            "/a/{{#if x.ok}}{{x.v}}{{else}}none{{/if}}",
-            Escape::PathSegment,
-        )
-        .unwrap();
-        assert_eq!(
-            t.render(&json!({"x": {"ok": true, "v": "a/b"}})).unwrap(),
-            "/a/a%2Fb"
-        );
+        let t = Template::compile("/a/{{#if x.ok}}{{x.v}}{{else}}none{{/if}}", Escape::PathSegment).unwrap();
+        assert_eq!(t.render(&json!({"x": {"ok": true, "v": "a/b"}})).unwrap(), "/a/a%2Fb");
         assert_eq!(t.render(&json!({"x": {"ok": false}})).unwrap(), "/a/none");
         assert!(Template::compile("/a/{{{x.v}}}", Escape::PathSegment).is_err());
     }
@@ -290,13 +244,7 @@ mod tests {
     #[test]
     fn header_values_refuse_line_breaks() {
         let t = Template::compile("{{request.headers.x}}", Escape::Header).unwrap();
-        assert!(t
-            .render(&json!({"request": {"headers": {"x": "a\r\nInjected: 1"}}}))
-            .is_err());
-        assert_eq!(
-            t.render(&json!({"request": {"headers": {"x": "fine"}}}))
-                .unwrap(),
-            "fine"
-        );
+        assert!(t.render(&json!({"request": {"headers": {"x": "a\r\nInjected: 1"}}})).is_err());
+        assert_eq!(t.render(&json!({"request": {"headers": {"x": "fine"}}})).unwrap(), "fine");
     }
 }

@@ -94,22 +94,14 @@ fn parse_entities<T: DeserializeOwned>(
         Value::Array(items) => items,
         Value::Null => return,
         _ => {
-            errors.push(ConfigError {
-                file: file.clone(),
-                path: kind.to_string(),
-                message: "expected a list".into(),
-            });
+            errors.push(ConfigError { file: file.clone(), path: kind.to_string(), message: "expected a list".into() });
             return;
         }
     };
     for (index, item) in items.into_iter().enumerate() {
         let label = entity_label(kind, index, &item);
         if !item.is_object() {
-            errors.push(ConfigError {
-                file: file.clone(),
-                path: label,
-                message: "expected an object".into(),
-            });
+            errors.push(ConfigError { file: file.clone(), path: label, message: "expected an object".into() });
             continue;
         }
         match serde_path_to_error::deserialize::<_, T>(item) {
@@ -119,16 +111,8 @@ fn parse_entities<T: DeserializeOwned>(
             }
             Err(e) => {
                 let inner = e.path().to_string();
-                let path = if inner == "." {
-                    label
-                } else {
-                    format!("{label}.{inner}")
-                };
-                errors.push(ConfigError {
-                    file: file.clone(),
-                    path,
-                    message: e.into_inner().to_string(),
-                });
+                let path = if inner == "." { label } else { format!("{label}.{inner}") };
+                errors.push(ConfigError { file: file.clone(), path, message: e.into_inner().to_string() });
             }
         }
     }
@@ -136,11 +120,7 @@ fn parse_entities<T: DeserializeOwned>(
 
 /// Parses one document. Structural errors (wrong types, unknown fields) are
 /// collected per entity; semantic checks come later, over the merged config.
-pub fn parse_document(
-    file: Option<Arc<str>>,
-    text: &str,
-    format: Format,
-) -> (LoadedConfig, Vec<ConfigError>) {
+pub fn parse_document(file: Option<Arc<str>>, text: &str, format: Format) -> (LoadedConfig, Vec<ConfigError>) {
     let mut loaded = LoadedConfig::default();
     let mut errors = Vec::new();
     let doc: Result<Value, String> = match format {
@@ -150,11 +130,7 @@ pub fn parse_document(
     let doc = match doc {
         Ok(doc) => doc,
         Err(message) => {
-            errors.push(ConfigError {
-                file,
-                path: String::new(),
-                message,
-            });
+            errors.push(ConfigError { file, path: String::new(), message });
             return (loaded, errors);
         }
     };
@@ -165,8 +141,7 @@ pub fn parse_document(
             errors.push(ConfigError {
                 file,
                 path: String::new(),
-                message: "expected an object with routes, compositions, consumers or policies"
-                    .into(),
+                message: "expected an object with routes, compositions, consumers or policies".into(),
             });
             return (loaded, errors);
         }
@@ -174,38 +149,10 @@ pub fn parse_document(
     let (c, o) = (&mut loaded.config, &mut loaded.origins);
     for (key, value) in map {
         match key.as_str() {
-            "routes" => parse_entities(
-                &key,
-                value,
-                &file,
-                &mut c.routes,
-                &mut o.routes,
-                &mut errors,
-            ),
-            "compositions" => parse_entities(
-                &key,
-                value,
-                &file,
-                &mut c.compositions,
-                &mut o.compositions,
-                &mut errors,
-            ),
-            "consumers" => parse_entities(
-                &key,
-                value,
-                &file,
-                &mut c.consumers,
-                &mut o.consumers,
-                &mut errors,
-            ),
-            "policies" => parse_entities(
-                &key,
-                value,
-                &file,
-                &mut c.policies,
-                &mut o.policies,
-                &mut errors,
-            ),
+            "routes" => parse_entities(&key, value, &file, &mut c.routes, &mut o.routes, &mut errors),
+            "compositions" => parse_entities(&key, value, &file, &mut c.compositions, &mut o.compositions, &mut errors),
+            "consumers" => parse_entities(&key, value, &file, &mut c.consumers, &mut o.consumers, &mut errors),
+            "policies" => parse_entities(&key, value, &file, &mut c.policies, &mut o.policies, &mut errors),
             _ => errors.push(ConfigError {
                 file: file.clone(),
                 path: key.clone(),
@@ -261,19 +208,11 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
         match std::fs::metadata(path) {
             Ok(meta) if meta.is_dir() => {
                 if let Err(e) = config_files(path, &mut files) {
-                    errors.push(ConfigError {
-                        file: Some(label),
-                        path: String::new(),
-                        message: format!("cannot read directory: {e}"),
-                    });
+                    errors.push(ConfigError { file: Some(label), path: String::new(), message: format!("cannot read directory: {e}") });
                 }
             }
             Ok(_) => files.push(path.clone()),
-            Err(e) => errors.push(ConfigError {
-                file: Some(label),
-                path: String::new(),
-                message: format!("cannot read: {e}"),
-            }),
+            Err(e) => errors.push(ConfigError { file: Some(label), path: String::new(), message: format!("cannot read: {e}") }),
         }
         for file in files {
             let label: Arc<str> = file.display().to_string().into();
@@ -284,11 +223,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
                     loaded.append(part);
                     errors.extend(errs);
                 }
-                Err(e) => errors.push(ConfigError {
-                    file: Some(label),
-                    path: String::new(),
-                    message: format!("cannot read: {e}"),
-                }),
+                Err(e) => errors.push(ConfigError { file: Some(label), path: String::new(), message: format!("cannot read: {e}") }),
             }
         }
     }

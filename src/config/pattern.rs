@@ -16,8 +16,7 @@ pub struct PathPattern {
 
 pub fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 impl PathPattern {
@@ -30,11 +29,7 @@ impl PathPattern {
         }
         let mut segments = Vec::new();
         let mut names: Vec<&str> = Vec::new();
-        let parts: Vec<&str> = if rest.is_empty() {
-            vec![""]
-        } else {
-            rest.split('/').collect()
-        };
+        let parts: Vec<&str> = if rest.is_empty() { vec![""] } else { rest.split('/').collect() };
         let count = parts.len();
         for (i, part) in parts.into_iter().enumerate() {
             let last = i + 1 == count;
@@ -47,9 +42,7 @@ impl PathPattern {
                     None => (false, inner),
                 };
                 if !is_identifier(name) {
-                    return Err(format!(
-                        "parameter {{{inner}}}: a name is letters, digits and _, not starting with a digit"
-                    ));
+                    return Err(format!("parameter {{{inner}}}: a name is letters, digits and _, not starting with a digit"));
                 }
                 if names.contains(&name) {
                     return Err(format!("parameter {{{name}}} appears twice"));
@@ -64,13 +57,8 @@ impl PathPattern {
                     segments.push(Segment::Param(name.to_string()));
                 }
             } else if part.contains(['{', '}']) {
-                return Err(format!(
-                    "segment {part:?}: a parameter must be a whole segment, such as /{{id}}"
-                ));
-            } else if let Some(c) = part
-                .chars()
-                .find(|c| !c.is_ascii_graphic() || matches!(c, '?' | '#' | '\\'))
-            {
+                return Err(format!("segment {part:?}: a parameter must be a whole segment, such as /{{id}}"));
+            } else if let Some(c) = part.chars().find(|c| !c.is_ascii_graphic() || matches!(c, '?' | '#' | '\\')) {
                 return Err(format!("segment {part:?}: character {c:?} is not allowed"));
             } else if part == "." || part == ".." {
                 return Err("a path cannot hold . or .. segments".into());
@@ -105,9 +93,7 @@ impl PathPattern {
                     return Some(params);
                 }
                 Segment::Static(s) if s == part => {}
-                Segment::Param(name) if !part.is_empty() => {
-                    params.push((name.clone(), part.to_string()))
-                }
+                Segment::Param(name) if !part.is_empty() => params.push((name.clone(), part.to_string())),
                 _ => return None,
             }
             match next {
@@ -158,9 +144,7 @@ pub fn parse_rewrite(rewrite: &str, params: &[&str]) -> Result<Vec<RewritePart>,
         let name = &rest[open + 1..open + close];
         let name = name.strip_prefix('*').unwrap_or(name);
         if !params.contains(&name) {
-            return Err(format!(
-                "path_rewrite uses {{{name}}}, which the path does not define"
-            ));
+            return Err(format!("path_rewrite uses {{{name}}}, which the path does not define"));
         }
         parts.push(RewritePart::Param(name.to_string()));
         rest = &rest[open + close + 1..];
@@ -185,9 +169,7 @@ mod tests {
         assert_eq!(p.param_names().collect::<Vec<_>>(), ["id", "rest"]);
         assert_eq!(PathPattern::parse("/").unwrap().shape(), "/");
         assert_eq!(PathPattern::parse("/a/").unwrap().shape(), "/a/");
-        for bad in [
-            "api", "/a//b", "/{*x}/b", "/a{b}", "/{a}/{a}", "/{1x}", "/a b", "/../x",
-        ] {
+        for bad in ["api", "/a//b", "/{*x}/b", "/a{b}", "/{a}/{a}", "/{1x}", "/a b", "/../x"] {
             assert!(PathPattern::parse(bad).is_err(), "{bad}");
         }
     }
@@ -195,18 +177,12 @@ mod tests {
     #[test]
     fn standalone_matching() {
         let p = PathPattern::parse("/v1/users/{id}/dashboard").unwrap();
-        assert_eq!(
-            p.matches("/v1/users/42/dashboard"),
-            Some(vec![("id".into(), "42".into())])
-        );
+        assert_eq!(p.matches("/v1/users/42/dashboard"), Some(vec![("id".into(), "42".into())]));
         assert_eq!(p.matches("/v1/users/42"), None);
         assert_eq!(p.matches("/v1/users//dashboard"), None);
         assert_eq!(p.matches("/v1/users/42/dashboard/x"), None);
         let c = PathPattern::parse("/files/{*rest}").unwrap();
-        assert_eq!(
-            c.matches("/files/a/b"),
-            Some(vec![("rest".into(), "a/b".into())])
-        );
+        assert_eq!(c.matches("/files/a/b"), Some(vec![("rest".into(), "a/b".into())]));
         assert_eq!(PathPattern::parse("/").unwrap().matches("/"), Some(vec![]));
     }
 

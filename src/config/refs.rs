@@ -18,10 +18,7 @@ fn path_root(token: &str) -> Option<&str> {
     if !(first.is_ascii_alphabetic() || first == '_') {
         return None;
     }
-    if matches!(
-        root,
-        "this" | "else" | "true" | "false" | "null" | "undefined"
-    ) {
+    if matches!(root, "this" | "else" | "true" | "false" | "null" | "undefined") {
         return None;
     }
     Some(root)
@@ -35,9 +32,7 @@ pub fn template_refs(template: &str) -> Vec<TemplateRef> {
     while let Some(open) = rest.find("{{") {
         let after = &rest[open + 2..];
         let Some(close) = after.find("}}") else { break };
-        let inner = after[..close]
-            .trim_matches(|c| c == '{' || c == '}' || c == '~')
-            .trim();
+        let inner = after[..close].trim_matches(|c| c == '{' || c == '}' || c == '~').trim();
         rest = &after[close + 2..];
         if inner.starts_with('!') {
             continue;
@@ -48,10 +43,7 @@ pub fn template_refs(template: &str) -> Vec<TemplateRef> {
             continue;
         }
         let body = inner.trim_start_matches(['#', '^', '&', '>', '*']);
-        let tokens: Vec<&str> = body
-            .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
-            .filter(|t| !t.is_empty())
-            .collect();
+        let tokens: Vec<&str> = body.split(|c: char| c.is_whitespace() || c == '(' || c == ')').filter(|t| !t.is_empty()).collect();
         for (i, token) in tokens.iter().enumerate() {
             let token = token.rsplit('=').next().unwrap_or(token);
             if token.starts_with(['"', '\'', '@']) {
@@ -59,10 +51,7 @@ pub fn template_refs(template: &str) -> Vec<TemplateRef> {
             }
             if let Some(root) = path_root(token) {
                 let helper_position = i == 0 && (tokens.len() > 1 || block_open);
-                refs.push(TemplateRef {
-                    root: root.to_string(),
-                    certain: !helper_position && depth == 0,
-                });
+                refs.push(TemplateRef { root: root.to_string(), certain: !helper_position && depth == 0 });
             }
         }
         if block_open {
@@ -79,23 +68,14 @@ pub fn jsonpath_root(query: &str) -> Result<Option<String>, String> {
     jsonpath_rust::parser::parse_json_path(query).map_err(|e| {
         // pest's messages are drawings over several lines; keep the gist.
         let text = e.to_string();
-        let column = text
-            .split("--> ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|p| p.split(':').nth(1).map(str::to_string));
-        let what = text
-            .lines()
-            .rev()
-            .find_map(|l| l.trim().strip_prefix("= ").map(str::to_string));
+        let column =
+            text.split("--> ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|p| p.split(':').nth(1).map(str::to_string));
+        let what = text.lines().rev().find_map(|l| l.trim().strip_prefix("= ").map(str::to_string));
         match (what, column) {
             (Some(what), Some(column)) => {
                 format!("invalid JSONPath {query:?}: {what} at column {column}")
             }
-            _ => format!(
-                "invalid JSONPath {query:?}: {}",
-                text.split_whitespace().collect::<Vec<_>>().join(" ")
-            ),
+            _ => format!("invalid JSONPath {query:?}: {}", text.split_whitespace().collect::<Vec<_>>().join(" ")),
         }
     })?;
     let rest = &query[1..];
@@ -121,47 +101,24 @@ mod tests {
     use super::*;
 
     fn roots(t: &str) -> Vec<(String, bool)> {
-        template_refs(t)
-            .into_iter()
-            .map(|r| (r.root, r.certain))
-            .collect()
+        template_refs(t).into_iter().map(|r| (r.root, r.certain)).collect()
     }
 
     #[test]
     fn template_roots() {
-        assert_eq!(
-            roots("/users/{{request.path.id}}?x={{ user.body.id }}"),
-            [("request".into(), true), ("user".into(), true)]
-        );
+        assert_eq!(roots("/users/{{request.path.id}}?x={{ user.body.id }}"), [("request".into(), true), ("user".into(), true)]);
         assert_eq!(
             roots("{{#each orders.body.items}}{{name}}{{/each}}{{lookup user.body 'x'}}"),
-            [
-                ("each".into(), false),
-                ("orders".into(), true),
-                ("name".into(), false),
-                ("lookup".into(), false),
-                ("user".into(), true)
-            ]
+            [("each".into(), false), ("orders".into(), true), ("name".into(), false), ("lookup".into(), false), ("user".into(), true)]
         );
         assert_eq!(roots("{{! comment user }}{{@index}}{{this}}"), []);
     }
 
     #[test]
     fn jsonpath_roots() {
-        assert_eq!(
-            jsonpath_root("$.user.body.id").unwrap().as_deref(),
-            Some("user")
-        );
-        assert_eq!(
-            jsonpath_root("$['orders'].body").unwrap().as_deref(),
-            Some("orders")
-        );
-        assert_eq!(
-            jsonpath_root("$.orders.body.items[*].product_id")
-                .unwrap()
-                .as_deref(),
-            Some("orders")
-        );
+        assert_eq!(jsonpath_root("$.user.body.id").unwrap().as_deref(), Some("user"));
+        assert_eq!(jsonpath_root("$['orders'].body").unwrap().as_deref(), Some("orders"));
+        assert_eq!(jsonpath_root("$.orders.body.items[*].product_id").unwrap().as_deref(), Some("orders"));
         assert_eq!(jsonpath_root("$..id").unwrap(), None);
         assert!(jsonpath_root("$.user[").is_err());
     }

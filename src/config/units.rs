@@ -14,30 +14,20 @@ pub struct Dur(pub Duration);
 impl Dur {
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
+        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let value: f64 = num.parse().map_err(|_| {
-            format!("invalid duration {s:?}: expected a number followed by ms, s, m or h")
-        })?;
+        let value: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected a number followed by ms, s, m or h"))?;
         let millis = match unit.trim() {
             "ms" => value,
             "" | "s" => value * 1_000.0,
             "m" => value * 60_000.0,
             "h" => value * 3_600_000.0,
-            other => {
-                return Err(format!(
-                    "invalid duration {s:?}: unknown unit {other:?} (use ms, s, m or h)"
-                ))
-            }
+            other => return Err(format!("invalid duration {s:?}: unknown unit {other:?} (use ms, s, m or h)")),
         };
         if !millis.is_finite() || millis > 1e12 {
             return Err(format!("invalid duration {s:?}: too large"));
         }
-        Ok(Dur(
-            Duration::from_micros((millis * 1_000.0).round() as u64),
-        ))
+        Ok(Dur(Duration::from_micros((millis * 1_000.0).round() as u64)))
     }
 }
 
@@ -79,9 +69,7 @@ impl<'de> Deserialize<'de> for Dur {
                 Ok(Dur(Duration::from_secs(v)))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Dur, E> {
-                u64::try_from(v)
-                    .map(|v| Dur(Duration::from_secs(v)))
-                    .map_err(|_| E::custom("a duration cannot be negative"))
+                u64::try_from(v).map(|v| Dur(Duration::from_secs(v))).map_err(|_| E::custom("a duration cannot be negative"))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Dur, E> {
                 Dur::parse(&v.to_string()).map_err(E::custom)
@@ -101,9 +89,7 @@ impl ByteSize {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let value: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid size {s:?}: expected a number such as 10MiB"))?;
+        let value: u64 = num.parse().map_err(|_| format!("invalid size {s:?}: expected a number such as 10MiB"))?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" | "kib" => 1 << 10,
@@ -111,10 +97,7 @@ impl ByteSize {
             "g" | "gb" | "gib" => 1 << 30,
             other => return Err(format!("invalid size {s:?}: unknown unit {other:?}")),
         };
-        value
-            .checked_mul(mult)
-            .map(ByteSize)
-            .ok_or_else(|| format!("invalid size {s:?}: too large"))
+        value.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("invalid size {s:?}: too large"))
     }
 }
 
@@ -154,9 +137,7 @@ impl<'de> Deserialize<'de> for ByteSize {
                 Ok(ByteSize(v))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v)
-                    .map(ByteSize)
-                    .map_err(|_| E::custom("a size cannot be negative"))
+                u64::try_from(v).map(ByteSize).map_err(|_| E::custom("a size cannot be negative"))
             }
         }
         d.deserialize_any(V)
@@ -169,21 +150,9 @@ mod tests {
 
     #[test]
     fn durations() {
-        let ok = [
-            ("500ms", 500),
-            ("30s", 30_000),
-            ("1m", 60_000),
-            ("2h", 7_200_000),
-            ("1.5s", 1_500),
-            ("10", 10_000),
-            ("0s", 0),
-        ];
+        let ok = [("500ms", 500), ("30s", 30_000), ("1m", 60_000), ("2h", 7_200_000), ("1.5s", 1_500), ("10", 10_000), ("0s", 0)];
         for (input, ms) in ok {
-            assert_eq!(
-                Dur::parse(input).unwrap().0,
-                Duration::from_millis(ms),
-                "{input}"
-            );
+            assert_eq!(Dur::parse(input).unwrap().0, Duration::from_millis(ms), "{input}");
         }
         for bad in ["", "s", "10 parsecs", "-1s", "1d"] {
             assert!(Dur::parse(bad).is_err(), "{bad}");

@@ -33,17 +33,8 @@ impl Errors<'_> {
     fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         // One error, one line: parser messages can span several.
         let message: String = message.into();
-        let message = message
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join(" ");
-        self.list.push(ConfigError {
-            file: self.file.clone(),
-            path: path.into(),
-            message,
-        });
+        let message = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+        self.list.push(ConfigError { file: self.file.clone(), path: path.into(), message });
     }
 }
 
@@ -52,50 +43,32 @@ pub fn is_valid_name(name: &str) -> bool {
     !b.is_empty()
         && b.len() <= 64
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
-const NAME_RULE: &str =
-    "a name is 1 to 64 characters of a-z, 0-9 and -, starting with a letter or digit";
+const NAME_RULE: &str = "a name is 1 to 64 characters of a-z, 0-9 and -, starting with a letter or digit";
 
 fn check_name(errs: &mut Errors, base: &str, name: &str) {
     if !is_valid_name(name) {
-        errs.push(
-            format!("{base}.name"),
-            format!("invalid name {name:?}: {NAME_RULE}"),
-        );
+        errs.push(format!("{base}.name"), format!("invalid name {name:?}: {NAME_RULE}"));
     }
 }
 
 fn check_tags(errs: &mut Errors, base: &str, tags: &[String]) {
     for (i, tag) in tags.iter().enumerate() {
         if tag.is_empty() || tag.len() > 128 || tag.chars().any(|c| c.is_control() || c == ',') {
-            errs.push(
-                format!("{base}.tags[{i}]"),
-                "a tag is 1 to 128 printable characters without commas",
-            );
+            errs.push(format!("{base}.tags[{i}]"), "a tag is 1 to 128 printable characters without commas");
         }
     }
 }
 
-fn check_unique<'a>(
-    errs: &mut Errors,
-    kind: &str,
-    names: impl Iterator<Item = (&'a str, &'a Option<Arc<str>>)>,
-) {
+fn check_unique<'a>(errs: &mut Errors, kind: &str, names: impl Iterator<Item = (&'a str, &'a Option<Arc<str>>)>) {
     let mut seen: HashMap<&str, &Option<Arc<str>>> = HashMap::new();
     for (name, file) in names {
         if let Some(first) = seen.get(name) {
             errs.at(file);
-            let where_ = first
-                .as_deref()
-                .map(|f| format!(" (also defined in {f})"))
-                .unwrap_or_default();
-            errs.push(
-                format!("{kind}.{name}.name"),
-                format!("duplicate name {name:?}{where_}"),
-            );
+            let where_ = first.as_deref().map(|f| format!(" (also defined in {f})")).unwrap_or_default();
+            errs.push(format!("{kind}.{name}.name"), format!("duplicate name {name:?}{where_}"));
         } else {
             seen.insert(name, file);
         }
@@ -103,16 +76,9 @@ fn check_unique<'a>(
 }
 
 fn check_method(errs: &mut Errors, path: String, method: &str) {
-    let ok = !method.is_empty()
-        && method.len() <= 32
-        && method
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
+    let ok = !method.is_empty() && method.len() <= 32 && method.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
     if !ok {
-        errs.push(
-            path,
-            format!("invalid method {method:?}: use upper case, such as GET"),
-        );
+        errs.push(path, format!("invalid method {method:?}: use upper case, such as GET"));
     }
 }
 
@@ -134,38 +100,23 @@ fn check_host(errs: &mut Errors, path: String, host: &str) {
     let bare = host.strip_prefix("*.").unwrap_or(host);
     let ok = !bare.is_empty()
         && bare.len() <= 253
-        && bare.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
+        && bare
+            .split('.')
+            .all(|label| !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
     if !ok {
-        errs.push(
-            path,
-            format!("invalid host {host:?}: a host name, or *.domain for its subdomains"),
-        );
+        errs.push(path, format!("invalid host {host:?}: a host name, or *.domain for its subdomains"));
     }
 }
 
 /// `scheme://host[:port][/base]` for a plain route's upstream.
 pub fn check_upstream(upstream: &str) -> Result<(), String> {
-    let uri: http::Uri = upstream
-        .parse()
-        .map_err(|e| format!("invalid upstream {upstream:?}: {e}"))?;
+    let uri: http::Uri = upstream.parse().map_err(|e| format!("invalid upstream {upstream:?}: {e}"))?;
     match uri.scheme_str() {
         Some("http") => {}
         Some("https") => return Err("https upstreams are not supported yet; use http://".into()),
-        _ => {
-            return Err(format!(
-                "invalid upstream {upstream:?}: expected http://host[:port][/base]"
-            ))
-        }
+        _ => return Err(format!("invalid upstream {upstream:?}: expected http://host[:port][/base]")),
     }
-    let authority = uri
-        .authority()
-        .ok_or_else(|| format!("invalid upstream {upstream:?}: no host"))?;
+    let authority = uri.authority().ok_or_else(|| format!("invalid upstream {upstream:?}: no host"))?;
     if authority.as_str().contains('@') {
         return Err("an upstream cannot hold user info (user@host)".into());
     }
@@ -181,11 +132,7 @@ pub fn check_upstream(upstream: &str) -> Result<(), String> {
 /// Parses a policy's `config` into its typed form, reporting the field.
 pub fn policy_config(kind: PolicyKind, config: &Value) -> Result<PolicyConfig, (String, String)> {
     fn typed<T: DeserializeOwned>(config: &Value) -> Result<T, (String, String)> {
-        let value = if config.is_null() {
-            Value::Object(Default::default())
-        } else {
-            config.clone()
-        };
+        let value = if config.is_null() { Value::Object(Default::default()) } else { config.clone() };
         serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
@@ -220,15 +167,9 @@ fn check_policy_refs(errs: &mut Errors, base: &str, names: &[String], policies: 
     let mut seen = HashSet::new();
     for (i, name) in names.iter().enumerate() {
         if !policies.contains(name.as_str()) {
-            errs.push(
-                format!("{base}.policies[{i}]"),
-                format!("unknown policy {name:?}"),
-            );
+            errs.push(format!("{base}.policies[{i}]"), format!("unknown policy {name:?}"));
         } else if !seen.insert(name) {
-            errs.push(
-                format!("{base}.policies[{i}]"),
-                format!("policy {name:?} is listed twice"),
-            );
+            errs.push(format!("{base}.policies[{i}]"), format!("policy {name:?} is listed twice"));
         }
     }
 }
@@ -237,11 +178,7 @@ fn check_policy_refs(errs: &mut Errors, base: &str, names: &[String], policies: 
 type Claim = (Option<Vec<String>>, String);
 
 pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
-    let mut errs = Errors {
-        list: Vec::new(),
-        file: None,
-        _origins: origins,
-    };
+    let mut errs = Errors { list: Vec::new(), file: None, _origins: origins };
     let file_of = |v: &Vec<Option<Arc<str>>>, i: usize| v.get(i).cloned().flatten();
 
     let policy_names: HashSet<&str> = config.policies.iter().map(|p| p.name.as_str()).collect();
@@ -250,66 +187,39 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
     check_unique(
         &mut errs,
         "routes",
-        config
-            .routes
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.name.as_str(), origins.routes.get(i).unwrap_or(&None))),
+        config.routes.iter().enumerate().map(|(i, r)| (r.name.as_str(), origins.routes.get(i).unwrap_or(&None))),
     );
     check_unique(
         &mut errs,
         "compositions",
-        config.compositions.iter().enumerate().map(|(i, r)| {
-            (
-                r.name.as_str(),
-                origins.compositions.get(i).unwrap_or(&None),
-            )
-        }),
+        config.compositions.iter().enumerate().map(|(i, r)| (r.name.as_str(), origins.compositions.get(i).unwrap_or(&None))),
     );
     check_unique(
         &mut errs,
         "consumers",
-        config
-            .consumers
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.name.as_str(), origins.consumers.get(i).unwrap_or(&None))),
+        config.consumers.iter().enumerate().map(|(i, r)| (r.name.as_str(), origins.consumers.get(i).unwrap_or(&None))),
     );
     check_unique(
         &mut errs,
         "policies",
-        config
-            .policies
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.name.as_str(), origins.policies.get(i).unwrap_or(&None))),
+        config.policies.iter().enumerate().map(|(i, r)| (r.name.as_str(), origins.policies.get(i).unwrap_or(&None))),
     );
 
     // Which (host, path shape) pairs are taken, by which methods, so two
     // entities can never answer the same request.
     let mut claims: HashMap<(String, String), Vec<Claim>> = HashMap::new();
-    let mut claim = |errs: &mut Errors,
-                     base: &str,
-                     label: String,
-                     hosts: &[String],
-                     shape: &str,
-                     methods: Option<Vec<String>>| {
+    let mut claim = |errs: &mut Errors, base: &str, label: String, hosts: &[String], shape: &str, methods: Option<Vec<String>>| {
         let any = [String::new()];
         let hosts: &[String] = if hosts.is_empty() { &any } else { hosts };
         for host in hosts {
-            let entry = claims
-                .entry((host.to_ascii_lowercase(), shape.to_string()))
-                .or_default();
+            let entry = claims.entry((host.to_ascii_lowercase(), shape.to_string())).or_default();
             for (other_methods, other) in entry.iter() {
                 let overlap = match (&methods, other_methods) {
                     (Some(a), Some(b)) => a.iter().any(|m| b.contains(m)),
                     _ => true,
                 };
                 if overlap {
-                    errs.push(
-                        format!("{base}.path"),
-                        format!("conflicts with {other}: same path, host and method"),
-                    );
+                    errs.push(format!("{base}.path"), format!("conflicts with {other}: same path, host and method"));
                 }
             }
             entry.push((methods.clone(), label.clone()));
@@ -336,14 +246,7 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
                     }
                 }
                 let methods = (!route.methods.is_empty()).then(|| route.methods.clone());
-                claim(
-                    &mut errs,
-                    &base,
-                    format!("route {:?}", route.name),
-                    &route.hosts,
-                    &pattern.shape(),
-                    methods,
-                );
+                claim(&mut errs, &base, format!("route {:?}", route.name), &route.hosts, &pattern.shape(), methods);
             }
             Err(e) => errs.push(format!("{base}.path"), e),
         }
@@ -365,14 +268,9 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
             check_host(&mut errs, format!("{base}.hosts[{j}]"), h);
         }
         match PathPattern::parse(&comp.path) {
-            Ok(pattern) => claim(
-                &mut errs,
-                &base,
-                format!("composition {:?}", comp.name),
-                &comp.hosts,
-                &pattern.shape(),
-                Some(vec![method]),
-            ),
+            Ok(pattern) => {
+                claim(&mut errs, &base, format!("composition {:?}", comp.name), &comp.hosts, &pattern.shape(), Some(vec![method]))
+            }
             Err(e) => errs.push(format!("{base}.path"), e),
         }
         check_duration(&mut errs, format!("{base}.timeout"), comp.timeout);
@@ -390,78 +288,41 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
         check_tags(&mut errs, &base, &consumer.tags);
         for (j, g) in consumer.groups.iter().enumerate() {
             if !is_valid_name(g) {
-                errs.push(
-                    format!("{base}.groups[{j}]"),
-                    format!("invalid group {g:?}: {NAME_RULE}"),
-                );
+                errs.push(format!("{base}.groups[{j}]"), format!("invalid group {g:?}: {NAME_RULE}"));
             }
         }
         for (j, cred) in consumer.credentials.iter().enumerate() {
             let path = format!("{base}.credentials[{j}]");
-            let unique = |errs: &mut Errors,
-                          seen: &mut HashMap<String, String>,
-                          what: &str,
-                          value: String| {
+            let unique = |errs: &mut Errors, seen: &mut HashMap<String, String>, what: &str, value: String| {
                 if let Some(other) = seen.get(&value) {
-                    errs.push(
-                        path.clone(),
-                        format!("{what} is already used by consumer {other:?}"),
-                    );
+                    errs.push(path.clone(), format!("{what} is already used by consumer {other:?}"));
                 } else {
                     seen.insert(value, consumer.name.clone());
                 }
             };
             match cred {
                 Credential::KeyAuth { key, key_sha256 } => match (key, key_sha256) {
-                    (Some(k), None) if !k.is_empty() => {
-                        unique(&mut errs, &mut keys, "this key", sha256_hex(k))
-                    }
-                    (None, Some(d))
-                        if d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()) =>
-                    {
+                    (Some(k), None) if !k.is_empty() => unique(&mut errs, &mut keys, "this key", sha256_hex(k)),
+                    (None, Some(d)) if d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()) => {
                         unique(&mut errs, &mut keys, "this key", d.to_ascii_lowercase())
                     }
-                    (None, Some(_)) => errs.push(
-                        format!("{path}.key_sha256"),
-                        "expected 64 hexadecimal characters",
-                    ),
-                    _ => errs.push(
-                        path.clone(),
-                        "a key-auth credential has exactly one of key or key_sha256",
-                    ),
+                    (None, Some(_)) => errs.push(format!("{path}.key_sha256"), "expected 64 hexadecimal characters"),
+                    _ => errs.push(path.clone(), "a key-auth credential has exactly one of key or key_sha256"),
                 },
-                Credential::BasicAuth {
-                    username,
-                    password,
-                    password_hash,
-                } => {
+                Credential::BasicAuth { username, password, password_hash } => {
                     if username.is_empty() || username.contains(':') {
-                        errs.push(
-                            format!("{path}.username"),
-                            "a username is not empty and holds no ':'",
-                        );
+                        errs.push(format!("{path}.username"), "a username is not empty and holds no ':'");
                     } else {
                         unique(&mut errs, &mut usernames, "this username", username.clone());
                     }
                     match (password, password_hash) {
                         (Some(p), None) if !p.is_empty() => {}
                         (None, Some(h)) if h.starts_with("$argon2") => {}
-                        (None, Some(_)) => errs.push(
-                            format!("{path}.password_hash"),
-                            "expected an argon2 hash ($argon2id$...)",
-                        ),
-                        _ => errs.push(
-                            path.clone(),
-                            "a basic-auth credential has exactly one of password or password_hash",
-                        ),
+                        (None, Some(_)) => errs.push(format!("{path}.password_hash"), "expected an argon2 hash ($argon2id$...)"),
+                        _ => errs.push(path.clone(), "a basic-auth credential has exactly one of password or password_hash"),
                     }
                 }
-                Credential::Jwt {
-                    issuer,
-                    algorithm,
-                    secret,
-                    public_key,
-                } => {
+                Credential::Jwt { issuer, algorithm, secret, public_key } => {
                     if issuer.is_empty() {
                         errs.push(format!("{path}.issuer"), "must not be empty");
                     } else {
@@ -473,13 +334,14 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
                                 errs.push(path.clone(), format!("{algorithm} needs a secret and no public_key"));
                             }
                         }
-                        "RS256" | "RS384" | "RS512" | "ES256" | "ES384" | "EdDSA" => {
-                            match public_key {
-                                Some(k) if k.trim_start().starts_with("-----BEGIN ") && secret.is_none() => {}
-                                _ => errs.push(path.clone(), format!("{algorithm} needs a PEM public_key and no secret")),
-                            }
-                        }
-                        other => errs.push(format!("{path}.algorithm"), format!("unknown algorithm {other:?}: use HS256/384/512, RS256/384/512, ES256/384 or EdDSA")),
+                        "RS256" | "RS384" | "RS512" | "ES256" | "ES384" | "EdDSA" => match public_key {
+                            Some(k) if k.trim_start().starts_with("-----BEGIN ") && secret.is_none() => {}
+                            _ => errs.push(path.clone(), format!("{algorithm} needs a PEM public_key and no secret")),
+                        },
+                        other => errs.push(
+                            format!("{path}.algorithm"),
+                            format!("unknown algorithm {other:?}: use HS256/384/512, RS256/384/512, ES256/384 or EdDSA"),
+                        ),
                     }
                 }
             }
@@ -492,18 +354,9 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
         check_name(&mut errs, &base, &policy.name);
         check_tags(&mut errs, &base, &policy.tags);
         match policy_config(policy.kind, &policy.config) {
-            Ok(typed) => check_policy_config(
-                &mut errs,
-                &format!("{base}.config"),
-                &typed,
-                &consumer_names,
-            ),
+            Ok(typed) => check_policy_config(&mut errs, &format!("{base}.config"), &typed, &consumer_names),
             Err((path, message)) => {
-                let path = if path.is_empty() {
-                    format!("{base}.config")
-                } else {
-                    format!("{base}.config.{path}")
-                };
+                let path = if path.is_empty() { format!("{base}.config") } else { format!("{base}.config.{path}") };
                 errs.push(path, message);
             }
         }
@@ -511,18 +364,10 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
     errs.list
 }
 
-fn check_anonymous(
-    errs: &mut Errors,
-    base: &str,
-    anonymous: &Option<String>,
-    consumers: &HashSet<&str>,
-) {
+fn check_anonymous(errs: &mut Errors, base: &str, anonymous: &Option<String>, consumers: &HashSet<&str>) {
     if let Some(name) = anonymous {
         if !consumers.contains(name.as_str()) {
-            errs.push(
-                format!("{base}.anonymous"),
-                format!("unknown consumer {name:?}"),
-            );
+            errs.push(format!("{base}.anonymous"), format!("unknown consumer {name:?}"));
         }
     }
 }
@@ -553,20 +398,12 @@ fn check_string_list(errs: &mut Errors, path: String, value: &Option<Value>) {
 }
 
 fn check_transform(errs: &mut Errors, base: &str, t: &TransformConfig, allow_query: bool) {
-    let sections = [
-        ("add", &t.add),
-        ("remove", &t.remove),
-        ("rename", &t.rename),
-        ("replace", &t.replace),
-    ];
+    let sections = [("add", &t.add), ("remove", &t.remove), ("rename", &t.rename), ("replace", &t.replace)];
     for (op, targets) in sections {
         let Some(targets) = targets else { continue };
         let path = format!("{base}.{op}");
         if !allow_query && targets.query.is_some() {
-            errs.push(
-                format!("{path}.query"),
-                "a response has no query to transform",
-            );
+            errs.push(format!("{path}.query"), "a response has no query to transform");
         }
         if op == "remove" {
             check_string_list(errs, format!("{path}.headers"), &targets.headers);
@@ -579,22 +416,14 @@ fn check_transform(errs: &mut Errors, base: &str, t: &TransformConfig, allow_que
                 check_string_map(errs, format!("{path}.body"), &targets.body, false);
             } else if let Some(body) = &targets.body {
                 if !body.is_object() {
-                    errs.push(
-                        format!("{path}.body"),
-                        "expected a map of field names to values",
-                    );
+                    errs.push(format!("{path}.body"), "expected a map of field names to values");
                 }
             }
         }
     }
 }
 
-fn check_policy_config(
-    errs: &mut Errors,
-    base: &str,
-    config: &PolicyConfig,
-    consumers: &HashSet<&str>,
-) {
+fn check_policy_config(errs: &mut Errors, base: &str, config: &PolicyConfig, consumers: &HashSet<&str>) {
     match config {
         PolicyConfig::KeyAuth(c) => {
             if c.key_names.is_empty() {
@@ -610,16 +439,12 @@ fn check_policy_config(
             check_header_name(errs, format!("{base}.header"), &c.header);
             for (i, claim) in c.claims_to_verify.iter().enumerate() {
                 if claim != "exp" && claim != "nbf" {
-                    errs.push(
-                        format!("{base}.claims_to_verify[{i}]"),
-                        format!("unknown claim {claim:?}: use exp or nbf"),
-                    );
+                    errs.push(format!("{base}.claims_to_verify[{i}]"), format!("unknown claim {claim:?}: use exp or nbf"));
                 }
             }
             if let Some(url) = &c.jwks_url {
-                let ok = url.parse::<http::Uri>().ok().is_some_and(|u| {
-                    matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
-                });
+                let ok =
+                    url.parse::<http::Uri>().ok().is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
                 if !ok {
                     errs.push(format!("{base}.jwks_url"), format!("invalid URL {url:?}"));
                 }
@@ -628,10 +453,7 @@ fn check_policy_config(
         }
         PolicyConfig::Acl(c) => match (&c.allow, &c.deny) {
             (Some(groups), None) | (None, Some(groups)) if !groups.is_empty() => {}
-            _ => errs.push(
-                base.to_string(),
-                "an acl has exactly one of allow or deny, with at least one group",
-            ),
+            _ => errs.push(base.to_string(), "an acl has exactly one of allow or deny, with at least one group"),
         },
         PolicyConfig::IpRestriction(c) => {
             if c.allow.is_empty() && c.deny.is_empty() {
@@ -645,23 +467,15 @@ fn check_policy_config(
                 }
             }
             if !(400..=599).contains(&c.status) {
-                errs.push(
-                    format!("{base}.status"),
-                    "expected a status from 400 to 599",
-                );
+                errs.push(format!("{base}.status"), "expected a status from 400 to 599");
             }
         }
         PolicyConfig::RateLimit(c) => {
             let windows: Vec<(u64, Dur)> = match (c.limit, c.window, &c.limits) {
                 (Some(l), Some(w), None) => vec![(l, w)],
-                (None, None, Some(list)) if !list.is_empty() => {
-                    list.iter().map(|w| (w.limit, w.window)).collect()
-                }
+                (None, None, Some(list)) if !list.is_empty() => list.iter().map(|w| (w.limit, w.window)).collect(),
                 _ => {
-                    errs.push(
-                        base.to_string(),
-                        "a rate-limit has limit and window, or a non-empty limits list",
-                    );
+                    errs.push(base.to_string(), "a rate-limit has limit and window, or a non-empty limits list");
                     vec![]
                 }
             };
@@ -674,46 +488,29 @@ fn check_policy_config(
                 "consumer" | "ip" | "route" => {}
                 other => match other.strip_prefix("header:") {
                     Some(h) => check_header_name(errs, format!("{base}.by"), h),
-                    None => errs.push(
-                        format!("{base}.by"),
-                        format!("invalid key {other:?}: use consumer, ip, route or header:NAME"),
-                    ),
+                    None => errs.push(format!("{base}.by"), format!("invalid key {other:?}: use consumer, ip, route or header:NAME")),
                 },
             }
         }
-        PolicyConfig::CorrelationId(c) => {
-            check_header_name(errs, format!("{base}.header"), &c.header)
-        }
+        PolicyConfig::CorrelationId(c) => check_header_name(errs, format!("{base}.header"), &c.header),
         PolicyConfig::RequestTransform(t) => check_transform(errs, base, t, true),
         PolicyConfig::ResponseTransform(t) => check_transform(errs, base, t, false),
         PolicyConfig::Cors(c) => {
             if c.origins.is_empty() {
-                errs.push(
-                    format!("{base}.origins"),
-                    "needs at least one origin (or \"*\")",
-                );
+                errs.push(format!("{base}.origins"), "needs at least one origin (or \"*\")");
             }
             for (i, o) in c.origins.iter().enumerate() {
                 if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
-                    errs.push(
-                        format!("{base}.origins[{i}]"),
-                        format!("invalid origin {o:?}: expected * or scheme://host[:port]"),
-                    );
+                    errs.push(format!("{base}.origins[{i}]"), format!("invalid origin {o:?}: expected * or scheme://host[:port]"));
                 }
             }
             if c.credentials && c.origins.iter().any(|o| o == "*") {
-                errs.push(
-                    format!("{base}.credentials"),
-                    "credentials cannot be allowed for every origin (*)",
-                );
+                errs.push(format!("{base}.credentials"), "credentials cannot be allowed for every origin (*)");
             }
             for (i, m) in c.methods.iter().enumerate() {
                 check_method(errs, format!("{base}.methods[{i}]"), m);
             }
-            for (list, name) in [
-                (&c.headers, "headers"),
-                (&c.exposed_headers, "exposed_headers"),
-            ] {
+            for (list, name) in [(&c.headers, "headers"), (&c.exposed_headers, "exposed_headers")] {
                 for (i, h) in list.iter().enumerate() {
                     check_header_name(errs, format!("{base}.{name}[{i}]"), h);
                 }
@@ -751,25 +548,16 @@ fn template_reads(errs: &mut Errors, path: String, template: &str) -> Reads {
     // Output in urls and headers is always escaped for where it lands;
     // only a response template may print raw text.
     if !path.ends_with(".template") && (template.contains("{{{") || template.contains("{{&")) {
-        errs.push(
-            path.clone(),
-            "unescaped output ({{{...}}} or {{&...}}) is allowed only in response.template",
-        );
+        errs.push(path.clone(), "unescaped output ({{{...}}} or {{&...}}) is allowed only in response.template");
     }
     if let Err(e) = handlebars::Template::compile(template) {
         // handlebars lists every token it expected; the reason and place say enough.
         let reason = e.reason().to_string();
         let reason = reason.split(": expected").next().unwrap_or(&reason);
-        let place = e
-            .pos()
-            .map(|(line, col)| format!(" at line {line} column {col}"))
-            .unwrap_or_default();
+        let place = e.pos().map(|(line, col)| format!(" at line {line} column {col}")).unwrap_or_default();
         errs.push(path.clone(), format!("invalid template: {reason}{place}"));
     }
-    let roots = template_refs(template)
-        .into_iter()
-        .map(|r| (r.root, r.certain))
-        .collect();
+    let roots = template_refs(template).into_iter().map(|r| (r.root, r.certain)).collect();
     Reads { path, roots }
 }
 
@@ -777,10 +565,7 @@ fn query_reads(errs: &mut Errors, path: String, query: &str, anchored: bool) -> 
     let mut roots = Vec::new();
     match jsonpath_root(query) {
         Ok(Some(root)) => roots.push((root, true)),
-        Ok(None) if anchored => errs.push(
-            path.clone(),
-            format!("{query:?} must start with the name it reads, such as $.user.body"),
-        ),
+        Ok(None) if anchored => errs.push(path.clone(), format!("{query:?} must start with the name it reads, such as $.user.body")),
         Ok(None) => {}
         Err(e) => errs.push(path.clone(), e),
     }
@@ -790,9 +575,7 @@ fn query_reads(errs: &mut Errors, path: String, query: &str, anchored: bool) -> 
 /// JSONPath leaves of a body template: strings starting with `$` (not `$$`).
 fn body_reads(errs: &mut Errors, path: String, body: &Value, anchored: bool, out: &mut Vec<Reads>) {
     match body {
-        Value::String(s) if s.starts_with('$') && !s.starts_with("$$") => {
-            out.push(query_reads(errs, path, s, anchored))
-        }
+        Value::String(s) if s.starts_with('$') && !s.starts_with("$$") => out.push(query_reads(errs, path, s, anchored)),
         Value::Array(items) => {
             for (i, v) in items.iter().enumerate() {
                 body_reads(errs, format!("{path}[{i}]"), v, anchored, out);
@@ -812,9 +595,7 @@ fn body_reads(errs: &mut Errors, path: String, body: &Value, anchored: bool, out
 /// request choose where the gateway connects.
 pub fn split_call_url(url: &str) -> Result<(&str, &str), String> {
     let Some(scheme_end) = url.find("://") else {
-        return Err(format!(
-            "invalid url {url:?}: expected http://host[:port]/path"
-        ));
+        return Err(format!("invalid url {url:?}: expected http://host[:port]/path"));
     };
     let after = &url[scheme_end + 3..];
     let origin_end = scheme_end + 3 + after.find(['/', '?']).unwrap_or(after.len());
@@ -822,16 +603,9 @@ pub fn split_call_url(url: &str) -> Result<(&str, &str), String> {
     if origin.contains("{{") || origin.contains("}}") {
         return Err("the scheme, host and port of a url are fixed text: templates are allowed only in its path and query".into());
     }
-    let uri: http::Uri = origin
-        .parse()
-        .map_err(|e| format!("invalid url {url:?}: {e}"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https"))
-        || uri.host().is_none_or(str::is_empty)
-        || origin.contains('@')
-    {
-        return Err(format!(
-            "invalid url {url:?}: expected http://host[:port]/path"
-        ));
+    let uri: http::Uri = origin.parse().map_err(|e| format!("invalid url {url:?}: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) || origin.contains('@') {
+        return Err(format!("invalid url {url:?}: expected http://host[:port]/path"));
     }
     if strip_templates(rest).contains('#') {
         return Err("a url cannot hold a fragment".into());
@@ -856,21 +630,13 @@ fn strip_templates(text: &str) -> String {
 
 fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
     if comp.calls.is_empty() {
-        errs.push(
-            format!("{base}.calls"),
-            "a composition needs at least one call",
-        );
+        errs.push(format!("{base}.calls"), "a composition needs at least one call");
     }
     let mut deps: IndexMap<&str, Vec<String>> = IndexMap::new();
     for (name, call) in &comp.calls {
         let cbase = format!("{base}.calls.{name}");
         if !is_identifier(name) {
-            errs.push(
-                cbase.clone(),
-                format!(
-                    "invalid call name {name:?}: letters, digits and _, not starting with a digit"
-                ),
-            );
+            errs.push(cbase.clone(), format!("invalid call name {name:?}: letters, digits and _, not starting with a digit"));
         }
         if RESERVED_CALL_NAMES.contains(&name.as_str()) {
             errs.push(cbase.clone(), format!("{name:?} is reserved"));
@@ -878,16 +644,8 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
         let method = call.method.clone().unwrap_or_else(|| "GET".into());
         check_method(errs, format!("{cbase}.method"), &method);
         check_duration(errs, format!("{cbase}.timeout"), call.timeout);
-        if call.retries.unwrap_or(0) > 0
-            && !matches!(
-                method.as_str(),
-                "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE"
-            )
-        {
-            errs.push(
-                format!("{cbase}.retries"),
-                format!("retries are allowed only for idempotent methods, not {method}"),
-            );
+        if call.retries.unwrap_or(0) > 0 && !matches!(method.as_str(), "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE") {
+            errs.push(format!("{cbase}.retries"), format!("retries are allowed only for idempotent methods, not {method}"));
         }
         if call.max_concurrency == Some(0) {
             errs.push(format!("{cbase}.max_concurrency"), "must be at least 1");
@@ -899,25 +657,17 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
             errs.push(format!("{cbase}.max_body_bytes"), "must be more than 0");
         }
         if call.for_each.is_none() && (call.max_concurrency.is_some() || call.max_items.is_some()) {
-            errs.push(
-                cbase.clone(),
-                "max_concurrency and max_items apply only to a for_each call",
-            );
+            errs.push(cbase.clone(), "max_concurrency and max_items apply only to a for_each call");
         }
         let mut reads = Vec::new();
         match split_call_url(&call.url) {
             Ok((_, rest)) => {
                 let path_part = strip_templates(rest.split('?').next().unwrap_or(""));
-                if path_part.split('/').any(|seg| {
-                    matches!(
-                        seg.to_ascii_lowercase().as_str(),
-                        "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."
-                    )
-                }) {
-                    errs.push(
-                        format!("{cbase}.url"),
-                        "a url path cannot hold . or .. segments",
-                    );
+                if path_part
+                    .split('/')
+                    .any(|seg| matches!(seg.to_ascii_lowercase().as_str(), "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."))
+                {
+                    errs.push(format!("{cbase}.url"), "a url path cannot hold . or .. segments");
                 }
                 reads.push(template_reads(errs, format!("{cbase}.url"), rest))
             }
@@ -935,10 +685,7 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
                 if q.starts_with('$') {
                     reads.push(query_reads(errs, format!("{cbase}.{field}"), q, true));
                 } else {
-                    errs.push(
-                        format!("{cbase}.{field}"),
-                        "expected a JSONPath query starting with $",
-                    );
+                    errs.push(format!("{cbase}.{field}"), "expected a JSONPath query starting with $");
                 }
             }
         }
@@ -963,33 +710,21 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
         deps.insert(name.as_str(), mine);
     }
     if let Some(cycle) = find_cycle(&deps) {
-        errs.push(
-            format!("{base}.calls"),
-            format!(
-                "calls depend on each other in a cycle: {}",
-                cycle.join(" -> ")
-            ),
-        );
+        errs.push(format!("{base}.calls"), format!("calls depend on each other in a cycle: {}", cycle.join(" -> ")));
     }
 
     let Some(resp) = &comp.response else { return };
     let rbase = format!("{base}.response");
     if let Some(status) = resp.status {
         if !(100..=599).contains(&status) {
-            errs.push(
-                format!("{rbase}.status"),
-                "expected a status from 100 to 599",
-            );
+            errs.push(format!("{rbase}.status"), "expected a status from 100 to 599");
         }
     }
     if resp.body.is_some() && resp.template.is_some() {
         errs.push(rbase.clone(), "a response has body or template, not both");
     }
     if resp.content_type.is_some() && resp.template.is_none() {
-        errs.push(
-            format!("{rbase}.content_type"),
-            "content_type goes with template (a body is always JSON)",
-        );
+        errs.push(format!("{rbase}.content_type"), "content_type goes with template (a body is always JSON)");
     }
     let mut reads = Vec::new();
     for (h, v) in &resp.headers {
@@ -998,10 +733,7 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
     }
     for (call, names) in &resp.forward_headers {
         if !comp.calls.contains_key(call) {
-            errs.push(
-                format!("{rbase}.forward_headers.{call}"),
-                format!("unknown call {call:?}"),
-            );
+            errs.push(format!("{rbase}.forward_headers.{call}"), format!("unknown call {call:?}"));
         }
         for (i, h) in names.iter().enumerate() {
             check_header_name(errs, format!("{rbase}.forward_headers.{call}[{i}]"), h);
@@ -1084,21 +816,13 @@ pub fn hash_secrets(config: &mut Config) {
                         *d = d.to_ascii_lowercase();
                     }
                 }
-                Credential::BasicAuth {
-                    password,
-                    password_hash,
-                    ..
-                } => {
+                Credential::BasicAuth { password, password_hash, .. } => {
                     if let Some(p) = password.take() {
                         // A salt must be unique, not secret: 16 random bytes.
-                        let Ok(salt) = SaltString::encode_b64(&fastrand::u128(..).to_le_bytes())
-                        else {
+                        let Ok(salt) = SaltString::encode_b64(&fastrand::u128(..).to_le_bytes()) else {
                             continue;
                         };
-                        let hash = argon2::Argon2::default()
-                            .hash_password(p.as_bytes(), &salt)
-                            .map(|h| h.to_string())
-                            .unwrap_or_default();
+                        let hash = argon2::Argon2::default().hash_password(p.as_bytes(), &salt).map(|h| h.to_string()).unwrap_or_default();
                         *password_hash = Some(hash);
                     }
                 }

@@ -55,21 +55,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    for name in [header::CONNECTION, header::TE, header::TRAILER, header::TRANSFER_ENCODING, header::UPGRADE] {
         headers.remove(name);
     }
     headers.remove("keep-alive");
-    let proxy: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
-        .cloned()
-        .collect();
+    let proxy: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
     for name in proxy {
         headers.remove(name);
     }
@@ -87,14 +77,8 @@ pub struct Forwarding<'a> {
     pub params: &'a [(std::sync::Arc<str>, String)],
 }
 
-fn upstream_path_and_query(
-    route: &ProxyRoute,
-    fwd: &Forwarding,
-    query: Option<&str>,
-) -> Result<PathAndQuery, GatewayError> {
-    let mut p = String::with_capacity(
-        route.base_path.len() + fwd.path.len() + query.map_or(0, |q| q.len() + 1),
-    );
+fn upstream_path_and_query(route: &ProxyRoute, fwd: &Forwarding, query: Option<&str>) -> Result<PathAndQuery, GatewayError> {
+    let mut p = String::with_capacity(route.base_path.len() + fwd.path.len() + query.map_or(0, |q| q.len() + 1));
     p.push_str(&route.base_path);
     match &route.rewrite {
         None => p.push_str(fwd.path),
@@ -118,8 +102,7 @@ fn upstream_path_and_query(
         p.push('?');
         p.push_str(q);
     }
-    PathAndQuery::try_from(p)
-        .map_err(|_| GatewayError::new(ErrorCode::BadRequest, "the rewritten path is not valid"))
+    PathAndQuery::try_from(p).map_err(|_| GatewayError::new(ErrorCode::BadRequest, "the rewritten path is not valid"))
 }
 
 /// Forwards `req` to the route's upstream and streams the answer back.
@@ -130,12 +113,8 @@ pub async fn forward(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, GatewayError> {
     let (mut parts, body) = req.into_parts();
-    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let original_host =
+        parts.headers.get(header::HOST).cloned().or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
 
     let path_and_query = upstream_path_and_query(route, &fwd, parts.uri.query())?;
     parts.uri = Uri::from_parts({
@@ -151,18 +130,9 @@ pub async fn forward(
     let h = &mut parts.headers;
     remove_hop_by_hop(h);
     let client_ip = fwd.client_ip.to_string();
-    let prev: Vec<&str> = h
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    let xff = if prev.is_empty() {
-        client_ip
-    } else {
-        format!("{}, {client_ip}", prev.join(", "))
-    };
+    let prev: Vec<&str> =
+        h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty()).collect();
+    let xff = if prev.is_empty() { client_ip } else { format!("{}, {client_ip}", prev.join(", ")) };
     h.remove(&X_FORWARDED_FOR);
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert(X_FORWARDED_FOR.clone(), v);
@@ -188,18 +158,11 @@ pub async fn forward(
     let resp = match result {
         Err(_) => {
             tracing::warn!(request_id = ?fwd.request_id, route = %route.name, "upstream timed out after {:?}", route.timeout);
-            return Err(GatewayError::new(
-                ErrorCode::UpstreamTimeout,
-                "the upstream did not answer in time",
-            ));
+            return Err(GatewayError::new(ErrorCode::UpstreamTimeout, "the upstream did not answer in time"));
         }
         Ok(Err(e)) => {
             tracing::warn!(request_id = ?fwd.request_id, route = %route.name, error = %error_chain(&e), "upstream request failed");
-            let message = if e.is_connect() {
-                "the upstream could not be reached"
-            } else {
-                "the upstream connection failed"
-            };
+            let message = if e.is_connect() { "the upstream could not be reached" } else { "the upstream connection failed" };
             return Err(GatewayError::new(ErrorCode::UpstreamError, message));
         }
         Ok(Ok(resp)) => resp,

@@ -120,10 +120,9 @@ impl<T> TimedIo<T> {
         }
         match self.timer.as_mut().poll(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(()) if head.is_some() => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "request head not received in time",
-            ))),
+            Poll::Ready(()) if head.is_some() => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "request head not received in time")))
+            }
             // Idle too long: end the connection as a clean EOF.
             Poll::Ready(()) => Poll::Ready(Ok(())),
         }
@@ -131,11 +130,7 @@ impl<T> TimedIo<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
@@ -152,11 +147,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write(cx, data);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
@@ -165,11 +156,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         result
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {

@@ -31,18 +31,11 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(shared: Arc<Shared>) -> Arc<Self> {
-        Arc::new(Worker {
-            shared,
-            client: proxy::new_client(),
-        })
+        Arc::new(Worker { shared, client: proxy::new_client() })
     }
 
     pub fn service(self: &Arc<Self>, peer: SocketAddr, activity: Arc<ConnActivity>) -> ConnService {
-        ConnService {
-            worker: self.clone(),
-            peer,
-            activity,
-        }
+        ConnService { worker: self.clone(), peer, activity }
     }
 }
 
@@ -73,56 +66,32 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 
 /// A composition's request body: JSON when it is JSON, else null. A body
 /// that claims to be JSON and is not is the client's error.
-pub async fn read_json_body(
-    headers: &http::HeaderMap,
-    body: Incoming,
-) -> Result<serde_json::Value, GatewayError> {
+pub async fn read_json_body(headers: &http::HeaderMap, body: Incoming) -> Result<serde_json::Value, GatewayError> {
     use http_body_util::{BodyExt, Limited};
     let bytes = match Limited::new(body, MAX_REQUEST_BODY).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(GatewayError::new(
-                ErrorCode::PayloadTooLarge,
-                "the request body is too large",
-            ))
+            return Err(GatewayError::new(ErrorCode::PayloadTooLarge, "the request body is too large"))
         }
-        Err(_) => {
-            return Err(GatewayError::new(
-                ErrorCode::BadRequest,
-                "the request body could not be read",
-            ))
-        }
+        Err(_) => return Err(GatewayError::new(ErrorCode::BadRequest, "the request body could not be read")),
     };
     if bytes.is_empty() {
         return Ok(serde_json::Value::Null);
     }
-    let says_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("json"));
+    let says_json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
     match serde_json::from_slice(&bytes) {
         Ok(v) => Ok(v),
-        Err(_) if says_json => Err(GatewayError::new(
-            ErrorCode::BadRequest,
-            "the request body is not valid JSON",
-        )),
+        Err(_) if says_json => Err(GatewayError::new(ErrorCode::BadRequest, "the request body is not valid JSON")),
         Err(_) => Ok(serde_json::Value::Null),
     }
 }
 
 /// The host a request is for: lower case, without port.
 fn request_host<B>(req: &Request<B>) -> String {
-    let raw = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
-        .unwrap_or("");
+    let raw =
+        req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().authority().map(|a| a.as_str())).unwrap_or("");
     let host = if raw.starts_with('[') {
-        raw.split(']')
-            .next()
-            .map(|h| format!("{h}]"))
-            .unwrap_or_default()
+        raw.split(']').next().map(|h| format!("{h}]")).unwrap_or_default()
     } else {
         raw.split(':').next().unwrap_or("").to_string()
     };
@@ -136,8 +105,7 @@ pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>) -
         Err((e, close)) => {
             let mut resp = e.into_response(request_id.to_str().unwrap_or(""));
             if close {
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             resp
         }
@@ -163,23 +131,11 @@ async fn route_and_run(
         let snap = shared.snapshot.load();
         match snap.router.find(&host, req.method(), &path) {
             RouteMatch::Found { target, params } => (target.clone(), params),
-            RouteMatch::NotFound => {
-                return Err((
-                    GatewayError::new(ErrorCode::NotFound, "no route matches the request"),
-                    false,
-                ))
-            }
+            RouteMatch::NotFound => return Err((GatewayError::new(ErrorCode::NotFound, "no route matches the request"), false)),
             RouteMatch::MethodNotAllowed(allowed) => {
-                let list = allowed
-                    .iter()
-                    .map(Method::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let mut resp = GatewayError::new(
-                    ErrorCode::MethodNotAllowed,
-                    format!("the method is not allowed here; allowed: {list}"),
-                )
-                .into_response(request_id.to_str().unwrap_or(""));
+                let list = allowed.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+                let mut resp = GatewayError::new(ErrorCode::MethodNotAllowed, format!("the method is not allowed here; allowed: {list}"))
+                    .into_response(request_id.to_str().unwrap_or(""));
                 if let Ok(v) = HeaderValue::from_str(&list) {
                     resp.headers_mut().insert(header::ALLOW, v);
                 }
@@ -191,41 +147,16 @@ async fn route_and_run(
     match target {
         Target::Proxy(route) => {
             let trace = TraceContext::from_headers(req.headers());
-            let trusted_peer = shared
-                .trusted_proxies
-                .iter()
-                .any(|net| net.contains(&peer.ip()));
-            let fwd = Forwarding {
-                client_ip: peer.ip(),
-                trusted_peer,
-                request_id,
-                trace: &trace,
-                path: &path,
-                params: &params,
-            };
-            proxy::forward(&worker.client, &route, fwd, req)
-                .await
-                .map_err(|e| (e, false))
+            let trusted_peer = shared.trusted_proxies.iter().any(|net| net.contains(&peer.ip()));
+            let fwd = Forwarding { client_ip: peer.ip(), trusted_peer, request_id, trace: &trace, path: &path, params: &params };
+            proxy::forward(&worker.client, &route, fwd, req).await.map_err(|e| (e, false))
         }
         Target::Composition(plan) => {
             let trace = TraceContext::from_headers(req.headers());
             let (parts, body) = req.into_parts();
-            let body = read_json_body(&parts.headers, body)
-                .await
-                .map_err(|e| (e, false))?;
-            let request = request_context(
-                &parts.method,
-                &params,
-                parts.uri.query(),
-                &parts.headers,
-                body,
-            );
-            let ex = compose::Exchange {
-                client: &worker.client,
-                request_id,
-                trace: &trace,
-                client_headers: &parts.headers,
-            };
+            let body = read_json_body(&parts.headers, body).await.map_err(|e| (e, false))?;
+            let request = request_context(&parts.method, &params, parts.uri.query(), &parts.headers, body);
+            let ex = compose::Exchange { client: &worker.client, request_id, trace: &trace, client_headers: &parts.headers };
             Ok(compose::run(ex, &plan, request).await.response)
         }
     }

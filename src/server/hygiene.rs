@@ -17,11 +17,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_uri_bytes: 8 << 10,
-            max_header_bytes: 64 << 10,
-            max_header_count: 100,
-        }
+        Limits { max_uri_bytes: 8 << 10, max_header_bytes: 64 << 10, max_header_count: 100 }
     }
 }
 
@@ -47,10 +43,7 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, GatewayError> {
         match b[i] {
             b'\\' => return Err(bad("a backslash is not allowed in the path")),
             b'%' => {
-                let (Some(h), Some(l)) = (
-                    b.get(i + 1).copied().and_then(hex_val),
-                    b.get(i + 2).copied().and_then(hex_val),
-                ) else {
+                let (Some(h), Some(l)) = (b.get(i + 1).copied().and_then(hex_val), b.get(i + 2).copied().and_then(hex_val)) else {
                     return Err(bad("the path holds an invalid percent-escape"));
                 };
                 if h == 0 && l == 0 {
@@ -106,27 +99,15 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, GatewayError> {
 pub fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), GatewayError> {
     let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
     if uri_len > limits.max_uri_bytes {
-        return Err(GatewayError::new(
-            ErrorCode::UriTooLong,
-            "the request URI is too long",
-        ));
+        return Err(GatewayError::new(ErrorCode::UriTooLong, "the request URI is too long"));
     }
     let headers = req.headers();
     if headers.len() > limits.max_header_count {
-        return Err(GatewayError::new(
-            ErrorCode::HeadersTooLarge,
-            "the request has too many header fields",
-        ));
+        return Err(GatewayError::new(ErrorCode::HeadersTooLarge, "the request has too many header fields"));
     }
-    let size: usize = headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum();
+    let size: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
     if size > limits.max_header_bytes {
-        return Err(GatewayError::new(
-            ErrorCode::HeadersTooLarge,
-            "the request headers are too large",
-        ));
+        return Err(GatewayError::new(ErrorCode::HeadersTooLarge, "the request headers are too large"));
     }
     check_framing(req.version(), headers)
 }
@@ -137,21 +118,14 @@ fn check_framing(version: Version, headers: &HeaderMap) -> Result<(), GatewayErr
     let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
     if let Some(first) = lengths.next() {
         if has_te {
-            return Err(bad(
-                "a request cannot have both Content-Length and Transfer-Encoding",
-            ));
+            return Err(bad("a request cannot have both Content-Length and Transfer-Encoding"));
         }
         if lengths.any(|other| other != first) {
             return Err(bad("the request has differing Content-Length headers"));
         }
     }
     if has_te {
-        let last = te
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .map(str::trim);
+        let last = te.iter().next_back().and_then(|v| v.to_str().ok()).and_then(|v| v.rsplit(',').next()).map(str::trim);
         if !last.is_some_and(|l| l.eq_ignore_ascii_case("chunked")) {
             return Err(bad("the last Transfer-Encoding must be chunked"));
         }

@@ -39,11 +39,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(
-        config: Config,
-        trusted_proxies: Vec<IpNet>,
-        limits: Limits,
-    ) -> Result<Arc<Self>, ConfigErrors> {
+    pub fn new(config: Config, trusted_proxies: Vec<IpNet>, limits: Limits) -> Result<Arc<Self>, ConfigErrors> {
         let snap = snapshot::compile(config, 1)?;
         Ok(Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snap),
@@ -128,22 +124,13 @@ impl ProxyServer {
             let shared = shared.clone();
             let rx = rx.clone();
             let opts = opts.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("manifold-worker-{i}"))
-                .spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("a tokio runtime");
-                    rt.block_on(worker(listener, shared, opts, rx));
-                })?;
+            let thread = std::thread::Builder::new().name(format!("manifold-worker-{i}")).spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
+                rt.block_on(worker(listener, shared, opts, rx));
+            })?;
             threads.push(thread);
         }
-        Ok(ProxyServer {
-            addr,
-            shutdown: tx,
-            threads,
-        })
+        Ok(ProxyServer { addr, shutdown: tx, threads })
     }
 
     /// Stops accepting; in-flight requests get the drain time to finish.
@@ -158,12 +145,7 @@ impl ProxyServer {
     }
 }
 
-async fn worker(
-    listener: StdTcpListener,
-    shared: Arc<Shared>,
-    opts: ServerOptions,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptions, mut shutdown: watch::Receiver<bool>) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -183,14 +165,8 @@ async fn worker(
         // are the backstop for what cannot even be parsed.
         .max_headers(256)
         .max_buf_size(128 << 10);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(96 << 10);
-    let timeouts = ConnTimeouts {
-        header_read: opts.header_read_timeout,
-        idle: opts.idle_timeout,
-    };
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(96 << 10);
+    let timeouts = ConnTimeouts { header_read: opts.header_read_timeout, idle: opts.idle_timeout };
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {

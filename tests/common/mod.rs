@@ -23,6 +23,9 @@ use manifold::gateway::{Gateway, GatewayOptions};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
+/// Decides a backend's answer from the request it saw (the echo document).
+pub type Responder = Arc<dyn Fn(&Value) -> (u16, Value) + Send + Sync>;
+
 /// What a backend does with each request.
 #[derive(Clone, Default)]
 pub struct BackendBuilder {
@@ -30,6 +33,9 @@ pub struct BackendBuilder {
     delay: Duration,
     fault: bool,
     body: Option<Value>,
+    raw: Option<(&'static str, Bytes)>,
+    respond: Option<Responder>,
+    barrier: Option<Arc<tokio::sync::Barrier>>,
 }
 
 pub fn backend() -> BackendBuilder {
@@ -44,6 +50,11 @@ pub struct Backend {
     pub hits: Arc<AtomicUsize>,
     /// Notified each time a request's head arrives.
     pub arrived: Arc<Notify>,
+    /// Requests whose answer was dropped before it was ready: the client
+    /// went away (a cancelled call).
+    pub cancelled: Arc<AtomicUsize>,
+    /// The echo document of every request, in arrival order.
+    pub seen: Arc<std::sync::Mutex<Vec<Value>>>,
 }
 
 impl Backend {
@@ -70,19 +81,37 @@ impl BackendBuilder {
         self.body = Some(body);
         self
     }
+    /// Answer these bytes with this content type.
+    pub fn raw(mut self, content_type: &'static str, body: impl Into<Bytes>) -> Self {
+        self.raw = Some((content_type, body.into()));
+        self
+    }
+    /// Answer what `f` makes of the request's echo document.
+    pub fn respond(mut self, f: impl Fn(&Value) -> (u16, Value) + Send + Sync + 'static) -> Self {
+        self.respond = Some(Arc::new(f));
+        self
+    }
+    /// Hold every answer until the barrier's count of requests (across all
+    /// backends sharing it) have arrived: proof that they ran at once.
+    pub fn barrier(mut self, barrier: Arc<tokio::sync::Barrier>) -> Self {
+        self.barrier = Some(barrier);
+        self
+    }
 
     pub async fn run(self) -> Backend {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let arrived = Arc::new(Notify::new());
-        let (h, a) = (hits.clone(), arrived.clone());
+        let cancelled = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (h, a, c, sn) = (hits.clone(), arrived.clone(), cancelled.clone(), seen.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (cfg, hits, arrived) = (self.clone(), h.clone(), a.clone());
+                let (cfg, hits, arrived, cancelled, seen) = (self.clone(), h.clone(), a.clone(), c.clone(), sn.clone());
                 tokio::spawn(async move {
                     if cfg.fault {
                         // Read the request head, then hang up.
@@ -93,11 +122,15 @@ impl BackendBuilder {
                         return;
                     }
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (cfg, hits, arrived) = (cfg.clone(), hits.clone(), arrived.clone());
+                        let (cfg, hits, arrived, cancelled, seen) =
+                            (cfg.clone(), hits.clone(), arrived.clone(), cancelled.clone(), seen.clone());
                         async move {
                             hits.fetch_add(1, Ordering::SeqCst);
                             arrived.notify_waiters();
-                            Ok::<_, Infallible>(cfg.answer(req).await)
+                            let guard = CancelGuard(Some(cancelled));
+                            let resp = cfg.answer(req, &seen).await;
+                            std::mem::forget(guard.disarm());
+                            Ok::<_, Infallible>(resp)
                         }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -106,48 +139,78 @@ impl BackendBuilder {
                 });
             }
         });
-        Backend {
-            addr,
-            hits,
-            arrived,
-        }
+        Backend { addr, hits, arrived, cancelled, seen }
     }
 
-    async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn answer(&self, req: Request<Incoming>, seen: &std::sync::Mutex<Vec<Value>>) -> Response<Full<Bytes>> {
+        const KEEP: usize = 64 << 10;
         let (parts, mut body) = req.into_parts();
         let mut body_bytes = 0u64;
+        let mut kept = Vec::new();
         while let Some(frame) = body.frame().await {
             match frame {
-                Ok(f) => body_bytes += f.data_ref().map_or(0, |d| d.len() as u64),
+                Ok(f) => {
+                    if let Some(d) = f.data_ref() {
+                        body_bytes += d.len() as u64;
+                        if kept.len() < KEEP {
+                            kept.extend_from_slice(&d[..d.len().min(KEEP - kept.len())]);
+                        }
+                    }
+                }
                 Err(_) => break,
             }
+        }
+        let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (k, v) in &parts.headers {
+            headers.entry(k.to_string()).or_default().push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+        }
+        let echo = json!({
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "query": parts.uri.query(),
+            "headers": headers,
+            "body_bytes": body_bytes,
+            "json": serde_json::from_slice::<Value>(&kept).ok(),
+        });
+        seen.lock().unwrap().push(echo.clone());
+        if let Some(barrier) = &self.barrier {
+            barrier.wait().await;
         }
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        let value = self.body.clone().unwrap_or_else(|| {
-            let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for (k, v) in &parts.headers {
-                headers
-                    .entry(k.to_string())
-                    .or_default()
-                    .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
-            }
-            json!({
-                "method": parts.method.as_str(),
-                "path": parts.uri.path(),
-                "query": parts.uri.query(),
-                "headers": headers,
-                "body_bytes": body_bytes,
-            })
-        });
-        let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
-        *resp.status_mut() = StatusCode::from_u16(self.status.unwrap_or(200)).unwrap();
-        resp.headers_mut()
-            .insert("content-type", "application/json".parse().unwrap());
-        resp.headers_mut()
-            .insert("x-backend", "yes".parse().unwrap());
+        let (status, content_type, bytes) = if let Some((ct, raw)) = &self.raw {
+            (self.status.unwrap_or(200), *ct, raw.clone())
+        } else if let Some(f) = &self.respond {
+            let (status, v) = f(&echo);
+            (status, "application/json", Bytes::from(v.to_string()))
+        } else {
+            let v = self.body.clone().unwrap_or(echo);
+            (self.status.unwrap_or(200), "application/json", Bytes::from(v.to_string()))
+        };
+        let mut resp = Response::new(Full::new(bytes));
+        *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+        resp.headers_mut().insert("content-type", content_type.parse().unwrap());
+        resp.headers_mut().insert("x-backend", "yes".parse().unwrap());
         resp
+    }
+}
+
+/// Counts a request whose answer was dropped before it was ready.
+struct CancelGuard(Option<Arc<AtomicUsize>>);
+
+impl CancelGuard {
+    fn disarm(mut self) -> Self {
+        self.0 = None;
+        self
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -157,18 +220,13 @@ pub fn gateway(yaml: &str) -> Gateway {
 }
 
 pub fn gateway_with(yaml: &str, mut opts: GatewayOptions) -> Gateway {
-    let config = config_from_text(yaml, Format::Yaml)
-        .unwrap_or_else(|e| panic!("invalid test config:\n{e}"));
+    let config = config_from_text(yaml, Format::Yaml).unwrap_or_else(|e| panic!("invalid test config:\n{e}"));
     opts.server.workers = 2;
     Gateway::start(opts, config).expect("gateway starts")
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
+    reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
 
 /// A `manifold serve` process, for what only a process shows: its memory,
@@ -185,20 +243,9 @@ impl GatewayProcess {
         Self::start_with_env(config_dir, extra, &[])
     }
 
-    pub fn start_with_env(
-        config_dir: &std::path::Path,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> GatewayProcess {
+    pub fn start_with_env(config_dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> GatewayProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_manifold"))
-            .args([
-                "serve",
-                "--proxy-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--config-dir",
-            ])
+            .args(["serve", "--proxy-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--config-dir"])
             .arg(config_dir)
             .args(extra)
             .env("MANIFOLD_LOG_FORMAT", "json")
@@ -215,28 +262,15 @@ impl GatewayProcess {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if v["message"]
-                        .as_str()
-                        .is_some_and(|m| m.starts_with("manifold is serving"))
-                    {
-                        let _ = tx.send((
-                            v["proxy"].as_str().unwrap().parse().unwrap(),
-                            v["admin"].as_str().unwrap().parse().unwrap(),
-                        ));
+                    if v["message"].as_str().is_some_and(|m| m.starts_with("manifold is serving")) {
+                        let _ = tx.send((v["proxy"].as_str().unwrap().parse().unwrap(), v["admin"].as_str().unwrap().parse().unwrap()));
                     }
                 }
                 log2.lock().unwrap().push(line);
             }
         });
-        let (proxy, admin) = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("manifold reports its addresses");
-        GatewayProcess {
-            child,
-            proxy,
-            admin,
-            log,
-        }
+        let (proxy, admin) = rx.recv_timeout(Duration::from_secs(30)).expect("manifold reports its addresses");
+        GatewayProcess { child, proxy, admin, log }
     }
 
     pub fn pid(&self) -> u32 {
@@ -246,20 +280,11 @@ impl GatewayProcess {
     /// Peak resident memory so far, in KiB (VmHWM).
     pub fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|n| n.parse().ok())
-            .unwrap()
+        status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|n| n.parse().ok()).unwrap()
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap().success();
         assert!(ok, "kill -{sig} failed");
     }
 }
