@@ -28,6 +28,8 @@ pub struct Exchange<'a> {
     pub trace: &'a TraceContext,
     /// The client's headers, for `forward_headers`.
     pub client_headers: &'a HeaderMap,
+    /// Report every backend request in [`Outcome::calls`] (costs a little).
+    pub record: bool,
 }
 
 /// One backend request as the `try` endpoint reports it.
@@ -105,14 +107,16 @@ fn headers_json(headers: &HeaderMap) -> Value {
     Value::Object(map)
 }
 
+/// A call's entry in the context document. Built by hand: `json!` would
+/// serialize (deep-copy) the body it is given.
 fn call_entry(status: Option<u16>, headers: Value, body: Value, error: Option<&Failure>, duration: Duration) -> Value {
-    json!({
-        "status": status,
-        "headers": headers,
-        "body": body,
-        "error": error.map(|f| json!({"kind": f.kind, "message": f.message})),
-        "duration_ms": ms(duration),
-    })
+    let mut m = Map::with_capacity(5);
+    m.insert("status".into(), status.map_or(Value::Null, Value::from));
+    m.insert("headers".into(), headers);
+    m.insert("body".into(), body);
+    m.insert("error".into(), error.map_or(Value::Null, |f| json!({"kind": f.kind, "message": f.message})));
+    m.insert("duration_ms".into(), Value::from(ms(duration)));
+    Value::Object(m)
 }
 
 /// Renders one backend request of `call` against the context document.
@@ -241,55 +245,69 @@ fn report_url(uri: &Uri) -> String {
     uri.to_string()
 }
 
-/// Starts call `index` with its rendered requests; the future owns all it needs.
-#[allow(clippy::too_many_arguments)]
-fn launch(
+/// When and how a call runs, besides its requests.
+struct Launch {
     index: usize,
-    call: &CallPlan,
-    requests: Vec<Prepared>,
     for_each: bool,
-    client: &HttpClient,
     started: Instant,
     composition_start: Instant,
     budget: Duration,
-) -> CallFuture {
+    /// Keep a report of each backend request (the `try` endpoint).
+    record: bool,
+}
+
+/// Starts a call with its rendered requests; the future owns all it needs.
+fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &HttpClient, l: Launch) -> CallFuture {
     let client = client.clone();
     let method = call.method.clone();
     let (max_body, retries, concurrency) = (call.max_body, call.retries, call.max_concurrency);
-    let name = call.name.to_string();
+    let name = call.name.clone();
     Box::pin(async move {
-        let offset = ms(started - composition_start);
-        let urls: Vec<String> = requests.iter().map(|p| report_url(&p.uri)).collect();
-        let results: Vec<(Result<Success, Failure>, Duration)> = futures_util::stream::iter(requests)
-            .map(|p| {
-                let (client, method) = (client.clone(), method.clone());
-                async move {
-                    let t = Instant::now();
-                    let r = request_with_retries(client, method, p, max_body, retries, budget).await;
-                    (r, t.elapsed())
-                }
-            })
-            .buffered(concurrency)
-            .collect()
-            .await;
-        let records = results
-            .iter()
-            .zip(urls)
-            .enumerate()
-            .map(|(i, ((r, d), url))| CallRecord {
-                name: if for_each { format!("{name}[{i}]") } else { name.clone() },
-                url,
-                started_ms: offset,
-                duration_ms: ms(*d),
-                status: match r {
-                    Ok(s) => Some(s.status),
-                    Err(f) => f.status,
-                },
-                error: r.as_ref().err().map(|f| json!({"kind": f.kind, "message": f.message})),
-            })
-            .collect();
-        let duration = started.elapsed();
-        let result = if for_each {
+        let urls: Vec<String> = if l.record { requests.iter().map(|p| report_url(&p.uri)).collect() } else { Vec::new() };
+        let results: Vec<(Result<Success, Failure>, Duration)> = if l.for_each {
+            futures_util::stream::iter(requests)
+                .map(|p| {
+                    let (client, method) = (client.clone(), method.clone());
+                    async move {
+                        let t = Instant::now();
+                        let r = request_with_retries(client, method, p, max_body, retries, l.budget).await;
+                        (r, t.elapsed())
+                    }
+                })
+                .buffered(concurrency)
+                .collect()
+                .await
+        } else {
+            let mut out = Vec::with_capacity(1);
+            for p in requests {
+                let r = request_with_retries(client.clone(), method.clone(), p, max_body, retries, l.budget).await;
+                out.push((r, l.started.elapsed()));
+            }
+            out
+        };
+        let records = if l.record {
+            let offset = ms(l.started - l.composition_start);
+            results
+                .iter()
+                .zip(urls)
+                .enumerate()
+                .map(|(i, ((r, d), url))| CallRecord {
+                    name: if l.for_each { format!("{name}[{i}]") } else { name.to_string() },
+                    url,
+                    started_ms: offset,
+                    duration_ms: ms(*d),
+                    status: match r {
+                        Ok(s) => Some(s.status),
+                        Err(f) => f.status,
+                    },
+                    error: r.as_ref().err().map(|f| json!({"kind": f.kind, "message": f.message})),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let duration = l.started.elapsed();
+        let result = if l.for_each {
             let mut bodies = Vec::with_capacity(results.len());
             let mut failure = None;
             for (r, _) in results {
@@ -307,7 +325,7 @@ fn launch(
         } else {
             results.into_iter().next().map(|(r, _)| r).unwrap_or_else(|| Err(Failure::new("upstream", "no request was made")))
         };
-        Finished { index, result, duration, records }
+        Finished { index: l.index, result, duration, records }
     })
 }
 
@@ -435,7 +453,15 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                         let now = Instant::now();
                         let remaining = deadline.saturating_duration_since(now);
                         let budget = call.timeout.map_or(remaining, |t| t.min(remaining));
-                        running.push(launch(i, call, requests, call.for_each.is_some(), ex.client, now, start, budget));
+                        let l = Launch {
+                            index: i,
+                            for_each: call.for_each.is_some(),
+                            started: now,
+                            composition_start: start,
+                            budget,
+                            record: ex.record,
+                        };
+                        running.push(launch(call, requests, ex.client, l));
                         states[i] = State::Running;
                     }
                     Err(f) => {
@@ -458,7 +484,9 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         let name = plan.calls[i].name.to_string();
         match done.result {
             Ok(s) => {
-                let entry = call_entry(Some(s.status), headers_json(&s.headers), s.body, None, done.duration);
+                // Backend headers go into the document only when something reads them.
+                let headers = if plan.reads_call_headers { headers_json(&s.headers) } else { Value::Object(Map::new()) };
+                let entry = call_entry(Some(s.status), headers, s.body, None, done.duration);
                 if let Value::Object(m) = &mut doc {
                     m.insert(name, entry);
                 }

@@ -74,6 +74,9 @@ pub struct CompositionPlan {
     pub deadline: Duration,
     pub calls: Vec<CallPlan>,
     pub response: ResponsePlan,
+    /// Whether any template or query may read a call's `headers`; when none
+    /// does, backend headers are not copied into the context document.
+    pub reads_call_headers: bool,
 }
 
 /// Splits `path?query` at the first `?` outside a `{{...}}` expression.
@@ -108,6 +111,33 @@ fn json_roots(t: &serde_json::Value, out: &mut Vec<String>) {
         serde_json::Value::Object(map) => map.values().for_each(|v| json_roots(v, out)),
         _ => {}
     }
+}
+
+/// Conservative: any expression mentioning `headers`, or a query not
+/// anchored on one name (`$..x`, `$.*`), may read a call's headers.
+fn reads_call_headers(comp: &Composition) -> bool {
+    fn in_json(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::String(s) => s.starts_with('$') && mentions(s),
+            serde_json::Value::Array(items) => items.iter().any(in_json),
+            serde_json::Value::Object(map) => map.values().any(in_json),
+            _ => false,
+        }
+    }
+    fn mentions(s: &str) -> bool {
+        s.contains("headers") || s.starts_with("$..") || s.starts_with("$.*") || s.starts_with("$[*]") || s.starts_with("$[?")
+    }
+    let calls = comp.calls.values().any(|c| {
+        mentions(&c.url)
+            || c.headers.values().any(|v| mentions(v))
+            || c.when.as_deref().is_some_and(mentions)
+            || c.for_each.as_deref().is_some_and(mentions)
+            || c.body.as_ref().is_some_and(in_json)
+    });
+    let response = comp.response.as_ref().is_some_and(|r| {
+        r.headers.values().any(|v| mentions(v)) || r.template.as_deref().is_some_and(mentions) || r.body.as_ref().is_some_and(in_json)
+    });
+    calls || response
 }
 
 pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> {
@@ -256,6 +286,7 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
         return Err(errors);
     }
     Ok(CompositionPlan {
+        reads_call_headers: reads_call_headers(comp),
         name: comp.name.as_str().into(),
         method: Method::from_bytes(comp.method.as_deref().unwrap_or("GET").as_bytes()).unwrap_or(Method::GET),
         deadline,

@@ -156,7 +156,7 @@ async fn route_and_run(
             let (parts, body) = req.into_parts();
             let body = read_json_body(&parts.headers, body).await.map_err(|e| (e, false))?;
             let request = request_context(&parts.method, &params, parts.uri.query(), &parts.headers, body);
-            let ex = compose::Exchange { client: &worker.client, request_id, trace: &trace, client_headers: &parts.headers };
+            let ex = compose::Exchange { client: &worker.client, request_id, trace: &trace, client_headers: &parts.headers, record: false };
             Ok(compose::run(ex, &plan, request).await.response)
         }
     }
