@@ -19,7 +19,7 @@ use crate::compose::context::request_context;
 use crate::config::load::config_from_text;
 use crate::config::{Config, ConfigErrors, Format};
 use crate::diff::ConfigDiff;
-use crate::ids::{new_uuid, TraceContext};
+use crate::ids::TraceContext;
 use crate::proxy::HttpClient;
 use crate::server::Shared;
 
@@ -314,7 +314,7 @@ async fn try_composition(State(state): State<AdminState>, Path(name): Path<Strin
     }
     let params: Vec<(Arc<str>, String)> = params.into_iter().map(|(k, v)| (Arc::from(k), v)).collect();
     let request = request_context(&method, &params, query.as_deref(), &headers, input.body);
-    let request_id = http::HeaderValue::from_str(&new_uuid()).expect("a uuid is a valid header value");
+    let request_id = crate::ids::request_id(&headers);
     let trace = TraceContext::from_headers(&headers);
     let ex =
         crate::compose::Exchange { client: &state.client, request_id: &request_id, trace: &trace, client_headers: &headers, record: true };

@@ -191,6 +191,9 @@ compositions:
     let (status, _, body) = get(&format!("{base}?id=..&tag=t")).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "bad_request");
+    // Nor is an empty value, which would merge two segments (`/items//detail`).
+    let (status, _, _) = get(&format!("{base}?id=&tag=t")).await;
+    assert_eq!(status, 400);
     // CR/LF cannot reach a header.
     let (status, _, _) = get(&format!("{base}?id=1&tag=t&note=a%0D%0AX-Injected:%201")).await;
     assert_eq!(status, 400);
@@ -296,7 +299,8 @@ compositions:
     let timing = header(&headers, "server-timing").unwrap();
     assert!(timing.contains("orders;dur=") && timing.contains("desc=\"status\""), "{timing}");
     assert!(timing.contains("products;dur=0;desc=\"skipped\""), "{timing}");
-    assert!(!timing.contains("perks"), "{timing}");
+    // One entry per call (SPEC §2), the ones that did not run included.
+    assert!(timing.contains("perks;dur=0;desc=\"not run\""), "{timing}");
     // Neither the skipped call nor the ones that did not run reached a backend.
     assert_eq!(users.hits.load(Ordering::SeqCst), 1);
     g.shutdown();
@@ -525,5 +529,73 @@ compositions:
     assert!(resp.json::<Value>().await.unwrap()["fields"]["path"].is_string());
     let resp = client().post(format!("{admin}/compositions/nope/try")).json(&json!({"path": "/x"})).send().await.unwrap();
     assert_eq!(resp.status(), 404);
+    g.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_deadline_bounds_a_whole_for_each() {
+    // 20 items one at a time, 300 ms each: 6 s in all against a 1 s deadline.
+    // Were the deadline applied per item, every item would make it.
+    let list = backend().json(json!({"ids": (0..20).collect::<Vec<_>>()})).run().await;
+    let slow = backend().delay(Duration::from_millis(300)).json(json!({})).run().await;
+    let g = gateway(&format!(
+        "compositions: [{{ name: e, path: /e, timeout: 1s, calls: {{ list: {{ url: \"{}/l\" }}, each: {{ for_each: $.list.body.ids, max_concurrency: 1, url: \"{}/i/{{{{item}}}}\" }} }} }}]",
+        list.url(),
+        slow.url()
+    ));
+    let (status, _, body) = get(&format!("http://{}/e", g.proxy_addr)).await;
+    assert_eq!(status, 504, "{body}");
+    assert!(slow.hits.load(Ordering::SeqCst) < 20, "the items after the deadline were never sent");
+    g.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_item_stops_a_required_for_each() {
+    let list = backend().json(json!({"ids": [0, 1, 2]})).run().await;
+    // Item 0 answers 404 at once; the others would take 30 s.
+    let items = backend().respond(|req| if req["path"] == "/i/0" { (404, json!({"missing": 0})) } else { (200, json!({})) }).run().await;
+    let slow = backend().delay(Duration::from_secs(30)).run().await;
+    let g = gateway(&format!(
+        r#"
+compositions:
+  - name: e
+    path: /e
+    calls:
+      list: {{ url: "{l}/l" }}
+      each: {{ for_each: $.list.body.ids, url: "{i}/i/{{{{item}}}}" }}
+      other: {{ url: "{s}/slow", required: false }}
+"#,
+        l = list.url(),
+        i = items.url(),
+        s = slow.url()
+    ));
+    let (status, _, body) = get(&format!("http://{}/e", g.proxy_addr)).await;
+    assert_eq!(status, 404);
+    assert_eq!(body, json!({"missing": 0}));
+    g.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_sending_its_body_is_cut_at_the_deadline() {
+    use std::io::{Read, Write};
+    let b = backend().run().await;
+    let g = gateway(&format!(
+        "compositions: [{{ name: p, method: POST, path: /p, timeout: 300ms, calls: {{ a: {{ url: \"{}/a\" }} }} }}]",
+        b.url()
+    ));
+    let addr = g.proxy_addr;
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"a\":").unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("did not arrive in time"), "{answer}");
+    assert_eq!(b.hits.load(Ordering::SeqCst), 0);
     g.shutdown();
 }

@@ -100,3 +100,35 @@ async fn a_slow_answer_is_not_cut_by_connection_timeouts() {
     .unwrap();
     g.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_response_that_pauses_longer_than_the_idle_time_is_not_cut() {
+    use bytes::Bytes;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    // A backend that sends its head and a first chunk, pauses twice the
+    // gateway's idle time, then sends the rest.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let svc = hyper::service::service_fn(|_req| async {
+            let chunks = futures_util::stream::unfold(0u8, |n| async move {
+                match n {
+                    0 => Some((Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"first,"))), 1)),
+                    1 => {
+                        tokio::time::sleep(Duration::from_millis(2500)).await;
+                        Some((Ok(Frame::data(Bytes::from_static(b"second"))), 2))
+                    }
+                    _ => None,
+                }
+            });
+            Ok::<_, std::convert::Infallible>(http::Response::new(StreamBody::new(chunks)))
+        });
+        let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+    });
+    let g = gateway_with(&format!("routes: [{{ name: r, path: /r, upstream: \"http://{backend_addr}\" }}]"), options());
+    let body = common::client().get(format!("http://{}/r", g.proxy_addr)).send().await.unwrap().text().await.unwrap();
+    assert_eq!(body, "first,second");
+    g.shutdown();
+}

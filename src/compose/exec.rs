@@ -1,5 +1,5 @@
 //! Running a composition: every call starts the moment the calls it reads
-//! are done (not in waves), all on the request's own task; a required
+//! are settled (not in waves), all on the request's own task; a required
 //! call's failure cancels the calls still running, by dropping them.
 
 use std::future::Future;
@@ -28,17 +28,17 @@ pub struct Exchange<'a> {
     pub trace: &'a TraceContext,
     /// The client's headers, for `forward_headers`.
     pub client_headers: &'a HeaderMap,
-    /// Report every backend request in [`Outcome::calls`] (costs a little).
+    /// Report every call in [`Outcome::calls`] (costs a little).
     pub record: bool,
 }
 
-/// One backend request as the `try` endpoint reports it.
+/// One call (or `for_each` item) as the `try` endpoint reports it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct CallRecord {
     pub name: String,
-    pub url: String,
-    pub started_ms: f64,
-    pub duration_ms: f64,
+    pub url: Option<String>,
+    pub started_ms: Option<f64>,
+    pub duration_ms: Option<f64>,
     pub status: Option<u16>,
     pub error: Option<Value>,
 }
@@ -61,12 +61,17 @@ impl Failure {
     fn new(kind: &'static str, message: impl Into<String>) -> Self {
         Failure { kind, message: message.into(), status: None, passthrough: None }
     }
+
+    fn json(&self) -> Value {
+        json!({"kind": self.kind, "message": self.message})
+    }
 }
 
 struct Success {
     status: u16,
     headers: HeaderMap,
     body: Value,
+    bytes: usize,
 }
 
 struct Finished {
@@ -98,13 +103,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn headers_json(headers: &HeaderMap) -> Value {
-    let mut map = Map::new();
-    for name in headers.keys() {
-        let joined =
-            headers.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect::<Vec<_>>().join(", ");
-        map.insert(name.as_str().to_string(), Value::String(joined));
-    }
-    Value::Object(map)
+    Value::Object(super::context::headers_map(headers))
 }
 
 /// A call's entry in the context document. Built by hand: `json!` would
@@ -114,19 +113,24 @@ fn call_entry(status: Option<u16>, headers: Value, body: Value, error: Option<&F
     m.insert("status".into(), status.map_or(Value::Null, Value::from));
     m.insert("headers".into(), headers);
     m.insert("body".into(), body);
-    m.insert("error".into(), error.map_or(Value::Null, |f| json!({"kind": f.kind, "message": f.message})));
+    m.insert("error".into(), error.map_or(Value::Null, Failure::json));
     m.insert("duration_ms".into(), Value::from(ms(duration)));
     Value::Object(m)
 }
 
 /// Renders one backend request of `call` against the context document.
 fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Failure> {
-    let bad = |m: String| Failure::new("bad_request", m);
+    // A value that cannot be sent is the client's fault when it came from
+    // the request alone, and a bad backend answer's when a call produced it.
+    let kind = if call.deps.is_empty() { "bad_request" } else { "bad_value" };
+    let bad = |m: String| Failure::new(kind, m);
     let path = call.path.render(doc).map_err(bad)?;
-    // Values are percent-encoded, but a value that *is* `.` or `..` would
-    // still be a dot segment: refuse rather than let it climb the path.
-    if path.split('/').any(|seg| seg == "." || seg == "..") {
-        return Err(bad("a request value would change the backend path".into()));
+    // Values are percent-encoded, but a value that is empty, `.` or `..`
+    // still changes the path's shape: refuse it rather than send it.
+    let inner = path.strip_prefix('/').unwrap_or(&path);
+    let inner = if call.path_trailing_slash { inner.strip_suffix('/').unwrap_or(inner) } else { inner };
+    if !inner.is_empty() && inner.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+        return Err(bad("a request value would change the backend path (empty, . or ..)".into()));
     }
     let mut pq = path;
     if let Some(q) = &call.query {
@@ -170,24 +174,23 @@ async fn attempt(client: &HttpClient, method: &http::Method, p: &Prepared, max_b
     *req.uri_mut() = p.uri.clone();
     *req.headers_mut() = p.headers.clone();
     let resp = client.request(req).await.map_err(|e| {
-        let kind = if e.is_connect() { "connect" } else { "upstream" };
-        Failure::new(kind, if e.is_connect() { "the backend could not be reached" } else { "the backend connection failed" })
+        if e.is_connect() {
+            Failure::new("connect", "the backend could not be reached")
+        } else {
+            Failure::new("upstream", "the backend connection failed")
+        }
     })?;
     let (parts, body) = resp.into_parts();
+    let too_large = || Failure {
+        status: Some(parts.status.as_u16()),
+        ..Failure::new("body_too_large", format!("the backend body is over {max_body} bytes"))
+    };
     if http_body::Body::size_hint(&body).lower() > max_body as u64 {
-        return Err(Failure {
-            status: Some(parts.status.as_u16()),
-            ..Failure::new("body_too_large", format!("the backend body is over {max_body} bytes"))
-        });
+        return Err(too_large());
     }
     let bytes = match Limited::new(body, max_body).collect().await {
         Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(Failure {
-                status: Some(parts.status.as_u16()),
-                ..Failure::new("body_too_large", format!("the backend body is over {max_body} bytes"))
-            })
-        }
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
         Err(_) => return Err(Failure::new("upstream", "the backend connection failed while sending the body")),
     };
     let status = parts.status;
@@ -207,22 +210,25 @@ async fn attempt(client: &HttpClient, method: &http::Method, p: &Prepared, max_b
         serde_json::from_slice(&bytes)
             .map_err(|_| Failure { status: Some(status.as_u16()), ..Failure::new("invalid_json", "the backend body is not JSON") })?
     };
-    Ok(Success { status: status.as_u16(), headers: parts.headers, body })
+    Ok(Success { status: status.as_u16(), headers: parts.headers, body, bytes: bytes.len() })
 }
 
-/// One backend request with its retries, within `budget`.
-async fn request_with_retries(
-    client: HttpClient,
+/// How one call's requests are made.
+#[derive(Clone)]
+struct CallLimits {
     method: http::Method,
-    p: Prepared,
     max_body: usize,
     retries: u32,
-    budget: Duration,
-) -> Result<Success, Failure> {
+    /// The call's timeout or the composition's deadline, whichever is first.
+    end: Instant,
+}
+
+/// One backend request with its retries, ending at `limits.end` at the latest.
+async fn request_with_retries(client: &HttpClient, p: &Prepared, limits: &CallLimits) -> Result<Success, Failure> {
     let work = async {
-        let mut left = retries;
+        let mut left = limits.retries;
         loop {
-            let result = attempt(&client, &method, &p, max_body).await;
+            let result = attempt(client, &limits.method, p, limits.max_body).await;
             let retryable = match &result {
                 Err(f) => f.kind == "connect" || f.kind == "upstream" || matches!(f.status, Some(502..=504)),
                 Ok(_) => false,
@@ -233,17 +239,13 @@ async fn request_with_retries(
             left -= 1;
         }
     };
-    match tokio::time::timeout(budget, work).await {
+    match tokio::time::timeout_at(limits.end, work).await {
         Ok(result) => result,
-        Err(_) => Err(Failure::new("timeout", format!("no answer within {} ms", budget.as_millis()))),
+        Err(_) => Err(Failure::new("timeout", "no answer in time")),
     }
 }
 
 type CallFuture = Pin<Box<dyn Future<Output = Finished> + Send>>;
-
-fn report_url(uri: &Uri) -> String {
-    uri.to_string()
-}
 
 /// When and how a call runs, besides its requests.
 struct Launch {
@@ -251,105 +253,87 @@ struct Launch {
     for_each: bool,
     started: Instant,
     composition_start: Instant,
-    budget: Duration,
+    limits: CallLimits,
+    concurrency: usize,
     /// Keep a report of each backend request (the `try` endpoint).
     record: bool,
+}
+
+fn record_of(name: String, url: String, started: Option<f64>, r: &Result<Success, Failure>, d: Duration) -> CallRecord {
+    CallRecord {
+        name,
+        url: Some(url),
+        started_ms: started,
+        duration_ms: Some(ms(d)),
+        status: match r {
+            Ok(s) => Some(s.status),
+            Err(f) => f.status,
+        },
+        error: r.as_ref().err().map(Failure::json),
+    }
 }
 
 /// Starts a call with its rendered requests; the future owns all it needs.
 fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &HttpClient, l: Launch) -> CallFuture {
     let client = client.clone();
-    let method = call.method.clone();
-    let (max_body, retries, concurrency) = (call.max_body, call.retries, call.max_concurrency);
     let name = call.name.clone();
     Box::pin(async move {
-        let urls: Vec<String> = if l.record { requests.iter().map(|p| report_url(&p.uri)).collect() } else { Vec::new() };
-        let results: Vec<(Result<Success, Failure>, Duration)> = if l.for_each {
-            futures_util::stream::iter(requests)
-                .map(|p| {
-                    let (client, method) = (client.clone(), method.clone());
+        let offset = |t: Instant| ms(t - l.composition_start);
+        let mut records = Vec::new();
+        let result = if !l.for_each {
+            let p = requests.into_iter().next();
+            let r = match &p {
+                Some(p) => request_with_retries(&client, p, &l.limits).await,
+                None => Err(Failure::new("upstream", "no request was made")),
+            };
+            if let (true, Some(p)) = (l.record, &p) {
+                records.push(record_of(name.to_string(), p.uri.to_string(), Some(offset(l.started)), &r, l.started.elapsed()));
+            }
+            r
+        } else {
+            // Items run `concurrency` at a time and settle in item order; the
+            // first failure stops the call and drops the items still running.
+            // Their bodies together stay within the call's body limit.
+            let mut items = futures_util::stream::iter(requests.into_iter().enumerate())
+                .map(|(i, p)| {
+                    let (client, limits) = (&client, &l.limits);
                     async move {
                         let t = Instant::now();
-                        let r = request_with_retries(client, method, p, max_body, retries, l.budget).await;
-                        (r, t.elapsed())
+                        let r = request_with_retries(client, &p, limits).await;
+                        (i, p.uri, t, r)
                     }
                 })
-                .buffered(concurrency)
-                .collect()
-                .await
-        } else {
-            let mut out = Vec::with_capacity(1);
-            for p in requests {
-                let r = request_with_retries(client.clone(), method.clone(), p, max_body, retries, l.budget).await;
-                out.push((r, l.started.elapsed()));
-            }
-            out
-        };
-        let records = if l.record {
-            let offset = ms(l.started - l.composition_start);
-            results
-                .iter()
-                .zip(urls)
-                .enumerate()
-                .map(|(i, ((r, d), url))| CallRecord {
-                    name: if l.for_each { format!("{name}[{i}]") } else { name.to_string() },
-                    url,
-                    started_ms: offset,
-                    duration_ms: ms(*d),
-                    status: match r {
-                        Ok(s) => Some(s.status),
-                        Err(f) => f.status,
-                    },
-                    error: r.as_ref().err().map(|f| json!({"kind": f.kind, "message": f.message})),
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let duration = l.started.elapsed();
-        let result = if l.for_each {
-            let mut bodies = Vec::with_capacity(results.len());
+                .buffered(l.concurrency);
+            let mut bodies = Vec::new();
+            let mut total = 0usize;
             let mut failure = None;
-            for (r, _) in results {
+            while let Some((i, uri, t, r)) = items.next().await {
+                if l.record {
+                    records.push(record_of(format!("{name}[{i}]"), uri.to_string(), Some(offset(t)), &r, t.elapsed()));
+                }
                 match r {
-                    Ok(s) => bodies.push(s.body),
+                    Ok(s) => {
+                        total += s.bytes;
+                        if total > l.limits.max_body {
+                            failure =
+                                Some(Failure::new("body_too_large", format!("the items' bodies are over {} bytes", l.limits.max_body)));
+                            break;
+                        }
+                        bodies.push(s.body);
+                    }
                     Err(f) => {
-                        failure.get_or_insert(f);
+                        failure = Some(f);
+                        break;
                     }
                 }
             }
             match failure {
                 Some(f) => Err(f),
-                None => Ok(Success { status: 200, headers: HeaderMap::new(), body: Value::Array(bodies) }),
+                None => Ok(Success { status: 200, headers: HeaderMap::new(), body: Value::Array(bodies), bytes: total }),
             }
-        } else {
-            results.into_iter().next().map(|(r, _)| r).unwrap_or_else(|| Err(Failure::new("upstream", "no request was made")))
         };
-        Finished { index: l.index, result, duration, records }
+        Finished { index: l.index, result, duration: l.started.elapsed(), records }
     })
-}
-
-fn server_timing(
-    plan: &CompositionPlan,
-    states: &[State],
-    durations: &[Duration],
-    failures: &[Option<Failure>],
-    total: Duration,
-) -> HeaderValue {
-    let mut parts = Vec::new();
-    for (i, call) in plan.calls.iter().enumerate() {
-        match states[i] {
-            State::Done => parts.push(format!("{};dur={}", call.name, ms(durations[i]))),
-            State::Failed | State::Running => {
-                let kind = failures[i].as_ref().map_or("cancelled", |f| f.kind);
-                parts.push(format!("{};dur={};desc=\"{kind}\"", call.name, ms(durations[i])))
-            }
-            State::Skipped => parts.push(format!("{};dur=0;desc=\"skipped\"", call.name)),
-            State::Waiting | State::NotRun => {}
-        }
-    }
-    parts.push(format!("total;dur={}", ms(total)));
-    HeaderValue::from_str(&parts.join(", ")).unwrap_or(HeaderValue::from_static("total"))
 }
 
 fn failure_response(f: &Failure, call: &str, request_id: &HeaderValue) -> Response<Body> {
@@ -369,19 +353,124 @@ fn failure_response(f: &Failure, call: &str, request_id: &HeaderValue) -> Respon
     }
 }
 
+/// The state of one composition run.
+struct Run<'p> {
+    plan: &'p CompositionPlan,
+    start: Instant,
+    deadline: Instant,
+    states: Vec<State>,
+    started: Vec<Option<Instant>>,
+    durations: Vec<Duration>,
+    failures: Vec<Option<Failure>>,
+    call_headers: Vec<Option<HeaderMap>>,
+    records: Vec<CallRecord>,
+    record: bool,
+    doc: Value,
+}
+
+impl Run<'_> {
+    fn set(&mut self, i: usize, entry: Value) {
+        if let Value::Object(m) = &mut self.doc {
+            m.insert(self.plan.calls[i].name.to_string(), entry);
+        }
+    }
+
+    /// A call settled without sending anything (skipped, not run, refused).
+    fn settle_unsent(&mut self, i: usize, state: State, failure: Option<Failure>) {
+        self.set(i, call_entry(None, json!({}), Value::Null, failure.as_ref(), Duration::ZERO));
+        if self.record {
+            self.records.push(CallRecord {
+                name: self.plan.calls[i].name.to_string(),
+                url: None,
+                started_ms: None,
+                duration_ms: None,
+                status: None,
+                error: Some(failure.as_ref().map_or_else(|| json!({"kind": "not_run", "message": "when was false"}), Failure::json)),
+            });
+        }
+        self.failures[i] = failure;
+        self.states[i] = state;
+    }
+
+    fn server_timing(&self) -> HeaderValue {
+        let mut parts = Vec::with_capacity(self.plan.calls.len() + 1);
+        for (i, call) in self.plan.calls.iter().enumerate() {
+            let entry = match self.states[i] {
+                State::Done => format!("{};dur={}", call.name, ms(self.durations[i])),
+                State::Failed => {
+                    let kind = self.failures[i].as_ref().map_or("failed", |f| f.kind);
+                    format!("{};dur={};desc=\"{kind}\"", call.name, ms(self.durations[i]))
+                }
+                State::Running => {
+                    let d = self.started[i].map_or(Duration::ZERO, |t| t.elapsed());
+                    format!("{};dur={};desc=\"cancelled\"", call.name, ms(d))
+                }
+                State::Skipped => format!("{};dur=0;desc=\"skipped\"", call.name),
+                State::NotRun => format!("{};dur=0;desc=\"not run\"", call.name),
+                State::Waiting => format!("{};dur=0;desc=\"cancelled\"", call.name),
+            };
+            parts.push(entry);
+        }
+        parts.push(format!("total;dur={}", ms(self.start.elapsed())));
+        HeaderValue::from_str(&parts.join(", ")).unwrap_or(HeaderValue::from_static("total"))
+    }
+
+    fn fail(mut self, i: usize, f: Failure, request_id: &HeaderValue) -> Outcome {
+        let mut response = failure_response(&f, &self.plan.calls[i].name, request_id);
+        self.failures[i] = Some(f);
+        self.states[i] = State::Failed;
+        response.headers_mut().insert(HeaderName::from_static("server-timing"), self.server_timing());
+        Outcome { response, calls: self.records }
+    }
+
+    /// Renders the requests of call `i` (one, or one per `for_each` item).
+    fn prepare_all(&mut self, i: usize, ex: &Exchange) -> Result<Vec<Prepared>, Failure> {
+        let call = &self.plan.calls[i];
+        let Some(q) = &call.for_each else { return prepare(call, &self.doc, ex).map(|p| vec![p]) };
+        let items = q.items(&self.doc);
+        if items.len() > call.max_items {
+            return Err(Failure::new("too_many_items", format!("for_each gave {} items, more than {}", items.len(), call.max_items)));
+        }
+        let mut out = Vec::with_capacity(items.len());
+        let mut result = Ok(());
+        for item in items {
+            if let Value::Object(m) = &mut self.doc {
+                m.insert("item".into(), item);
+            }
+            match prepare(call, &self.doc, ex) {
+                Ok(p) => out.push(p),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if let Value::Object(m) = &mut self.doc {
+            m.remove("item");
+        }
+        result.map(|()| out)
+    }
+}
+
 /// Runs `plan` for one request. `request` is the context's `request` entry.
 pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Outcome {
     let start = Instant::now();
-    let deadline = start + plan.deadline;
     let n = plan.calls.len();
-    let mut states = vec![State::Waiting; n];
-    let mut durations = vec![Duration::ZERO; n];
-    let mut failures: Vec<Option<Failure>> = vec![None; n];
-    let mut call_headers: Vec<Option<HeaderMap>> = (0..n).map(|_| None).collect();
-    let mut records = Vec::new();
     let mut doc = Map::with_capacity(n + 1);
     doc.insert("request".into(), request);
-    let mut doc = Value::Object(doc);
+    let mut run = Run {
+        plan,
+        start,
+        deadline: start + plan.deadline,
+        states: vec![State::Waiting; n],
+        started: vec![None; n],
+        durations: vec![Duration::ZERO; n],
+        failures: vec![None; n],
+        call_headers: (0..n).map(|_| None).collect(),
+        records: Vec::new(),
+        record: ex.record,
+        doc: Value::Object(doc),
+    };
     let mut running: FuturesUnordered<CallFuture> = FuturesUnordered::new();
 
     loop {
@@ -390,160 +479,76 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         while progress {
             progress = false;
             for i in 0..n {
-                if states[i] != State::Waiting {
+                if run.states[i] != State::Waiting {
                     continue;
                 }
                 let call = &plan.calls[i];
-                let dep_states: Vec<State> = call.deps.iter().map(|&d| states[d]).collect();
-                if dep_states.iter().any(|s| matches!(s, State::Waiting | State::Running)) {
+                if call.deps.iter().any(|&d| matches!(run.states[d], State::Waiting | State::Running)) {
                     continue;
                 }
                 progress = true;
-                let set = |doc: &mut Value, v: Value| {
-                    if let Value::Object(m) = doc {
-                        m.insert(call.name.to_string(), v);
-                    }
-                };
-                if let Some(d) = call.deps.iter().find(|&&d| matches!(states[d], State::Failed | State::Skipped)) {
-                    let f = Failure::new("skipped", format!("skipped because {:?} failed", plan.calls[*d].name));
-                    set(&mut doc, call_entry(None, json!({}), Value::Null, Some(&f), Duration::ZERO));
-                    failures[i] = Some(f);
-                    states[i] = State::Skipped;
+                if let Some(&d) = call.deps.iter().find(|&&d| matches!(run.states[d], State::Failed | State::Skipped)) {
+                    let f = Failure::new("skipped", format!("skipped because {:?} failed", plan.calls[d].name));
+                    run.settle_unsent(i, State::Skipped, Some(f));
                     continue;
                 }
-                let run_it = !dep_states.contains(&State::NotRun) && call.when.as_ref().is_none_or(|w| truthy(&w.eval(&doc)));
-                if !run_it {
-                    set(&mut doc, call_entry(None, json!({}), Value::Null, None, Duration::ZERO));
-                    states[i] = State::NotRun;
+                let inputs_ran = !call.deps.iter().any(|&d| run.states[d] == State::NotRun);
+                if !(inputs_ran && call.when.as_ref().is_none_or(|w| truthy(&w.eval(&run.doc)))) {
+                    run.settle_unsent(i, State::NotRun, None);
                     continue;
                 }
-                let prepared: Result<Vec<Prepared>, Failure> = match &call.for_each {
-                    None => prepare(call, &doc, &ex).map(|p| vec![p]),
-                    Some(q) => {
-                        let items = q.items(&doc);
-                        if items.len() > call.max_items {
-                            Err(Failure::new(
-                                "too_many_items",
-                                format!("for_each gave {} items, more than {}", items.len(), call.max_items),
-                            ))
-                        } else {
-                            let mut out = Vec::with_capacity(items.len());
-                            let mut err = None;
-                            for item in items {
-                                if let Value::Object(m) = &mut doc {
-                                    m.insert("item".into(), item);
-                                }
-                                match prepare(call, &doc, &ex) {
-                                    Ok(p) => out.push(p),
-                                    Err(e) => {
-                                        err = Some(e);
-                                        break;
-                                    }
-                                }
-                            }
-                            if let Value::Object(m) = &mut doc {
-                                m.remove("item");
-                            }
-                            err.map_or(Ok(out), Err)
-                        }
-                    }
-                };
-                match prepared {
+                match run.prepare_all(i, &ex) {
                     Ok(requests) => {
                         let now = Instant::now();
-                        let remaining = deadline.saturating_duration_since(now);
-                        let budget = call.timeout.map_or(remaining, |t| t.min(remaining));
+                        let end = call.timeout.map_or(run.deadline, |t| (now + t).min(run.deadline));
+                        let limits = CallLimits { method: call.method.clone(), max_body: call.max_body, retries: call.retries, end };
                         let l = Launch {
                             index: i,
                             for_each: call.for_each.is_some(),
                             started: now,
                             composition_start: start,
-                            budget,
+                            limits,
+                            concurrency: call.max_concurrency,
                             record: ex.record,
                         };
                         running.push(launch(call, requests, ex.client, l));
-                        states[i] = State::Running;
+                        run.started[i] = Some(now);
+                        run.states[i] = State::Running;
                     }
-                    Err(f) => {
-                        if call.required {
-                            return finish_failed(plan, i, f, &mut states, &durations, &mut failures, records, start, ex.request_id);
-                        }
-                        set(&mut doc, call_entry(None, json!({}), Value::Null, Some(&f), Duration::ZERO));
-                        failures[i] = Some(f);
-                        states[i] = State::Failed;
-                    }
+                    Err(f) if call.required => return run.fail(i, f, ex.request_id),
+                    Err(f) => run.settle_unsent(i, State::Failed, Some(f)),
                 }
             }
         }
-        let Some(done) = running.next().await else {
-            break;
-        };
+        let Some(done) = running.next().await else { break };
         let i = done.index;
-        durations[i] = done.duration;
-        records.extend(done.records);
-        let name = plan.calls[i].name.to_string();
+        run.durations[i] = done.duration;
+        run.records.extend(done.records);
         match done.result {
             Ok(s) => {
                 // Backend headers go into the document only when something reads them.
                 let headers = if plan.reads_call_headers { headers_json(&s.headers) } else { Value::Object(Map::new()) };
                 let entry = call_entry(Some(s.status), headers, s.body, None, done.duration);
-                if let Value::Object(m) = &mut doc {
-                    m.insert(name, entry);
-                }
-                call_headers[i] = Some(s.headers);
-                states[i] = State::Done;
+                run.set(i, entry);
+                run.call_headers[i] = Some(s.headers);
+                run.states[i] = State::Done;
             }
+            // Dropping `running` on return cancels the calls still in flight.
+            Err(f) if plan.calls[i].required => return run.fail(i, f, ex.request_id),
             Err(f) => {
-                if plan.calls[i].required {
-                    // Dropping `running` cancels the calls still in flight.
-                    drop(running);
-                    return finish_failed(plan, i, f, &mut states, &durations, &mut failures, records, start, ex.request_id);
-                }
-                let entry = call_entry(f.status, json!({}), Value::Null, Some(&f), done.duration);
-                if let Value::Object(m) = &mut doc {
-                    m.insert(name, entry);
-                }
-                failures[i] = Some(f);
-                states[i] = State::Failed;
+                run.set(i, call_entry(f.status, json!({}), Value::Null, Some(&f), done.duration));
+                run.failures[i] = Some(f);
+                run.states[i] = State::Failed;
             }
         }
     }
 
-    let response = shape(plan, &doc, &states, &durations, &failures, &call_headers, start.elapsed(), ex.request_id);
-    Outcome { response, calls: records }
+    let response = shape(&run, ex.request_id);
+    Outcome { response, calls: run.records }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn finish_failed(
-    plan: &CompositionPlan,
-    i: usize,
-    f: Failure,
-    states: &mut [State],
-    durations: &[Duration],
-    failures: &mut [Option<Failure>],
-    records: Vec<CallRecord>,
-    start: Instant,
-    request_id: &HeaderValue,
-) -> Outcome {
-    let mut response = failure_response(&f, &plan.calls[i].name, request_id);
-    failures[i] = Some(f);
-    states[i] = State::Failed;
-    let timing = server_timing(plan, states, durations, failures, start.elapsed());
-    response.headers_mut().insert(HeaderName::from_static("server-timing"), timing);
-    Outcome { response, calls: records }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn shape(
-    plan: &CompositionPlan,
-    doc: &Value,
-    states: &[State],
-    durations: &[Duration],
-    failures: &[Option<Failure>],
-    call_headers: &[Option<HeaderMap>],
-    total: Duration,
-    request_id: &HeaderValue,
-) -> Response<Body> {
+fn shape(run: &Run, request_id: &HeaderValue) -> Response<Body> {
+    let (plan, doc) = (run.plan, &run.doc);
     let r = &plan.response;
     let (bytes, content_type) = match &r.body {
         ResponseBody::Default => {
@@ -568,7 +573,7 @@ fn shape(
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, content_type);
     for (idx, names) in &r.forward_headers {
-        if let Some(from) = &call_headers[*idx] {
+        if let Some(from) = &run.call_headers[*idx] {
             for name in names {
                 for v in from.get_all(name) {
                     h.append(name.clone(), v.clone());
@@ -590,7 +595,7 @@ fn shape(
         .calls
         .iter()
         .enumerate()
-        .filter(|(i, _)| matches!(states[*i], State::Failed | State::Skipped))
+        .filter(|(i, _)| matches!(run.states[*i], State::Failed | State::Skipped))
         .map(|(_, c)| &*c.name)
         .collect();
     if !partial.is_empty() {
@@ -598,6 +603,6 @@ fn shape(
             h.insert(HeaderName::from_static("manifold-partial"), v);
         }
     }
-    h.insert(HeaderName::from_static("server-timing"), server_timing(plan, states, durations, failures, total));
+    h.insert(HeaderName::from_static("server-timing"), run.server_timing());
     resp
 }

@@ -32,6 +32,8 @@ pub struct CallPlan {
     /// `scheme://host[:port]`, for the `try` endpoint's report.
     pub origin: String,
     pub path: Template,
+    /// The url's path ends with `/` as written (its one empty segment).
+    pub path_trailing_slash: bool,
     pub query: Option<Template>,
     pub headers: Vec<(HeaderName, Template)>,
     pub forward_headers: Vec<HeaderName>,
@@ -223,6 +225,7 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
             scheme,
             authority,
             path,
+            path_trailing_slash: path_text.ends_with('/'),
             query,
             headers,
             forward_headers: call.forward_headers.iter().filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok()).collect(),

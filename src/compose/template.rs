@@ -65,7 +65,13 @@ enum Part {
 #[derive(Clone)]
 enum Kind {
     Simple(Vec<Part>),
-    Handlebars { registry: Arc<Handlebars<'static>>, name: String },
+    /// `roots`: the top-level names the template may read; only those are
+    /// copied into the handlebars context.
+    Handlebars {
+        registry: Arc<Handlebars<'static>>,
+        name: String,
+        roots: Vec<String>,
+    },
 }
 
 #[derive(Clone)]
@@ -159,7 +165,7 @@ fn lookup<'a>(doc: &'a Value, path: &[Seg]) -> Option<&'a Value> {
 
 impl Template {
     pub fn compile(text: &str, escape_kind: Escape) -> Result<Template, String> {
-        if escape_kind != Escape::Html && (text.contains("{{{") || text.contains("{{&")) {
+        if escape_kind != Escape::Html && crate::config::refs::has_unescaped_output(text) {
             return Err("unescaped output ({{{...}}} or {{&...}}) is not allowed here".into());
         }
         if let Some(parts) = parse_simple(text) {
@@ -168,7 +174,10 @@ impl Template {
         let mut registry = Handlebars::new();
         registry.register_escape_fn(move |s| escape(escape_kind, s));
         registry.register_template_string("t", text).map_err(|e| format!("invalid template: {}", e.reason()))?;
-        Ok(Template { kind: Kind::Handlebars { registry: Arc::new(registry), name: "t".into() }, escape: escape_kind })
+        let mut roots: Vec<String> = crate::config::refs::template_refs(text).into_iter().map(|r| r.root).collect();
+        roots.sort();
+        roots.dedup();
+        Ok(Template { kind: Kind::Handlebars { registry: Arc::new(registry), name: "t".into(), roots }, escape: escape_kind })
     }
 
     /// Renders against the context document. Literal text is the author's
@@ -188,8 +197,11 @@ impl Template {
                 }
                 out
             }
-            Kind::Handlebars { registry, name } => {
-                let ctx = Context::from(doc.clone());
+            Kind::Handlebars { registry, name, roots } => {
+                // Copy only what the template reads, not every backend body.
+                let part: serde_json::Map<String, Value> =
+                    roots.iter().filter_map(|r| doc.get(r).map(|v| (r.clone(), v.clone()))).collect();
+                let ctx = Context::from(Value::Object(part));
                 registry.render_with_context(name, &ctx).map_err(|e| format!("template failed: {e}"))?
             }
         };

@@ -46,6 +46,8 @@ pub fn template_refs(template: &str) -> Vec<TemplateRef> {
         let tokens: Vec<&str> = body.split(|c: char| c.is_whitespace() || c == '(' || c == ')').filter(|t| !t.is_empty()).collect();
         for (i, token) in tokens.iter().enumerate() {
             let token = token.rsplit('=').next().unwrap_or(token);
+            // `@root.user.body` reads `user` like `user.body` does.
+            let token = token.strip_prefix("@root.").unwrap_or(token);
             if token.starts_with(['"', '\'', '@']) {
                 continue;
             }
@@ -59,6 +61,20 @@ pub fn template_refs(template: &str) -> Vec<TemplateRef> {
         }
     }
     refs
+}
+
+/// Whether a template prints a value unescaped: `{{{x}}}`, `{{&x}}`, also
+/// with whitespace control (`{{~{x}}}`, `{{~&x}}`).
+pub fn has_unescaped_output(template: &str) -> bool {
+    let mut rest = template;
+    while let Some(open) = rest.find("{{") {
+        let after = rest[open + 2..].trim_start_matches('~');
+        if after.starts_with('{') || after.starts_with('&') {
+            return true;
+        }
+        rest = &rest[open + 2..];
+    }
+    false
 }
 
 /// The call a JSONPath query reads (`$.user.body` and `$['user']` read
@@ -112,6 +128,12 @@ mod tests {
             [("each".into(), false), ("orders".into(), true), ("name".into(), false), ("lookup".into(), false), ("user".into(), true)]
         );
         assert_eq!(roots("{{! comment user }}{{@index}}{{this}}"), []);
+        assert_eq!(roots("{{@root.user.body.id}}"), [("user".into(), true)]);
+        for raw in ["{{{x}}}", "{{&x}}", "{{~{x}}}", "{{~&x}}", "a {{~&x~}} b"] {
+            assert!(has_unescaped_output(raw), "{raw}");
+        }
+        assert!(has_unescaped_output("{{~{x}~}}"));
+        assert!(!has_unescaped_output("{{x}} {{~x~}} {{#if a}}{{/if}}"));
     }
 
     #[test]

@@ -547,7 +547,7 @@ struct Reads {
 fn template_reads(errs: &mut Errors, path: String, template: &str) -> Reads {
     // Output in urls and headers is always escaped for where it lands;
     // only a response template may print raw text.
-    if !path.ends_with(".template") && (template.contains("{{{") || template.contains("{{&")) {
+    if !path.ends_with(".template") && super::refs::has_unescaped_output(template) {
         errs.push(path.clone(), "unescaped output ({{{...}}} or {{&...}}) is allowed only in response.template");
     }
     if let Err(e) = handlebars::Template::compile(template) {
@@ -590,6 +590,20 @@ fn body_reads(errs: &mut Errors, path: String, body: &Value, anchored: bool, out
     }
 }
 
+/// Headers the gateway sets itself on a backend call, or that describe one
+/// connection: a call may not set or forward them.
+const CALL_MANAGED_HEADERS: [&str; 10] =
+    ["host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade", "proxy-connection", "expect"];
+
+fn check_call_header(errs: &mut Errors, path: String, name: &str) {
+    let lower = name.to_ascii_lowercase();
+    if CALL_MANAGED_HEADERS.contains(&lower.as_str()) || lower.starts_with("proxy-") {
+        errs.push(path, format!("{name} is set by the gateway for each call and cannot be configured"));
+    } else {
+        check_header_name(errs, path, name);
+    }
+}
+
 /// Splits a call URL into its fixed origin (`scheme://host[:port]`) and the
 /// templated rest. Templates in the origin are an error: they would let a
 /// request choose where the gateway connects.
@@ -604,23 +618,34 @@ pub fn split_call_url(url: &str) -> Result<(&str, &str), String> {
         return Err("the scheme, host and port of a url are fixed text: templates are allowed only in its path and query".into());
     }
     let uri: http::Uri = origin.parse().map_err(|e| format!("invalid url {url:?}: {e}"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) || origin.contains('@') {
+    if uri.scheme_str() == Some("https") {
+        return Err("https backends are not supported yet; use http://".into());
+    }
+    if uri.scheme_str() != Some("http") || uri.host().is_none_or(str::is_empty) || origin.contains('@') {
         return Err(format!("invalid url {url:?}: expected http://host[:port]/path"));
     }
-    if strip_templates(rest).contains('#') {
+    let literal = strip_templates(rest);
+    if literal.contains('#') {
         return Err("a url cannot hold a fragment".into());
+    }
+    if literal.split('?').next().unwrap_or("").contains("//") {
+        return Err("a url path cannot hold an empty segment (//)".into());
     }
     Ok((origin, rest))
 }
 
-/// The text of a template outside its `{{...}}` expressions.
+/// The text of a template with each `{{...}}` expression replaced by `x`,
+/// for checks of what the author wrote literally.
 fn strip_templates(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(open) = rest.find("{{") {
         out.push_str(&rest[..open]);
         match rest[open..].find("}}") {
-            Some(close) => rest = &rest[open + close + 2..],
+            Some(close) => {
+                out.push('x');
+                rest = &rest[open + close + 2..];
+            }
             None => return out,
         }
     }
@@ -674,11 +699,11 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
             Err(e) => errs.push(format!("{cbase}.url"), e),
         }
         for (h, v) in &call.headers {
-            check_header_name(errs, format!("{cbase}.headers.{h}"), h);
+            check_call_header(errs, format!("{cbase}.headers.{h}"), h);
             reads.push(template_reads(errs, format!("{cbase}.headers.{h}"), v));
         }
         for (i, h) in call.forward_headers.iter().enumerate() {
-            check_header_name(errs, format!("{cbase}.forward_headers[{i}]"), h);
+            check_call_header(errs, format!("{cbase}.forward_headers[{i}]"), h);
         }
         for (field, query) in [("when", &call.when), ("for_each", &call.for_each)] {
             if let Some(q) = query {
@@ -698,8 +723,8 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
                 if comp.calls.contains_key(&root) {
                     mine.push(root);
                 } else if root == "item" {
-                    if call.for_each.is_none() || r.path.ends_with(".for_each") {
-                        errs.push(r.path.clone(), "`item` is only available in the url, headers, body and when of a for_each call");
+                    if call.for_each.is_none() || r.path.ends_with(".for_each") || r.path.ends_with(".when") {
+                        errs.push(r.path.clone(), "`item` is only available in the url, headers and body of a for_each call");
                     }
                 } else if root != "request" && certain {
                     errs.push(r.path.clone(), format!("unknown call {root:?}"));

@@ -44,6 +44,36 @@ impl ConnActivity {
 
 pub struct InFlight(Arc<ConnActivity>);
 
+/// A response body that keeps its request counted as in flight until the
+/// body has been sent (or dropped): a long stream is not an idle connection.
+pub struct Guarded<B> {
+    inner: B,
+    _in_flight: InFlight,
+}
+
+impl<B> Guarded<B> {
+    pub fn new(inner: B, in_flight: InFlight) -> Self {
+        Guarded { inner, _in_flight: in_flight }
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {

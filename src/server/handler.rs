@@ -10,7 +10,7 @@ use std::sync::Arc;
 use http::{header, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 
-use super::conn_io::ConnActivity;
+use super::conn_io::{ConnActivity, Guarded};
 use super::hygiene::{check_head, normalize_path};
 use super::Shared;
 use crate::body::Body;
@@ -48,9 +48,9 @@ pub struct ConnService {
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
-    type Response = Response<Body>;
+    type Response = Response<Guarded<Body>>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let worker = self.worker.clone();
@@ -58,8 +58,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let in_flight = self.activity.start();
         Box::pin(async move {
             let resp = handle(&worker, peer, req).await;
-            drop(in_flight);
-            Ok(resp)
+            Ok(resp.map(|body| Guarded::new(body, in_flight)))
         })
     }
 }
@@ -154,7 +153,12 @@ async fn route_and_run(
         Target::Composition(plan) => {
             let trace = TraceContext::from_headers(req.headers());
             let (parts, body) = req.into_parts();
-            let body = read_json_body(&parts.headers, body).await.map_err(|e| (e, false))?;
+            // The body counts against the composition's deadline: a client that
+            // stops sending it cannot hold the connection.
+            let body = match tokio::time::timeout(plan.deadline, read_json_body(&parts.headers, body)).await {
+                Ok(body) => body.map_err(|e| (e, false))?,
+                Err(_) => return Err((GatewayError::new(ErrorCode::BadRequest, "the request body did not arrive in time"), true)),
+            };
             let request = request_context(&parts.method, &params, parts.uri.query(), &parts.headers, body);
             let ex = compose::Exchange { client: &worker.client, request_id, trace: &trace, client_headers: &parts.headers, record: false };
             Ok(compose::run(ex, &plan, request).await.response)
