@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use crate::config::units::Dur;
 use crate::config::validate::parse_cidr;
 use crate::config::{load_paths, Config};
-use crate::gateway::{Gateway, GatewayOptions};
+use crate::gateway::{DatabaseOptions, Gateway, GatewayOptions};
 use crate::server::ServerOptions;
 
 #[derive(Parser, Debug)]
@@ -48,8 +48,13 @@ pub enum Command {
         /// Files or directories; default: MANIFOLD_CONFIG_DIR or ./compositions
         paths: Vec<PathBuf>,
     },
-    /// Apply the Postgres migrations (database mode; not in this build yet)
-    Migrate,
+    /// Apply the Postgres migrations in migrations/ (compiled in) to the
+    /// database of MANIFOLD_DATABASE_URL
+    Migrate {
+        /// Postgres URL, e.g. postgres://user@host/db
+        #[arg(long, env = "MANIFOLD_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
     /// Print the whole live config as YAML (database mode; not in this build yet)
     Export {
         #[arg(long, env = "MANIFOLD_ADMIN")]
@@ -82,7 +87,7 @@ pub struct ServeArgs {
     /// Bearer token required by the admin API
     #[arg(long, env = "MANIFOLD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Postgres URL: database mode (not in this build yet)
+    /// Postgres URL: database mode (the config lives in Postgres, edited through the admin API)
     #[arg(long, env = "MANIFOLD_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Redis URL, for cluster rate limits (not in this build yet)
@@ -131,8 +136,11 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Validate { paths } => return validate(paths),
-        Command::Migrate | Command::Export { .. } | Command::Sync { .. } => {
-            eprintln!("manifold: database mode (migrate, export, sync) is not in this build yet; DB-less mode works today: see `manifold serve --help`");
+        Command::Migrate { database_url } => migrate(&database_url),
+        Command::Export { .. } | Command::Sync { .. } => {
+            eprintln!(
+                "manifold: export and sync are not in this build yet; GET and POST /config on the admin API do the same for one node"
+            );
             return ExitCode::from(2);
         }
     };
@@ -176,29 +184,45 @@ fn load_config(dir: &PathBuf) -> anyhow::Result<Config> {
     load_paths(std::slice::from_ref(dir)).map_err(|errors| anyhow::anyhow!("the config in {} is invalid:\n{errors}", dir.display()))
 }
 
+fn migrate(url: &str) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let store = crate::store::Store::connect(url).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let applied = store.migrate().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        if applied.is_empty() {
+            println!("the database schema is up to date");
+        } else {
+            println!("applied migrations: {applied:?}");
+        }
+        Ok(())
+    })
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if args.database_url.is_some() {
-        bail!("database mode (MANIFOLD_DATABASE_URL) is not in this build yet; unset it to run DB-less from --config-dir");
-    }
     if args.demo {
         let addrs = crate::demo::start()?;
         tracing::info!(?addrs, "demo backends started");
     }
-    let config = load_config(&args.config_dir)?;
+    let database = args.database_url.clone().map(|url| DatabaseOptions { url, snapshot_path: args.snapshot_path.clone() });
+    // Database mode takes its config from the database; DB-less from files.
+    let config = if database.is_some() { Config::default() } else { load_config(&args.config_dir)? };
     let mut server = ServerOptions { proxy_listen: args.proxy_listen, drain_timeout: args.drain_timeout.0, ..ServerOptions::default() };
     if let Some(w) = args.workers {
         server.workers = w.max(1);
     }
+    let mode = if database.is_some() { "database" } else { "DB-less" };
     let opts = GatewayOptions {
         server,
         admin_listen: args.admin_listen,
         admin_token: args.admin_token,
         trusted_proxies: args.trusted_proxies,
+        database,
         ..GatewayOptions::default()
     };
-    let (routes, compositions) = (config.routes.len(), config.compositions.len());
     let gateway = Gateway::start(opts, config)?;
-    tracing::info!(proxy = %gateway.proxy_addr, admin = %gateway.admin_addr, routes, compositions, config_dir = %args.config_dir.display(), "manifold is serving (DB-less)");
+    let snap = gateway.shared.snapshot.load_full();
+    let (routes, compositions, version) = (snap.config.routes.len(), snap.config.compositions.len(), snap.version);
+    tracing::info!(proxy = %gateway.proxy_addr, admin = %gateway.admin_addr, routes, compositions, version, mode, "manifold is serving");
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("a tokio runtime")?;
     let signal = rt.block_on(wait_for_signal())?;

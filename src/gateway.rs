@@ -1,19 +1,31 @@
 //! A whole gateway node: the proxy workers and the admin API, started from
-//! a config and stopped gracefully. `manifold serve` and the tests both use
-//! this, so what the tests run is what ships.
+//! a config (DB-less) or from the database, and stopped gracefully.
+//! `manifold serve` and the tests both use this, so what the tests run is
+//! what ships.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use anyhow::{bail, Context};
 use ipnet::IpNet;
+use tokio::runtime::Runtime;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::server::hygiene::Limits;
 use crate::server::{ProxyServer, ServerOptions, Shared};
+use crate::store::{self, Store, StoreError};
+
+#[derive(Clone, Debug)]
+pub struct DatabaseOptions {
+    pub url: String,
+    /// The local copy of the last good config.
+    pub snapshot_path: PathBuf,
+}
 
 #[derive(Clone, Debug)]
 pub struct GatewayOptions {
@@ -22,6 +34,8 @@ pub struct GatewayOptions {
     pub admin_token: Option<String>,
     pub trusted_proxies: Vec<IpNet>,
     pub limits: Limits,
+    /// Database mode when set; the `config` given to `start` is then unused.
+    pub database: Option<DatabaseOptions>,
 }
 
 impl Default for GatewayOptions {
@@ -32,6 +46,7 @@ impl Default for GatewayOptions {
             admin_token: None,
             trusted_proxies: Vec::new(),
             limits: Limits::default(),
+            database: None,
         }
     }
 }
@@ -42,7 +57,59 @@ pub struct Gateway {
     pub shared: Arc<Shared>,
     proxy: ProxyServer,
     admin_stop: watch::Sender<bool>,
-    admin_thread: JoinHandle<()>,
+    admin_task: JoinHandle<()>,
+    /// Runs the admin API and, in database mode, the sync with the database
+    /// (off the request path; the proxy workers have runtimes of their own).
+    control: ControlRuntime,
+}
+
+/// A runtime that may be dropped anywhere, async code included (tests
+/// start and stop gateways from async tests; a plain drop would panic).
+struct ControlRuntime(Option<Runtime>);
+
+impl std::ops::Deref for ControlRuntime {
+    type Target = Runtime;
+    fn deref(&self) -> &Runtime {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for ControlRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Runs `fut` to completion on `rt` from any context, even inside another
+/// runtime (tests call `Gateway::start` from async code).
+fn block_on<F: std::future::Future + Send>(rt: &Runtime, fut: F) -> F::Output
+where
+    F::Output: Send,
+{
+    std::thread::scope(|s| s.spawn(|| rt.block_on(fut)).join().expect("the control runtime does not panic"))
+}
+
+/// Database mode's first config: from the database, or, when it cannot be
+/// reached, from the snapshot saved last time.
+async fn initial_config(db: &DatabaseOptions) -> anyhow::Result<(Store, Config, u64, bool)> {
+    let store = Store::lazy(&db.url).context("invalid database URL")?;
+    match store.check_schema().await {
+        Ok(()) => {}
+        Err(StoreError::Unavailable(e)) => {
+            let saved = store::sync::read_snapshot(&db.snapshot_path)
+                .map_err(|s| anyhow::anyhow!("the database is unreachable ({e}) and there is no saved snapshot to serve: {s}"))?;
+            tracing::warn!(error = %e, path = %db.snapshot_path.display(), version = saved.version, "the database is unreachable: serving the snapshot saved last time");
+            return Ok((store, saved.config, saved.version, false));
+        }
+        Err(e) => bail!("{e}"),
+    }
+    let (config, version) = store.load().await.map_err(|e| anyhow::anyhow!("cannot load the config: {e}"))?;
+    if let Err(e) = store::sync::save_snapshot(&db.snapshot_path, version, &config) {
+        tracing::warn!(error = %e, path = %db.snapshot_path.display(), "cannot save the local snapshot");
+    }
+    Ok((store, config, version, true))
 }
 
 impl Gateway {
@@ -53,7 +120,20 @@ impl Gateway {
                 opts.admin_listen
             );
         }
-        let shared = Shared::new(config, opts.trusted_proxies.clone(), opts.limits.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let control = ControlRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("manifold-control").enable_all().build()?,
+        ));
+
+        let (store, config, version, reachable) = match &opts.database {
+            Some(db) => {
+                let (store, config, version, reachable) = block_on(&control, initial_config(db))?;
+                (Some(store), config, version, reachable)
+            }
+            None => (None, config, 1, false),
+        };
+        let shared = Shared::new(config, version, store.clone(), opts.trusted_proxies.clone(), opts.limits.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        shared.db_reachable.store(reachable, Ordering::Relaxed);
 
         let admin_listener = std::net::TcpListener::bind(opts.admin_listen)
             .with_context(|| format!("cannot listen on {} for the admin API", opts.admin_listen))?;
@@ -62,36 +142,37 @@ impl Gateway {
         let proxy = ProxyServer::start(&opts.server, shared.clone())
             .with_context(|| format!("cannot listen on {} for the proxy", opts.server.proxy_listen))?;
 
+        if let (Some(store), Some(db)) = (store, &opts.database) {
+            control.spawn(store::sync::run(store, shared.clone(), db.snapshot_path.clone()));
+        }
         let (admin_stop, mut stop_rx) = watch::channel(false);
         let state = AdminState {
             shared: shared.clone(),
             token: opts.admin_token.filter(|t| !t.is_empty()).map(Arc::from),
             client: crate::proxy::new_client(),
+            snapshot_path: opts.database.as_ref().map(|d| d.snapshot_path.clone()),
         };
-        let admin_thread = std::thread::Builder::new().name("manifold-admin".into()).spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
-            rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(admin_listener) {
-                    Ok(l) => l,
-                    Err(e) => return tracing::error!(error = %e, "cannot use the admin listener"),
-                };
-                let stop = async move {
-                    let _ = stop_rx.wait_for(|s| *s).await;
-                };
-                if let Err(e) = admin::serve(listener, state, stop).await {
-                    tracing::error!(error = %e, "the admin API stopped");
-                }
-            });
-        })?;
-        Ok(Gateway { proxy_addr: proxy.addr, admin_addr, shared, proxy, admin_stop, admin_thread })
+        let admin_task = control.spawn(async move {
+            let listener = match tokio::net::TcpListener::from_std(admin_listener) {
+                Ok(l) => l,
+                Err(e) => return tracing::error!(error = %e, "cannot use the admin listener"),
+            };
+            let stop = async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = admin::serve(listener, state, stop).await {
+                tracing::error!(error = %e, "the admin API stopped");
+            }
+        });
+        Ok(Gateway { proxy_addr: proxy.addr, admin_addr, shared, proxy, admin_stop, admin_task, control })
     }
 
     /// Stops accepting, lets in-flight requests finish (bounded by the drain
-    /// time), and returns when every thread has ended.
+    /// time), and returns when every worker has ended.
     pub fn shutdown(self) {
         self.proxy.shutdown();
         let _ = self.admin_stop.send(true);
         self.proxy.join();
-        let _ = self.admin_thread.join();
+        let _ = block_on(&self.control, self.admin_task);
     }
 }

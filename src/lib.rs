@@ -29,3 +29,4 @@ pub mod ids;
 pub mod proxy;
 pub mod server;
 pub mod snapshot;
+pub mod store;

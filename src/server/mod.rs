@@ -36,11 +36,21 @@ pub struct Shared {
     pub node_id: String,
     pub trusted_proxies: Vec<IpNet>,
     pub limits: Limits,
+    /// Database mode: the store the admin API writes, and whether the
+    /// node's last contact with it worked.
+    pub store: Option<crate::store::Store>,
+    pub db_reachable: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
-    pub fn new(config: Config, trusted_proxies: Vec<IpNet>, limits: Limits) -> Result<Arc<Self>, ConfigErrors> {
-        let snap = snapshot::compile(config, 1)?;
+    pub fn new(
+        config: Config,
+        version: u64,
+        store: Option<crate::store::Store>,
+        trusted_proxies: Vec<IpNet>,
+        limits: Limits,
+    ) -> Result<Arc<Self>, ConfigErrors> {
+        let snap = snapshot::compile(config, version)?;
         Ok(Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snap),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -49,7 +59,17 @@ impl Shared {
             node_id: crate::ids::new_uuid(),
             trusted_proxies,
             limits,
+            store,
+            db_reachable: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Like [`Shared::replace_config`], at the version the database gave.
+    pub fn replace_config_at(&self, config: Config, version: u64) -> Result<(), ConfigErrors> {
+        let snap = snapshot::compile(config, version)?;
+        self.snapshot.store(Arc::new(snap));
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Compiles `config` and swaps it in whole. In-flight requests finish on

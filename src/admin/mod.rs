@@ -16,6 +16,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::compose::context::request_context;
+mod entities;
+
 use crate::config::load::config_from_text;
 use crate::config::{Config, ConfigErrors, Format};
 use crate::diff::ConfigDiff;
@@ -29,6 +31,8 @@ pub struct AdminState {
     pub token: Option<Arc<str>>,
     /// The admin API's own backend client, for `try`.
     pub client: HttpClient,
+    /// Database mode: where the node saves each config it loads.
+    pub snapshot_path: Option<std::path::PathBuf>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -37,8 +41,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/status", get(status))
         .route("/status/ready", get(ready))
         .route("/compositions/{name}/try", post(try_composition))
-        .route("/{kind}", get(list_entities).post(read_only))
-        .route("/{kind}/{name}", get(get_entity).put(read_only).patch(read_only).delete(read_only))
+        .route("/audit", get(entities::audit))
+        .route("/{kind}", get(entities::list).post(entities::create))
+        .route("/{kind}/{name}", get(entities::get).put(entities::put).patch(entities::patch).delete(entities::delete))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
@@ -93,6 +98,12 @@ pub fn config_as(config: &Config, yaml: bool) -> Response {
 }
 
 async fn get_config(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+    if let Some(store) = &state.shared.store {
+        return match store.load().await {
+            Ok((config, _)) => config_as(&config, wants_yaml(&headers)),
+            Err(e) => entities::store_error(e, None, None),
+        };
+    }
     let snap = state.shared.snapshot.load();
     config_as(&snap.config, wants_yaml(&headers))
 }
@@ -131,6 +142,9 @@ async fn post_config(State(state): State<AdminState>, Query(q): Query<ConfigQuer
         Ok(c) => c,
         Err(errors) => return invalid(&errors),
     };
+    if state.shared.store.is_some() {
+        return entities::replace_all(&state, &headers, config, q.dry_run).await;
+    }
     let shared = &state.shared;
     let _guard = shared.reload_lock.lock().await;
     let diff = ConfigDiff::between(&shared.snapshot.load().config, &config);
@@ -157,9 +171,9 @@ async fn status(State(state): State<AdminState>) -> Response {
     let snap = shared.snapshot.load();
     Json(json!({
         "node_id": shared.node_id,
-        "mode": "db-less",
+        "mode": if shared.store.is_some() { "database" } else { "db-less" },
         "config_version": snap.version,
-        "database_reachable": Value::Null,
+        "database_reachable": if shared.store.is_some() { json!(shared.db_reachable.load(Ordering::Relaxed)) } else { Value::Null },
         "reloads": shared.reloads.load(Ordering::Relaxed),
         "uptime_seconds": shared.started.elapsed().as_secs(),
         "entities": {
@@ -191,39 +205,30 @@ fn entities(config: &Config, kind: &str) -> Option<Vec<Value>> {
     })
 }
 
-#[derive(Deserialize)]
-struct Page {
-    size: Option<usize>,
-    offset: Option<usize>,
-}
-
-async fn list_entities(State(state): State<AdminState>, Path(kind): Path<String>, Query(page): Query<Page>) -> Response {
+/// DB-less mode: entities come from the running config.
+fn list_from_snapshot(state: &AdminState, kind: &str, page: &entities::Page) -> Response {
     let snap = state.shared.snapshot.load();
-    let Some(all) = entities(&snap.config, &kind) else {
-        return not_found().await;
+    let Some(all) = entities(&snap.config, kind) else {
+        return message(StatusCode::NOT_FOUND, "not found");
     };
-    let size = page.size.unwrap_or(100).clamp(1, 1000);
-    let offset = page.offset.unwrap_or(0);
+    let tags = page.tags();
+    let all: Vec<Value> = all
+        .into_iter()
+        .filter(|e| tags.iter().all(|t| e.get("tags").and_then(Value::as_array).is_some_and(|ts| ts.iter().any(|x| x == t))))
+        .collect();
+    let (size, offset) = (page.size(), page.offset());
     let data: Vec<Value> = all.iter().skip(offset).take(size).cloned().collect();
     let next = (offset + size < all.len()).then(|| format!("/{kind}?size={size}&offset={}", offset + size));
     Json(json!({ "data": data, "next": next })).into_response()
 }
 
-async fn get_entity(State(state): State<AdminState>, Path((kind, name)): Path<(String, String)>) -> Response {
+fn get_from_snapshot(state: &AdminState, kind: &str, name: &str) -> Response {
     let snap = state.shared.snapshot.load();
-    let found = entities(&snap.config, &kind)
-        .and_then(|all| all.into_iter().find(|e| e.get("name").and_then(Value::as_str) == Some(name.as_str())));
+    let found = entities(&snap.config, kind).and_then(|all| all.into_iter().find(|e| e.get("name").and_then(Value::as_str) == Some(name)));
     match found {
         Some(entity) => Json(entity).into_response(),
-        None => not_found().await,
+        None => message(StatusCode::NOT_FOUND, "not found"),
     }
-}
-
-async fn read_only(Path(_): Path<Vec<(String, String)>>) -> Response {
-    message(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "entities are read-only in DB-less mode: edit the config files, or replace the whole config with POST /config",
-    )
 }
 
 #[derive(Deserialize)]

@@ -1,0 +1,263 @@
+//! Entity CRUD, `/audit` and config replacement in database mode (SPEC §5).
+//! Every write goes through `Store::write` (validated on the whole config,
+//! audited, versioned in one transaction); the node then catches up at once
+//! instead of waiting for its own notification.
+
+// Handlers return ready responses as their errors, as axum handlers do.
+#![allow(clippy::result_large_err)]
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{invalid, message, not_found, AdminState};
+use crate::config::{ConfigError, ConfigErrors};
+use crate::store::{Change, Kind, Store, StoreError};
+
+#[derive(Deserialize)]
+pub struct Page {
+    size: Option<usize>,
+    offset: Option<usize>,
+    /// Comma-separated tags an entity must all hold.
+    tags: Option<String>,
+}
+
+impl Page {
+    pub fn size(&self) -> usize {
+        self.size.unwrap_or(100).clamp(1, 1000)
+    }
+    pub fn offset(&self) -> usize {
+        self.offset.unwrap_or(0)
+    }
+    pub fn tags(&self) -> Vec<String> {
+        self.tags.as_deref().unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect()
+    }
+}
+
+/// Who made a change, for the audit log: `X-Manifold-Actor` when given.
+fn actor(headers: &HeaderMap) -> String {
+    headers
+        .get("x-manifold-actor")
+        .and_then(|v| v.to_str().ok())
+        .map(|a| a.chars().take(128).collect())
+        .filter(|a: &String| !a.is_empty())
+        .unwrap_or_else(|| "admin-api".to_string())
+}
+
+/// `If-Match: "3"` (or `3`): the entity version the writer last saw.
+fn if_match(headers: &HeaderMap) -> Result<Option<i64>, Response> {
+    match headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .trim_start_matches("W/")
+            .trim_matches('"')
+            .parse()
+            .map(Some)
+            .map_err(|_| message(StatusCode::BAD_REQUEST, "If-Match must be an entity version, such as \"3\"")),
+    }
+}
+
+fn etag(version: i64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header value")
+}
+
+/// Errors of a write on one entity name fields relative to it
+/// (`calls.user.url`, not `compositions.dash.calls.user.url`).
+fn relative(errors: ConfigErrors, kind: Kind, name: Option<&str>) -> ConfigErrors {
+    let Some(name) = name else { return errors };
+    let prefix = format!("{}.{name}.", kind.table());
+    ConfigErrors(
+        errors
+            .0
+            .into_iter()
+            .map(|e| ConfigError { path: e.path.strip_prefix(&prefix).map(str::to_string).unwrap_or(e.path), ..e })
+            .collect(),
+    )
+}
+
+pub fn store_error(e: StoreError, kind: Option<Kind>, name: Option<&str>) -> Response {
+    match e {
+        StoreError::Unavailable(m) => {
+            tracing::warn!(error = %m, "admin write failed: database unavailable");
+            message(StatusCode::SERVICE_UNAVAILABLE, "the database is unavailable; the node keeps serving its last config, try again later")
+        }
+        StoreError::Schema(m) => message(StatusCode::INTERNAL_SERVER_ERROR, &m),
+        StoreError::NotFound => message(StatusCode::NOT_FOUND, "not found"),
+        StoreError::Conflict(m) => message(StatusCode::CONFLICT, &m),
+        StoreError::PreconditionFailed(m) => message(StatusCode::PRECONDITION_FAILED, &m),
+        StoreError::Invalid(errors) => match kind {
+            Some(kind) => invalid(&relative(errors, kind, name)),
+            None => invalid(&errors),
+        },
+    }
+}
+
+fn store_of(state: &AdminState) -> Option<&Store> {
+    state.shared.store.as_ref()
+}
+
+fn read_only() -> Response {
+    message(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "entities are read-only in DB-less mode: edit the config files, or replace the whole config with POST /config",
+    )
+}
+
+/// After a write, the node serves it before answering.
+async fn catch_up(state: &AdminState) {
+    if let (Some(store), Some(path)) = (store_of(state), &state.snapshot_path) {
+        if let Err(e) = crate::store::sync::catch_up(store, &state.shared, path).await {
+            tracing::warn!(error = %e, "could not load the config just written; the sync will retry");
+        }
+    }
+}
+
+fn kind_of(kind: &str) -> Result<Kind, Response> {
+    Kind::parse(kind).ok_or_else(|| message(StatusCode::NOT_FOUND, "not found"))
+}
+
+fn json_body(body: &[u8]) -> Result<Value, Response> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(message(StatusCode::BAD_REQUEST, "the body must be a JSON object")),
+        Err(e) => Err(message(StatusCode::BAD_REQUEST, &format!("the body is not JSON: {e}"))),
+    }
+}
+
+pub async fn list(State(state): State<AdminState>, Path(kind): Path<String>, Query(page): Query<Page>) -> Response {
+    let Some(store) = store_of(&state) else { return super::list_from_snapshot(&state, &kind, &page) };
+    let kind = match kind_of(&kind) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    match store.list(kind, &page.tags(), page.size(), page.offset()).await {
+        Ok((data, more)) => {
+            let tags = page.tags.as_deref().map(|t| format!("&tags={t}")).unwrap_or_default();
+            let next = more.then(|| format!("/{}?size={}&offset={}{tags}", kind.table(), page.size(), page.offset() + page.size()));
+            Json(json!({ "data": data, "next": next })).into_response()
+        }
+        Err(e) => store_error(e, None, None),
+    }
+}
+
+pub async fn get(State(state): State<AdminState>, Path((kind, name)): Path<(String, String)>) -> Response {
+    let Some(store) = store_of(&state) else { return super::get_from_snapshot(&state, &kind, &name) };
+    let kind = match kind_of(&kind) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    match store.get(kind, &name).await {
+        Ok((entity, version)) => ([(header::ETAG, etag(version))], Json(entity)).into_response(),
+        Err(StoreError::NotFound) => not_found().await,
+        Err(e) => store_error(e, None, None),
+    }
+}
+
+async fn write(state: &AdminState, headers: &HeaderMap, kind: Kind, name: Option<&str>, change: Change) -> Response {
+    let Some(store) = store_of(state) else { return read_only() };
+    match store.write(&actor(headers), change).await {
+        Ok(outcome) => {
+            catch_up(state).await;
+            match outcome.entity {
+                None => StatusCode::NO_CONTENT.into_response(),
+                Some(entity) => {
+                    let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
+                    (status, [(header::ETAG, etag(outcome.entity_version))], Json(entity)).into_response()
+                }
+            }
+        }
+        Err(e) => store_error(e, Some(kind), name),
+    }
+}
+
+pub async fn create(State(state): State<AdminState>, Path(kind): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if store_of(&state).is_none() {
+        return read_only();
+    }
+    let (kind, entity) = match (kind_of(&kind), json_body(&body)) {
+        (Ok(k), Ok(e)) => (k, e),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let name = entity.get("name").and_then(Value::as_str).map(str::to_string);
+    write(&state, &headers, kind, name.as_deref(), Change::Create { kind, entity }).await
+}
+
+pub async fn put(
+    State(state): State<AdminState>,
+    Path((kind, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if store_of(&state).is_none() {
+        return read_only();
+    }
+    let (kind, entity, if_match) = match (kind_of(&kind), json_body(&body), if_match(&headers)) {
+        (Ok(k), Ok(e), Ok(m)) => (k, e, m),
+        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
+    };
+    write(&state, &headers, kind, Some(&name), Change::Put { kind, name: name.clone(), entity, if_match }).await
+}
+
+pub async fn patch(
+    State(state): State<AdminState>,
+    Path((kind, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if store_of(&state).is_none() {
+        return read_only();
+    }
+    let (kind, patch, if_match) = match (kind_of(&kind), json_body(&body), if_match(&headers)) {
+        (Ok(k), Ok(e), Ok(m)) => (k, e, m),
+        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
+    };
+    write(&state, &headers, kind, Some(&name), Change::Patch { kind, name: name.clone(), patch, if_match }).await
+}
+
+pub async fn delete(State(state): State<AdminState>, Path((kind, name)): Path<(String, String)>, headers: HeaderMap) -> Response {
+    if store_of(&state).is_none() {
+        return read_only();
+    }
+    let (kind, if_match) = match (kind_of(&kind), if_match(&headers)) {
+        (Ok(k), Ok(m)) => (k, m),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    write(&state, &headers, kind, Some(&name), Change::Delete { kind, name: name.clone(), if_match }).await
+}
+
+pub async fn audit(State(state): State<AdminState>, Query(page): Query<Page>) -> Response {
+    let Some(store) = store_of(&state) else {
+        return message(StatusCode::NOT_FOUND, "the audit log exists in database mode only");
+    };
+    match store.audit(page.size(), page.offset()).await {
+        Ok((data, more)) => {
+            let next = more.then(|| format!("/audit?size={}&offset={}", page.size(), page.offset() + page.size()));
+            Json(json!({ "data": data, "next": next })).into_response()
+        }
+        Err(e) => store_error(e, None, None),
+    }
+}
+
+/// `POST /config` in database mode: one transaction for the whole config.
+pub async fn replace_all(state: &AdminState, headers: &HeaderMap, config: crate::config::Config, dry_run: bool) -> Response {
+    let Some(store) = store_of(state) else { return read_only() };
+    if dry_run {
+        return match store.load().await {
+            Ok((current, _)) => {
+                Json(json!({ "dry_run": true, "changes": crate::diff::ConfigDiff::between(&current, &config) })).into_response()
+            }
+            Err(e) => store_error(e, None, None),
+        };
+    }
+    match store.write(&actor(headers), Change::ReplaceAll { config: Box::new(config) }).await {
+        Ok(outcome) => {
+            catch_up(state).await;
+            Json(json!({ "version": outcome.config_version, "changes": outcome.diff })).into_response()
+        }
+        Err(e) => store_error(e, None, None),
+    }
+}

@@ -1,0 +1,497 @@
+//! Database mode's store: the config in Postgres (one table per entity
+//! kind), its version, and the audit log. Every write is one transaction:
+//! lock the version, apply the change to the whole current config,
+//! validate exactly as `manifold validate` does, write the rows and the
+//! audit record, bump the version and NOTIFY the nodes.
+//!
+//! Never on the request path: nodes read the store only to build snapshots.
+
+pub mod sync;
+
+use std::fmt;
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
+
+use crate::config::load::LoadedConfig;
+use crate::config::{Config, ConfigError, ConfigErrors};
+use crate::diff::ConfigDiff;
+
+/// The migrations in `migrations/`, compiled into the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// The channel nodes LISTEN on; the payload is the new config version.
+pub const CHANNEL: &str = "manifold_config";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Routes,
+    Compositions,
+    Consumers,
+    Policies,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Routes, Kind::Compositions, Kind::Consumers, Kind::Policies];
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.table() == s)
+    }
+
+    /// Also the admin API's path segment and the config's top-level key.
+    pub fn table(self) -> &'static str {
+        match self {
+            Kind::Routes => "routes",
+            Kind::Compositions => "compositions",
+            Kind::Consumers => "consumers",
+            Kind::Policies => "policies",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum StoreError {
+    /// The database could not be reached or failed: 503.
+    Unavailable(String),
+    /// The schema is missing, older or newer than this build.
+    Schema(String),
+    NotFound,
+    /// A duplicate name, or a delete of something still in use: 409.
+    Conflict(String),
+    /// `If-Match` named another version: 412.
+    PreconditionFailed(String),
+    /// The change would make the config invalid: 400 with every error.
+    Invalid(ConfigErrors),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Unavailable(m) => write!(f, "the database is unavailable: {m}"),
+            StoreError::Schema(m) => f.write_str(m),
+            StoreError::NotFound => f.write_str("not found"),
+            StoreError::Conflict(m) | StoreError::PreconditionFailed(m) => f.write_str(m),
+            StoreError::Invalid(e) => write!(f, "invalid config: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+fn invalid(path: &str, message: impl Into<String>) -> StoreError {
+    StoreError::Invalid(ConfigErrors(vec![ConfigError { file: None, path: path.to_string(), message: message.into() }]))
+}
+
+/// One change to the config, as the admin API asks for it.
+#[derive(Debug)]
+pub enum Change {
+    Create {
+        kind: Kind,
+        entity: Value,
+    },
+    /// Create or replace (`PUT`).
+    Put {
+        kind: Kind,
+        name: String,
+        entity: Value,
+        if_match: Option<i64>,
+    },
+    /// JSON merge patch (RFC 7396) of the stored entity (`PATCH`).
+    Patch {
+        kind: Kind,
+        name: String,
+        patch: Value,
+        if_match: Option<i64>,
+    },
+    Delete {
+        kind: Kind,
+        name: String,
+        if_match: Option<i64>,
+    },
+    /// Replace the whole config (`POST /config`); already validated.
+    ReplaceAll {
+        config: Box<Config>,
+    },
+}
+
+#[derive(Debug)]
+pub struct WriteOutcome {
+    /// The entity as stored (secrets hashed); `None` after a delete.
+    pub entity: Option<Value>,
+    pub entity_version: i64,
+    pub config_version: u64,
+    pub created: bool,
+    pub diff: ConfigDiff,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = Value::Object(Map::new());
+            }
+            let t = target.as_object_mut().expect("made an object above");
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+fn entities_of(config: &Config, kind: Kind) -> Vec<(String, Value)> {
+    fn pairs<T: serde::Serialize>(list: &[T], name: impl Fn(&T) -> &str) -> Vec<(String, Value)> {
+        list.iter().map(|e| (name(e).to_string(), serde_json::to_value(e).unwrap_or(Value::Null))).collect()
+    }
+    match kind {
+        Kind::Routes => pairs(&config.routes, |e| &e.name),
+        Kind::Compositions => pairs(&config.compositions, |e| &e.name),
+        Kind::Consumers => pairs(&config.consumers, |e| &e.name),
+        Kind::Policies => pairs(&config.policies, |e| &e.name),
+    }
+}
+
+/// Puts `entity` (already named) into `config`, replacing one of its name.
+fn set_entity(config: &mut Config, kind: Kind, name: &str, entity: Value) -> Result<(), StoreError> {
+    fn put<T: serde::de::DeserializeOwned>(
+        list: &mut Vec<T>,
+        name: &str,
+        value: Value,
+        get: impl Fn(&T) -> &str,
+    ) -> Result<(), StoreError> {
+        let entity: T = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            invalid(if path == "." { "" } else { &path }, e.into_inner().to_string())
+        })?;
+        match list.iter().position(|e| get(e) == name) {
+            Some(i) => list[i] = entity,
+            None => list.push(entity),
+        }
+        Ok(())
+    }
+    match kind {
+        Kind::Routes => put(&mut config.routes, name, entity, |e| &e.name),
+        Kind::Compositions => put(&mut config.compositions, name, entity, |e| &e.name),
+        Kind::Consumers => put(&mut config.consumers, name, entity, |e| &e.name),
+        Kind::Policies => put(&mut config.policies, name, entity, |e| &e.name),
+    }
+}
+
+fn remove_entity(config: &mut Config, kind: Kind, name: &str) {
+    match kind {
+        Kind::Routes => config.routes.retain(|e| e.name != name),
+        Kind::Compositions => config.compositions.retain(|e| e.name != name),
+        Kind::Consumers => config.consumers.retain(|e| e.name != name),
+        Kind::Policies => config.policies.retain(|e| e.name != name),
+    }
+}
+
+/// Who still uses policy `name`.
+fn policy_users(config: &Config, name: &str) -> Vec<String> {
+    let routes = config.routes.iter().filter(|r| r.policies.iter().any(|p| p == name)).map(|r| format!("routes.{}", r.name));
+    let comps = config.compositions.iter().filter(|c| c.policies.iter().any(|p| p == name)).map(|c| format!("compositions.{}", c.name));
+    routes.chain(comps).collect()
+}
+
+fn tags_of(entity: &Value) -> Vec<String> {
+    entity
+        .get("tags")
+        .and_then(Value::as_array)
+        .map(|t| t.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+impl Store {
+    /// Connects, or fails within a few seconds.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let pool = PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(3)).connect(url).await?;
+        Ok(Store { pool })
+    }
+
+    /// A store whose connections are made when first needed, so a node can
+    /// start while the database is down.
+    pub fn lazy(url: &str) -> Result<Store, StoreError> {
+        let pool = PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(3)).connect_lazy(url)?;
+        Ok(Store { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the migrations this build carries; returns the versions applied now.
+    pub async fn migrate(&self) -> Result<Vec<i64>, StoreError> {
+        let before = self.applied().await.unwrap_or_default();
+        MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Schema(format!("migration failed: {e}")))?;
+        let after = self.applied().await?;
+        Ok(after.into_iter().filter(|v| !before.contains(v)).collect())
+    }
+
+    async fn applied(&self) -> Result<Vec<i64>, StoreError> {
+        let rows = sqlx::query("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version").fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(|r| r.get::<i64, _>(0)).collect())
+    }
+
+    /// Refuses a schema this build was not made for.
+    pub async fn check_schema(&self) -> Result<(), StoreError> {
+        let applied = match self.applied().await {
+            Ok(a) => a,
+            Err(StoreError::Unavailable(m)) if m.contains("_sqlx_migrations") => vec![],
+            Err(e) => return Err(e),
+        };
+        let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+        if let Some(v) = applied.iter().find(|v| !known.contains(v)) {
+            return Err(StoreError::Schema(format!("the database schema is newer than this build (migration {v}); upgrade manifold")));
+        }
+        if let Some(v) = known.iter().find(|v| !applied.contains(v)) {
+            return Err(StoreError::Schema(format!("the database schema is not migrated (migration {v} missing): run `manifold migrate`")));
+        }
+        Ok(())
+    }
+
+    pub async fn version(&self) -> Result<u64, StoreError> {
+        let v: i64 = sqlx::query_scalar("SELECT version FROM config_state WHERE id = 1").fetch_one(&self.pool).await?;
+        Ok(v as u64)
+    }
+
+    async fn load_in(tx: &mut Transaction<'_, Postgres>) -> Result<(Config, u64), StoreError> {
+        let version: i64 = sqlx::query_scalar("SELECT version FROM config_state WHERE id = 1").fetch_one(&mut **tx).await?;
+        let mut doc = Map::new();
+        for kind in Kind::ALL {
+            let sql = format!("SELECT entity FROM {} ORDER BY created_at, name", kind.table());
+            let rows = sqlx::query(AssertSqlSafe(sql)).fetch_all(&mut **tx).await?;
+            let list: Vec<Value> = rows.iter().map(|r| r.get::<Value, _>(0)).collect();
+            doc.insert(kind.table().into(), Value::Array(list));
+        }
+        let config: Config =
+            serde_json::from_value(Value::Object(doc)).map_err(|e| StoreError::Schema(format!("a stored entity does not parse: {e}")))?;
+        Ok((config, version as u64))
+    }
+
+    /// The whole config and its version, read consistently.
+    pub async fn load(&self) -> Result<(Config, u64), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+        let out = Self::load_in(&mut tx).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// One entity and its version.
+    pub async fn get(&self, kind: Kind, name: &str) -> Result<(Value, i64), StoreError> {
+        let sql = format!("SELECT entity, version FROM {} WHERE name = $1", kind.table());
+        let row = sqlx::query(AssertSqlSafe(sql)).bind(name).fetch_optional(&self.pool).await?.ok_or(StoreError::NotFound)?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// A page of entities, optionally only those holding every tag given.
+    pub async fn list(&self, kind: Kind, tags: &[String], size: usize, offset: usize) -> Result<(Vec<Value>, bool), StoreError> {
+        let sql = format!("SELECT entity FROM {} WHERE tags @> $1 ORDER BY created_at, name LIMIT $2 OFFSET $3", kind.table());
+        let rows = sqlx::query(AssertSqlSafe(sql)).bind(tags).bind(size as i64 + 1).bind(offset as i64).fetch_all(&self.pool).await?;
+        let mut list: Vec<Value> = rows.iter().map(|r| r.get::<Value, _>(0)).collect();
+        let more = list.len() > size;
+        list.truncate(size);
+        Ok((list, more))
+    }
+
+    /// The change log, newest first.
+    pub async fn audit(&self, size: usize, offset: usize) -> Result<(Vec<Value>, bool), StoreError> {
+        let rows = sqlx::query(
+            "SELECT to_json(at)::text, actor, action, kind, name, before, after, config_version FROM audit_log ORDER BY id DESC LIMIT $1 OFFSET $2",
+        )
+        .bind(size as i64 + 1)
+        .bind(offset as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut list: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                let at: String = r.get(0);
+                json!({
+                    "time": at.trim_matches('"'),
+                    "actor": r.get::<String, _>(1),
+                    "action": r.get::<String, _>(2),
+                    "entity": { "kind": r.get::<String, _>(3), "name": r.get::<String, _>(4) },
+                    "before": r.get::<Option<Value>, _>(5),
+                    "after": r.get::<Option<Value>, _>(6),
+                    "config_version": r.get::<i64, _>(7),
+                })
+            })
+            .collect();
+        let more = list.len() > size;
+        list.truncate(size);
+        Ok((list, more))
+    }
+
+    /// Applies one change in one transaction (see the module doc).
+    pub async fn write(&self, actor: &str, change: Change) -> Result<WriteOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Serializes writers: each sees the config the previous one left.
+        sqlx::query("SELECT version FROM config_state WHERE id = 1 FOR UPDATE").execute(&mut *tx).await?;
+        let (current, _) = Self::load_in(&mut tx).await?;
+        let mut next = current.clone();
+
+        let single: Option<(Kind, String)> = match &change {
+            Change::ReplaceAll { config } => {
+                next = (**config).clone();
+                None
+            }
+            Change::Create { kind, entity } => {
+                let name = entity.get("name").and_then(Value::as_str).ok_or_else(|| invalid("name", "a name is required"))?.to_string();
+                if entities_of(&current, *kind).iter().any(|(n, _)| *n == name) {
+                    return Err(StoreError::Conflict(format!("{} {name:?} already exists", kind.table())));
+                }
+                set_entity(&mut next, *kind, &name, entity.clone())?;
+                Some((*kind, name))
+            }
+            Change::Put { kind, name, entity, if_match } | Change::Patch { kind, name, patch: entity, if_match } => {
+                let stored = self.row_version(&mut tx, *kind, name).await?;
+                if let (Some(want), Some((_, have))) = (if_match, &stored) {
+                    if want != have {
+                        return Err(StoreError::PreconditionFailed(format!("{} {name:?} is at version {have}, not {want}", kind.table())));
+                    }
+                }
+                let mut value = match (&change, &stored) {
+                    (Change::Patch { .. }, None) => return Err(StoreError::NotFound),
+                    (Change::Patch { .. }, Some((old, _))) => {
+                        let mut merged = old.clone();
+                        merge_patch(&mut merged, entity);
+                        merged
+                    }
+                    _ => entity.clone(),
+                };
+                match value.get("name").and_then(Value::as_str) {
+                    Some(n) if n != name => return Err(invalid("name", format!("the name {n:?} does not match the URL's {name:?}"))),
+                    Some(_) => {}
+                    None => {
+                        if let Value::Object(m) = &mut value {
+                            m.insert("name".into(), Value::String(name.clone()));
+                        }
+                    }
+                }
+                set_entity(&mut next, *kind, name, value)?;
+                Some((*kind, name.clone()))
+            }
+            Change::Delete { kind, name, if_match } => {
+                let Some((_, have)) = self.row_version(&mut tx, *kind, name).await? else { return Err(StoreError::NotFound) };
+                if let Some(want) = if_match {
+                    if *want != have {
+                        return Err(StoreError::PreconditionFailed(format!("{} {name:?} is at version {have}, not {want}", kind.table())));
+                    }
+                }
+                if *kind == Kind::Policies {
+                    let users = policy_users(&current, name);
+                    if !users.is_empty() {
+                        return Err(StoreError::Conflict(format!("policy {name:?} is still used by {}", users.join(", "))));
+                    }
+                }
+                remove_entity(&mut next, *kind, name);
+                Some((*kind, name.clone()))
+            }
+        };
+
+        // Exactly the checks `manifold validate` makes, on the whole config.
+        let next = LoadedConfig::from_config(next).validated().map_err(StoreError::Invalid)?;
+        crate::snapshot::compile(next.clone(), 0).map_err(StoreError::Invalid)?;
+
+        let diff = ConfigDiff::between(&current, &next);
+        let version: i64 =
+            sqlx::query_scalar("UPDATE config_state SET version = version + 1, updated_at = now() WHERE id = 1 RETURNING version")
+                .fetch_one(&mut *tx)
+                .await?;
+        let mut outcome =
+            WriteOutcome { entity: None, entity_version: 0, config_version: version as u64, created: false, diff: diff.clone() };
+        for kind in Kind::ALL {
+            let before: Vec<(String, Value)> = entities_of(&current, kind);
+            let after: Vec<(String, Value)> = entities_of(&next, kind);
+            for (name, new) in &after {
+                let old = before.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+                if old == Some(new) {
+                    continue;
+                }
+                let sql = format!(
+                    "INSERT INTO {t} (name, tags, entity) VALUES ($1, $2, $3)
+                     ON CONFLICT (name) DO UPDATE SET tags = EXCLUDED.tags, entity = EXCLUDED.entity,
+                       version = {t}.version + 1, updated_at = now()
+                     RETURNING version",
+                    t = kind.table()
+                );
+                let row_version: i64 =
+                    sqlx::query_scalar(AssertSqlSafe(sql)).bind(name).bind(tags_of(new)).bind(new).fetch_one(&mut *tx).await?;
+                self.audit_row(&mut tx, actor, if old.is_some() { "update" } else { "create" }, kind, name, old, Some(new), version)
+                    .await?;
+                if single.as_ref() == Some(&(kind, name.clone())) {
+                    outcome.entity = Some(new.clone());
+                    outcome.entity_version = row_version;
+                    outcome.created = old.is_none();
+                }
+            }
+            for (name, old) in &before {
+                if after.iter().any(|(n, _)| n == name) {
+                    continue;
+                }
+                let sql = format!("DELETE FROM {} WHERE name = $1", kind.table());
+                sqlx::query(AssertSqlSafe(sql)).bind(name).execute(&mut *tx).await?;
+                self.audit_row(&mut tx, actor, "delete", kind, name, Some(old), None, version).await?;
+            }
+        }
+        // An unchanged PUT still answers with the stored entity.
+        if let (Some((kind, name)), None) = (&single, &outcome.entity) {
+            if let Some((_, v)) = entities_of(&next, *kind).into_iter().find(|(n, _)| n == name) {
+                outcome.entity = Some(v);
+                outcome.entity_version = self.row_version(&mut tx, *kind, name).await?.map_or(0, |(_, v)| v);
+            }
+        }
+        sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(version.to_string()).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn row_version(&self, tx: &mut Transaction<'_, Postgres>, kind: Kind, name: &str) -> Result<Option<(Value, i64)>, StoreError> {
+        let sql = format!("SELECT entity, version FROM {} WHERE name = $1", kind.table());
+        let row = sqlx::query(AssertSqlSafe(sql)).bind(name).fetch_optional(&mut **tx).await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn audit_row(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        actor: &str,
+        action: &str,
+        kind: Kind,
+        name: &str,
+        before: Option<&Value>,
+        after: Option<&Value>,
+        version: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO audit_log (actor, action, kind, name, before, after, config_version) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+            .bind(actor)
+            .bind(action)
+            .bind(kind.table())
+            .bind(name)
+            .bind(before)
+            .bind(after)
+            .bind(version)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}

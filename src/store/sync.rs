@@ -1,0 +1,97 @@
+//! Keeping a node's snapshot equal to the database: LISTEN for the
+//! version each write NOTIFYs, compare versions every second anyway (a
+//! missed notification loses nothing), reconnect with backoff, and save
+//! each config loaded to a local file, so a node that starts while the
+//! database is down still serves its last good config.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgListener;
+
+use super::{Store, StoreError, CHANNEL};
+use crate::config::Config;
+use crate::server::Shared;
+
+/// How often versions are compared when no notification comes.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// The local copy of the last good config.
+#[derive(Serialize, Deserialize)]
+pub struct SavedSnapshot {
+    pub version: u64,
+    pub config: Config,
+}
+
+/// Writes atomically (a temporary file, then a rename), so a crash never
+/// leaves half a snapshot.
+pub fn save_snapshot(path: &Path, version: u64, config: &Config) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_vec(&SavedSnapshot { version, config: config.clone() }).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+pub fn read_snapshot(path: &Path) -> Result<SavedSnapshot, String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_slice(&text).map_err(|e| format!("{} is not a saved snapshot: {e}", path.display()))
+}
+
+/// Loads the database's config into the node when its version differs.
+pub async fn catch_up(store: &Store, shared: &Shared, snapshot_path: &Path) -> Result<bool, StoreError> {
+    let version = store.version().await?;
+    if version == shared.snapshot.load().version {
+        return Ok(false);
+    }
+    let (config, version) = store.load().await?;
+    let _guard = shared.reload_lock.lock().await;
+    if version == shared.snapshot.load().version {
+        return Ok(false);
+    }
+    shared.replace_config_at(config.clone(), version).map_err(StoreError::Invalid)?;
+    if let Err(e) = save_snapshot(snapshot_path, version, &config) {
+        tracing::warn!(error = %e, path = %snapshot_path.display(), "cannot save the local snapshot");
+    }
+    tracing::info!(version, "config loaded from the database");
+    Ok(true)
+}
+
+/// Runs until the process ends.
+pub async fn run(store: Store, shared: Arc<Shared>, snapshot_path: PathBuf) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match follow(&store, &shared, &snapshot_path).await {
+            Ok(()) => {}
+            Err(e) => {
+                if shared.db_reachable.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "lost the database; serving the last config while reconnecting");
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        if shared.db_reachable.load(Ordering::Relaxed) {
+            backoff = Duration::from_millis(100);
+        }
+    }
+}
+
+async fn follow(store: &Store, shared: &Shared, snapshot_path: &Path) -> Result<(), StoreError> {
+    let mut listener = PgListener::connect_with(store.pool()).await?;
+    listener.listen(CHANNEL).await?;
+    // Anything written while we were not listening is caught up here.
+    catch_up(store, shared, snapshot_path).await?;
+    if !shared.db_reachable.swap(true, Ordering::Relaxed) {
+        tracing::info!("connected to the database");
+    }
+    loop {
+        tokio::select! {
+            n = listener.recv() => { n?; }
+            _ = tokio::time::sleep(POLL) => {}
+        }
+        catch_up(store, shared, snapshot_path).await?;
+    }
+}

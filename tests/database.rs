@@ -1,0 +1,259 @@
+//! Database mode against the machine's real Postgres. Each test makes its
+//! own database, so tests run in parallel; MANIFOLD_TEST_DATABASE_URL
+//! points at the server (default: postgres@127.0.0.1:5432).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{backend, client};
+use manifold::config::Config;
+use manifold::gateway::{DatabaseOptions, Gateway, GatewayOptions};
+use manifold::store::Store;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+fn server_url() -> String {
+    std::env::var("MANIFOLD_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A new, empty database; migrated unless told otherwise.
+async fn fresh_db(migrate: bool) -> String {
+    let admin = Store::connect(&server_url()).await.expect("the test Postgres is reachable");
+    let name = format!("manifold_t_{}", manifold::ids::new_uuid().replace('-', ""));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(admin.pool()).await.unwrap();
+    let base = server_url();
+    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+    if migrate {
+        Store::connect(&url).await.unwrap().migrate().await.unwrap();
+    }
+    url
+}
+
+/// Removes a test's database (connections included); a failed test leaves
+/// its database behind to look at.
+async fn drop_db(url: &str) {
+    let name = url.rsplit('/').next().unwrap();
+    let admin = Store::connect(&server_url()).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(admin.pool()).await.unwrap();
+}
+
+fn node(url: &str, snapshot: &std::path::Path) -> anyhow::Result<Gateway> {
+    let mut opts =
+        GatewayOptions { database: Some(DatabaseOptions { url: url.into(), snapshot_path: snapshot.into() }), ..Default::default() };
+    opts.server.workers = 1;
+    Gateway::start(opts, Config::default())
+}
+
+async fn send(method: &str, url: &str, body: Option<Value>, headers: &[(&str, &str)]) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    let mut req = client().request(method.parse().unwrap(), url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let text = resp.text().await.unwrap();
+    (status, headers, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_refuses_an_unmigrated_database() {
+    let url = fresh_db(false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let err = node(&url, &dir.path().join("snap.json")).err().expect("refused").to_string();
+    assert!(err.contains("manifold migrate"), "{err}");
+    // `manifold migrate` fixes it, and says so once.
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_manifold")).args(["migrate"]).env("MANIFOLD_DATABASE_URL", &url).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("applied migrations"));
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_manifold")).args(["migrate"]).env("MANIFOLD_DATABASE_URL", &url).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("up to date"));
+    node(&url, &dir.path().join("snap.json")).expect("starts once migrated").shutdown();
+    drop_db(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn entity_crud_answers_every_status_of_the_spec() {
+    let url = fresh_db(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let g = node(&url, &dir.path().join("snap.json")).unwrap();
+    let admin = format!("http://{}", g.admin_addr);
+    let route = json!({"name": "users", "path": "/users/{id}", "upstream": "http://127.0.0.1:9", "tags": ["team-a"]});
+
+    let (s, h, body) = send("POST", &format!("{admin}/routes"), Some(route.clone()), &[]).await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(body["name"], "users");
+    assert_eq!(h["etag"], "\"1\"");
+    let (s, _, body) = send("POST", &format!("{admin}/routes"), Some(route.clone()), &[]).await;
+    assert_eq!(s, 409, "{body}");
+
+    let (s, _, body) = send("GET", &format!("{admin}/routes/users"), None, &[]).await;
+    assert_eq!((s, body["path"].as_str()), (StatusCode::OK, Some("/users/{id}")));
+    let (s, _, body) = send("GET", &format!("{admin}/routes/nope"), None, &[]).await;
+    assert_eq!((s, body), (StatusCode::NOT_FOUND, json!({"message": "not found"})));
+    let (s, _, _) = send("GET", &format!("{admin}/widgets"), None, &[]).await;
+    assert_eq!(s, 404);
+
+    // Every error, keyed by field relative to the entity.
+    let bad = json!({"name": "bad", "path": "no-slash", "upstream": "ftp://x", "policies": ["ghost"], "timeout": "soon"});
+    let (s, _, body) = send("POST", &format!("{admin}/routes"), Some(bad), &[]).await;
+    assert_eq!(s, 400, "{body}");
+    assert!(body["fields"]["timeout"].is_string(), "{body}");
+    let bad = json!({"name": "bad", "path": "no-slash", "upstream": "ftp://x", "policies": ["ghost"]});
+    let (s, _, body) = send("POST", &format!("{admin}/routes"), Some(bad), &[]).await;
+    assert_eq!(s, 400);
+    for field in ["path", "upstream", "policies[0]"] {
+        assert!(body["fields"][field].is_string(), "{field} in {body}");
+    }
+
+    // Replace, merge, and lost updates.
+    let (s, h, body) = send(
+        "PUT",
+        &format!("{admin}/routes/users"),
+        Some(json!({"path": "/u/{id}", "upstream": "http://127.0.0.1:9"})),
+        &[("if-match", "\"1\"")],
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(h["etag"], "\"2\"");
+    let (s, _, _) = send("PATCH", &format!("{admin}/routes/users"), Some(json!({"timeout": "2s"})), &[("if-match", "\"1\"")]).await;
+    assert_eq!(s, 412);
+    let (s, _, body) =
+        send("PATCH", &format!("{admin}/routes/users"), Some(json!({"timeout": "2s", "tags": ["team-b"]})), &[("if-match", "\"2\"")]).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!((body["path"].as_str(), body["timeout"].as_str()), (Some("/u/{id}"), Some("2s")));
+    let (s, _, body) = send(
+        "PUT",
+        &format!("{admin}/routes/other"),
+        Some(json!({"name": "different", "path": "/o", "upstream": "http://127.0.0.1:9"})),
+        &[],
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
+    let (s, _, _) = send("PUT", &format!("{admin}/routes/other"), Some(json!({"path": "/o", "upstream": "http://127.0.0.1:9"})), &[]).await;
+    assert_eq!(s, 201);
+
+    // Paging and tags.
+    let (_, _, page) = send("GET", &format!("{admin}/routes?size=1"), None, &[]).await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 1);
+    assert_eq!(page["next"], "/routes?size=1&offset=1");
+    let (_, _, tagged) = send("GET", &format!("{admin}/routes?tags=team-b"), None, &[]).await;
+    assert_eq!(tagged["data"].as_array().unwrap().iter().map(|r| r["name"].clone()).collect::<Vec<_>>(), vec![json!("users")]);
+
+    // A policy still in use cannot be deleted; the error names who uses it.
+    let (s, _, _) = send("POST", &format!("{admin}/policies"), Some(json!({"name": "ids", "type": "correlation-id"})), &[]).await;
+    assert_eq!(s, 201);
+    let (s, _, _) = send("PATCH", &format!("{admin}/routes/users"), Some(json!({"policies": ["ids"]})), &[]).await;
+    assert_eq!(s, 200);
+    let (s, _, body) = send("DELETE", &format!("{admin}/policies/ids"), None, &[]).await;
+    assert_eq!(s, 409);
+    assert!(body["message"].as_str().unwrap().contains("routes.users"), "{body}");
+    let (s, _, _) = send("DELETE", &format!("{admin}/routes/users"), None, &[]).await;
+    assert_eq!(s, 204);
+    let (s, _, _) = send("DELETE", &format!("{admin}/policies/ids"), None, &[]).await;
+    assert_eq!(s, 204);
+    let (s, _, _) = send("DELETE", &format!("{admin}/policies/ids"), None, &[]).await;
+    assert_eq!(s, 404);
+    g.shutdown();
+    drop_db(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_reaches_every_node_and_is_audited() {
+    let b = backend().run().await;
+    let url = fresh_db(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(&url, &dir.path().join("a.json")).unwrap();
+    let other = node(&url, &dir.path().join("b.json")).unwrap();
+    let route = json!({"name": "live", "path": "/live", "upstream": b.url()});
+    let (s, _, _) = send("POST", &format!("http://{}/routes", a.admin_addr), Some(route), &[("x-manifold-actor", "alice")]).await;
+    assert_eq!(s, 201);
+    // The writing node serves it before answering; the other within moments.
+    assert_eq!(client().get(format!("http://{}/live", a.proxy_addr)).send().await.unwrap().status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if client().get(format!("http://{}/live", other.proxy_addr)).send().await.unwrap().status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the other node never served the new route");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, _, status) = send("GET", &format!("http://{}/status", other.admin_addr), None, &[]).await;
+    assert_eq!(status["mode"], "database");
+    assert_eq!(status["database_reachable"], true);
+    assert_eq!(status["config_version"], 2);
+
+    let (_, _, log) = send("GET", &format!("http://{}/audit", other.admin_addr), None, &[]).await;
+    let entry = &log["data"][0];
+    assert_eq!(entry["actor"], "alice");
+    assert_eq!(entry["action"], "create");
+    assert_eq!(entry["entity"], json!({"kind": "routes", "name": "live"}));
+    assert_eq!(entry["before"], Value::Null);
+    assert_eq!(entry["after"]["path"], "/live");
+    assert!(entry["time"].as_str().is_some_and(|t| t.len() > 10));
+    a.shutdown();
+    other.shutdown();
+    drop_db(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn post_config_replaces_everything_in_one_transaction() {
+    let url = fresh_db(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let g = node(&url, &dir.path().join("snap.json")).unwrap();
+    let admin = format!("http://{}", g.admin_addr);
+    let yaml = "routes:\n  - { name: a, path: /a, upstream: \"http://127.0.0.1:9\" }\n  - { name: b, path: /b, upstream: \"http://127.0.0.1:9\" }\n";
+    let resp = client().post(format!("{admin}/config?dry_run=true")).body(yaml).send().await.unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["changes"]["created"].as_array().unwrap().len(), 2);
+    let (_, _, page) = send("GET", &format!("{admin}/routes"), None, &[]).await;
+    assert_eq!(page["data"], json!([]), "a dry run writes nothing");
+    let resp = client().post(format!("{admin}/config")).body(yaml).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let (_, _, page) = send("GET", &format!("{admin}/routes"), None, &[]).await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    // An invalid whole config changes nothing.
+    let resp = client().post(format!("{admin}/config")).body("routes: [{ name: c, path: nope, upstream: \"x\" }]").send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let (_, _, page) = send("GET", &format!("{admin}/routes"), None, &[]).await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    g.shutdown();
+    drop_db(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_started_while_the_database_is_down_serves_its_saved_snapshot() {
+    let b = backend().run().await;
+    let url = fresh_db(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap.json");
+    let g = node(&url, &snap).unwrap();
+    let (s, _, _) =
+        send("POST", &format!("http://{}/routes", g.admin_addr), Some(json!({"name": "kept", "path": "/kept", "upstream": b.url()})), &[])
+            .await;
+    assert_eq!(s, 201);
+    g.shutdown();
+
+    // A database nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let down = format!("postgres://postgres@{closed}/nothing");
+    let g = node(&down, &snap).expect("starts from the saved snapshot");
+    assert_eq!(client().get(format!("http://{}/kept", g.proxy_addr)).send().await.unwrap().status(), 200);
+    let (_, _, status) = send("GET", &format!("http://{}/status", g.admin_addr), None, &[]).await;
+    assert_eq!(status["database_reachable"], false);
+    let (s, _, body) =
+        send("POST", &format!("http://{}/routes", g.admin_addr), Some(json!({"name": "x", "path": "/x", "upstream": b.url()})), &[]).await;
+    assert_eq!(s, 503, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("unavailable"));
+    g.shutdown();
+
+    // Without a snapshot either, a node refuses to start, and says why.
+    let err = node(&down, &dir.path().join("none.json")).err().expect("refused").to_string();
+    assert!(err.contains("unreachable") && err.contains("snapshot"), "{err}");
+    drop_db(&url).await;
+}
