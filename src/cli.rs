@@ -55,16 +55,24 @@ pub enum Command {
         #[arg(long, env = "MANIFOLD_DATABASE_URL", hide_env_values = true)]
         database_url: String,
     },
-    /// Print the whole live config as YAML (database mode; not in this build yet)
+    /// Print the whole live config as YAML: from a node's admin API
+    /// (--admin), or from the database (MANIFOLD_DATABASE_URL)
     Export {
+        /// Admin API base URL, e.g. http://127.0.0.1:8001
         #[arg(long, env = "MANIFOLD_ADMIN")]
         admin: Option<String>,
+        #[arg(long, env = "MANIFOLD_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
     },
-    /// Make gateways' config equal to files (database mode; not in this build yet)
+    /// Make one or more gateways' config equal to the files: print each
+    /// one's diff (+ create, ~ update, - delete), then apply it
     Sync {
+        /// A config file or a directory of them
         path: PathBuf,
-        #[arg(long)]
+        /// Admin API base URL; repeat for several gateways (regions)
+        #[arg(long, required = true)]
         admin: Vec<String>,
+        /// Print the diffs only
         #[arg(long)]
         dry_run: bool,
     },
@@ -137,12 +145,8 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Validate { paths } => return validate(paths),
         Command::Migrate { database_url } => migrate(&database_url),
-        Command::Export { .. } | Command::Sync { .. } => {
-            eprintln!(
-                "manifold: export and sync are not in this build yet; GET and POST /config on the admin API do the same for one node"
-            );
-            return ExitCode::from(2);
-        }
+        Command::Export { admin, database_url } => export(admin, database_url),
+        Command::Sync { path, admin, dry_run } => return sync(path, admin, dry_run),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -182,6 +186,31 @@ fn load_config(dir: &PathBuf) -> anyhow::Result<Config> {
         bail!("config directory {} does not exist (set --config-dir or MANIFOLD_CONFIG_DIR)", dir.display());
     }
     load_paths(std::slice::from_ref(dir)).map_err(|errors| anyhow::anyhow!("the config in {} is invalid:\n{errors}", dir.display()))
+}
+
+fn export(admin: Option<String>, database_url: Option<String>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let yaml = rt.block_on(crate::remote::export(admin.as_deref(), database_url.as_deref()))?;
+    print!("{yaml}");
+    Ok(())
+}
+
+fn sync(path: PathBuf, admins: Vec<String>, dry_run: bool) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("manifold: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(crate::remote::sync(&path, &admins, dry_run)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("manifold: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn migrate(url: &str) -> anyhow::Result<()> {

@@ -27,6 +27,7 @@ pub mod errors;
 pub mod gateway;
 pub mod ids;
 pub mod proxy;
+pub mod remote;
 pub mod server;
 pub mod snapshot;
 pub mod store;

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use crate::compose::context::request_context;
 mod entities;
 
-use crate::config::load::config_from_text;
+use crate::config::load::config_from_text_against;
 use crate::config::{Config, ConfigErrors, Format};
 use crate::diff::ConfigDiff;
 use crate::ids::TraceContext;
@@ -138,7 +138,16 @@ async fn post_config(State(state): State<AdminState>, Query(q): Query<ConfigQuer
     };
     let is_json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
     let format = if is_json { Format::Json } else { Format::Yaml };
-    let config = match config_from_text(text, format) {
+    // Passwords the running config already holds keep their hashes, so an
+    // unchanged config posted again changes nothing.
+    let previous = match &state.shared.store {
+        Some(store) => match store.load().await {
+            Ok((config, _)) => config,
+            Err(e) => return entities::store_error(e, None, None),
+        },
+        None => (*state.shared.snapshot.load().config).clone(),
+    };
+    let config = match config_from_text_against(text, format, Some(&previous)) {
         Ok(c) => c,
         Err(errors) => return invalid(&errors),
     };

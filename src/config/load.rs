@@ -65,12 +65,18 @@ impl LoadedConfig {
     }
 
     /// Validates the whole config, then replaces plain secrets by digests.
-    pub fn validated(mut self) -> Result<Config, ConfigErrors> {
+    pub fn validated(self) -> Result<Config, ConfigErrors> {
+        self.validated_against(None)
+    }
+
+    /// Like [`LoadedConfig::validated`]; passwords `previous` already holds
+    /// keep their hashes.
+    pub fn validated_against(mut self, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
         let errors = validate::validate(&self.config, &self.origins);
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        validate::hash_secrets(&mut self.config);
+        validate::hash_secrets(&mut self.config, previous);
         Ok(self.config)
     }
 }
@@ -165,14 +171,19 @@ pub fn parse_document(file: Option<Arc<str>>, text: &str, format: Format) -> (Lo
 
 /// Parses a request body (the admin API's `POST /config`) and validates it.
 pub fn config_from_text(text: &str, format: Format) -> Result<Config, ConfigErrors> {
-    let (loaded, errors) = parse_document(None, text, format);
-    finish(loaded, errors)
+    config_from_text_against(text, format, None)
 }
 
-fn finish(loaded: LoadedConfig, mut errors: Vec<ConfigError>) -> Result<Config, ConfigErrors> {
+/// Like [`config_from_text`]; passwords `previous` holds keep their hashes.
+pub fn config_from_text_against(text: &str, format: Format, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
+    let (loaded, errors) = parse_document(None, text, format);
+    finish(loaded, errors, previous)
+}
+
+fn finish(loaded: LoadedConfig, mut errors: Vec<ConfigError>, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
     // Semantic checks still run when some entities failed to parse, so the
     // user sees every problem at once.
-    match loaded.validated() {
+    match loaded.validated_against(previous) {
         Ok(config) if errors.is_empty() => Ok(config),
         Ok(_) => Err(ConfigErrors(errors)),
         Err(ConfigErrors(more)) => {
@@ -197,9 +208,9 @@ fn config_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Loads, merges and validates the config files named by `paths` (files or
-/// directories).
-pub fn load_paths(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
+/// Reads and merges the config files named by `paths` (files or
+/// directories) without the semantic checks: the entities as written.
+pub fn parse_paths(paths: &[PathBuf]) -> (LoadedConfig, Vec<ConfigError>) {
     let mut loaded = LoadedConfig::default();
     let mut errors = Vec::new();
     for path in paths {
@@ -227,5 +238,12 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
             }
         }
     }
-    finish(loaded, errors)
+    (loaded, errors)
+}
+
+/// Loads, merges and validates the config files named by `paths` (files or
+/// directories).
+pub fn load_paths(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
+    let (loaded, errors) = parse_paths(paths);
+    finish(loaded, errors, None)
 }

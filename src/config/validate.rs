@@ -827,11 +827,28 @@ pub fn sha256_hex(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
 }
 
+/// The argon2 hash `previous` already holds for this consumer's username,
+/// when it is a hash of `password`: reloading an unchanged file then
+/// changes nothing (a new salt would make every load look like an update).
+fn previous_hash(previous: Option<&Config>, consumer: &str, username: &str, password: &str) -> Option<String> {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    let prev = previous?.consumers.iter().find(|c| c.name == consumer)?;
+    prev.credentials.iter().find_map(|c| match c {
+        Credential::BasicAuth { username: u, password_hash: Some(h), .. } if u == username => {
+            let parsed = PasswordHash::new(h).ok()?;
+            argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).ok().map(|()| h.clone())
+        }
+        _ => None,
+    })
+}
+
 /// Replaces plain keys by SHA-256 digests and plain passwords by argon2id
-/// hashes, so no secret outlives loading.
-pub fn hash_secrets(config: &mut Config) {
+/// hashes, so no secret outlives loading; a password `previous` already
+/// holds keeps its hash.
+pub fn hash_secrets(config: &mut Config, previous: Option<&Config>) {
     use argon2::password_hash::{PasswordHasher, SaltString};
     for consumer in &mut config.consumers {
+        let consumer_name = consumer.name.clone();
         for cred in &mut consumer.credentials {
             match cred {
                 Credential::KeyAuth { key, key_sha256 } => {
@@ -841,8 +858,12 @@ pub fn hash_secrets(config: &mut Config) {
                         *d = d.to_ascii_lowercase();
                     }
                 }
-                Credential::BasicAuth { password, password_hash, .. } => {
+                Credential::BasicAuth { username, password, password_hash } => {
                     if let Some(p) = password.take() {
+                        if let Some(h) = previous_hash(previous, &consumer_name, username, &p) {
+                            *password_hash = Some(h);
+                            continue;
+                        }
                         // A salt must be unique, not secret: 16 random bytes.
                         let Ok(salt) = SaltString::encode_b64(&fastrand::u128(..).to_le_bytes()) else {
                             continue;

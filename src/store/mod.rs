@@ -408,7 +408,7 @@ impl Store {
         };
 
         // Exactly the checks `manifold validate` makes, on the whole config.
-        let next = LoadedConfig::from_config(next).validated().map_err(StoreError::Invalid)?;
+        let next = LoadedConfig::from_config(next).validated_against(Some(&current)).map_err(StoreError::Invalid)?;
         crate::snapshot::compile(next.clone(), 0).map_err(StoreError::Invalid)?;
 
         let diff = ConfigDiff::between(&current, &next);

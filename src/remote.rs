@@ -1,0 +1,125 @@
+//! `manifold export` and `manifold sync`: the admin API as a client sees
+//! it. Off the request path, so reqwest.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::config::{load_paths, Config};
+
+fn client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?)
+}
+
+fn with_token(req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    match std::env::var("MANIFOLD_ADMIN_TOKEN") {
+        Ok(t) if !t.is_empty() => req.bearer_auth(t),
+        _ => req,
+    }
+}
+
+/// Explains an admin API error answer, fields included.
+async fn failure(resp: reqwest::Response) -> anyhow::Error {
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    let mut text = format!("{status}: {}", body["message"].as_str().unwrap_or("(no message)"));
+    if let Some(fields) = body["fields"].as_object() {
+        for (k, v) in fields {
+            text.push_str(&format!("\n  {k}: {}", v.as_str().unwrap_or("")));
+        }
+    }
+    anyhow::anyhow!(text)
+}
+
+/// The whole live config as YAML, from a node's admin API or the database.
+pub async fn export(admin: Option<&str>, database_url: Option<&str>) -> anyhow::Result<String> {
+    if let Some(url) = admin {
+        let resp = with_token(client()?.get(format!("{}/config", url.trim_end_matches('/'))).header("accept", "application/yaml"))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        if !resp.status().is_success() {
+            return Err(failure(resp).await);
+        }
+        return Ok(resp.text().await?);
+    }
+    let Some(db) = database_url else { bail!("export needs --admin URL or MANIFOLD_DATABASE_URL") };
+    let store = crate::store::Store::connect(db).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (config, _) = store.load().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(serde_norway::to_string(&config)?)
+}
+
+fn describe(changes: &Value) -> (usize, String) {
+    let mut lines = Vec::new();
+    for (key, mark) in [("created", "+"), ("updated", "~"), ("deleted", "-")] {
+        for e in changes[key].as_array().into_iter().flatten() {
+            lines.push(format!("  {mark} {}/{}", e["kind"].as_str().unwrap_or(""), e["name"].as_str().unwrap_or("")));
+        }
+    }
+    (lines.len(), lines.join("\n"))
+}
+
+/// Makes every gateway's config equal to the files: prints each one's
+/// diff, applies it unless `dry_run`. Returns whether all succeeded.
+pub async fn sync(path: &PathBuf, admins: &[String], dry_run: bool) -> anyhow::Result<bool> {
+    if admins.is_empty() {
+        bail!("sync needs at least one --admin URL (repeat it for several gateways)");
+    }
+    // Validated here first, so a bad file is reported as file: field: message.
+    load_paths(std::slice::from_ref(path)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Sent as written (secrets not yet hashed): each gateway hashes, and
+    // keeps the hashes of passwords it already holds.
+    let raw: Config = crate::config::load::parse_paths(std::slice::from_ref(path)).0.config;
+    let body = serde_json::to_vec(&raw)?;
+    let http = client()?;
+    let mut ok = true;
+    for admin in admins {
+        let base = admin.trim_end_matches('/');
+        let post = |dry: bool| {
+            with_token(http.post(format!("{base}/config{}", if dry { "?dry_run=true" } else { "" })))
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+        };
+        let resp = match post(true).await {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => {
+                eprintln!("{base}: {}", failure(r).await);
+                ok = false;
+                continue;
+            }
+            Err(e) => {
+                eprintln!("{base}: cannot reach the admin API: {e}");
+                ok = false;
+                continue;
+            }
+        };
+        let plan: Value = resp.json().await?;
+        let (count, text) = describe(&plan["changes"]);
+        if count == 0 {
+            println!("{base}: in sync, nothing to change");
+            continue;
+        }
+        println!("{base}: {count} change(s)\n{text}");
+        if dry_run {
+            continue;
+        }
+        match post(false).await {
+            Ok(r) if r.status().is_success() => {
+                let done: Value = r.json().await?;
+                println!("{base}: applied, config version {}", done["version"]);
+            }
+            Ok(r) => {
+                eprintln!("{base}: {}", failure(r).await);
+                ok = false;
+            }
+            Err(e) => {
+                eprintln!("{base}: {e}");
+                ok = false;
+            }
+        }
+    }
+    Ok(ok)
+}
