@@ -328,3 +328,88 @@ async fn sync_to_several_regions_then_export_round_trips() {
         drop_db(&db).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_outage_costs_no_request_and_the_node_catches_up() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let b = backend().run().await;
+    let url = fresh_db(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    // One node reaches Postgres through a relay the test can cut; the other
+    // directly, to keep writing during the outage.
+    let pg: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let relay = common::Relay::start(pg).await;
+    let relayed_url = url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    assert_ne!(relayed_url, url, "the test database URL names 127.0.0.1:5432");
+    let cut_node = node(&relayed_url, &dir.path().join("cut.json")).unwrap();
+    let writer = node(&url, &dir.path().join("writer.json")).unwrap();
+    let (s, _, _) =
+        send("POST", &format!("http://{}/routes", writer.admin_addr), Some(json!({"name": "a", "path": "/a", "upstream": b.url()})), &[])
+            .await;
+    assert_eq!(s, 201);
+    let proxy = cut_node.proxy_addr;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client().get(format!("http://{proxy}/a")).send().await.unwrap().status() != 200 {
+        assert!(Instant::now() < deadline, "the route never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Load on the cut node for the whole outage.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            let c = client();
+            while !stop.load(Ordering::Relaxed) {
+                match c.get(format!("http://{proxy}/a")).send().await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    relay.cut();
+    let admin = format!("http://{}", cut_node.admin_addr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, _, status) = send("GET", &format!("{admin}/status"), None, &[]).await;
+        if status["database_reachable"] == false {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node never noticed the outage");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, _, _) = send("POST", &format!("{admin}/routes"), Some(json!({"name": "x", "path": "/x", "upstream": b.url()})), &[]).await;
+    assert_eq!(s, 503, "admin writes answer 503 while the database is away");
+    // Meanwhile the config changes elsewhere.
+    let (s, _, _) = send(
+        "POST",
+        &format!("http://{}/routes", writer.admin_addr),
+        Some(json!({"name": "late", "path": "/late", "upstream": b.url()})),
+        &[],
+    )
+    .await;
+    assert_eq!(s, 201);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    relay.restore();
+    // Back: the node reconnects and catches up with what it missed.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while client().get(format!("http://{proxy}/late")).send().await.unwrap().status() != 200 {
+        assert!(Instant::now() < deadline, "the node did not catch up after the outage");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during the outage");
+    assert!(ok.load(Ordering::Relaxed) > 10);
+    let (_, _, status) = send("GET", &format!("{admin}/status"), None, &[]).await;
+    assert_eq!(status["database_reachable"], true);
+    cut_node.shutdown();
+    writer.shutdown();
+    drop_db(&url).await;
+}
