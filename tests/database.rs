@@ -413,3 +413,43 @@ async fn a_database_outage_costs_no_request_and_the_node_catches_up() {
     writer.shutdown();
     drop_db(&url).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generated_api_key_is_shown_once_and_stored_as_a_digest() {
+    let url = fresh_db(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let g = node(&url, &dir.path().join("snap.json")).unwrap();
+    let admin = format!("http://{}", g.admin_addr);
+    let (s, _, _) = send("POST", &format!("{admin}/consumers"), Some(json!({"name": "app", "groups": ["mobile"]})), &[]).await;
+    assert_eq!(s, 201);
+    let (s, _, body) = send("POST", &format!("{admin}/consumers/app/credentials"), Some(json!({"type": "key-auth"})), &[]).await;
+    assert_eq!(s, 201, "{body}");
+    let key = body["key"].as_str().unwrap().to_string();
+    assert_eq!(key.len(), 48);
+    let digest = manifold::config::validate::sha256_hex(&key);
+    assert_eq!(body["credential"]["key_sha256_prefix"], digest[..8]);
+
+    let (_, _, consumer) = send("GET", &format!("{admin}/consumers/app"), None, &[]).await;
+    assert_eq!(consumer["credentials"][0]["key_sha256"], digest);
+    assert!(!consumer.to_string().contains(&key), "the key itself is never stored");
+    let (_, _, list) = send("GET", &format!("{admin}/consumers/app/credentials"), None, &[]).await;
+    assert_eq!(list["data"], json!([{"type": "key-auth", "key_sha256_prefix": &digest[..8]}]));
+    // A second key for the same consumer; the same key for another is refused.
+    let (s, _, _) = send(
+        "POST",
+        &format!("{admin}/consumers/app/credentials"),
+        Some(json!({"type": "basic-auth", "username": "app", "password": "pw"})),
+        &[],
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, _, _) = send("POST", &format!("{admin}/consumers"), Some(json!({"name": "other"})), &[]).await;
+    assert_eq!(s, 201);
+    let (s, _, body) =
+        send("POST", &format!("{admin}/consumers/other/credentials"), Some(json!({"type": "key-auth", "key": key})), &[]).await;
+    assert_eq!(s, 400, "{body}");
+    let (s, _, _) = send("POST", &format!("{admin}/consumers/ghost/credentials"), Some(json!({"type": "key-auth"})), &[]).await;
+    assert_eq!(s, 404);
+    g.shutdown();
+    drop_db(&url).await;
+}

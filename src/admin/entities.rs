@@ -261,3 +261,96 @@ pub async fn replace_all(state: &AdminState, headers: &HeaderMap, config: crate:
         Err(e) => store_error(e, None, None),
     }
 }
+
+/// A credential as the admin API shows it: what identifies it, never a
+/// secret or a hash of one beyond a short digest prefix.
+fn shown(c: &crate::config::Credential) -> Value {
+    use crate::config::Credential;
+    match c {
+        Credential::KeyAuth { key_sha256, .. } => {
+            json!({"type": "key-auth", "key_sha256_prefix": key_sha256.as_deref().map(|d| &d[..d.len().min(8)])})
+        }
+        Credential::BasicAuth { username, .. } => json!({"type": "basic-auth", "username": username}),
+        Credential::Jwt { issuer, algorithm, .. } => json!({"type": "jwt", "issuer": issuer, "algorithm": algorithm}),
+    }
+}
+
+pub async fn list_credentials(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
+    let consumer = match store_of(&state) {
+        Some(store) => match store.get(Kind::Consumers, &name).await {
+            Ok((v, _)) => serde_json::from_value::<crate::config::Consumer>(v).ok(),
+            Err(StoreError::NotFound) => None,
+            Err(e) => return store_error(e, None, None),
+        },
+        None => state.shared.snapshot.load().config.consumers.iter().find(|c| c.name == name).cloned(),
+    };
+    match consumer {
+        Some(c) => Json(json!({ "data": c.credentials.iter().map(shown).collect::<Vec<_>>(), "next": null })).into_response(),
+        None => message(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// Adds a credential to a consumer. A key-auth credential without a key
+/// gets a generated one, shown in this answer only: the store keeps its
+/// SHA-256 digest.
+pub async fn add_credential(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    use crate::config::Credential;
+    let Some(store) = store_of(&state) else { return read_only() };
+    let body = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let mut credential: Credential = match serde_path_to_error::deserialize(body) {
+        Ok(c) => c,
+        Err(e) => {
+            let path = e.path().to_string();
+            let errors = ConfigErrors(vec![ConfigError {
+                file: None,
+                path: if path == "." { String::new() } else { path },
+                message: e.into_inner().to_string(),
+            }]);
+            return invalid(&errors);
+        }
+    };
+    let mut plain_key = None;
+    if let Credential::KeyAuth { key, key_sha256 } = &mut credential {
+        if key.is_none() && key_sha256.is_none() {
+            let mut bytes = [0u8; 24];
+            if getrandom::fill(&mut bytes).is_err() {
+                return message(StatusCode::INTERNAL_SERVER_ERROR, "no randomness available to generate a key");
+            }
+            *key = Some(hex::encode(bytes));
+        }
+        plain_key = key.clone();
+    }
+    let (mut consumer, version) = match store.get(Kind::Consumers, &name).await {
+        Ok(found) => found,
+        Err(e) => return store_error(e, None, None),
+    };
+    let list = consumer.as_object_mut().and_then(|m| {
+        m.entry("credentials").or_insert_with(|| Value::Array(vec![]));
+        m.get_mut("credentials").and_then(Value::as_array_mut)
+    });
+    let Some(list) = list else { return message(StatusCode::INTERNAL_SERVER_ERROR, "the stored consumer is malformed") };
+    list.push(serde_json::to_value(&credential).unwrap_or(Value::Null));
+    let change = Change::Put { kind: Kind::Consumers, name: name.clone(), entity: consumer, if_match: Some(version) };
+    match store.write(&actor(&headers), change).await {
+        Ok(outcome) => {
+            catch_up(&state).await;
+            let stored: Option<crate::config::Consumer> = outcome.entity.and_then(|e| serde_json::from_value(e).ok());
+            let last = stored.as_ref().and_then(|c| c.credentials.last()).map(shown).unwrap_or(Value::Null);
+            let mut answer = json!({ "credential": last });
+            if let Some(k) = plain_key {
+                answer["key"] = Value::String(k);
+                answer["note"] = json!("the key is shown once; only its SHA-256 digest is stored");
+            }
+            (StatusCode::CREATED, Json(answer)).into_response()
+        }
+        Err(e) => store_error(e, Some(Kind::Consumers), Some(&name)),
+    }
+}

@@ -42,6 +42,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/status/ready", get(ready))
         .route("/compositions/{name}/try", post(try_composition))
         .route("/audit", get(entities::audit))
+        .route("/consumers/{name}/credentials", get(entities::list_credentials).post(entities::add_credential))
         .route("/{kind}", get(entities::list).post(entities::create))
         .route("/{kind}/{name}", get(entities::get).put(entities::put).patch(entities::patch).delete(entities::delete))
         .fallback(not_found)
