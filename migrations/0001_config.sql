@@ -3,8 +3,12 @@
 -- what is searched and compared. Every write bumps config_state.version in
 -- the same transaction and is recorded in audit_log.
 
+-- `instance` names this database: a database rebuilt from scratch (disaster
+-- recovery) starts its versions again, and nodes must not take its version
+-- 1 for older than the version 57 they saved from the previous one.
 CREATE TABLE config_state (
     id         SMALLINT    PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    instance   UUID        NOT NULL DEFAULT gen_random_uuid(),
     version    BIGINT      NOT NULL,
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );

@@ -93,7 +93,7 @@ where
 
 /// Database mode's first config: from the database, or, when it cannot be
 /// reached, from the snapshot saved last time.
-async fn initial_config(db: &DatabaseOptions) -> anyhow::Result<(Store, Config, u64, bool)> {
+async fn initial_config(db: &DatabaseOptions) -> anyhow::Result<(Store, Config, u64, Option<String>, bool)> {
     let store = Store::lazy(&db.url).context("invalid database URL")?;
     match store.check_schema().await {
         Ok(()) => {}
@@ -101,15 +101,15 @@ async fn initial_config(db: &DatabaseOptions) -> anyhow::Result<(Store, Config, 
             let saved = store::sync::read_snapshot(&db.snapshot_path)
                 .map_err(|s| anyhow::anyhow!("the database is unreachable ({e}) and there is no saved snapshot to serve: {s}"))?;
             tracing::warn!(error = %e, path = %db.snapshot_path.display(), version = saved.version, "the database is unreachable: serving the snapshot saved last time");
-            return Ok((store, saved.config, saved.version, false));
+            return Ok((store, saved.config, saved.version, saved.instance, false));
         }
         Err(e) => bail!("{e}"),
     }
-    let (config, version) = store.load().await.map_err(|e| anyhow::anyhow!("cannot load the config: {e}"))?;
-    if let Err(e) = store::sync::save_snapshot(&db.snapshot_path, version, &config) {
+    let (config, instance, version) = store.load_with_instance().await.map_err(|e| anyhow::anyhow!("cannot load the config: {e}"))?;
+    if let Err(e) = store::sync::save_snapshot(&db.snapshot_path, &instance, version, &config) {
         tracing::warn!(error = %e, path = %db.snapshot_path.display(), "cannot save the local snapshot");
     }
-    Ok((store, config, version, true))
+    Ok((store, config, version, Some(instance), true))
 }
 
 impl Gateway {
@@ -124,16 +124,19 @@ impl Gateway {
             tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("manifold-control").enable_all().build()?,
         ));
 
-        let (store, config, version, reachable) = match &opts.database {
+        let (store, config, version, instance, reachable) = match &opts.database {
             Some(db) => {
-                let (store, config, version, reachable) = block_on(&control, initial_config(db))?;
-                (Some(store), config, version, reachable)
+                let (store, config, version, instance, reachable) = block_on(&control, initial_config(db))?;
+                (Some(store), config, version, instance, reachable)
             }
-            None => (None, config, 1, false),
+            None => (None, config, 1, None, false),
         };
         let shared = Shared::new(config, version, store.clone(), opts.trusted_proxies.clone(), opts.limits.clone())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         shared.db_reachable.store(reachable, Ordering::Relaxed);
+        if let Ok(mut i) = shared.db_instance.lock() {
+            *i = instance;
+        }
 
         let admin_listener = std::net::TcpListener::bind(opts.admin_listen)
             .with_context(|| format!("cannot listen on {} for the admin API", opts.admin_listen))?;

@@ -453,3 +453,50 @@ async fn a_generated_api_key_is_shown_once_and_stored_as_a_digest() {
     g.shutdown();
     drop_db(&url).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuilt_database_is_taken_even_though_its_versions_start_again() {
+    let b = backend().run().await;
+    let (old_db, new_db) = (fresh_db(true).await, fresh_db(true).await);
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap.json");
+    // The old database reaches version 4, and the node saves it.
+    let g = node(&old_db, &snap).unwrap();
+    for name in ["a", "b", "c"] {
+        let (s, _, _) = send(
+            "POST",
+            &format!("http://{}/routes", g.admin_addr),
+            Some(json!({"name": name, "path": format!("/{name}"), "upstream": b.url()})),
+            &[],
+        )
+        .await;
+        assert_eq!(s, 201);
+    }
+    g.shutdown();
+    // The rebuilt one is at version 2 when the node, started from its saved
+    // snapshot while the database was away, reaches it.
+    let writer = node(&new_db, &dir.path().join("w.json")).unwrap();
+    let (s, _, _) = send(
+        "POST",
+        &format!("http://{}/routes", writer.admin_addr),
+        Some(json!({"name": "fresh", "path": "/fresh", "upstream": b.url()})),
+        &[],
+    )
+    .await;
+    assert_eq!(s, 201);
+    let relay = common::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    relay.cut();
+    let g = node(&new_db.replace("127.0.0.1:5432", &relay.addr.to_string()), &snap).unwrap();
+    assert_eq!(client().get(format!("http://{}/a", g.proxy_addr)).send().await.unwrap().status(), 200, "serves the saved snapshot");
+    relay.restore();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while client().get(format!("http://{}/fresh", g.proxy_addr)).send().await.unwrap().status() != 200 {
+        assert!(Instant::now() < deadline, "the node kept the old database's config");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(client().get(format!("http://{}/a", g.proxy_addr)).send().await.unwrap().status(), 404);
+    g.shutdown();
+    writer.shutdown();
+    drop_db(&old_db).await;
+    drop_db(&new_db).await;
+}

@@ -40,6 +40,8 @@ pub struct Shared {
     /// node's last contact with it worked.
     pub store: Option<crate::store::Store>,
     pub db_reachable: std::sync::atomic::AtomicBool,
+    /// The database the running config came from (`config_state.instance`).
+    pub db_instance: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -61,6 +63,7 @@ impl Shared {
             limits,
             store,
             db_reachable: std::sync::atomic::AtomicBool::new(false),
+            db_instance: std::sync::Mutex::new(None),
         }))
     }
 

@@ -266,13 +266,19 @@ impl Store {
         Ok(())
     }
 
-    pub async fn version(&self) -> Result<u64, StoreError> {
-        let v: i64 = sqlx::query_scalar("SELECT version FROM config_state WHERE id = 1").fetch_one(&self.pool).await?;
-        Ok(v as u64)
+    /// This database's identity and its config version.
+    pub async fn version(&self) -> Result<(String, u64), StoreError> {
+        let row = sqlx::query("SELECT instance::text, version FROM config_state WHERE id = 1").fetch_one(&self.pool).await?;
+        Ok((row.get(0), row.get::<i64, _>(1) as u64))
     }
 
     async fn load_in(tx: &mut Transaction<'_, Postgres>) -> Result<(Config, u64), StoreError> {
-        let version: i64 = sqlx::query_scalar("SELECT version FROM config_state WHERE id = 1").fetch_one(&mut **tx).await?;
+        Self::load_versioned(tx).await.map(|(c, _, v)| (c, v))
+    }
+
+    async fn load_versioned(tx: &mut Transaction<'_, Postgres>) -> Result<(Config, String, u64), StoreError> {
+        let row = sqlx::query("SELECT instance::text, version FROM config_state WHERE id = 1").fetch_one(&mut **tx).await?;
+        let (instance, version): (String, i64) = (row.get(0), row.get(1));
         let mut doc = Map::new();
         for kind in Kind::ALL {
             let sql = format!("SELECT entity FROM {} ORDER BY created_at, name", kind.table());
@@ -282,14 +288,19 @@ impl Store {
         }
         let config: Config =
             serde_json::from_value(Value::Object(doc)).map_err(|e| StoreError::Schema(format!("a stored entity does not parse: {e}")))?;
-        Ok((config, version as u64))
+        Ok((config, instance, version as u64))
     }
 
     /// The whole config and its version, read consistently.
     pub async fn load(&self) -> Result<(Config, u64), StoreError> {
+        self.load_with_instance().await.map(|(c, _, v)| (c, v))
+    }
+
+    /// Like [`Store::load`], with the database's identity.
+    pub async fn load_with_instance(&self) -> Result<(Config, String, u64), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
-        let out = Self::load_in(&mut tx).await?;
+        let out = Self::load_versioned(&mut tx).await?;
         tx.commit().await?;
         Ok(out)
     }

@@ -22,15 +22,19 @@ pub const POLL: Duration = Duration::from_secs(1);
 /// The local copy of the last good config.
 #[derive(Serialize, Deserialize)]
 pub struct SavedSnapshot {
+    /// The database it came from (see `config_state.instance`).
+    #[serde(default)]
+    pub instance: Option<String>,
     pub version: u64,
     pub config: Config,
 }
 
 /// Writes atomically (a temporary file, then a rename), so a crash never
 /// leaves half a snapshot.
-pub fn save_snapshot(path: &Path, version: u64, config: &Config) -> std::io::Result<()> {
+pub fn save_snapshot(path: &Path, instance: &str, version: u64, config: &Config) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let text = serde_json::to_vec(&SavedSnapshot { version, config: config.clone() }).map_err(std::io::Error::other)?;
+    let saved = SavedSnapshot { instance: Some(instance.to_string()), version, config: config.clone() };
+    let text = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
 }
@@ -40,19 +44,32 @@ pub fn read_snapshot(path: &Path) -> Result<SavedSnapshot, String> {
     serde_json::from_slice(&text).map_err(|e| format!("{} is not a saved snapshot: {e}", path.display()))
 }
 
-/// Loads the database's config into the node when its version differs.
+/// Whether the database's (instance, version) is news to this node: a
+/// later version of the same database, or another database altogether (one
+/// rebuilt from scratch starts its versions again).
+fn is_news(shared: &Shared, instance: &str, version: u64) -> bool {
+    let same_db = shared.db_instance.lock().ok().and_then(|i| i.clone()).is_some_and(|i| i == instance);
+    !same_db || version > shared.snapshot.load().version
+}
+
+/// Loads the database's config into the node when it is news.
 pub async fn catch_up(store: &Store, shared: &Shared, snapshot_path: &Path) -> Result<bool, StoreError> {
-    let version = store.version().await?;
-    if version == shared.snapshot.load().version {
+    let (instance, version) = store.version().await?;
+    if !is_news(shared, &instance, version) {
         return Ok(false);
     }
-    let (config, version) = store.load().await?;
+    let (config, instance, version) = store.load_with_instance().await?;
+    // Two loads can race (this loop and an admin write's own catch-up):
+    // under the lock, only ever move forward.
     let _guard = shared.reload_lock.lock().await;
-    if version == shared.snapshot.load().version {
+    if !is_news(shared, &instance, version) {
         return Ok(false);
     }
     shared.replace_config_at(config.clone(), version).map_err(StoreError::Invalid)?;
-    if let Err(e) = save_snapshot(snapshot_path, version, &config) {
+    if let Ok(mut i) = shared.db_instance.lock() {
+        *i = Some(instance.clone());
+    }
+    if let Err(e) = save_snapshot(snapshot_path, &instance, version, &config) {
         tracing::warn!(error = %e, path = %snapshot_path.display(), "cannot save the local snapshot");
     }
     tracing::info!(version, "config loaded from the database");
