@@ -500,3 +500,32 @@ async fn a_rebuilt_database_is_taken_even_though_its_versions_start_again() {
     drop_db(&old_db).await;
     drop_db(&new_db).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn if_match_on_a_missing_entity_and_unchanged_writes() {
+    let url = fresh_db(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let g = node(&url, &dir.path().join("snap.json")).unwrap();
+    let admin = format!("http://{}", g.admin_addr);
+    let route = json!({"path": "/r", "upstream": "http://127.0.0.1:9"});
+    // If-Match names a version of something that does not exist: 412, not a creation.
+    let (s, _, _) = send("PUT", &format!("{admin}/routes/r"), Some(route.clone()), &[("if-match", "\"1\"")]).await;
+    assert_eq!(s, 412);
+    let (s, _, _) = send("PUT", &format!("{admin}/routes/r"), Some(route.clone()), &[]).await;
+    assert_eq!(s, 201);
+    // The same entity again changes nothing: no new version, no audit record.
+    let (s, h, _) = send("PUT", &format!("{admin}/routes/r"), Some(route.clone()), &[]).await;
+    assert_eq!((s, h["etag"].to_str().unwrap()), (StatusCode::OK, "\"1\""));
+    let (_, _, status) = send("GET", &format!("{admin}/status"), None, &[]).await;
+    assert_eq!(status["config_version"], 2);
+    let (_, _, log) = send("GET", &format!("{admin}/audit"), None, &[]).await;
+    assert_eq!(log["data"].as_array().unwrap().len(), 1);
+    // A value Postgres cannot store is the client's error, not an outage.
+    let comp =
+        json!({"name": "nul", "path": "/nul", "calls": {"a": {"url": "http://127.0.0.1:9/a"}}, "response": {"body": {"text": "a\u{0}b"}}});
+    let (s, _, body) = send("POST", &format!("{admin}/compositions"), Some(comp), &[]).await;
+    assert_eq!(s, 400, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("invalid"), "{body}");
+    g.shutdown();
+    drop_db(&url).await;
+}

@@ -328,17 +328,7 @@ pub async fn add_credential(
         }
         plain_key = key.clone();
     }
-    let (mut consumer, version) = match store.get(Kind::Consumers, &name).await {
-        Ok(found) => found,
-        Err(e) => return store_error(e, None, None),
-    };
-    let list = consumer.as_object_mut().and_then(|m| {
-        m.entry("credentials").or_insert_with(|| Value::Array(vec![]));
-        m.get_mut("credentials").and_then(Value::as_array_mut)
-    });
-    let Some(list) = list else { return message(StatusCode::INTERNAL_SERVER_ERROR, "the stored consumer is malformed") };
-    list.push(serde_json::to_value(&credential).unwrap_or(Value::Null));
-    let change = Change::Put { kind: Kind::Consumers, name: name.clone(), entity: consumer, if_match: Some(version) };
+    let change = Change::AddCredential { consumer: name.clone(), credential: serde_json::to_value(&credential).unwrap_or(Value::Null) };
     match store.write(&actor(&headers), change).await {
         Ok(outcome) => {
             catch_up(&state).await;

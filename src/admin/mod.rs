@@ -148,9 +148,13 @@ async fn post_config(State(state): State<AdminState>, Query(q): Query<ConfigQuer
         },
         None => (*state.shared.snapshot.load().config).clone(),
     };
-    let config = match config_from_text_against(text, format, Some(&previous)) {
-        Ok(c) => c,
-        Err(errors) => return invalid(&errors),
+    // Validation hashes passwords (argon2): CPU work, off the runtime.
+    let text = text.to_string();
+    let parsed = tokio::task::spawn_blocking(move || config_from_text_against(&text, format, Some(&previous))).await;
+    let config = match parsed {
+        Ok(Ok(c)) => c,
+        Ok(Err(errors)) => return invalid(&errors),
+        Err(_) => return message(StatusCode::INTERNAL_SERVER_ERROR, "validation did not finish"),
     };
     if state.shared.store.is_some() {
         return entities::replace_all(&state, &headers, config, q.dry_run).await;

@@ -81,7 +81,18 @@ impl fmt::Display for StoreError {
 impl std::error::Error for StoreError {}
 
 impl From<sqlx::Error> for StoreError {
+    /// Only a database that cannot be reached (or is too busy) is 503; a
+    /// value it refuses is the caller's error, a lost race a conflict.
     fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            if code.starts_with("22") {
+                return invalid("", format!("a value the database cannot store: {}", db.message()));
+            }
+            if code == "40001" || code == "40P01" {
+                return StoreError::Conflict("a concurrent change got in the way; try again".into());
+            }
+        }
         StoreError::Unavailable(e.to_string())
     }
 }
@@ -115,6 +126,11 @@ pub enum Change {
         kind: Kind,
         name: String,
         if_match: Option<i64>,
+    },
+    /// Appends a credential (as JSON) to a consumer, in the transaction.
+    AddCredential {
+        consumer: String,
+        credential: Value,
     },
     /// Replace the whole config (`POST /config`); already validated.
     ReplaceAll {
@@ -315,7 +331,12 @@ impl Store {
     /// A page of entities, optionally only those holding every tag given.
     pub async fn list(&self, kind: Kind, tags: &[String], size: usize, offset: usize) -> Result<(Vec<Value>, bool), StoreError> {
         let sql = format!("SELECT entity FROM {} WHERE tags @> $1 ORDER BY created_at, name LIMIT $2 OFFSET $3", kind.table());
-        let rows = sqlx::query(AssertSqlSafe(sql)).bind(tags).bind(size as i64 + 1).bind(offset as i64).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(tags)
+            .bind(size as i64 + 1)
+            .bind(offset.min(i64::MAX as usize) as i64)
+            .fetch_all(&self.pool)
+            .await?;
         let mut list: Vec<Value> = rows.iter().map(|r| r.get::<Value, _>(0)).collect();
         let more = list.len() > size;
         list.truncate(size);
@@ -328,7 +349,7 @@ impl Store {
             "SELECT to_json(at)::text, actor, action, kind, name, before, after, config_version FROM audit_log ORDER BY id DESC LIMIT $1 OFFSET $2",
         )
         .bind(size as i64 + 1)
-        .bind(offset as i64)
+        .bind(offset.min(i64::MAX as usize) as i64)
         .fetch_all(&self.pool)
         .await?;
         let mut list: Vec<Value> = rows
@@ -354,6 +375,11 @@ impl Store {
     /// Applies one change in one transaction (see the module doc).
     pub async fn write(&self, actor: &str, change: Change) -> Result<WriteOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // A writer that hangs must not hold every other writer's lock for
+        // as long as TCP takes to notice: bounded waits, bounded work.
+        sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *tx).await?;
+        sqlx::query("SET LOCAL statement_timeout = '15s'").execute(&mut *tx).await?;
+        sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '30s'").execute(&mut *tx).await?;
         // Serializes writers: each sees the config the previous one left.
         sqlx::query("SELECT version FROM config_state WHERE id = 1 FOR UPDATE").execute(&mut *tx).await?;
         let (current, _) = Self::load_in(&mut tx).await?;
@@ -374,10 +400,18 @@ impl Store {
             }
             Change::Put { kind, name, entity, if_match } | Change::Patch { kind, name, patch: entity, if_match } => {
                 let stored = self.row_version(&mut tx, *kind, name).await?;
-                if let (Some(want), Some((_, have))) = (if_match, &stored) {
-                    if want != have {
+                match (if_match, &stored) {
+                    (Some(want), Some((_, have))) if want != have => {
                         return Err(StoreError::PreconditionFailed(format!("{} {name:?} is at version {have}, not {want}", kind.table())));
                     }
+                    // If-Match names a version of something that is gone.
+                    (Some(want), None) => {
+                        return Err(StoreError::PreconditionFailed(format!(
+                            "{} {name:?} does not exist (expected version {want})",
+                            kind.table()
+                        )));
+                    }
+                    _ => {}
                 }
                 let mut value = match (&change, &stored) {
                     (Change::Patch { .. }, None) => return Err(StoreError::NotFound),
@@ -400,6 +434,19 @@ impl Store {
                 set_entity(&mut next, *kind, name, value)?;
                 Some((*kind, name.clone()))
             }
+            Change::AddCredential { consumer, credential } => {
+                let Some((mut stored, _)) = self.row_version(&mut tx, Kind::Consumers, consumer).await? else {
+                    return Err(StoreError::NotFound);
+                };
+                if let Some(m) = stored.as_object_mut() {
+                    let list = m.entry("credentials").or_insert_with(|| Value::Array(vec![]));
+                    if let Some(list) = list.as_array_mut() {
+                        list.push(credential.clone());
+                    }
+                }
+                set_entity(&mut next, Kind::Consumers, consumer, stored)?;
+                Some((Kind::Consumers, consumer.clone()))
+            }
             Change::Delete { kind, name, if_match } => {
                 let Some((_, have)) = self.row_version(&mut tx, *kind, name).await? else { return Err(StoreError::NotFound) };
                 if let Some(want) = if_match {
@@ -418,11 +465,39 @@ impl Store {
             }
         };
 
-        // Exactly the checks `manifold validate` makes, on the whole config.
-        let next = LoadedConfig::from_config(next).validated_against(Some(&current)).map_err(StoreError::Invalid)?;
-        crate::snapshot::compile(next.clone(), 0).map_err(StoreError::Invalid)?;
+        // Exactly the checks `manifold validate` makes, on the whole config;
+        // argon2 hashing is CPU work, kept off the control runtime.
+        let previous = current.clone();
+        let next = tokio::task::spawn_blocking(move || {
+            let next = LoadedConfig::from_config(next).validated_against(Some(&previous))?;
+            crate::snapshot::compile(next.clone(), 0)?;
+            Ok(next)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("validation did not finish: {e}")))?
+        .map_err(StoreError::Invalid)?;
 
         let diff = ConfigDiff::between(&current, &next);
+        if diff.is_empty() {
+            // Nothing changes: no version, no notification, no audit record.
+            let (entity, entity_version) = match &single {
+                Some((kind, name)) => match self.row_version(&mut tx, *kind, name).await? {
+                    Some((v, ver)) => (Some(v), ver),
+                    None => (None, 0),
+                },
+                None => (None, 0),
+            };
+            let version: i64 = sqlx::query_scalar("SELECT version FROM config_state WHERE id = 1").fetch_one(&mut *tx).await?;
+            tx.rollback().await?;
+            let deleted = matches!(change, Change::Delete { .. });
+            return Ok(WriteOutcome {
+                entity: if deleted { None } else { entity },
+                entity_version,
+                config_version: version as u64,
+                created: false,
+                diff,
+            });
+        }
         let version: i64 =
             sqlx::query_scalar("UPDATE config_state SET version = version + 1, updated_at = now() WHERE id = 1 RETURNING version")
                 .fetch_one(&mut *tx)

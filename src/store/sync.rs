@@ -29,14 +29,25 @@ pub struct SavedSnapshot {
     pub config: Config,
 }
 
-/// Writes atomically (a temporary file, then a rename), so a crash never
-/// leaves half a snapshot.
+/// Writes atomically and durably (a temporary file of its own, synced,
+/// then renamed over the old one), readable by this user only: it holds
+/// key digests, password hashes and JWT secrets.
 pub fn save_snapshot(path: &Path, instance: &str, version: u64, config: &Config) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let saved = SavedSnapshot { instance: Some(instance.to_string()), version, config: config.clone() };
     let text = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    file.write_all(&text)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 pub fn read_snapshot(path: &Path) -> Result<SavedSnapshot, String> {
@@ -76,6 +87,19 @@ pub async fn catch_up(store: &Store, shared: &Shared, snapshot_path: &Path) -> R
     Ok(true)
 }
 
+/// A config this build cannot run (say, written by a newer node) is not a
+/// lost database: keep serving the previous one, say so, keep listening.
+async fn checked_catch_up(store: &Store, shared: &Shared, snapshot_path: &Path) -> Result<(), StoreError> {
+    match catch_up(store, shared, snapshot_path).await {
+        Ok(_) => Ok(()),
+        Err(e @ (StoreError::Invalid(_) | StoreError::Schema(_))) => {
+            tracing::error!(error = %e, "the database's config cannot be loaded; still serving the previous one");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Runs until the process ends.
 pub async fn run(store: Store, shared: Arc<Shared>, snapshot_path: PathBuf) {
     let mut backoff = Duration::from_millis(100);
@@ -100,7 +124,7 @@ async fn follow(store: &Store, shared: &Shared, snapshot_path: &Path) -> Result<
     let mut listener = PgListener::connect_with(store.pool()).await?;
     listener.listen(CHANNEL).await?;
     // Anything written while we were not listening is caught up here.
-    catch_up(store, shared, snapshot_path).await?;
+    checked_catch_up(store, shared, snapshot_path).await?;
     if !shared.db_reachable.swap(true, Ordering::Relaxed) {
         tracing::info!("connected to the database");
     }
@@ -109,6 +133,6 @@ async fn follow(store: &Store, shared: &Shared, snapshot_path: &Path) -> Result<
             n = listener.recv() => { n?; }
             _ = tokio::time::sleep(POLL) => {}
         }
-        catch_up(store, shared, snapshot_path).await?;
+        checked_catch_up(store, shared, snapshot_path).await?;
     }
 }
