@@ -179,3 +179,55 @@ async fn the_admin_token_guards_the_api() {
     let err = Gateway::start(opts, Default::default()).err().expect("refused").to_string();
     assert!(err.contains("without a token"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openapi_describes_the_api_from_the_config_types() {
+    let g = gateway("routes: []");
+    let doc: Value = client().get(format!("http://{}/openapi.json", g.admin_addr)).send().await.unwrap().json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/routes",
+        "/routes/{name}",
+        "/compositions/{name}",
+        "/config",
+        "/audit",
+        "/consumers/{name}/credentials",
+        "/compositions/{name}/try",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "{path} missing");
+    }
+    let item = &doc["paths"]["/routes/{name}"];
+    for method in ["get", "put", "patch", "delete"] {
+        assert!(item.get(method).is_some(), "{method} /routes/{{name}}");
+    }
+    assert!(item["put"]["responses"].get("412").is_some());
+    // The schemas are the config types': every field of a route, durations as strings.
+    let route = &doc["components"]["schemas"]["Route"];
+    for field in ["name", "path", "upstream", "path_rewrite", "timeout", "preserve_host", "policies"] {
+        assert!(route["properties"].get(field).is_some(), "Route.{field} missing: {route}");
+    }
+    assert!(route["required"].as_array().unwrap().contains(&json!("upstream")));
+    let call = doc["components"]["schemas"].as_object().unwrap().get("Call").cloned().unwrap_or(Value::Null);
+    assert!(call.to_string().contains("for_each"), "nested types are described too: {call}");
+    // No reference points nowhere.
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r.clone());
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(!all.is_empty());
+    for r in all {
+        let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("unexpected ref {r}"));
+        assert!(doc["components"]["schemas"].get(name).is_some(), "dangling reference {r}");
+    }
+    g.shutdown();
+}

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use crate::compose::context::request_context;
 mod entities;
+mod openapi;
 
 use crate::config::load::config_from_text_against;
 use crate::config::{Config, ConfigErrors, Format};
@@ -42,6 +43,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/status/ready", get(ready))
         .route("/compositions/{name}/try", post(try_composition))
         .route("/audit", get(entities::audit))
+        .route("/openapi.json", get(openapi_json))
         .route("/consumers/{name}/credentials", get(entities::list_credentials).post(entities::add_credential))
         .route("/{kind}", get(entities::list).post(entities::create))
         .route("/{kind}/{name}", get(entities::get).put(entities::put).patch(entities::patch).delete(entities::delete))
@@ -178,6 +180,10 @@ async fn post_config(State(state): State<AdminState>, Query(q): Query<ConfigQuer
         }
         Err(errors) => invalid(&errors),
     }
+}
+
+async fn openapi_json() -> Response {
+    Json(openapi::document()).into_response()
 }
 
 async fn status(State(state): State<AdminState>) -> Response {

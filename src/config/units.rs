@@ -144,6 +144,29 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// Both are written as strings in the config (`30s`, `10MiB`); bare
+/// numbers are accepted too.
+fn string_schema(example: &str) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .examples([serde_json::Value::String(example.to_string())])
+        .into()
+}
+
+impl utoipa::PartialSchema for Dur {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        string_schema("30s")
+    }
+}
+impl utoipa::ToSchema for Dur {}
+
+impl utoipa::PartialSchema for ByteSize {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        string_schema("10MiB")
+    }
+}
+impl utoipa::ToSchema for ByteSize {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
