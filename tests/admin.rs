@@ -2,8 +2,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{backend, client, gateway, gateway_with};
@@ -31,21 +30,7 @@ async fn hot_reload_under_load_loses_no_request() {
     let b = backend().run().await;
     let g = gateway(&route_config("api", &a.url()));
     let url = format!("http://{}/api/x", g.proxy_addr);
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut load = Vec::new();
-    for _ in 0..8 {
-        let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), url.clone());
-        load.push(tokio::spawn(async move {
-            let c = client();
-            while !stop.load(Ordering::Relaxed) {
-                match c.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        }));
-    }
+    let load = common::Load::start(&url, 8);
     for i in 0..20 {
         let (name, upstream) = if i % 2 == 0 { ("api-b", b.url()) } else { ("api-a", a.url()) };
         let (status, body) = post_config(&g, &route_config(name, &upstream), "").await;
@@ -53,12 +38,9 @@ async fn hot_reload_under_load_loses_no_request() {
         assert_eq!(body["version"], i + 2);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.await.unwrap();
-    }
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during reloads");
-    assert!(ok.load(Ordering::Relaxed) > 20);
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "requests failed during reloads");
+    assert!(ok > 20);
     // Both configs really served traffic.
     assert!(a.hits.load(Ordering::SeqCst) > 0 && b.hits.load(Ordering::SeqCst) > 0);
     g.shutdown();

@@ -203,10 +203,13 @@ compositions:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_required_failure_answers_for_the_composition_and_cancels_the_rest() {
-    let not_found = backend().status(404).json(json!({"error": "no such user", "id": 9})).run().await;
+    // The user call fails only once the sibling's request has arrived, so
+    // there is a running sibling to cancel (not one never sent).
+    let both_sent = Arc::new(tokio::sync::Barrier::new(2));
+    let not_found = backend().status(404).json(json!({"error": "no such user", "id": 9})).barrier(both_sent.clone()).run().await;
     let broken = backend().status(500).json(json!({"stack": "secret internals at 10.0.0.7"})).run().await;
     let slow = backend().delay(Duration::from_secs(3)).run().await;
-    let sibling = backend().delay(Duration::from_secs(30)).run().await;
+    let sibling = backend().delay(Duration::from_secs(30)).barrier(both_sent).run().await;
     let g = gateway(&format!(
         r#"
 compositions:

@@ -331,8 +331,6 @@ async fn sync_to_several_regions_then_export_round_trips() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_outage_costs_no_request_and_the_node_catches_up() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
     let b = backend().run().await;
     let url = fresh_db(true).await;
     let dir = tempfile::tempdir().unwrap();
@@ -356,21 +354,7 @@ async fn a_database_outage_costs_no_request_and_the_node_catches_up() {
     }
 
     // Load on the cut node for the whole outage.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        load.push(tokio::spawn(async move {
-            let c = client();
-            while !stop.load(Ordering::Relaxed) {
-                match c.get(format!("http://{proxy}/a")).send().await {
-                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        }));
-    }
+    let load = common::Load::start(&format!("http://{proxy}/a"), 4);
     relay.cut();
     let admin = format!("http://{}", cut_node.admin_addr);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -402,12 +386,9 @@ async fn a_database_outage_costs_no_request_and_the_node_catches_up() {
         assert!(Instant::now() < deadline, "the node did not catch up after the outage");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.await.unwrap();
-    }
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during the outage");
-    assert!(ok.load(Ordering::Relaxed) > 10);
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "requests failed during the outage");
+    assert!(ok > 10);
     let (_, _, status) = send("GET", &format!("{admin}/status"), None, &[]).await;
     assert_eq!(status["database_reachable"], true);
     cut_node.shutdown();

@@ -186,20 +186,30 @@ pub async fn create(State(state): State<AdminState>, Path(kind): Path<String>, h
     write(&state, &headers, kind, name.as_deref(), Change::Create { kind, entity }).await
 }
 
+/// `PUT` (create or replace) and `PATCH` (merge) differ only in the change.
+async fn put_or_patch(state: AdminState, kind: String, name: String, headers: HeaderMap, body: axum::body::Bytes, merge: bool) -> Response {
+    if store_of(&state).is_none() {
+        return read_only();
+    }
+    let (kind, value, if_match) = match (kind_of(&kind), json_body(&body), if_match(&headers)) {
+        (Ok(k), Ok(e), Ok(m)) => (k, e, m),
+        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
+    };
+    let change = if merge {
+        Change::Patch { kind, name: name.clone(), patch: value, if_match }
+    } else {
+        Change::Put { kind, name: name.clone(), entity: value, if_match }
+    };
+    write(&state, &headers, kind, Some(&name), change).await
+}
+
 pub async fn put(
     State(state): State<AdminState>,
     Path((kind, name)): Path<(String, String)>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if store_of(&state).is_none() {
-        return read_only();
-    }
-    let (kind, entity, if_match) = match (kind_of(&kind), json_body(&body), if_match(&headers)) {
-        (Ok(k), Ok(e), Ok(m)) => (k, e, m),
-        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
-    };
-    write(&state, &headers, kind, Some(&name), Change::Put { kind, name: name.clone(), entity, if_match }).await
+    put_or_patch(state, kind, name, headers, body, false).await
 }
 
 pub async fn patch(
@@ -208,14 +218,7 @@ pub async fn patch(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if store_of(&state).is_none() {
-        return read_only();
-    }
-    let (kind, patch, if_match) = match (kind_of(&kind), json_body(&body), if_match(&headers)) {
-        (Ok(k), Ok(e), Ok(m)) => (k, e, m),
-        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
-    };
-    write(&state, &headers, kind, Some(&name), Change::Patch { kind, name: name.clone(), patch, if_match }).await
+    put_or_patch(state, kind, name, headers, body, true).await
 }
 
 pub async fn delete(State(state): State<AdminState>, Path((kind, name)): Path<(String, String)>, headers: HeaderMap) -> Response {

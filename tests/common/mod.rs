@@ -340,3 +340,42 @@ impl Relay {
         self.cut.store(false, Ordering::SeqCst);
     }
 }
+
+/// Clients sending GETs to one URL until stopped, counting what failed.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(url: &str, clients: usize) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), url.to_string());
+                tokio::spawn(async move {
+                    let c = client();
+                    while !stop.load(Ordering::Relaxed) {
+                        match c.get(&url).send().await {
+                            Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                            _ => failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                })
+            })
+            .collect();
+        Load { stop, ok, failed, tasks }
+    }
+
+    /// Stops the clients; returns (succeeded, failed).
+    pub async fn stop(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+}
