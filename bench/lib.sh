@@ -90,7 +90,7 @@ record() {
   if [[ "${RECORD:-0}" == 1 ]]; then
     {
       echo
-      echo "## $1, $(date -u +%Y-%m-%d) on $(nproc) cores ($(uname -m)), wrk -t$THREADS -c$CONNS -d$DURATION"
+      echo "## $1, $(date -u +%Y-%m-%d) on $(nproc) cores ($(uname -m))${3-, wrk -t$THREADS -c$CONNS -d$DURATION}"
       echo
       echo "$2"
     } >> bench/RESULTS.md

@@ -70,4 +70,4 @@ table="| writes | p50 | p99 | max | target |
 
 Time from sending the write to node 1 until all three nodes serve the new route (includes the write itself)."
 echo; echo "$table"
-record "Propagation (bench/propagation.sh): 3 nodes, one Postgres" "$table"
+record "Propagation (bench/propagation.sh): 3 nodes, one Postgres" "$table" ""
