@@ -27,6 +27,10 @@ pub struct Snapshot {
     /// Compositions by name, with their path patterns, for the admin API's
     /// `try` endpoint.
     pub compositions: HashMap<String, (PathPattern, Arc<CompositionPlan>)>,
+    /// Policies that are global or attached somewhere. The policy runtime
+    /// is not built yet (issue 5): they are validated, not enforced, and
+    /// every node says so loudly rather than let a config look protected.
+    pub unenforced_policies: Vec<String>,
 }
 
 /// A plain route, resolved: where to send, and how to rewrite.
@@ -237,7 +241,18 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    Ok(Snapshot { config: Arc::new(config), version, router, compositions })
+    let mut unenforced_policies: Vec<String> = config
+        .policies
+        .iter()
+        .filter(|p| {
+            p.global
+                || config.routes.iter().any(|r| r.policies.contains(&p.name))
+                || config.compositions.iter().any(|c| c.policies.contains(&p.name))
+        })
+        .map(|p| p.name.clone())
+        .collect();
+    unenforced_policies.sort();
+    Ok(Snapshot { config: Arc::new(config), version, router, compositions, unenforced_policies })
 }
 
 #[cfg(test)]

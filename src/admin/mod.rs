@@ -195,6 +195,8 @@ async fn status(State(state): State<AdminState>) -> Response {
         "config_version": snap.version,
         "database_reachable": if shared.store.is_some() { json!(shared.db_reachable.load(Ordering::Relaxed)) } else { Value::Null },
         "reloads": shared.reloads.load(Ordering::Relaxed),
+        // Validated, not applied yet (see the README).
+        "policies_not_enforced": snap.unenforced_policies,
         "uptime_seconds": shared.started.elapsed().as_secs(),
         "entities": {
             "routes": snap.config.routes.len(),

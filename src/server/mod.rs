@@ -53,6 +53,7 @@ impl Shared {
         limits: Limits,
     ) -> Result<Arc<Self>, ConfigErrors> {
         let snap = snapshot::compile(config, version)?;
+        warn_unenforced(&snap);
         Ok(Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snap),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -69,9 +70,7 @@ impl Shared {
 
     /// Like [`Shared::replace_config`], at the version the database gave.
     pub fn replace_config_at(&self, config: Config, version: u64) -> Result<(), ConfigErrors> {
-        let snap = snapshot::compile(config, version)?;
-        self.snapshot.store(Arc::new(snap));
-        self.reloads.fetch_add(1, Ordering::Relaxed);
+        self.install(snapshot::compile(config, version)?);
         Ok(())
     }
 
@@ -79,10 +78,25 @@ impl Shared {
     /// the snapshot they started with.
     pub fn replace_config(&self, config: Config) -> Result<u64, ConfigErrors> {
         let version = self.snapshot.load().version + 1;
-        let snap = snapshot::compile(config, version)?;
+        self.install(snapshot::compile(config, version)?);
+        Ok(version)
+    }
+
+    fn install(&self, snap: Snapshot) {
+        warn_unenforced(&snap);
         self.snapshot.store(Arc::new(snap));
         self.reloads.fetch_add(1, Ordering::Relaxed);
-        Ok(version)
+    }
+}
+
+/// Policies are validated but not applied yet: say so on every config a
+/// node takes, so nobody believes a route is protected when it is not.
+fn warn_unenforced(snap: &Snapshot) {
+    if !snap.unenforced_policies.is_empty() {
+        tracing::warn!(
+            policies = ?snap.unenforced_policies,
+            "these policies are attached or global but NOT ENFORCED: the policy runtime is not in this build yet"
+        );
     }
 }
 
