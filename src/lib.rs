@@ -26,6 +26,7 @@ pub mod diff;
 pub mod errors;
 pub mod gateway;
 pub mod ids;
+pub mod policy;
 pub mod proxy;
 pub mod remote;
 pub mod server;

@@ -13,6 +13,7 @@ use http::{HeaderValue, Method};
 use crate::compose::CompositionPlan;
 use crate::config::pattern::{parse_rewrite, PathPattern, RewritePart, Segment};
 use crate::config::{Config, ConfigError, ConfigErrors};
+use crate::policy::{Identities, PolicyChain};
 
 /// Route timeout when a route sets none (Kong's default too).
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -57,6 +58,7 @@ pub enum Target {
 #[derive(Debug)]
 struct Candidate {
     methods: Option<Vec<Method>>,
+    policies: Arc<PolicyChain>,
     params: Arc<[Arc<str>]>,
     target: Target,
     /// Added for an empty catch-all (`/files` for `/files/{*rest}`); an
@@ -76,7 +78,7 @@ pub struct Router {
 }
 
 pub enum RouteMatch<'a> {
-    Found { target: &'a Target, params: Vec<(Arc<str>, String)> },
+    Found { target: &'a Target, params: Vec<(Arc<str>, String)>, policies: &'a Arc<PolicyChain> },
     MethodNotAllowed(Vec<Method>),
     NotFound,
 }
@@ -93,7 +95,7 @@ impl Router {
                 if ok {
                     let mut values = m.params.iter().map(|(_, v)| v);
                     let params = cand.params.iter().map(|name| (name.clone(), values.next().unwrap_or("").to_string())).collect();
-                    return RouteMatch::Found { target: &cand.target, params };
+                    return RouteMatch::Found { target: &cand.target, params, policies: &cand.policies };
                 }
                 allowed.extend(cand.methods.iter().flatten().cloned());
             }
@@ -141,23 +143,27 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
     // host key ("" = any host, "*.x" = wildcard) -> shape -> candidates
     let mut tables: BTreeMap<String, BTreeMap<String, Vec<Candidate>>> = BTreeMap::new();
     let mut owners: HashMap<(String, String), String> = HashMap::new();
-    let mut add = |base: String, hosts: &[String], pattern: &PathPattern, methods: Option<Vec<Method>>, target: Target| {
-        let params: Arc<[Arc<str>]> = pattern.param_names().map(Arc::from).collect();
-        let any = [String::new()];
-        let hosts: &[String] = if hosts.is_empty() { &any } else { hosts };
-        for host in hosts {
-            let table = tables.entry(host.to_ascii_lowercase()).or_default();
-            for (shape, implied) in shapes(pattern) {
-                owners.entry((host.clone(), shape.clone())).or_insert_with(|| base.clone());
-                table.entry(shape).or_default().push(Candidate {
-                    methods: methods.clone(),
-                    params: params.clone(),
-                    target: target.clone(),
-                    implied,
-                });
+    let ids = Arc::new(Identities::build(&config));
+    let mut add =
+        |base: String, hosts: &[String], pattern: &PathPattern, methods: Option<Vec<Method>>, target: Target, attached: &[String]| {
+            let policies = Arc::new(PolicyChain::build(&config, attached, &ids));
+            let params: Arc<[Arc<str>]> = pattern.param_names().map(Arc::from).collect();
+            let any = [String::new()];
+            let hosts: &[String] = if hosts.is_empty() { &any } else { hosts };
+            for host in hosts {
+                let table = tables.entry(host.to_ascii_lowercase()).or_default();
+                for (shape, implied) in shapes(pattern) {
+                    owners.entry((host.clone(), shape.clone())).or_insert_with(|| base.clone());
+                    table.entry(shape).or_default().push(Candidate {
+                        methods: methods.clone(),
+                        policies: policies.clone(),
+                        params: params.clone(),
+                        target: target.clone(),
+                        implied,
+                    });
+                }
             }
-        }
-    };
+        };
 
     for route in &config.routes {
         let base = format!("routes.{}", route.name);
@@ -196,7 +202,7 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
             timeout: route.timeout.map_or(DEFAULT_ROUTE_TIMEOUT, |d| d.0),
             preserve_host: route.preserve_host,
         };
-        add(base, &route.hosts, &pattern, parse_methods(&route.methods), Target::Proxy(Arc::new(route_data)));
+        add(base, &route.hosts, &pattern, parse_methods(&route.methods), Target::Proxy(Arc::new(route_data)), &route.policies);
     }
     let mut compositions = HashMap::new();
     for comp in &config.compositions {
@@ -216,7 +222,7 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
                 continue;
             }
         };
-        add(base, &comp.hosts, &pattern, parse_methods(&[method]), target);
+        add(base, &comp.hosts, &pattern, parse_methods(&[method]), target, &comp.policies);
     }
 
     let mut router = Router::default();
@@ -245,9 +251,10 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
         .policies
         .iter()
         .filter(|p| {
-            p.global
+            let used = p.global
                 || config.routes.iter().any(|r| r.policies.contains(&p.name))
-                || config.compositions.iter().any(|c| c.policies.contains(&p.name))
+                || config.compositions.iter().any(|c| c.policies.contains(&p.name));
+            used && !crate::policy::is_enforced(p.kind)
         })
         .map(|p| p.name.clone())
         .collect();
@@ -268,7 +275,7 @@ mod tests {
 
     fn found(s: &Snapshot, host: &str, method: &str, path: &str) -> Option<(String, Vec<(String, String)>)> {
         match s.router.find(host, &Method::from_bytes(method.as_bytes()).unwrap(), path) {
-            RouteMatch::Found { target, params } => {
+            RouteMatch::Found { target, params, .. } => {
                 let name = match target {
                     Target::Proxy(p) => p.name.to_string(),
                     Target::Composition(c) => c.name.to_string(),

@@ -154,6 +154,12 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
         let v = HeaderValue::from_str(&v).map_err(|_| bad(format!("header {name} would not be a valid value")))?;
         headers.insert(name.clone(), v);
     }
+    // The authenticated consumer reaches every backend (SPEC §2 policies).
+    for name in [crate::policy::X_CONSUMER_NAME, crate::policy::X_CONSUMER_GROUPS] {
+        if let Some(v) = ex.client_headers.get(&name) {
+            headers.insert(name, v.clone());
+        }
+    }
     headers.insert(header::HOST, call.host_header.clone());
     headers.insert(REQUEST_ID_HEADER, ex.request_id.clone());
     headers.insert(TRACEPARENT, ex.trace.child());

@@ -126,10 +126,10 @@ async fn route_and_run(
     let path = normalize_path(uri.path()).map_err(|e| (e, false))?;
     let host = request_host(&req);
 
-    let (target, params) = {
+    let (target, params, policies) = {
         let snap = shared.snapshot.load();
         match snap.router.find(&host, req.method(), &path) {
-            RouteMatch::Found { target, params } => (target.clone(), params),
+            RouteMatch::Found { target, params, policies } => (target.clone(), params, policies.clone()),
             RouteMatch::NotFound => return Err((GatewayError::new(ErrorCode::NotFound, "no route matches the request"), false)),
             RouteMatch::MethodNotAllowed(allowed) => {
                 let list = allowed.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
@@ -141,6 +141,34 @@ async fn route_and_run(
                 return Ok(resp);
             }
         }
+    };
+
+    // Policies, in phase order; they may refuse the request, name its
+    // consumer, and take a credential out of the headers or query.
+    let mut req = req;
+    let consumer = if policies.is_empty() {
+        // Consumer headers only ever come from the gateway.
+        req.headers_mut().remove(crate::policy::X_CONSUMER_NAME);
+        req.headers_mut().remove(crate::policy::X_CONSUMER_GROUPS);
+        None
+    } else {
+        let (mut parts, body) = req.into_parts();
+        let mut query = parts.uri.query().map(str::to_string);
+        let client_ip = crate::policy::client_ip(peer.ip(), &parts.headers, &shared.trusted_proxies);
+        let consumer = policies.admit(client_ip, &mut parts.headers, &mut query).map_err(|e| (e, false))?;
+        if query.as_deref() != parts.uri.query() {
+            let pq = match &query {
+                Some(q) => format!("{}?{q}", parts.uri.path()),
+                None => parts.uri.path().to_string(),
+            };
+            let mut up = parts.uri.clone().into_parts();
+            up.path_and_query = pq.parse().ok();
+            if let Ok(uri) = http::Uri::from_parts(up) {
+                parts.uri = uri;
+            }
+        }
+        req = Request::from_parts(parts, body);
+        consumer
     };
 
     match target {
@@ -159,7 +187,10 @@ async fn route_and_run(
                 Ok(body) => body.map_err(|e| (e, false))?,
                 Err(_) => return Err((GatewayError::new(ErrorCode::BadRequest, "the request body did not arrive in time"), true)),
             };
-            let request = request_context(&parts.method, &params, parts.uri.query(), &parts.headers, body);
+            let mut request = request_context(&parts.method, &params, parts.uri.query(), &parts.headers, body);
+            if let (Some(c), serde_json::Value::Object(m)) = (&consumer, &mut request) {
+                m.insert("consumer".into(), serde_json::json!({"name": c.name, "groups": c.groups}));
+            }
             let ex = compose::Exchange { client: &worker.client, request_id, trace: &trace, client_headers: &parts.headers, record: false };
             Ok(compose::run(ex, &plan, request).await.response)
         }

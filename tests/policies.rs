@@ -1,0 +1,147 @@
+//! The policies enforced so far (ip-restriction, key-auth, acl) with real
+//! requests, in SPEC §2's phase order. The other types are validated only
+//! (FIXME(issue 5)); `tests/admin.rs` checks that nodes name them.
+
+mod common;
+
+use common::{backend, client, gateway, gateway_with};
+use manifold::gateway::GatewayOptions;
+use serde_json::{json, Value};
+
+const CONSUMERS: &str = r#"
+consumers:
+  - name: app
+    groups: [mobile]
+    credentials: [{ type: key-auth, key: k-app }]
+  - name: ops
+    groups: [internal]
+    credentials: [{ type: key-auth, key: k-ops }]
+  - name: guest
+"#;
+
+async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut req = client().get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_auth_names_the_consumer_and_refuses_everyone_else() {
+    let b = backend().run().await;
+    let g = gateway(&format!(
+        r#"{CONSUMERS}
+policies:
+  - {{ name: keys, type: key-auth, config: {{ key_names: [apikey, x-api-key], hide_credentials: true }} }}
+routes:
+  - {{ name: r, path: /r, upstream: "{}", policies: [keys] }}
+"#,
+        b.url()
+    ));
+    let url = format!("http://{}/r", g.proxy_addr);
+    let (s, body) = get(&url, &[]).await;
+    assert_eq!((s, body["error"]["code"].as_str()), (401, Some("unauthorized")));
+    let (s, _) = get(&url, &[("apikey", "wrong")]).await;
+    assert_eq!(s, 401);
+    assert_eq!(b.hits.load(std::sync::atomic::Ordering::SeqCst), 0, "refused requests never reach the backend");
+
+    // A header (the client's own X-Consumer-* removed first)...
+    let (s, body) = get(&url, &[("x-api-key", "k-app"), ("x-consumer-name", "ops"), ("x-consumer-groups", "internal")]).await;
+    assert_eq!(s, 200);
+    assert_eq!(body["headers"]["x-consumer-name"], json!(["app"]));
+    assert_eq!(body["headers"]["x-consumer-groups"], json!(["mobile"]));
+    assert!(body["headers"].get("x-api-key").is_none(), "hide_credentials");
+    // ...or a query parameter, hidden too.
+    let (s, body) = get(&format!("{url}?a=1&apikey=k-ops&b=2"), &[]).await;
+    assert_eq!(s, 200);
+    assert_eq!(body["headers"]["x-consumer-name"], json!(["ops"]));
+    assert_eq!(body["query"], "a=1&b=2");
+    g.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acl_anonymous_and_the_phase_order() {
+    let b = backend().run().await;
+    let g = gateway(&format!(
+        r#"{CONSUMERS}
+policies:
+  - {{ name: internal-only, type: acl, config: {{ allow: [internal] }} }}
+  - {{ name: keys, type: key-auth }}
+  - {{ name: keys-or-guest, type: key-auth, config: {{ anonymous: guest }} }}
+  - {{ name: no-locals, type: ip-restriction, config: {{ deny: [127.0.0.0/8] }} }}
+routes:
+  # Listed in the wrong order on purpose: phases decide, not the list.
+  - {{ name: internal, path: /internal, upstream: "{u}", policies: [internal-only, keys] }}
+  - {{ name: open, path: /open, upstream: "{u}", policies: [keys-or-guest] }}
+  - {{ name: blocked, path: /blocked, upstream: "{u}", policies: [keys, no-locals] }}
+  - {{ name: plain, path: /plain, upstream: "{u}" }}
+"#,
+        u = b.url()
+    ));
+    let base = format!("http://{}", g.proxy_addr);
+    assert_eq!(get(&format!("{base}/internal"), &[("apikey", "k-app")]).await.0, 403, "authenticated, wrong group");
+    assert_eq!(get(&format!("{base}/internal"), &[("apikey", "k-ops")]).await.0, 200);
+    assert_eq!(get(&format!("{base}/internal"), &[]).await.0, 401, "authentication comes before the acl");
+    let (s, body) = get(&format!("{base}/open"), &[]).await;
+    assert_eq!((s, &body["headers"]["x-consumer-name"]), (200, &json!(["guest"])));
+    // ip-restriction runs first: a local client is refused before any key is looked at.
+    let (s, body) = get(&format!("{base}/blocked"), &[]).await;
+    assert_eq!((s, body["error"]["code"].as_str()), (403, Some("forbidden")));
+    let (_, body) = get(&format!("{base}/plain"), &[("x-consumer-name", "ops")]).await;
+    assert!(body["headers"].get("x-consumer-name").is_none(), "consumer headers only come from the gateway");
+    g.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn x_forwarded_for_counts_only_from_trusted_proxies() {
+    let b = backend().run().await;
+    let yaml = format!(
+        r#"
+policies:
+  - {{ name: office, type: ip-restriction, config: {{ allow: [10.0.0.0/8] }} }}
+routes:
+  - {{ name: r, path: /r, upstream: "{}", policies: [office] }}
+"#,
+        b.url()
+    );
+    // The test client (127.0.0.1) is not trusted: its X-Forwarded-For is ignored.
+    let g = gateway(&yaml);
+    let url = format!("http://{}/r", g.proxy_addr);
+    assert_eq!(get(&url, &[("x-forwarded-for", "10.1.2.3")]).await.0, 403, "a spoofed header changes nothing");
+    g.shutdown();
+    // Trusted: the right-most untrusted hop is the client.
+    let opts = GatewayOptions { trusted_proxies: vec!["127.0.0.1/32".parse().unwrap()], ..Default::default() };
+    let g = gateway_with(&yaml, opts);
+    let url = format!("http://{}/r", g.proxy_addr);
+    assert_eq!(get(&url, &[("x-forwarded-for", "10.1.2.3")]).await.0, 200);
+    assert_eq!(get(&url, &[("x-forwarded-for", "10.1.2.3, 192.0.2.7")]).await.0, 403, "the nearest untrusted hop decides");
+    assert_eq!(get(&url, &[("x-forwarded-for", "192.0.2.7, 10.1.2.3")]).await.0, 200);
+    g.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_composition_knows_its_consumer() {
+    let b = backend().run().await;
+    let g = gateway(&format!(
+        r#"{CONSUMERS}
+policies:
+  - {{ name: keys, type: key-auth }}
+compositions:
+  - name: me
+    path: /me
+    policies: [keys]
+    calls:
+      echo: {{ url: "{}/who" }}
+    response:
+      body: {{ consumer: $.request.consumer.name, groups: $.request.consumer.groups, backend_saw: "$.echo.body.headers['x-consumer-name']" }}
+"#,
+        b.url()
+    ));
+    let (s, body) = get(&format!("http://{}/me", g.proxy_addr), &[("apikey", "k-ops")]).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body, json!({"consumer": "ops", "groups": ["internal"], "backend_saw": ["ops"]}));
+    assert_eq!(get(&format!("http://{}/me", g.proxy_addr), &[]).await.0, 401);
+    g.shutdown();
+}
