@@ -144,9 +144,11 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
     let mut tables: BTreeMap<String, BTreeMap<String, Vec<Candidate>>> = BTreeMap::new();
     let mut owners: HashMap<(String, String), String> = HashMap::new();
     let ids = Arc::new(Identities::build(&config));
+    let limits = crate::policy::limit_states(&config);
     let mut add =
         |base: String, hosts: &[String], pattern: &PathPattern, methods: Option<Vec<Method>>, target: Target, attached: &[String]| {
-            let policies = Arc::new(PolicyChain::build(&config, attached, &ids));
+            let entity = base.split_once('.').map_or(base.as_str(), |(_, n)| n);
+            let policies = Arc::new(PolicyChain::build(&config, entity, attached, &ids, &limits));
             let params: Arc<[Arc<str>]> = pattern.param_names().map(Arc::from).collect();
             let any = [String::new()];
             let hosts: &[String] = if hosts.is_empty() { &any } else { hosts };
@@ -254,7 +256,7 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
             let used = p.global
                 || config.routes.iter().any(|r| r.policies.contains(&p.name))
                 || config.compositions.iter().any(|c| c.policies.contains(&p.name));
-            used && !crate::policy::is_enforced(p.kind)
+            used && !crate::policy::is_enforced(p)
         })
         .map(|p| p.name.clone())
         .collect();

@@ -145,3 +145,68 @@ compositions:
     assert_eq!(get(&format!("http://{}/me", g.proxy_addr), &[]).await.0, 401);
     g.shutdown();
 }
+
+async fn status_and_headers(url: &str, headers: &[(&str, &str)]) -> (u16, reqwest::header::HeaderMap) {
+    let mut req = client().get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.headers().clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn local_rate_limits_share_one_quota_and_say_so() {
+    let b = backend().run().await;
+    let g = gateway(&format!(
+        r#"{CONSUMERS}
+policies:
+  - {{ name: three, type: rate-limit, config: {{ limit: 3, window: 1m, by: ip }} }}
+  - {{ name: per-route, type: rate-limit, config: {{ limit: 1, window: 1m, by: route }} }}
+  - {{ name: per-tenant, type: rate-limit, config: {{ limits: [{{ limit: 1, window: 1m }}, {{ limit: 100, window: 1h }}], by: "header:x-tenant" }} }}
+  - {{ name: keys, type: key-auth }}
+  - {{ name: one, type: rate-limit, config: {{ limit: 1, window: 1m }} }}
+routes:
+  - {{ name: a, path: /a, upstream: "{u}", policies: [three] }}
+  - {{ name: b, path: /b, upstream: "{u}", policies: [three] }}
+  - {{ name: c, path: /c, upstream: "{u}", policies: [per-route] }}
+  - {{ name: d, path: /d, upstream: "{u}", policies: [per-route] }}
+  - {{ name: t, path: /t, upstream: "{u}", policies: [per-tenant] }}
+  - {{ name: auth, path: /auth, upstream: "{u}", policies: [one, keys] }}
+"#,
+        u = b.url()
+    ));
+    let base = format!("http://{}", g.proxy_addr);
+    // One quota for both routes the policy is attached to, whatever the
+    // client claims in X-Forwarded-For (the peer is not a trusted proxy).
+    let mut remaining = Vec::new();
+    for (path, xff) in [("/a", "10.0.0.1"), ("/b", "10.0.0.2"), ("/a", "10.0.0.3")] {
+        let (s, h) = status_and_headers(&format!("{base}{path}"), &[("x-forwarded-for", xff)]).await;
+        assert_eq!(s, 200);
+        assert_eq!(h["ratelimit-limit"], "3");
+        remaining.push(h["ratelimit-remaining"].to_str().unwrap().to_string());
+    }
+    assert_eq!(remaining, ["2", "1", "0"]);
+    let (s, h) = status_and_headers(&format!("{base}/b"), &[("x-forwarded-for", "10.0.0.4")]).await;
+    assert_eq!(s, 429);
+    assert_eq!(h["ratelimit-remaining"], "0");
+    assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+
+    // by: route counts each route on its own.
+    assert_eq!(status_and_headers(&format!("{base}/c"), &[]).await.0, 200);
+    assert_eq!(status_and_headers(&format!("{base}/d"), &[]).await.0, 200);
+    assert_eq!(status_and_headers(&format!("{base}/c"), &[]).await.0, 429);
+    // by a header, with several windows: the tightest one decides.
+    assert_eq!(status_and_headers(&format!("{base}/t"), &[("x-tenant", "acme")]).await.0, 200);
+    assert_eq!(status_and_headers(&format!("{base}/t"), &[("x-tenant", "acme")]).await.0, 429);
+    assert_eq!(status_and_headers(&format!("{base}/t"), &[("x-tenant", "globex")]).await.0, 200);
+
+    // Authentication comes first: refused requests spend no quota.
+    for _ in 0..3 {
+        assert_eq!(status_and_headers(&format!("{base}/auth"), &[]).await.0, 401);
+    }
+    assert_eq!(status_and_headers(&format!("{base}/auth"), &[("apikey", "k-app")]).await.0, 200);
+    assert_eq!(status_and_headers(&format!("{base}/auth"), &[("apikey", "k-app")]).await.0, 429);
+    assert_eq!(status_and_headers(&format!("{base}/auth"), &[("apikey", "k-ops")]).await.0, 200, "by consumer");
+    g.shutdown();
+}

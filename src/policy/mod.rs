@@ -1,27 +1,141 @@
 //! Policies around routes and compositions, compiled once per config and
 //! run in SPEC §2's fixed phase order whatever order they are listed in.
 //!
-//! Enforced today: `ip-restriction`, `key-auth`, `acl`. The other types are
+//! Enforced today: `ip-restriction`, `key-auth`, `acl`, `rate-limit` with
+//! `scope: local`. The other types are
 //! validated but not applied yet (issue 5); every node names them in its
 //! log and `/status` (see `Snapshot::unenforced_policies`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use ipnet::IpNet;
 
 use crate::config::validate::{parse_cidr, policy_config, sha256_hex};
-use crate::config::{Config, Credential, PolicyConfig, PolicyKind};
+use crate::config::{Config, Credential, Policy, PolicyConfig, PolicyKind, RateLimitScope};
 use crate::errors::{ErrorCode, GatewayError};
 
 pub const X_CONSUMER_NAME: HeaderName = HeaderName::from_static("x-consumer-name");
 pub const X_CONSUMER_GROUPS: HeaderName = HeaderName::from_static("x-consumer-groups");
 
-/// Whether the runtime applies policies of this type yet.
-pub fn is_enforced(kind: PolicyKind) -> bool {
-    matches!(kind, PolicyKind::IpRestriction | PolicyKind::KeyAuth | PolicyKind::Acl)
+/// Whether the runtime applies this policy yet.
+pub fn is_enforced(policy: &Policy) -> bool {
+    match policy.kind {
+        PolicyKind::IpRestriction | PolicyKind::KeyAuth | PolicyKind::Acl => true,
+        // Cluster limits need Redis, which is not wired in yet.
+        PolicyKind::RateLimit => {
+            matches!(policy_config(policy.kind, &policy.config), Ok(PolicyConfig::RateLimit(c)) if c.scope == RateLimitScope::Local)
+        }
+        _ => false,
+    }
+}
+
+/// How one rate-limit policy splits its quota.
+#[derive(Debug)]
+enum LimitBy {
+    Consumer,
+    Ip,
+    Header(HeaderName),
+    Route,
+}
+
+/// A sliding-window counter: the previous window's count, weighted by how
+/// much of it still overlaps the last `window`, plus the current one's.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    current: u64,
+    previous: u64,
+}
+
+/// A local rate limit's counters, shared by everything the policy is
+/// attached to, in shards so workers rarely meet on one lock.
+#[derive(Debug)]
+pub struct LimitState {
+    windows: Vec<(u64, Duration)>,
+    shards: Vec<Mutex<HashMap<String, Vec<Window>>>>,
+}
+
+/// What a limited response carries: the tightest window's numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateInfo {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_secs: u64,
+}
+
+impl LimitState {
+    fn new(windows: Vec<(u64, Duration)>) -> LimitState {
+        LimitState { windows, shards: (0..16).map(|_| Mutex::new(HashMap::new())).collect() }
+    }
+
+    /// Counts one request for `key`; `Err` when any window is full.
+    fn hit(&self, key: &str) -> Result<RateInfo, RateInfo> {
+        self.hit_at(key, Instant::now())
+    }
+
+    fn hit_at(&self, key: &str, now: Instant) -> Result<RateInfo, RateInfo> {
+        let shard = &self.shards[(fxhash(key) % self.shards.len() as u64) as usize];
+        let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+        let wins = map
+            .entry(key.to_string())
+            .or_insert_with(|| self.windows.iter().map(|_| Window { start: now, current: 0, previous: 0 }).collect());
+        let mut tightest: Option<RateInfo> = None;
+        let mut refused = false;
+        for ((limit, len), w) in self.windows.iter().zip(wins.iter_mut()) {
+            let mut elapsed = now.duration_since(w.start);
+            if elapsed >= *len {
+                let periods = (elapsed.as_nanos() / len.as_nanos().max(1)) as u32;
+                w.previous = if periods == 1 { w.current } else { 0 };
+                w.current = 0;
+                w.start += *len * periods;
+                elapsed = now.duration_since(w.start);
+            }
+            let overlap = 1.0 - elapsed.as_secs_f64() / len.as_secs_f64();
+            let used = (w.previous as f64 * overlap).floor() as u64 + w.current;
+            let reset_secs = (*len - elapsed).as_secs().max(1);
+            if used >= *limit {
+                refused = true;
+            }
+            let remaining = limit.saturating_sub(used + 1);
+            let info = RateInfo { limit: *limit, remaining, reset_secs };
+            if tightest.is_none_or(|t| remaining < t.remaining) {
+                tightest = Some(info);
+            }
+        }
+        let info = tightest.unwrap_or(RateInfo { limit: 0, remaining: 0, reset_secs: 1 });
+        if refused {
+            return Err(RateInfo { remaining: 0, ..info });
+        }
+        for w in wins.iter_mut() {
+            w.current += 1;
+        }
+        Ok(info)
+    }
+}
+
+fn fxhash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// Counters for each local rate-limit policy of a config, shared by every
+/// chain that uses the policy.
+pub fn limit_states(config: &Config) -> HashMap<String, Arc<LimitState>> {
+    let mut out = HashMap::new();
+    for p in &config.policies {
+        if let (true, Ok(PolicyConfig::RateLimit(c))) = (is_enforced(p), policy_config(p.kind, &p.config)) {
+            let windows = match (c.limit, c.window, c.limits) {
+                (Some(l), Some(w), _) => vec![(l, w.0)],
+                (_, _, Some(list)) => list.into_iter().map(|w| (w.limit, w.window.0)).collect(),
+                _ => continue,
+            };
+            out.insert(p.name.clone(), Arc::new(LimitState::new(windows)));
+        }
+    }
+    out
 }
 
 /// An authenticated (or anonymous) consumer.
@@ -57,6 +171,7 @@ impl Identities {
 #[derive(Debug)]
 enum Compiled {
     IpRestriction { allow: Vec<IpNet>, deny: Vec<IpNet>, status: StatusCode },
+    RateLimit { by: LimitBy, state: Arc<LimitState> },
     KeyAuth { names: Vec<String>, hide: bool, anonymous: Option<Arc<ConsumerInfo>> },
     Acl { allow: Option<Vec<String>>, deny: Option<Vec<String>> },
 }
@@ -73,6 +188,39 @@ struct Step {
 pub struct PolicyChain {
     steps: Vec<Step>,
     ids: Arc<Identities>,
+    /// The route or composition this chain guards (`by: route` counts per name).
+    entity: String,
+}
+
+/// What the policies decided about an admitted request.
+#[derive(Debug, Default)]
+pub struct Admission {
+    pub consumer: Option<Arc<ConsumerInfo>>,
+    /// Set when a rate limit applies: the response carries RateLimit-*.
+    pub rate: Option<RateInfo>,
+}
+
+/// Why a request was not admitted; `rate` still goes on the answer.
+#[derive(Debug)]
+pub struct Refusal {
+    pub error: GatewayError,
+    pub rate: Option<RateInfo>,
+}
+
+impl From<GatewayError> for Refusal {
+    fn from(error: GatewayError) -> Self {
+        Refusal { error, rate: None }
+    }
+}
+
+/// `RateLimit-*` headers, and `Retry-After` on a 429.
+pub fn rate_headers(headers: &mut HeaderMap, rate: &RateInfo, refused: bool) {
+    headers.insert(HeaderName::from_static("ratelimit-limit"), HeaderValue::from(rate.limit));
+    headers.insert(HeaderName::from_static("ratelimit-remaining"), HeaderValue::from(rate.remaining));
+    headers.insert(HeaderName::from_static("ratelimit-reset"), HeaderValue::from(rate.reset_secs));
+    if refused {
+        headers.insert(http::header::RETRY_AFTER, HeaderValue::from(rate.reset_secs));
+    }
 }
 
 fn phase(kind: PolicyKind) -> u8 {
@@ -96,10 +244,16 @@ const AUTH_PHASE: u8 = 4;
 impl PolicyChain {
     /// The chain for an entity with these attached policies, plus the
     /// global ones. The config is valid, so every name resolves.
-    pub fn build(config: &Config, attached: &[String], ids: &Arc<Identities>) -> PolicyChain {
+    pub fn build(
+        config: &Config,
+        entity: &str,
+        attached: &[String],
+        ids: &Arc<Identities>,
+        limits: &HashMap<String, Arc<LimitState>>,
+    ) -> PolicyChain {
         let mut steps = Vec::new();
         for p in config.policies.iter().filter(|p| p.global || attached.contains(&p.name)) {
-            if !is_enforced(p.kind) {
+            if !is_enforced(p) {
                 continue;
             }
             let Ok(typed) = policy_config(p.kind, &p.config) else { continue };
@@ -115,12 +269,25 @@ impl PolicyChain {
                     anonymous: c.anonymous.as_ref().and_then(|a| ids.by_name.get(a).cloned()),
                 },
                 PolicyConfig::Acl(c) => Compiled::Acl { allow: c.allow, deny: c.deny },
+                PolicyConfig::RateLimit(c) => {
+                    let Some(state) = limits.get(&p.name) else { continue };
+                    let by = match c.by.as_str() {
+                        "consumer" => LimitBy::Consumer,
+                        "ip" => LimitBy::Ip,
+                        "route" => LimitBy::Route,
+                        other => match other.strip_prefix("header:").and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()) {
+                            Some(h) => LimitBy::Header(h),
+                            None => continue,
+                        },
+                    };
+                    Compiled::RateLimit { by, state: state.clone() }
+                }
                 _ => continue,
             };
             steps.push(Step { name: p.name.clone(), phase: phase(p.kind), what });
         }
         steps.sort_by_key(|s| s.phase);
-        PolicyChain { steps, ids: ids.clone() }
+        PolicyChain { steps, ids: ids.clone(), entity: entity.to_string() }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -130,24 +297,20 @@ impl PolicyChain {
     /// Runs the request phases. On success, the consumer (if any) has been
     /// stamped on the headers as `X-Consumer-*`; the client's own were
     /// removed first. `query` may lose a key the credential came in.
-    pub fn admit(
-        &self,
-        client_ip: IpAddr,
-        headers: &mut HeaderMap,
-        query: &mut Option<String>,
-    ) -> Result<Option<Arc<ConsumerInfo>>, GatewayError> {
+    pub fn admit(&self, client_ip: IpAddr, headers: &mut HeaderMap, query: &mut Option<String>) -> Result<Admission, Refusal> {
         headers.remove(X_CONSUMER_NAME);
         headers.remove(X_CONSUMER_GROUPS);
         let mut consumer: Option<Arc<ConsumerInfo>> = None;
         let mut anonymous: Option<Arc<ConsumerInfo>> = None;
         let has_auth = self.steps.iter().any(|s| s.phase == AUTH_PHASE);
         let mut auth_done = false;
+        let mut rate: Option<RateInfo> = None;
         for step in &self.steps {
             if step.phase > AUTH_PHASE && has_auth && !auth_done {
                 // Leaving the authentication phase: someone must have been accepted.
                 consumer = consumer.or(anonymous.take());
                 if consumer.is_none() {
-                    return Err(GatewayError::new(ErrorCode::Unauthorized, "credentials are missing or invalid"));
+                    return Err(GatewayError::new(ErrorCode::Unauthorized, "credentials are missing or invalid").into());
                 }
                 auth_done = true;
             }
@@ -163,7 +326,7 @@ impl PolicyChain {
                             _ => ErrorCode::Forbidden,
                         };
                         tracing::debug!(policy = %step.name, %client_ip, "ip-restriction refused");
-                        return Err(GatewayError::new(code, "your address is not allowed here"));
+                        return Err(GatewayError::new(code, "your address is not allowed here").into());
                     }
                 }
                 Compiled::KeyAuth { names, hide, anonymous: anon } => {
@@ -186,7 +349,30 @@ impl PolicyChain {
                         (None, None) => false,
                     };
                     if refused {
-                        return Err(GatewayError::new(ErrorCode::Forbidden, "you are not allowed to use this route"));
+                        return Err(GatewayError::new(ErrorCode::Forbidden, "you are not allowed to use this route").into());
+                    }
+                }
+                Compiled::RateLimit { by, state } => {
+                    // A request without the key it is split by counts by address.
+                    let key = match by {
+                        LimitBy::Consumer => consumer.as_ref().map(|c| format!("c:{}", c.name)),
+                        LimitBy::Ip => None,
+                        LimitBy::Header(h) => headers.get(h).and_then(|v| v.to_str().ok()).map(|v| format!("h:{v}")),
+                        LimitBy::Route => Some(format!("r:{}", self.entity)),
+                    }
+                    .unwrap_or_else(|| format!("ip:{client_ip}"));
+                    match state.hit(&key) {
+                        Ok(info) => {
+                            if rate.is_none_or(|r| info.remaining < r.remaining) {
+                                rate = Some(info);
+                            }
+                        }
+                        Err(info) => {
+                            return Err(Refusal {
+                                error: GatewayError::new(ErrorCode::RateLimited, "too many requests; see Retry-After"),
+                                rate: Some(info),
+                            });
+                        }
                     }
                 }
             }
@@ -194,7 +380,7 @@ impl PolicyChain {
         if has_auth && !auth_done {
             consumer = consumer.or(anonymous);
             if consumer.is_none() {
-                return Err(GatewayError::new(ErrorCode::Unauthorized, "credentials are missing or invalid"));
+                return Err(GatewayError::new(ErrorCode::Unauthorized, "credentials are missing or invalid").into());
             }
         }
         if let Some(c) = &consumer {
@@ -205,7 +391,7 @@ impl PolicyChain {
                 headers.insert(X_CONSUMER_GROUPS, v);
             }
         }
-        Ok(consumer)
+        Ok(Admission { consumer, rate })
     }
 }
 
@@ -273,4 +459,42 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     }
     // An IPv4 address seen as IPv4-mapped IPv6 is the same client.
     unmap(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sliding_window_forgets_gradually() {
+        let state = LimitState::new(vec![(10, Duration::from_secs(60))]);
+        let t0 = Instant::now();
+        for i in 0..10 {
+            assert_eq!(state.hit_at("k", t0).map(|r| r.remaining), Ok(9 - i));
+        }
+        assert!(state.hit_at("k", t0 + Duration::from_secs(59)).is_err(), "full for the whole window");
+        // Halfway through the next window, half of the last one still counts.
+        let half = t0 + Duration::from_secs(90);
+        for _ in 0..5 {
+            assert!(state.hit_at("k", half).is_ok());
+        }
+        assert!(state.hit_at("k", half).is_err());
+        // Two windows later, nothing of it is left.
+        assert_eq!(state.hit_at("k", t0 + Duration::from_secs(181)).map(|r| r.remaining), Ok(9));
+        // Keys are independent.
+        assert!(state.hit_at("other", half).is_ok());
+    }
+
+    #[test]
+    fn the_client_address_comes_through_trusted_proxies_only() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.5, 198.51.100.7, 10.1.1.1"));
+        let proxy: IpAddr = "10.9.9.9".parse().unwrap();
+        let stranger: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(client_ip(proxy, &h, &trusted), "198.51.100.7".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(stranger, &h, &trusted), stranger);
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(client_ip(mapped, &HeaderMap::new(), &trusted), stranger);
+    }
 }

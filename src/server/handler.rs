@@ -146,16 +146,25 @@ async fn route_and_run(
     // Policies, in phase order; they may refuse the request, name its
     // consumer, and take a credential out of the headers or query.
     let mut req = req;
-    let consumer = if policies.is_empty() {
+    let (consumer, rate) = if policies.is_empty() {
         // Consumer headers only ever come from the gateway.
         req.headers_mut().remove(crate::policy::X_CONSUMER_NAME);
         req.headers_mut().remove(crate::policy::X_CONSUMER_GROUPS);
-        None
+        (None, None)
     } else {
         let (mut parts, body) = req.into_parts();
         let mut query = parts.uri.query().map(str::to_string);
         let client_ip = crate::policy::client_ip(peer.ip(), &parts.headers, &shared.trusted_proxies);
-        let consumer = policies.admit(client_ip, &mut parts.headers, &mut query).map_err(|e| (e, false))?;
+        let admission = match policies.admit(client_ip, &mut parts.headers, &mut query) {
+            Ok(a) => a,
+            Err(refusal) => {
+                let mut resp = refusal.error.into_response(request_id.to_str().unwrap_or(""));
+                if let Some(r) = &refusal.rate {
+                    crate::policy::rate_headers(resp.headers_mut(), r, true);
+                }
+                return Ok(resp);
+            }
+        };
         if query.as_deref() != parts.uri.query() {
             let pq = match &query {
                 Some(q) => format!("{}?{q}", parts.uri.path()),
@@ -168,10 +177,10 @@ async fn route_and_run(
             }
         }
         req = Request::from_parts(parts, body);
-        consumer
+        (admission.consumer, admission.rate)
     };
 
-    match target {
+    let result = match target {
         Target::Proxy(route) => {
             let trace = TraceContext::from_headers(req.headers());
             let trusted_peer = shared.trusted_proxies.iter().any(|net| net.contains(&peer.ip()));
@@ -194,5 +203,12 @@ async fn route_and_run(
             let ex = compose::Exchange { client: &worker.client, request_id, trace: &trace, client_headers: &parts.headers, record: false };
             Ok(compose::run(ex, &plan, request).await.response)
         }
+    };
+    match (result, rate) {
+        (Ok(mut resp), Some(r)) => {
+            crate::policy::rate_headers(resp.headers_mut(), &r, false);
+            Ok(resp)
+        }
+        (result, _) => result,
     }
 }
