@@ -210,3 +210,73 @@ routes:
     assert_eq!(status_and_headers(&format!("{base}/auth"), &[("apikey", "k-ops")]).await.0, 200, "by consumer");
     g.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_redirect_unless_a_trusted_proxy_saw_tls() {
+    let b = backend().run().await;
+    let yaml = format!(
+        r#"
+policies:
+  - {{ name: tls, type: https-redirect }}
+  - {{ name: tls-308, type: https-redirect, config: {{ status: 308 }} }}
+routes:
+  - {{ name: r, path: /r, upstream: "{u}", policies: [tls] }}
+  - {{ name: p, path: /p, methods: [POST], upstream: "{u}", policies: [tls-308] }}
+"#,
+        u = b.url()
+    );
+    let opts = GatewayOptions { trusted_proxies: vec!["127.0.0.1/32".parse().unwrap()], ..Default::default() };
+    let g = gateway_with(&yaml, opts);
+    let base = format!("http://{}", g.proxy_addr);
+    let resp = client().get(format!("{base}/r?a=1")).header("host", "shop.example.com").send().await.unwrap();
+    assert_eq!(resp.status(), 301);
+    assert_eq!(resp.headers()["location"], "https://shop.example.com/r?a=1");
+    let resp = client().post(format!("{base}/p")).header("host", "shop.example.com").send().await.unwrap();
+    assert_eq!(resp.status(), 308, "308 keeps the method and body");
+    let resp = client().get(format!("{base}/r")).header("x-forwarded-proto", "https").send().await.unwrap();
+    assert_eq!(resp.status(), 200, "the trusted proxy terminated TLS");
+    g.shutdown();
+    // An untrusted client cannot claim TLS.
+    let g = gateway(&yaml);
+    let resp = client().get(format!("http://{}/r", g.proxy_addr)).header("x-forwarded-proto", "https").send().await.unwrap();
+    assert_eq!(resp.status(), 301);
+    assert_eq!(b.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    g.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn correlation_ids_in_a_header_of_ones_choosing() {
+    let b = backend().run().await;
+    let g = gateway(&format!(
+        r#"
+policies:
+  - {{ name: corr, type: correlation-id, config: {{ header: X-Correlation-ID }} }}
+  - {{ name: quiet, type: correlation-id, config: {{ header: x-trace-key, echo_downstream: false }} }}
+routes:
+  - {{ name: r, path: /r, upstream: "{u}", policies: [corr] }}
+  - {{ name: q, path: /q, upstream: "{u}", policies: [quiet] }}
+compositions:
+  - {{ name: c, path: /c, policies: [corr], calls: {{ a: {{ url: "{u}/a" }}, b: {{ url: "{u}/b" }} }} }}
+"#,
+        u = b.url()
+    ));
+    let base = format!("http://{}", g.proxy_addr);
+    let resp = client().get(format!("{base}/r")).send().await.unwrap();
+    let echoed = resp.headers()["x-correlation-id"].to_str().unwrap().to_string();
+    assert_eq!(echoed.len(), 36, "a new id when the client sends none");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["headers"]["x-correlation-id"], json!([echoed]));
+    let resp = client().get(format!("{base}/r")).header("x-correlation-id", "order-77").send().await.unwrap();
+    assert_eq!(resp.headers()["x-correlation-id"], "order-77");
+    // Every call of a composition carries it.
+    let resp = client().get(format!("{base}/c")).header("x-correlation-id", "order-78").send().await.unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["a"]["headers"]["x-correlation-id"], json!(["order-78"]));
+    assert_eq!(body["b"]["headers"]["x-correlation-id"], json!(["order-78"]));
+    // echo_downstream: false sends it upstream only.
+    let resp = client().get(format!("{base}/q")).send().await.unwrap();
+    assert!(resp.headers().get("x-trace-key").is_none());
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["headers"]["x-trace-key"][0].as_str().unwrap().len(), 36);
+    g.shutdown();
+}

@@ -343,8 +343,14 @@ async fn try_composition(State(state): State<AdminState>, Path(name): Path<Strin
     let request = request_context(&method, &params, query.as_deref(), &headers, input.body);
     let request_id = crate::ids::request_id(&headers);
     let trace = TraceContext::from_headers(&headers);
-    let ex =
-        crate::compose::Exchange { client: &state.client, request_id: &request_id, trace: &trace, client_headers: &headers, record: true };
+    let ex = crate::compose::Exchange {
+        client: &state.client,
+        request_id: &request_id,
+        trace: &trace,
+        client_headers: &headers,
+        record: true,
+        correlation: None,
+    };
     let outcome = crate::compose::run(ex, plan, request).await;
     let (parts, body) = outcome.response.into_parts();
     let bytes = match body {

@@ -30,6 +30,8 @@ pub struct Exchange<'a> {
     pub client_headers: &'a HeaderMap,
     /// Report every call in [`Outcome::calls`] (costs a little).
     pub record: bool,
+    /// A correlation-id policy's header, sent on every call.
+    pub correlation: Option<HeaderName>,
 }
 
 /// One call (or `for_each` item) as the `try` endpoint reports it.
@@ -155,9 +157,9 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
         headers.insert(name.clone(), v);
     }
     // The authenticated consumer reaches every backend (SPEC §2 policies).
-    for name in [crate::policy::X_CONSUMER_NAME, crate::policy::X_CONSUMER_GROUPS] {
-        if let Some(v) = ex.client_headers.get(&name) {
-            headers.insert(name, v.clone());
+    for name in [crate::policy::X_CONSUMER_NAME, crate::policy::X_CONSUMER_GROUPS].iter().chain(ex.correlation.iter()) {
+        if let Some(v) = ex.client_headers.get(name) {
+            headers.insert(name.clone(), v.clone());
         }
     }
     headers.insert(header::HOST, call.host_header.clone());

@@ -1,8 +1,8 @@
 //! Policies around routes and compositions, compiled once per config and
 //! run in SPEC §2's fixed phase order whatever order they are listed in.
 //!
-//! Enforced today: `ip-restriction`, `key-auth`, `acl`, `rate-limit` with
-//! `scope: local`. The other types are
+//! Enforced today: `ip-restriction`, `https-redirect`, `correlation-id`,
+//! `key-auth`, `acl`, `rate-limit` with `scope: local`. The other types are
 //! validated but not applied yet (issue 5); every node names them in its
 //! log and `/status` (see `Snapshot::unenforced_policies`).
 
@@ -24,7 +24,7 @@ pub const X_CONSUMER_GROUPS: HeaderName = HeaderName::from_static("x-consumer-gr
 /// Whether the runtime applies this policy yet.
 pub fn is_enforced(policy: &Policy) -> bool {
     match policy.kind {
-        PolicyKind::IpRestriction | PolicyKind::KeyAuth | PolicyKind::Acl => true,
+        PolicyKind::IpRestriction | PolicyKind::KeyAuth | PolicyKind::Acl | PolicyKind::HttpsRedirect | PolicyKind::CorrelationId => true,
         // Cluster limits need Redis, which is not wired in yet.
         PolicyKind::RateLimit => {
             matches!(policy_config(policy.kind, &policy.config), Ok(PolicyConfig::RateLimit(c)) if c.scope == RateLimitScope::Local)
@@ -174,6 +174,8 @@ enum Compiled {
     RateLimit { by: LimitBy, state: Arc<LimitState> },
     KeyAuth { names: Vec<String>, hide: bool, anonymous: Option<Arc<ConsumerInfo>> },
     Acl { allow: Option<Vec<String>>, deny: Option<Vec<String>> },
+    HttpsRedirect { status: StatusCode },
+    CorrelationId { header: HeaderName, echo: bool },
 }
 
 #[derive(Debug)]
@@ -192,12 +194,25 @@ pub struct PolicyChain {
     entity: String,
 }
 
+/// What the policies need to know about a request besides its headers.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestFacts<'a> {
+    /// The normalized path.
+    pub path: &'a str,
+    /// The peer is a trusted proxy (its X-Forwarded-Proto counts).
+    pub trusted_peer: bool,
+}
+
 /// What the policies decided about an admitted request.
 #[derive(Debug, Default)]
 pub struct Admission {
     pub consumer: Option<Arc<ConsumerInfo>>,
     /// Set when a rate limit applies: the response carries RateLimit-*.
     pub rate: Option<RateInfo>,
+    /// A correlation-id policy's header and value, to echo on the answer.
+    pub echo: Option<(HeaderName, HeaderValue)>,
+    /// A correlation-id policy's header, which every backend call carries.
+    pub correlation: Option<HeaderName>,
 }
 
 /// Why a request was not admitted; `rate` still goes on the answer.
@@ -205,11 +220,13 @@ pub struct Admission {
 pub struct Refusal {
     pub error: GatewayError,
     pub rate: Option<RateInfo>,
+    /// https-redirect: answer this status with this Location instead.
+    pub redirect: Option<(StatusCode, HeaderValue)>,
 }
 
 impl From<GatewayError> for Refusal {
     fn from(error: GatewayError) -> Self {
-        Refusal { error, rate: None }
+        Refusal { error, rate: None, redirect: None }
     }
 }
 
@@ -269,6 +286,13 @@ impl PolicyChain {
                     anonymous: c.anonymous.as_ref().and_then(|a| ids.by_name.get(a).cloned()),
                 },
                 PolicyConfig::Acl(c) => Compiled::Acl { allow: c.allow, deny: c.deny },
+                PolicyConfig::HttpsRedirect(c) => {
+                    Compiled::HttpsRedirect { status: StatusCode::from_u16(c.status).unwrap_or(StatusCode::MOVED_PERMANENTLY) }
+                }
+                PolicyConfig::CorrelationId(c) => match HeaderName::from_bytes(c.header.to_ascii_lowercase().as_bytes()) {
+                    Ok(header) => Compiled::CorrelationId { header, echo: c.echo_downstream },
+                    Err(_) => continue,
+                },
                 PolicyConfig::RateLimit(c) => {
                     let Some(state) = limits.get(&p.name) else { continue };
                     let by = match c.by.as_str() {
@@ -297,7 +321,13 @@ impl PolicyChain {
     /// Runs the request phases. On success, the consumer (if any) has been
     /// stamped on the headers as `X-Consumer-*`; the client's own were
     /// removed first. `query` may lose a key the credential came in.
-    pub fn admit(&self, client_ip: IpAddr, headers: &mut HeaderMap, query: &mut Option<String>) -> Result<Admission, Refusal> {
+    pub fn admit(
+        &self,
+        request: RequestFacts<'_>,
+        client_ip: IpAddr,
+        headers: &mut HeaderMap,
+        query: &mut Option<String>,
+    ) -> Result<Admission, Refusal> {
         headers.remove(X_CONSUMER_NAME);
         headers.remove(X_CONSUMER_GROUPS);
         let mut consumer: Option<Arc<ConsumerInfo>> = None;
@@ -305,6 +335,8 @@ impl PolicyChain {
         let has_auth = self.steps.iter().any(|s| s.phase == AUTH_PHASE);
         let mut auth_done = false;
         let mut rate: Option<RateInfo> = None;
+        let mut echo: Option<(HeaderName, HeaderValue)> = None;
+        let mut correlation: Option<HeaderName> = None;
         for step in &self.steps {
             if step.phase > AUTH_PHASE && has_auth && !auth_done {
                 // Leaving the authentication phase: someone must have been accepted.
@@ -315,6 +347,36 @@ impl PolicyChain {
                 auth_done = true;
             }
             match &step.what {
+                Compiled::HttpsRedirect { status } => {
+                    // Plain HTTP here; only a trusted proxy can say the client used TLS.
+                    let https = request.trusted_peer
+                        && headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).is_some_and(|p| p.eq_ignore_ascii_case("https"));
+                    if !https {
+                        let host = headers.get(http::header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+                        let location = match query.as_deref() {
+                            Some(q) => format!("https://{host}{}?{q}", request.path),
+                            None => format!("https://{host}{}", request.path),
+                        };
+                        if let Ok(location) = HeaderValue::from_str(&location) {
+                            return Err(Refusal {
+                                error: GatewayError::new(ErrorCode::BadRequest, "use https"),
+                                rate: None,
+                                redirect: Some((*status, location)),
+                            });
+                        }
+                    }
+                }
+                Compiled::CorrelationId { header, echo: echo_it } => {
+                    let value = match headers.get(header) {
+                        Some(v) if !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(u8::is_ascii_graphic) => v.clone(),
+                        _ => HeaderValue::from_str(&crate::ids::new_uuid()).expect("a uuid is a valid header value"),
+                    };
+                    headers.insert(header.clone(), value.clone());
+                    correlation = Some(header.clone());
+                    if *echo_it {
+                        echo = Some((header.clone(), value));
+                    }
+                }
                 Compiled::IpRestriction { allow, deny, status } => {
                     let denied =
                         deny.iter().any(|n| n.contains(&client_ip)) || (!allow.is_empty() && !allow.iter().any(|n| n.contains(&client_ip)));
@@ -371,6 +433,7 @@ impl PolicyChain {
                             return Err(Refusal {
                                 error: GatewayError::new(ErrorCode::RateLimited, "too many requests; see Retry-After"),
                                 rate: Some(info),
+                                redirect: None,
                             });
                         }
                     }
@@ -391,7 +454,7 @@ impl PolicyChain {
                 headers.insert(X_CONSUMER_GROUPS, v);
             }
         }
-        Ok(Admission { consumer, rate })
+        Ok(Admission { consumer, rate, echo, correlation })
     }
 }
 

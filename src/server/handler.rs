@@ -146,18 +146,26 @@ async fn route_and_run(
     // Policies, in phase order; they may refuse the request, name its
     // consumer, and take a credential out of the headers or query.
     let mut req = req;
-    let (consumer, rate) = if policies.is_empty() {
+    let (consumer, (rate, echo, correlation)) = if policies.is_empty() {
         // Consumer headers only ever come from the gateway.
         req.headers_mut().remove(crate::policy::X_CONSUMER_NAME);
         req.headers_mut().remove(crate::policy::X_CONSUMER_GROUPS);
-        (None, None)
+        (None, (None, None, None))
     } else {
         let (mut parts, body) = req.into_parts();
         let mut query = parts.uri.query().map(str::to_string);
         let client_ip = crate::policy::client_ip(peer.ip(), &parts.headers, &shared.trusted_proxies);
-        let admission = match policies.admit(client_ip, &mut parts.headers, &mut query) {
+        let trusted_peer = shared.trusted_proxies.iter().any(|n| n.contains(&peer.ip()));
+        let facts = crate::policy::RequestFacts { path: &path, trusted_peer };
+        let admission = match policies.admit(facts, client_ip, &mut parts.headers, &mut query) {
             Ok(a) => a,
             Err(refusal) => {
+                if let Some((status, location)) = refusal.redirect {
+                    let mut resp = Response::new(Body::Empty);
+                    *resp.status_mut() = status;
+                    resp.headers_mut().insert(header::LOCATION, location);
+                    return Ok(resp);
+                }
                 let mut resp = refusal.error.into_response(request_id.to_str().unwrap_or(""));
                 if let Some(r) = &refusal.rate {
                     crate::policy::rate_headers(resp.headers_mut(), r, true);
@@ -177,7 +185,7 @@ async fn route_and_run(
             }
         }
         req = Request::from_parts(parts, body);
-        (admission.consumer, admission.rate)
+        (admission.consumer, (admission.rate, admission.echo, admission.correlation))
     };
 
     let result = match target {
@@ -200,15 +208,24 @@ async fn route_and_run(
             if let (Some(c), serde_json::Value::Object(m)) = (&consumer, &mut request) {
                 m.insert("consumer".into(), serde_json::json!({"name": c.name, "groups": c.groups}));
             }
-            let ex = compose::Exchange { client: &worker.client, request_id, trace: &trace, client_headers: &parts.headers, record: false };
+            let ex = compose::Exchange {
+                client: &worker.client,
+                request_id,
+                trace: &trace,
+                client_headers: &parts.headers,
+                record: false,
+                correlation: correlation.clone(),
+            };
             Ok(compose::run(ex, &plan, request).await.response)
         }
     };
-    match (result, rate) {
-        (Ok(mut resp), Some(r)) => {
-            crate::policy::rate_headers(resp.headers_mut(), &r, false);
-            Ok(resp)
+    result.map(|mut resp| {
+        if let Some(r) = &rate {
+            crate::policy::rate_headers(resp.headers_mut(), r, false);
         }
-        (result, _) => result,
-    }
+        if let Some((name, value)) = echo {
+            resp.headers_mut().insert(name, value);
+        }
+        resp
+    })
 }
