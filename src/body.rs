@@ -9,12 +9,44 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, Default)]
 pub enum Body {
     #[default]
     Empty,
     Full(Option<Bytes>),
     Stream(Incoming),
+    /// A client body that may not exceed `left` more bytes
+    /// (request-size-limit); past that it fails with [`BodyTooLarge`].
+    Capped {
+        inner: Incoming,
+        left: u64,
+    },
+}
+
+/// A capped body went over its limit.
+#[derive(Debug)]
+pub struct BodyTooLarge;
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body is over its size limit")
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+/// Whether `e`, or anything it wraps, is a [`BodyTooLarge`].
+pub fn is_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<BodyTooLarge>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 impl Body {
@@ -36,13 +68,24 @@ impl From<Incoming> for Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Body::Stream(inner) => Pin::new(inner).poll_frame(cx),
+            Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            Body::Capped { inner, left } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if len > *left {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                    }
+                    *left -= len;
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                other => other.map_err(Into::into),
+            },
         }
     }
 
@@ -50,7 +93,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(bytes) => bytes.is_none(),
-            Body::Stream(inner) => inner.is_end_stream(),
+            Body::Stream(inner) | Body::Capped { inner, .. } => inner.is_end_stream(),
         }
     }
 
@@ -58,7 +101,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Stream(inner) => inner.size_hint(),
+            Body::Stream(inner) | Body::Capped { inner, .. } => inner.size_hint(),
         }
     }
 }

@@ -280,3 +280,38 @@ compositions:
     assert_eq!(body["headers"]["x-trace-key"][0].as_str().unwrap().len(), 36);
     g.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_size_limits_refuse_declared_and_streamed_bodies() {
+    let b = backend().run().await;
+    let g = gateway(&format!(
+        r#"
+policies:
+  - {{ name: small, type: request-size-limit, config: {{ max_bytes: 1KiB }} }}
+routes:
+  - {{ name: up, path: /up, upstream: "{u}", policies: [small] }}
+compositions:
+  - {{ name: c, method: POST, path: /c, policies: [small], calls: {{ a: {{ url: "{u}/a" }} }} }}
+"#,
+        u = b.url()
+    ));
+    let base = format!("http://{}", g.proxy_addr);
+    let resp = client().post(format!("{base}/up")).body(vec![b'x'; 500]).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Declared too large: refused before a byte is read or forwarded.
+    let hits = b.hits.load(std::sync::atomic::Ordering::SeqCst);
+    let resp = client().post(format!("{base}/up")).body(vec![b'x'; 2000]).send().await.unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "payload_too_large");
+    assert_eq!(b.hits.load(std::sync::atomic::Ordering::SeqCst), hits);
+    // Streamed (chunked, no length): cut where it passes the limit.
+    let chunks = futures_util::stream::iter((0..10).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'y'; 500]))));
+    let resp = client().post(format!("{base}/up")).body(reqwest::Body::wrap_stream(chunks)).send().await.unwrap();
+    assert_eq!(resp.status(), 413);
+    // A composition reads no more than the limit either.
+    let resp = client().post(format!("{base}/c")).json(&json!({"pad": "z".repeat(3000)})).send().await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let resp = client().post(format!("{base}/c")).json(&json!({"ok": true})).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    g.shutdown();
+}

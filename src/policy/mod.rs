@@ -2,7 +2,7 @@
 //! run in SPEC §2's fixed phase order whatever order they are listed in.
 //!
 //! Enforced today: `ip-restriction`, `https-redirect`, `correlation-id`,
-//! `key-auth`, `acl`, `rate-limit` with `scope: local`. The other types are
+//! `key-auth`, `acl`, `rate-limit` with `scope: local`, `request-size-limit`. The other types are
 //! validated but not applied yet (issue 5); every node names them in its
 //! log and `/status` (see `Snapshot::unenforced_policies`).
 
@@ -24,7 +24,12 @@ pub const X_CONSUMER_GROUPS: HeaderName = HeaderName::from_static("x-consumer-gr
 /// Whether the runtime applies this policy yet.
 pub fn is_enforced(policy: &Policy) -> bool {
     match policy.kind {
-        PolicyKind::IpRestriction | PolicyKind::KeyAuth | PolicyKind::Acl | PolicyKind::HttpsRedirect | PolicyKind::CorrelationId => true,
+        PolicyKind::IpRestriction
+        | PolicyKind::KeyAuth
+        | PolicyKind::Acl
+        | PolicyKind::HttpsRedirect
+        | PolicyKind::CorrelationId
+        | PolicyKind::RequestSizeLimit => true,
         // Cluster limits need Redis, which is not wired in yet.
         PolicyKind::RateLimit => {
             matches!(policy_config(policy.kind, &policy.config), Ok(PolicyConfig::RateLimit(c)) if c.scope == RateLimitScope::Local)
@@ -175,6 +180,7 @@ enum Compiled {
     KeyAuth { names: Vec<String>, hide: bool, anonymous: Option<Arc<ConsumerInfo>> },
     Acl { allow: Option<Vec<String>>, deny: Option<Vec<String>> },
     HttpsRedirect { status: StatusCode },
+    RequestSizeLimit { max: u64 },
     CorrelationId { header: HeaderName, echo: bool },
 }
 
@@ -213,6 +219,9 @@ pub struct Admission {
     pub echo: Option<(HeaderName, HeaderValue)>,
     /// A correlation-id policy's header, which every backend call carries.
     pub correlation: Option<HeaderName>,
+    /// request-size-limit: the most body bytes to accept (the body is cut,
+    /// and the answer is 413, past it).
+    pub body_limit: Option<u64>,
 }
 
 /// Why a request was not admitted; `rate` still goes on the answer.
@@ -286,6 +295,7 @@ impl PolicyChain {
                     anonymous: c.anonymous.as_ref().and_then(|a| ids.by_name.get(a).cloned()),
                 },
                 PolicyConfig::Acl(c) => Compiled::Acl { allow: c.allow, deny: c.deny },
+                PolicyConfig::RequestSizeLimit(c) => Compiled::RequestSizeLimit { max: c.max_bytes.0 },
                 PolicyConfig::HttpsRedirect(c) => {
                     Compiled::HttpsRedirect { status: StatusCode::from_u16(c.status).unwrap_or(StatusCode::MOVED_PERMANENTLY) }
                 }
@@ -337,6 +347,7 @@ impl PolicyChain {
         let mut rate: Option<RateInfo> = None;
         let mut echo: Option<(HeaderName, HeaderValue)> = None;
         let mut correlation: Option<HeaderName> = None;
+        let mut body_limit: Option<u64> = None;
         for step in &self.steps {
             if step.phase > AUTH_PHASE && has_auth && !auth_done {
                 // Leaving the authentication phase: someone must have been accepted.
@@ -347,6 +358,16 @@ impl PolicyChain {
                 auth_done = true;
             }
             match &step.what {
+                Compiled::RequestSizeLimit { max } => {
+                    // A declared length is checked now, before any byte is
+                    // read; a streamed body is cut where it passes the limit.
+                    let declared =
+                        headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+                    if declared.is_some_and(|len| len > *max) {
+                        return Err(GatewayError::new(ErrorCode::PayloadTooLarge, format!("the request body is over {max} bytes")).into());
+                    }
+                    body_limit = Some(body_limit.map_or(*max, |l: u64| l.min(*max)));
+                }
                 Compiled::HttpsRedirect { status } => {
                     // Plain HTTP here; only a trusted proxy can say the client used TLS.
                     let https = request.trusted_peer
@@ -454,7 +475,7 @@ impl PolicyChain {
                 headers.insert(X_CONSUMER_GROUPS, v);
             }
         }
-        Ok(Admission { consumer, rate, echo, correlation })
+        Ok(Admission { consumer, rate, echo, correlation, body_limit })
     }
 }
 

@@ -75,6 +75,8 @@ pub struct Forwarding<'a> {
     /// The normalized request path (still percent-encoded).
     pub path: &'a str,
     pub params: &'a [(std::sync::Arc<str>, String)],
+    /// request-size-limit: cut the body past this many bytes (413).
+    pub body_limit: Option<u64>,
 }
 
 fn upstream_path_and_query(route: &ProxyRoute, fwd: &Forwarding, query: Option<&str>) -> Result<PathAndQuery, GatewayError> {
@@ -153,12 +155,19 @@ pub async fn forward(
     h.insert(REQUEST_ID_HEADER, fwd.request_id.clone());
     h.insert(TRACEPARENT, fwd.trace.child());
 
-    let upstream_req = Request::from_parts(parts, Body::Stream(body));
+    let body = match fwd.body_limit {
+        Some(left) => Body::Capped { inner: body, left },
+        None => Body::Stream(body),
+    };
+    let upstream_req = Request::from_parts(parts, body);
     let result = tokio::time::timeout(route.timeout, client.request(upstream_req)).await;
     let resp = match result {
         Err(_) => {
             tracing::warn!(request_id = ?fwd.request_id, route = %route.name, "upstream timed out after {:?}", route.timeout);
             return Err(GatewayError::new(ErrorCode::UpstreamTimeout, "the upstream did not answer in time"));
+        }
+        Ok(Err(e)) if crate::body::is_too_large(&e) => {
+            return Err(GatewayError::new(ErrorCode::PayloadTooLarge, "the request body is over this route's size limit"));
         }
         Ok(Err(e)) => {
             tracing::warn!(request_id = ?fwd.request_id, route = %route.name, error = %error_chain(&e), "upstream request failed");

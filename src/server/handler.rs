@@ -65,9 +65,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 
 /// A composition's request body: JSON when it is JSON, else null. A body
 /// that claims to be JSON and is not is the client's error.
-pub async fn read_json_body(headers: &http::HeaderMap, body: Incoming) -> Result<serde_json::Value, GatewayError> {
+pub async fn read_json_body(headers: &http::HeaderMap, body: Incoming, limit: usize) -> Result<serde_json::Value, GatewayError> {
     use http_body_util::{BodyExt, Limited};
-    let bytes = match Limited::new(body, MAX_REQUEST_BODY).collect().await {
+    let bytes = match Limited::new(body, limit).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(GatewayError::new(ErrorCode::PayloadTooLarge, "the request body is too large"))
@@ -146,11 +146,11 @@ async fn route_and_run(
     // Policies, in phase order; they may refuse the request, name its
     // consumer, and take a credential out of the headers or query.
     let mut req = req;
-    let (consumer, (rate, echo, correlation)) = if policies.is_empty() {
+    let (consumer, (rate, echo, correlation, body_limit)) = if policies.is_empty() {
         // Consumer headers only ever come from the gateway.
         req.headers_mut().remove(crate::policy::X_CONSUMER_NAME);
         req.headers_mut().remove(crate::policy::X_CONSUMER_GROUPS);
-        (None, (None, None, None))
+        (None, (None, None, None, None))
     } else {
         let (mut parts, body) = req.into_parts();
         let mut query = parts.uri.query().map(str::to_string);
@@ -185,14 +185,15 @@ async fn route_and_run(
             }
         }
         req = Request::from_parts(parts, body);
-        (admission.consumer, (admission.rate, admission.echo, admission.correlation))
+        (admission.consumer, (admission.rate, admission.echo, admission.correlation, admission.body_limit))
     };
 
     let result = match target {
         Target::Proxy(route) => {
             let trace = TraceContext::from_headers(req.headers());
             let trusted_peer = shared.trusted_proxies.iter().any(|net| net.contains(&peer.ip()));
-            let fwd = Forwarding { client_ip: peer.ip(), trusted_peer, request_id, trace: &trace, path: &path, params: &params };
+            let fwd =
+                Forwarding { client_ip: peer.ip(), trusted_peer, request_id, trace: &trace, path: &path, params: &params, body_limit };
             proxy::forward(&worker.client, &route, fwd, req).await.map_err(|e| (e, false))
         }
         Target::Composition(plan) => {
@@ -200,7 +201,8 @@ async fn route_and_run(
             let (parts, body) = req.into_parts();
             // The body counts against the composition's deadline: a client that
             // stops sending it cannot hold the connection.
-            let body = match tokio::time::timeout(plan.deadline, read_json_body(&parts.headers, body)).await {
+            let limit = body_limit.map_or(MAX_REQUEST_BODY, |l| (l as usize).min(MAX_REQUEST_BODY));
+            let body = match tokio::time::timeout(plan.deadline, read_json_body(&parts.headers, body, limit)).await {
                 Ok(body) => body.map_err(|e| (e, false))?,
                 Err(_) => return Err((GatewayError::new(ErrorCode::BadRequest, "the request body did not arrive in time"), true)),
             };
