@@ -315,3 +315,28 @@ compositions:
     assert_eq!(resp.status(), 200);
     g.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unbuilt_auth_fails_closed_and_connection_cannot_strip_consumer_headers() {
+    let b = backend().run().await;
+    let g = gateway(&format!(
+        r#"{CONSUMERS}
+policies:
+  - {{ name: tokens, type: jwt }}
+  - {{ name: keys, type: key-auth }}
+routes:
+  # FIXME(issue 5): jwt is not built yet; until it is, it accepts nobody.
+  - {{ name: jwt-only, path: /jwt, upstream: "{u}", policies: [tokens] }}
+  - {{ name: either, path: /either, upstream: "{u}", policies: [tokens, keys] }}
+"#,
+        u = b.url()
+    ));
+    let base = format!("http://{}", g.proxy_addr);
+    assert_eq!(get(&format!("{base}/jwt"), &[("authorization", "Bearer x.y.z")]).await.0, 401);
+    assert_eq!(get(&format!("{base}/either"), &[("apikey", "k-app")]).await.0, 200, "another method may still accept");
+    let (s, body) = get(&format!("{base}/either"), &[("apikey", "k-app"), ("connection", "x-consumer-name, x-consumer-groups")]).await;
+    assert_eq!(s, 200);
+    assert_eq!(body["headers"]["x-consumer-name"], json!(["app"]));
+    assert_eq!(body["headers"]["x-consumer-groups"], json!(["mobile"]));
+    g.shutdown();
+}

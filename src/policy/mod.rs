@@ -30,7 +30,8 @@ pub fn is_enforced(policy: &Policy) -> bool {
         | PolicyKind::HttpsRedirect
         | PolicyKind::CorrelationId
         | PolicyKind::RequestSizeLimit => true,
-        // Cluster limits need Redis, which is not wired in yet.
+        // Cluster limits need Redis, which is not wired in yet: they run
+        // as local limits (SPEC's fault-tolerant fallback) and are listed.
         PolicyKind::RateLimit => {
             matches!(policy_config(policy.kind, &policy.config), Ok(PolicyConfig::RateLimit(c)) if c.scope == RateLimitScope::Local)
         }
@@ -61,6 +62,7 @@ struct Window {
 #[derive(Debug)]
 pub struct LimitState {
     windows: Vec<(u64, Duration)>,
+    max_keys_per_shard: usize,
     shards: Vec<Mutex<HashMap<String, Vec<Window>>>>,
 }
 
@@ -74,7 +76,7 @@ pub struct RateInfo {
 
 impl LimitState {
     fn new(windows: Vec<(u64, Duration)>) -> LimitState {
-        LimitState { windows, shards: (0..16).map(|_| Mutex::new(HashMap::new())).collect() }
+        LimitState { windows, max_keys_per_shard: MAX_KEYS_PER_SHARD, shards: (0..16).map(|_| Mutex::new(HashMap::new())).collect() }
     }
 
     /// Counts one request for `key`; `Err` when any window is full.
@@ -85,6 +87,13 @@ impl LimitState {
     fn hit_at(&self, key: &str, now: Instant) -> Result<RateInfo, RateInfo> {
         let shard = &self.shards[(fxhash(key) % self.shards.len() as u64) as usize];
         let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if !map.contains_key(key) && map.len() >= self.max_keys_per_shard {
+            let longest = self.windows.iter().map(|(_, len)| *len).max().unwrap_or_default();
+            map.retain(|_, wins| wins.iter().any(|w| now.saturating_duration_since(w.start) < longest * 2));
+            if map.len() >= self.max_keys_per_shard {
+                return Err(RateInfo { limit: self.windows.first().map_or(0, |w| w.0), remaining: 0, reset_secs: 1 });
+            }
+        }
         let wins = map
             .entry(key.to_string())
             .or_insert_with(|| self.windows.iter().map(|_| Window { start: now, current: 0, previous: 0 }).collect());
@@ -93,10 +102,16 @@ impl LimitState {
         for ((limit, len), w) in self.windows.iter().zip(wins.iter_mut()) {
             let mut elapsed = now.duration_since(w.start);
             if elapsed >= *len {
-                let periods = (elapsed.as_nanos() / len.as_nanos().max(1)) as u32;
-                w.previous = if periods == 1 { w.current } else { 0 };
+                let periods = elapsed.as_nanos() / len.as_nanos().max(1);
+                if periods == 1 {
+                    w.previous = w.current;
+                    w.start += *len;
+                } else {
+                    // Idle for two windows or more: nothing of them counts.
+                    w.previous = 0;
+                    w.start = now;
+                }
                 w.current = 0;
-                w.start += *len * periods;
                 elapsed = now.duration_since(w.start);
             }
             let overlap = 1.0 - elapsed.as_secs_f64() / len.as_secs_f64();
@@ -123,15 +138,35 @@ impl LimitState {
 }
 
 fn fxhash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    fxhash_bytes(s.as_bytes())
 }
+
+fn fxhash_bytes(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// An address's bucket: IPv6 clients by /64, since one host easily holds a
+/// whole /64 and would otherwise get a fresh quota per address.
+fn ip_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("ip:{v4}"),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("ip6:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
+/// Most keys one shard keeps; past it, keys idle for two windows go first,
+/// then the shard refuses new keys rather than grow.
+const MAX_KEYS_PER_SHARD: usize = 65_536;
 
 /// Counters for each local rate-limit policy of a config, shared by every
 /// chain that uses the policy.
 pub fn limit_states(config: &Config) -> HashMap<String, Arc<LimitState>> {
     let mut out = HashMap::new();
     for p in &config.policies {
-        if let (true, Ok(PolicyConfig::RateLimit(c))) = (is_enforced(p), policy_config(p.kind, &p.config)) {
+        if let Ok(PolicyConfig::RateLimit(c)) = policy_config(p.kind, &p.config) {
             let windows = match (c.limit, c.window, c.limits) {
                 (Some(l), Some(w), _) => vec![(l, w.0)],
                 (_, _, Some(list)) => list.into_iter().map(|w| (w.limit, w.window.0)).collect(),
@@ -175,13 +210,36 @@ impl Identities {
 
 #[derive(Debug)]
 enum Compiled {
-    IpRestriction { allow: Vec<IpNet>, deny: Vec<IpNet>, status: StatusCode },
-    RateLimit { by: LimitBy, state: Arc<LimitState> },
-    KeyAuth { names: Vec<String>, hide: bool, anonymous: Option<Arc<ConsumerInfo>> },
-    Acl { allow: Option<Vec<String>>, deny: Option<Vec<String>> },
-    HttpsRedirect { status: StatusCode },
-    RequestSizeLimit { max: u64 },
-    CorrelationId { header: HeaderName, echo: bool },
+    IpRestriction {
+        allow: Vec<IpNet>,
+        deny: Vec<IpNet>,
+        status: StatusCode,
+    },
+    RateLimit {
+        by: LimitBy,
+        state: Arc<LimitState>,
+    },
+    KeyAuth {
+        names: Vec<String>,
+        hide: bool,
+        anonymous: Option<Arc<ConsumerInfo>>,
+    },
+    Acl {
+        allow: Option<Vec<String>>,
+        deny: Option<Vec<String>>,
+    },
+    HttpsRedirect {
+        status: StatusCode,
+    },
+    RequestSizeLimit {
+        max: u64,
+    },
+    /// An authentication method not built yet: it accepts nobody.
+    RefuseAuth,
+    CorrelationId {
+        header: HeaderName,
+        echo: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -279,7 +337,13 @@ impl PolicyChain {
     ) -> PolicyChain {
         let mut steps = Vec::new();
         for p in config.policies.iter().filter(|p| p.global || attached.contains(&p.name)) {
-            if !is_enforced(p) {
+            // An authentication method this build cannot check fails closed:
+            // it accepts nobody, so the route is never open by mistake.
+            if matches!(p.kind, PolicyKind::Jwt | PolicyKind::BasicAuth) {
+                steps.push(Step { name: p.name.clone(), phase: AUTH_PHASE, what: Compiled::RefuseAuth });
+                continue;
+            }
+            if !is_enforced(p) && p.kind != PolicyKind::RateLimit {
                 continue;
             }
             let Ok(typed) = policy_config(p.kind, &p.config) else { continue };
@@ -358,6 +422,7 @@ impl PolicyChain {
                 auth_done = true;
             }
             match &step.what {
+                Compiled::RefuseAuth => {}
                 Compiled::RequestSizeLimit { max } => {
                     // A declared length is checked now, before any byte is
                     // read; a streamed body is cut where it passes the limit.
@@ -374,6 +439,12 @@ impl PolicyChain {
                         && headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).is_some_and(|p| p.eq_ignore_ascii_case("https"));
                     if !https {
                         let host = headers.get(http::header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+                        // Only a host[:port] may become the Location's authority.
+                        let plausible = !host.is_empty()
+                            && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+                        if !plausible {
+                            return Err(GatewayError::new(ErrorCode::BadRequest, "the Host header is not a host name").into());
+                        }
                         let location = match query.as_deref() {
                             Some(q) => format!("https://{host}{}?{q}", request.path),
                             None => format!("https://{host}{}", request.path),
@@ -440,10 +511,11 @@ impl PolicyChain {
                     let key = match by {
                         LimitBy::Consumer => consumer.as_ref().map(|c| format!("c:{}", c.name)),
                         LimitBy::Ip => None,
-                        LimitBy::Header(h) => headers.get(h).and_then(|v| v.to_str().ok()).map(|v| format!("h:{v}")),
+                        // Hashed: a client cannot make keys large, nor read back secrets.
+                        LimitBy::Header(h) => headers.get(h).map(|v| format!("h:{:016x}", fxhash_bytes(v.as_bytes()))),
                         LimitBy::Route => Some(format!("r:{}", self.entity)),
                     }
-                    .unwrap_or_else(|| format!("ip:{client_ip}"));
+                    .unwrap_or_else(|| ip_key(client_ip));
                     match state.hit(&key) {
                         Ok(info) => {
                             if rate.is_none_or(|r| info.remaining < r.remaining) {
@@ -527,14 +599,20 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         return peer;
     }
     let mut client = peer;
-    let hops: Vec<IpAddr> = headers
+    let hops: Vec<Option<IpAddr>> = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+        .map(|s| {
+            let s = s.trim();
+            s.parse::<IpAddr>().ok().or_else(|| s.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        })
         .collect();
     for hop in hops.into_iter().rev() {
+        // A hop that does not parse ends the walk: what lies beyond it was
+        // not vouched for by anyone we trust.
+        let Some(hop) = hop else { break };
         let hop = unmap(hop);
         client = hop;
         if !is_trusted(&hop) {
@@ -580,5 +658,30 @@ mod tests {
         assert_eq!(client_ip(stranger, &h, &trusted), stranger);
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
         assert_eq!(client_ip(mapped, &HeaderMap::new(), &trusted), stranger);
+        // A hop that does not parse ends the walk at the last trusted one.
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.5, unknown, 10.1.1.1"));
+        assert_eq!(client_ip(proxy, &h, &trusted), "10.1.1.1".parse::<IpAddr>().unwrap());
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.5, 198.51.100.7:4711"));
+        assert_eq!(client_ip(proxy, &h, &trusted), "198.51.100.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn counters_stay_bounded_and_ipv6_counts_by_prefix() {
+        let mut state = LimitState::new(vec![(1, Duration::from_secs(60))]);
+        state.max_keys_per_shard = 4;
+        let t0 = Instant::now();
+        let keys = |state: &LimitState| state.shards.iter().map(|s| s.lock().unwrap().len()).sum::<usize>();
+        for i in 0..1000 {
+            let _ = state.hit_at(&format!("k{i}"), t0);
+        }
+        assert!(keys(&state) <= 16 * 4, "a client choosing keys cannot grow the map");
+        // Once the old keys have been idle for two windows, they make room.
+        let later = t0 + Duration::from_secs(121);
+        assert!(state.hit_at("fresh", later).is_ok());
+        assert!(keys(&state) <= 16 * 4);
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let b: IpAddr = "2001:db8::ffff".parse().unwrap();
+        assert_eq!(ip_key(a), ip_key(b));
+        assert_ne!(ip_key("10.0.0.1".parse().unwrap()), ip_key("10.0.0.2".parse().unwrap()));
     }
 }

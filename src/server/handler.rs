@@ -153,9 +153,16 @@ async fn route_and_run(
         (None, (None, None, None, None))
     } else {
         let (mut parts, body) = req.into_parts();
+        // Hop-by-hop headers go first, so `Connection: x-consumer-name`
+        // cannot remove what the policies are about to set.
+        crate::proxy::remove_hop_by_hop(&mut parts.headers);
         let mut query = parts.uri.query().map(str::to_string);
         let client_ip = crate::policy::client_ip(peer.ip(), &parts.headers, &shared.trusted_proxies);
-        let trusted_peer = shared.trusted_proxies.iter().any(|n| n.contains(&peer.ip()));
+        let peer_ip = match peer.ip() {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(peer.ip()),
+            v4 => v4,
+        };
+        let trusted_peer = shared.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
         let facts = crate::policy::RequestFacts { path: &path, trusted_peer };
         let admission = match policies.admit(facts, client_ip, &mut parts.headers, &mut query) {
             Ok(a) => a,
