@@ -12,11 +12,8 @@ use common::{backend, client, gateway};
 use serde_json::{json, Value};
 
 async fn get(url: &str) -> (u16, reqwest::header::HeaderMap, Value) {
-    let resp = client().get(url).send().await.unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let text = resp.text().await.unwrap();
-    (status, headers, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    let (status, headers, body) = common::send("GET", url, None, &[]).await;
+    (status.as_u16(), headers, body)
 }
 
 fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {

@@ -45,19 +45,7 @@ fn node(url: &str, snapshot: &std::path::Path) -> anyhow::Result<Gateway> {
     Gateway::start(opts, Config::default())
 }
 
-async fn send(method: &str, url: &str, body: Option<Value>, headers: &[(&str, &str)]) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-    let mut req = client().request(method.parse().unwrap(), url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
-    let (status, headers) = (resp.status(), resp.headers().clone());
-    let text = resp.text().await.unwrap();
-    (status, headers, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
+use common::send;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_refuses_an_unmigrated_database() {

@@ -20,12 +20,8 @@ consumers:
 "#;
 
 async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
-    let mut req = client().get(url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = req.send().await.unwrap();
-    (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
+    let (status, _, body) = common::send("GET", url, None, headers).await;
+    (status.as_u16(), body)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -147,12 +143,8 @@ compositions:
 }
 
 async fn status_and_headers(url: &str, headers: &[(&str, &str)]) -> (u16, reqwest::header::HeaderMap) {
-    let mut req = client().get(url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = req.send().await.unwrap();
-    (resp.status().as_u16(), resp.headers().clone())
+    let (status, headers, _) = common::send("GET", url, None, headers).await;
+    (status.as_u16(), headers)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,11 +9,8 @@ use common::{backend, client, gateway};
 use serde_json::Value;
 
 async fn get_json(url: &str) -> (u16, reqwest::header::HeaderMap, Value) {
-    let resp = client().get(url).send().await.unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.json::<Value>().await.unwrap();
-    (status, headers, body)
+    let (status, headers, body) = common::send("GET", url, None, &[]).await;
+    (status.as_u16(), headers, body)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -379,3 +379,29 @@ impl Load {
         (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
     }
 }
+
+/// One request with optional JSON body and extra headers. The answer's
+/// body is its JSON, else its text as a string, else null when empty.
+pub async fn send(
+    method: &str,
+    url: &str,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+) -> (reqwest::StatusCode, reqwest::header::HeaderMap, Value) {
+    let mut req = client().request(method.parse().unwrap(), url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let text = resp.text().await.unwrap();
+    let body = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(_) if text.is_empty() => Value::Null,
+        Err(_) => Value::String(text),
+    };
+    (status, headers, body)
+}
