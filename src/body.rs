@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub enum Body {
     #[default]
     Empty,
@@ -23,6 +23,48 @@ pub enum Body {
         inner: Incoming,
         left: u64,
     },
+    /// A body passed on while a copy is kept (response-cache); boxed, as
+    /// it is the rare case.
+    Tee(Box<Tee>),
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Body::Empty => f.write_str("Empty"),
+            Body::Full(b) => f.debug_tuple("Full").field(b).finish(),
+            Body::Stream(_) => f.write_str("Stream"),
+            Body::Capped { left, .. } => f.debug_struct("Capped").field("left", left).finish_non_exhaustive(),
+            Body::Tee(_) => f.write_str("Tee"),
+        }
+    }
+}
+
+/// What [`Body::Tee`] does with the copy once the body ended whole.
+pub type TeeDone = Box<dyn FnOnce(Bytes) + Send + Sync>;
+
+/// Streams `inner` through, keeping a copy of up to `cap` bytes; when the
+/// body ends without error and within `cap`, `done` gets the copy.
+pub struct Tee {
+    inner: Body,
+    copy: Option<bytes::BytesMut>,
+    cap: usize,
+    done: Option<TeeDone>,
+}
+
+impl Tee {
+    fn finish(&mut self) {
+        if let (Some(copy), Some(done)) = (self.copy.take(), self.done.take()) {
+            done(copy.freeze());
+        }
+        self.done = None;
+    }
+}
+
+impl Body {
+    pub fn tee(inner: Body, cap: usize, done: TeeDone) -> Body {
+        Body::Tee(Box::new(Tee { inner, copy: Some(bytes::BytesMut::new()), cap, done: Some(done) }))
+    }
 }
 
 /// A capped body went over its limit.
@@ -86,6 +128,29 @@ impl http_body::Body for Body {
                 }
                 other => other.map_err(Into::into),
             },
+            Body::Tee(tee) => {
+                let polled = Pin::new(&mut tee.inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(copy), Some(data)) = (&mut tee.copy, frame.data_ref()) {
+                            if copy.len() + data.len() > tee.cap {
+                                tee.copy = None;
+                            } else {
+                                copy.extend_from_slice(data);
+                            }
+                        }
+                        // hyper stops polling once a sized body is complete,
+                        // so the end is seen here, not only as `None`.
+                        if tee.inner.is_end_stream() {
+                            tee.finish();
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => tee.copy = None,
+                    Poll::Ready(None) => tee.finish(),
+                    Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
@@ -94,6 +159,8 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(bytes) => bytes.is_none(),
             Body::Stream(inner) | Body::Capped { inner, .. } => inner.is_end_stream(),
+            // Not ended before the copy is handed over.
+            Body::Tee(tee) => tee.done.is_none() && tee.inner.is_end_stream(),
         }
     }
 
@@ -102,6 +169,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Stream(inner) | Body::Capped { inner, .. } => inner.size_hint(),
+            Body::Tee(tee) => tee.inner.size_hint(),
         }
     }
 }

@@ -41,7 +41,7 @@ pub enum Command {
     /// Run the gateway: the proxy on MANIFOLD_PROXY_LISTEN, the admin API on
     /// MANIFOLD_ADMIN_LISTEN. Without a database URL the config is every
     /// *.yaml, *.yml and *.json file under --config-dir (DB-less mode).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check config files (or directories of them) and print every error as
     /// `file: path.to.field: message`. Exit 0 when valid, 1 otherwise.
     Validate {
@@ -98,9 +98,12 @@ pub struct ServeArgs {
     /// Postgres URL: database mode (the config lives in Postgres, edited through the admin API)
     #[arg(long, env = "MANIFOLD_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
-    /// Redis URL, for cluster rate limits (not in this build yet)
+    /// Redis URL (redis://host:port/db), for rate limits with scope: cluster
     #[arg(long, env = "MANIFOLD_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key, so several gateway clusters can share a server
+    #[arg(long, env = "MANIFOLD_REDIS_PREFIX", default_value = "manifold")]
+    pub redis_prefix: String,
     /// Where database mode keeps its last good config
     #[arg(long, env = "MANIFOLD_SNAPSHOT_PATH", default_value = "manifold-snapshot.json")]
     pub snapshot_path: PathBuf,
@@ -142,7 +145,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Validate { paths } => return validate(paths),
         Command::Migrate { database_url } => migrate(&database_url),
         Command::Export { admin, database_url } => export(admin, database_url),
@@ -164,7 +167,10 @@ fn validate(mut paths: Vec<PathBuf>) -> ExitCode {
     }
     let result = load_paths(&paths).and_then(|config| {
         let summary = (config.routes.len(), config.compositions.len(), config.consumers.len(), config.policies.len());
-        crate::snapshot::compile(config, 1).map(|_| summary)
+        // Checked as a node with this environment would take it.
+        let redis = std::env::var("MANIFOLD_REDIS_URL").ok().filter(|u| !u.is_empty());
+        let services = crate::policy::Services::new(redis.map(|url| crate::gateway::RedisOptions { url, prefix: String::new() }));
+        crate::snapshot::compile(config, 1, &services).map(|_| summary)
     });
     match result {
         Ok((r, c, u, p)) => {
@@ -246,6 +252,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin_token: args.admin_token,
         trusted_proxies: args.trusted_proxies,
         database,
+        redis: args.redis_url.filter(|u| !u.is_empty()).map(|url| crate::gateway::RedisOptions { url, prefix: args.redis_prefix }),
         ..GatewayOptions::default()
     };
     let gateway = Gateway::start(opts, config)?;

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ipnet::IpNet;
@@ -16,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
+pub use crate::policy::cluster::RedisOptions;
 use crate::server::hygiene::Limits;
 use crate::server::{ProxyServer, ServerOptions, Shared};
 use crate::store::{self, Store, StoreError};
@@ -36,6 +38,8 @@ pub struct GatewayOptions {
     pub limits: Limits,
     /// Database mode when set; the `config` given to `start` is then unused.
     pub database: Option<DatabaseOptions>,
+    /// Redis, for `rate-limit` with `scope: cluster`.
+    pub redis: Option<RedisOptions>,
 }
 
 impl Default for GatewayOptions {
@@ -47,6 +51,7 @@ impl Default for GatewayOptions {
             trusted_proxies: Vec::new(),
             limits: Limits::default(),
             database: None,
+            redis: None,
         }
     }
 }
@@ -124,15 +129,23 @@ impl Gateway {
             tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("manifold-control").enable_all().build()?,
         ));
 
+        let services = crate::policy::Services::new(opts.redis.clone());
         let (store, config, version, instance, reachable) = match &opts.database {
             Some(db) => {
                 let (store, config, version, instance, reachable) = block_on(&control, initial_config(db))?;
-                (Some(store), config, version, instance, reachable)
+                (Some(store.with_services(services.clone())), config, version, instance, reachable)
             }
             None => (None, config, 1, None, false),
         };
-        let shared = Shared::new(config, version, store.clone(), opts.trusted_proxies.clone(), opts.limits.clone())
+        let shared = Shared::new(config, version, store.clone(), opts.trusted_proxies.clone(), opts.limits.clone(), services.clone())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Connect before serving, so a node whose Redis is up never counts
+        // a cluster limit on its own; a Redis that is down is retried in
+        // the background meanwhile.
+        if let Some(redis) = services.redis.clone() {
+            let _ = block_on(&control, async move { tokio::time::timeout(Duration::from_secs(2), redis.connect()).await });
+        }
+        services.spawn_background(control.handle());
         shared.db_reachable.store(reachable, Ordering::Relaxed);
         if let Ok(mut i) = shared.db_instance.lock() {
             *i = instance;

@@ -13,7 +13,7 @@ use http::{HeaderValue, Method};
 use crate::compose::CompositionPlan;
 use crate::config::pattern::{parse_rewrite, PathPattern, RewritePart, Segment};
 use crate::config::{Config, ConfigError, ConfigErrors};
-use crate::policy::{Identities, PolicyChain};
+use crate::policy::{Identities, PolicyChain, PolicyStates, Services};
 
 /// Route timeout when a route sets none (Kong's default too).
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,10 +28,6 @@ pub struct Snapshot {
     /// Compositions by name, with their path patterns, for the admin API's
     /// `try` endpoint.
     pub compositions: HashMap<String, (PathPattern, Arc<CompositionPlan>)>,
-    /// Policies that are global or attached somewhere. The policy runtime
-    /// is not built yet (issue 5): they are validated, not enforced, and
-    /// every node says so loudly rather than let a config look protected.
-    pub unenforced_policies: Vec<String>,
 }
 
 /// A plain route, resolved: where to send, and how to rewrite.
@@ -138,17 +134,17 @@ fn parse_methods(methods: &[String]) -> Option<Vec<Method>> {
 
 /// Compiles a validated config. Errors here are ones only the router can
 /// see (two patterns matchit cannot tell apart).
-pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
-    let mut errors = Vec::new();
+pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result<Snapshot, ConfigErrors> {
+    let mut errors = services.check(&config);
     // host key ("" = any host, "*.x" = wildcard) -> shape -> candidates
     let mut tables: BTreeMap<String, BTreeMap<String, Vec<Candidate>>> = BTreeMap::new();
     let mut owners: HashMap<(String, String), String> = HashMap::new();
     let ids = Arc::new(Identities::build(&config));
-    let limits = crate::policy::limit_states(&config);
+    let states = PolicyStates::build(&config);
     let mut add =
         |base: String, hosts: &[String], pattern: &PathPattern, methods: Option<Vec<Method>>, target: Target, attached: &[String]| {
             let entity = base.split_once('.').map_or(base.as_str(), |(_, n)| n);
-            let policies = Arc::new(PolicyChain::build(&config, entity, attached, &ids, &limits));
+            let policies = Arc::new(PolicyChain::build(&config, entity, attached, &ids, &states, services));
             let params: Arc<[Arc<str>]> = pattern.param_names().map(Arc::from).collect();
             let any = [String::new()];
             let hosts: &[String] = if hosts.is_empty() { &any } else { hosts };
@@ -249,19 +245,7 @@ pub fn compile(config: Config, version: u64) -> Result<Snapshot, ConfigErrors> {
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    let mut unenforced_policies: Vec<String> = config
-        .policies
-        .iter()
-        .filter(|p| {
-            let used = p.global
-                || config.routes.iter().any(|r| r.policies.contains(&p.name))
-                || config.compositions.iter().any(|c| c.policies.contains(&p.name));
-            used && !crate::policy::is_enforced(p)
-        })
-        .map(|p| p.name.clone())
-        .collect();
-    unenforced_policies.sort();
-    Ok(Snapshot { config: Arc::new(config), version, router, compositions, unenforced_policies })
+    Ok(Snapshot { config: Arc::new(config), version, router, compositions })
 }
 
 #[cfg(test)]
@@ -272,7 +256,7 @@ mod tests {
     fn snapshot(yaml: &str) -> Snapshot {
         let (loaded, errs) = parse_document(None, yaml, Format::Yaml);
         assert!(errs.is_empty(), "{errs:?}");
-        compile(loaded.validated().unwrap(), 1).unwrap()
+        compile(loaded.validated().unwrap(), 1, &Services::new(None)).unwrap()
     }
 
     fn found(s: &Snapshot, host: &str, method: &str, path: &str) -> Option<(String, Vec<(String, String)>)> {

@@ -8,7 +8,7 @@ use std::process::Command;
 use manifold::config::load_paths;
 
 fn errors_of(file: &str) -> Vec<String> {
-    match load_paths(&[PathBuf::from(file)]).and_then(|c| manifold::snapshot::compile(c, 1)) {
+    match load_paths(&[PathBuf::from(file)]).and_then(|c| manifold::snapshot::compile(c, 1, &manifold::policy::Services::new(None))) {
         Ok(_) => vec![],
         Err(errors) => errors.0.iter().map(|e| e.to_string()).collect(),
     }

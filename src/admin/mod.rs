@@ -195,8 +195,10 @@ async fn status(State(state): State<AdminState>) -> Response {
         "config_version": snap.version,
         "database_reachable": if shared.store.is_some() { json!(shared.db_reachable.load(Ordering::Relaxed)) } else { Value::Null },
         "reloads": shared.reloads.load(Ordering::Relaxed),
-        // Validated, not applied yet (see the README).
-        "policies_not_enforced": snap.unenforced_policies,
+        "redis": shared.services.redis.as_ref().map(|r| json!({
+            "reachable": r.reachable.load(Ordering::Relaxed),
+            "rate_limit_fallbacks": r.fallbacks.load(Ordering::Relaxed),
+        })),
         "uptime_seconds": shared.started.elapsed().as_secs(),
         "entities": {
             "routes": snap.config.routes.len(),

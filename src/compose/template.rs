@@ -180,6 +180,14 @@ impl Template {
         Ok(Template { kind: Kind::Handlebars { registry: Arc::new(registry), name: "t".into(), roots }, escape: escape_kind })
     }
 
+    /// Whether rendering reads the context at all.
+    pub fn is_templated(&self) -> bool {
+        match &self.kind {
+            Kind::Simple(parts) => parts.iter().any(|p| matches!(p, Part::Path(_))),
+            Kind::Handlebars { .. } => true,
+        }
+    }
+
     /// Renders against the context document. Literal text is the author's
     /// and is kept as written; values are escaped for where they land.
     pub fn render(&self, doc: &Value) -> Result<String, String> {

@@ -334,9 +334,15 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
                                 errs.push(path.clone(), format!("{algorithm} needs a secret and no public_key"));
                             }
                         }
-                        "RS256" | "RS384" | "RS512" | "ES256" | "ES384" | "EdDSA" => match public_key {
-                            Some(k) if k.trim_start().starts_with("-----BEGIN ") && secret.is_none() => {}
-                            _ => errs.push(path.clone(), format!("{algorithm} needs a PEM public_key and no secret")),
+                        // Without a public_key, the key comes from a jwt policy's JWKS.
+                        "RS256" | "RS384" | "RS512" | "ES256" | "ES384" | "EdDSA" => match (public_key, secret) {
+                            (_, Some(_)) => errs.push(path.clone(), format!("{algorithm} takes a PEM public_key, not a secret")),
+                            (Some(k), None) => {
+                                if let Err(e) = crate::policy::jwt::decoding_key(algorithm, None, Some(k)) {
+                                    errs.push(format!("{path}.public_key"), e);
+                                }
+                            }
+                            (None, None) => {}
                         },
                         other => errs.push(
                             format!("{path}.algorithm"),

@@ -1,10 +1,16 @@
 //! Policies around routes and compositions, compiled once per config and
 //! run in SPEC §2's fixed phase order whatever order they are listed in.
 //!
-//! Enforced today: `ip-restriction`, `https-redirect`, `correlation-id`,
-//! `key-auth`, `acl`, `rate-limit` with `scope: local`, `request-size-limit`. The other types are
-//! validated but not applied yet (issue 5); every node names them in its
-//! log and `/status` (see `Snapshot::unenforced_policies`).
+//! The request phases run in [`PolicyChain::admit`]; what they decide about
+//! the answer (CORS headers, transforms, the cache, `RateLimit-*`) travels
+//! in the [`Admission`]. Long-lived state that outlives one config (the
+//! Redis connection, JWK Sets, verified passwords) is in [`Services`].
+
+pub mod cache;
+pub mod cluster;
+pub mod cors;
+pub mod jwt;
+pub mod transform;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -13,29 +19,99 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use ipnet::IpNet;
+use serde_json::Value;
 
 use crate::config::validate::{parse_cidr, policy_config, sha256_hex};
-use crate::config::{Config, Credential, Policy, PolicyConfig, PolicyKind, RateLimitScope};
+use crate::config::{Config, ConfigError, Credential, PolicyConfig, PolicyKind, RateLimitScope};
 use crate::errors::{ErrorCode, GatewayError};
 
 pub const X_CONSUMER_NAME: HeaderName = HeaderName::from_static("x-consumer-name");
 pub const X_CONSUMER_GROUPS: HeaderName = HeaderName::from_static("x-consumer-groups");
 
-/// Whether the runtime applies this policy yet.
-pub fn is_enforced(policy: &Policy) -> bool {
-    match policy.kind {
-        PolicyKind::IpRestriction
-        | PolicyKind::KeyAuth
-        | PolicyKind::Acl
-        | PolicyKind::HttpsRedirect
-        | PolicyKind::CorrelationId
-        | PolicyKind::RequestSizeLimit => true,
-        // Cluster limits need Redis, which is not wired in yet: they run
-        // as local limits (SPEC's fault-tolerant fallback) and are listed.
-        PolicyKind::RateLimit => {
-            matches!(policy_config(policy.kind, &policy.config), Ok(PolicyConfig::RateLimit(c)) if c.scope == RateLimitScope::Local)
+/// At most this many argon2 verifications run at once per node; each takes
+/// ~19 MiB and tens of milliseconds, so a flood of wrong passwords queues
+/// instead of exhausting memory.
+const ARGON2_AT_ONCE: usize = 4;
+
+/// What the policies use beyond one config: the Redis connection, the JWK
+/// Sets, and the cache of passwords already verified.
+pub struct Services {
+    pub redis: Option<Arc<cluster::RedisLimiter>>,
+    pub jwks: Arc<jwt::JwksStore>,
+    /// SHA-256 of (username, password, stored hash) of recent successes:
+    /// argon2 is slow on purpose, and a client sends its password each time.
+    verified: moka::sync::Cache<[u8; 32], ()>,
+    argon2_permits: tokio::sync::Semaphore,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services").field("redis", &self.redis).finish_non_exhaustive()
+    }
+}
+
+impl Services {
+    pub fn new(redis: Option<cluster::RedisOptions>) -> Arc<Services> {
+        Arc::new(Services {
+            redis: redis.map(|o| Arc::new(cluster::RedisLimiter::new(o))),
+            jwks: Arc::new(jwt::JwksStore::default()),
+            verified: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(300)).build(),
+            argon2_permits: tokio::sync::Semaphore::new(ARGON2_AT_ONCE),
+        })
+    }
+
+    /// The background work: connecting to Redis, refreshing JWK Sets.
+    /// Spawned on the control runtime, which outlives every request.
+    pub fn spawn_background(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
+        if let Some(redis) = &self.redis {
+            runtime.spawn(redis.clone().keep_connecting());
         }
-        _ => false,
+        runtime.spawn(self.jwks.clone().run());
+    }
+
+    /// Errors a config has on a node with these services: a cluster rate
+    /// limit needs Redis.
+    pub fn check(&self, config: &Config) -> Vec<ConfigError> {
+        let mut errs = Vec::new();
+        for p in &config.policies {
+            if let Ok(PolicyConfig::RateLimit(c)) = policy_config(p.kind, &p.config) {
+                if c.scope == RateLimitScope::Cluster && self.redis.is_none() {
+                    errs.push(ConfigError {
+                        file: None,
+                        path: format!("policies.{}.config.scope", p.name),
+                        message: "scope: cluster needs Redis: set MANIFOLD_REDIS_URL (or use scope: local)".into(),
+                    });
+                }
+            }
+        }
+        errs
+    }
+
+    /// Checks a basic-auth password against its argon2 hash, off the
+    /// worker thread, remembering successes.
+    async fn verify_password(&self, username: &str, password: &str, hash: &Arc<str>) -> bool {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for part in [username.as_bytes(), password.as_bytes(), hash.as_bytes()] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        let key: [u8; 32] = h.finalize().into();
+        if self.verified.contains_key(&key) {
+            return true;
+        }
+        let Ok(_permit) = self.argon2_permits.acquire().await else { return false };
+        let (password, hash) = (password.to_string(), hash.clone());
+        let ok = tokio::task::spawn_blocking(move || {
+            use argon2::password_hash::{PasswordHash, PasswordVerifier};
+            PasswordHash::new(&hash).is_ok_and(|parsed| argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+        })
+        .await
+        .unwrap_or(false);
+        if ok {
+            self.verified.insert(key, ());
+        }
+        ok
     }
 }
 
@@ -161,21 +237,41 @@ fn ip_key(ip: IpAddr) -> String {
 /// then the shard refuses new keys rather than grow.
 const MAX_KEYS_PER_SHARD: usize = 65_536;
 
-/// Counters for each local rate-limit policy of a config, shared by every
-/// chain that uses the policy.
-pub fn limit_states(config: &Config) -> HashMap<String, Arc<LimitState>> {
-    let mut out = HashMap::new();
-    for p in &config.policies {
-        if let Ok(PolicyConfig::RateLimit(c)) = policy_config(p.kind, &p.config) {
-            let windows = match (c.limit, c.window, c.limits) {
-                (Some(l), Some(w), _) => vec![(l, w.0)],
-                (_, _, Some(list)) => list.into_iter().map(|w| (w.limit, w.window.0)).collect(),
-                _ => continue,
-            };
-            out.insert(p.name.clone(), Arc::new(LimitState::new(windows)));
+/// What each policy of a config keeps, shared by every chain that uses
+/// the policy: rate-limit counters (one quota), caches, compiled transforms.
+#[derive(Debug, Default)]
+pub struct PolicyStates {
+    limits: HashMap<String, Arc<LimitState>>,
+    transforms: HashMap<String, Arc<transform::Transform>>,
+    caches: HashMap<String, Arc<cache::ResponseCache>>,
+}
+
+impl PolicyStates {
+    pub fn build(config: &Config) -> PolicyStates {
+        let mut out = PolicyStates::default();
+        for p in &config.policies {
+            match policy_config(p.kind, &p.config) {
+                Ok(PolicyConfig::RateLimit(c)) => {
+                    let windows = match (c.limit, c.window, c.limits) {
+                        (Some(l), Some(w), _) => vec![(l, w.0)],
+                        (_, _, Some(list)) => list.into_iter().map(|w| (w.limit, w.window.0)).collect(),
+                        _ => continue,
+                    };
+                    out.limits.insert(p.name.clone(), Arc::new(LimitState::new(windows)));
+                }
+                Ok(PolicyConfig::RequestTransform(c) | PolicyConfig::ResponseTransform(c)) => {
+                    if let Ok(t) = transform::Transform::compile(&c) {
+                        out.transforms.insert(p.name.clone(), Arc::new(t));
+                    }
+                }
+                Ok(PolicyConfig::ResponseCache(c)) => {
+                    out.caches.insert(p.name.clone(), Arc::new(cache::ResponseCache::new(&c)));
+                }
+                _ => {}
+            }
         }
+        out
     }
-    out
 }
 
 /// An authenticated (or anonymous) consumer.
@@ -190,6 +286,10 @@ pub struct ConsumerInfo {
 pub struct Identities {
     by_key_digest: HashMap<String, Arc<ConsumerInfo>>,
     by_name: HashMap<String, Arc<ConsumerInfo>>,
+    /// basic-auth username -> consumer and argon2 hash.
+    by_username: HashMap<String, (Arc<ConsumerInfo>, Arc<str>)>,
+    /// jwt issuer -> consumer, algorithm and key.
+    by_issuer: HashMap<String, jwt::IssuerKey>,
 }
 
 impl Identities {
@@ -199,8 +299,19 @@ impl Identities {
             let info = Arc::new(ConsumerInfo { name: c.name.clone(), groups: c.groups.clone() });
             ids.by_name.insert(c.name.clone(), info.clone());
             for cred in &c.credentials {
-                if let Credential::KeyAuth { key_sha256: Some(d), .. } = cred {
-                    ids.by_key_digest.insert(d.clone(), info.clone());
+                match cred {
+                    Credential::KeyAuth { key_sha256: Some(d), .. } => {
+                        ids.by_key_digest.insert(d.clone(), info.clone());
+                    }
+                    Credential::BasicAuth { username, password_hash: Some(h), .. } => {
+                        ids.by_username.entry(username.clone()).or_insert_with(|| (info.clone(), Arc::from(h.as_str())));
+                    }
+                    Credential::Jwt { issuer, algorithm, secret, public_key } => {
+                        if let Ok((algorithm, key)) = jwt::decoding_key(algorithm, secret.as_deref(), public_key.as_deref()) {
+                            ids.by_issuer.entry(issuer.clone()).or_insert(jwt::IssuerKey { consumer: info.clone(), algorithm, key });
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
@@ -208,38 +319,29 @@ impl Identities {
     }
 }
 
+/// A rate limit counted in Redis, with the local counters as fallback.
+#[derive(Debug)]
+struct ClusterLimit {
+    limiter: Arc<cluster::RedisLimiter>,
+    policy: String,
+    fault_tolerant: bool,
+}
+
 #[derive(Debug)]
 enum Compiled {
-    IpRestriction {
-        allow: Vec<IpNet>,
-        deny: Vec<IpNet>,
-        status: StatusCode,
-    },
-    RateLimit {
-        by: LimitBy,
-        state: Arc<LimitState>,
-    },
-    KeyAuth {
-        names: Vec<String>,
-        hide: bool,
-        anonymous: Option<Arc<ConsumerInfo>>,
-    },
-    Acl {
-        allow: Option<Vec<String>>,
-        deny: Option<Vec<String>>,
-    },
-    HttpsRedirect {
-        status: StatusCode,
-    },
-    RequestSizeLimit {
-        max: u64,
-    },
-    /// An authentication method not built yet: it accepts nobody.
-    RefuseAuth,
-    CorrelationId {
-        header: HeaderName,
-        echo: bool,
-    },
+    IpRestriction { allow: Vec<IpNet>, deny: Vec<IpNet>, status: StatusCode },
+    RateLimit { by: LimitBy, state: Arc<LimitState>, cluster: Option<ClusterLimit> },
+    KeyAuth { names: Vec<String>, hide: bool, anonymous: Option<Arc<ConsumerInfo>> },
+    BasicAuth { hide: bool, anonymous: Option<Arc<ConsumerInfo>> },
+    Jwt { policy: jwt::JwtPolicy, anonymous: Option<Arc<ConsumerInfo>> },
+    Acl { allow: Option<Vec<String>>, deny: Option<Vec<String>> },
+    HttpsRedirect { status: StatusCode },
+    Cors(Arc<cors::Cors>),
+    RequestSizeLimit { max: u64 },
+    CorrelationId { header: HeaderName, echo: bool },
+    RequestTransform(Arc<transform::Transform>),
+    ResponseTransform(Arc<transform::Transform>),
+    ResponseCache(Arc<cache::ResponseCache>),
 }
 
 #[derive(Debug)]
@@ -254,6 +356,7 @@ struct Step {
 pub struct PolicyChain {
     steps: Vec<Step>,
     ids: Arc<Identities>,
+    services: Option<Arc<Services>>,
     /// The route or composition this chain guards (`by: route` counts per name).
     entity: String,
 }
@@ -261,6 +364,7 @@ pub struct PolicyChain {
 /// What the policies need to know about a request besides its headers.
 #[derive(Clone, Copy, Debug)]
 pub struct RequestFacts<'a> {
+    pub method: &'a http::Method,
     /// The normalized path.
     pub path: &'a str,
     /// The peer is a trusted proxy (its X-Forwarded-Proto counts).
@@ -271,6 +375,8 @@ pub struct RequestFacts<'a> {
 #[derive(Debug, Default)]
 pub struct Admission {
     pub consumer: Option<Arc<ConsumerInfo>>,
+    /// A verified JWT's claims (`request.consumer.claims`).
+    pub claims: Option<Value>,
     /// Set when a rate limit applies: the response carries RateLimit-*.
     pub rate: Option<RateInfo>,
     /// A correlation-id policy's header and value, to echo on the answer.
@@ -280,6 +386,11 @@ pub struct Admission {
     /// request-size-limit: the most body bytes to accept (the body is cut,
     /// and the answer is 413, past it).
     pub body_limit: Option<u64>,
+    /// Headers every answer gets (CORS).
+    pub headers: HeaderMap,
+    pub request_transforms: Vec<Arc<transform::Transform>>,
+    pub response_transforms: Vec<Arc<transform::Transform>>,
+    pub cache: Option<Arc<cache::ResponseCache>>,
 }
 
 /// Why a request was not admitted; `rate` still goes on the answer.
@@ -287,13 +398,16 @@ pub struct Admission {
 pub struct Refusal {
     pub error: GatewayError,
     pub rate: Option<RateInfo>,
-    /// https-redirect: answer this status with this Location instead.
-    pub redirect: Option<(StatusCode, HeaderValue)>,
+    /// Answer this status, with `headers` and no body, instead of the
+    /// error (an https redirect, a CORS preflight).
+    pub reply: Option<StatusCode>,
+    /// Headers the answer carries (Location, CORS, WWW-Authenticate).
+    pub headers: HeaderMap,
 }
 
 impl From<GatewayError> for Refusal {
     fn from(error: GatewayError) -> Self {
-        Refusal { error, rate: None, redirect: None }
+        Refusal { error, rate: None, reply: None, headers: HeaderMap::new() }
     }
 }
 
@@ -313,7 +427,7 @@ fn phase(kind: PolicyKind) -> u8 {
         PolicyKind::HttpsRedirect => 1,
         PolicyKind::Cors => 2,
         PolicyKind::CorrelationId => 3,
-        PolicyKind::KeyAuth | PolicyKind::BasicAuth | PolicyKind::Jwt => 4,
+        PolicyKind::KeyAuth | PolicyKind::BasicAuth | PolicyKind::Jwt => AUTH_PHASE,
         PolicyKind::Acl => 5,
         PolicyKind::RateLimit => 6,
         PolicyKind::RequestSizeLimit => 7,
@@ -325,6 +439,28 @@ fn phase(kind: PolicyKind) -> u8 {
 
 const AUTH_PHASE: u8 = 4;
 
+fn unauthorized(basic: bool) -> Refusal {
+    let mut r = Refusal::from(GatewayError::new(ErrorCode::Unauthorized, "credentials are missing or invalid"));
+    if basic {
+        r.headers.insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"manifold\""));
+    }
+    r
+}
+
+/// The username and password of an `Authorization: Basic` header.
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    use base64::Engine;
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, rest) = v.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, pass) = text.split_once(':')?;
+    Some((user.to_string(), pass.to_string()))
+}
+
 impl PolicyChain {
     /// The chain for an entity with these attached policies, plus the
     /// global ones. The config is valid, so every name resolves.
@@ -333,20 +469,13 @@ impl PolicyChain {
         entity: &str,
         attached: &[String],
         ids: &Arc<Identities>,
-        limits: &HashMap<String, Arc<LimitState>>,
+        states: &PolicyStates,
+        services: &Arc<Services>,
     ) -> PolicyChain {
         let mut steps = Vec::new();
         for p in config.policies.iter().filter(|p| p.global || attached.contains(&p.name)) {
-            // An authentication method this build cannot check fails closed:
-            // it accepts nobody, so the route is never open by mistake.
-            if matches!(p.kind, PolicyKind::Jwt | PolicyKind::BasicAuth) {
-                steps.push(Step { name: p.name.clone(), phase: AUTH_PHASE, what: Compiled::RefuseAuth });
-                continue;
-            }
-            if !is_enforced(p) && p.kind != PolicyKind::RateLimit {
-                continue;
-            }
             let Ok(typed) = policy_config(p.kind, &p.config) else { continue };
+            let anonymous = |a: &Option<String>| a.as_ref().and_then(|a| ids.by_name.get(a).cloned());
             let what = match typed {
                 PolicyConfig::IpRestriction(c) => Compiled::IpRestriction {
                     allow: c.allow.iter().filter_map(|s| parse_cidr(s).ok()).collect(),
@@ -356,8 +485,21 @@ impl PolicyChain {
                 PolicyConfig::KeyAuth(c) => Compiled::KeyAuth {
                     names: c.key_names.iter().map(|n| n.to_ascii_lowercase()).collect(),
                     hide: c.hide_credentials,
-                    anonymous: c.anonymous.as_ref().and_then(|a| ids.by_name.get(a).cloned()),
+                    anonymous: anonymous(&c.anonymous),
                 },
+                PolicyConfig::BasicAuth(c) => Compiled::BasicAuth { hide: c.hide_credentials, anonymous: anonymous(&c.anonymous) },
+                PolicyConfig::Jwt(c) => {
+                    let Ok(header) = HeaderName::from_bytes(c.header.to_ascii_lowercase().as_bytes()) else { continue };
+                    let policy = jwt::JwtPolicy {
+                        header,
+                        query_param: c.query_param.clone(),
+                        verify_exp: c.claims_to_verify.iter().any(|x| x == "exp"),
+                        verify_nbf: c.claims_to_verify.iter().any(|x| x == "nbf"),
+                        leeway: c.leeway.0.as_secs(),
+                        jwks: c.jwks_url.as_deref().map(|u| services.jwks.entry(u)),
+                    };
+                    Compiled::Jwt { policy, anonymous: anonymous(&c.anonymous) }
+                }
                 PolicyConfig::Acl(c) => Compiled::Acl { allow: c.allow, deny: c.deny },
                 PolicyConfig::RequestSizeLimit(c) => Compiled::RequestSizeLimit { max: c.max_bytes.0 },
                 PolicyConfig::HttpsRedirect(c) => {
@@ -367,8 +509,21 @@ impl PolicyChain {
                     Ok(header) => Compiled::CorrelationId { header, echo: c.echo_downstream },
                     Err(_) => continue,
                 },
+                PolicyConfig::Cors(c) => Compiled::Cors(Arc::new(cors::Cors::new(&c))),
+                PolicyConfig::RequestTransform(_) => match states.transforms.get(&p.name) {
+                    Some(t) => Compiled::RequestTransform(t.clone()),
+                    None => continue,
+                },
+                PolicyConfig::ResponseTransform(_) => match states.transforms.get(&p.name) {
+                    Some(t) => Compiled::ResponseTransform(t.clone()),
+                    None => continue,
+                },
+                PolicyConfig::ResponseCache(_) => match states.caches.get(&p.name) {
+                    Some(c) => Compiled::ResponseCache(c.clone()),
+                    None => continue,
+                },
                 PolicyConfig::RateLimit(c) => {
-                    let Some(state) = limits.get(&p.name) else { continue };
+                    let Some(state) = states.limits.get(&p.name) else { continue };
                     let by = match c.by.as_str() {
                         "consumer" => LimitBy::Consumer,
                         "ip" => LimitBy::Ip,
@@ -378,24 +533,39 @@ impl PolicyChain {
                             None => continue,
                         },
                     };
-                    Compiled::RateLimit { by, state: state.clone() }
+                    let cluster = match (c.scope, &services.redis) {
+                        (RateLimitScope::Cluster, Some(limiter)) => {
+                            Some(ClusterLimit { limiter: limiter.clone(), policy: p.name.clone(), fault_tolerant: c.fault_tolerant })
+                        }
+                        _ => None,
+                    };
+                    Compiled::RateLimit { by, state: state.clone(), cluster }
                 }
-                _ => continue,
             };
             steps.push(Step { name: p.name.clone(), phase: phase(p.kind), what });
         }
         steps.sort_by_key(|s| s.phase);
-        PolicyChain { steps, ids: ids.clone(), entity: entity.to_string() }
+        PolicyChain { steps, ids: ids.clone(), services: Some(services.clone()), entity: entity.to_string() }
     }
 
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
     }
 
+    /// The route or composition this chain guards.
+    pub fn entity(&self) -> &str {
+        &self.entity
+    }
+
+    /// Whether a CORS policy answers this chain's preflights.
+    pub fn has_cors(&self) -> bool {
+        self.steps.iter().any(|s| matches!(s.what, Compiled::Cors(_)))
+    }
+
     /// Runs the request phases. On success, the consumer (if any) has been
     /// stamped on the headers as `X-Consumer-*`; the client's own were
     /// removed first. `query` may lose a key the credential came in.
-    pub fn admit(
+    pub async fn admit(
         &self,
         request: RequestFacts<'_>,
         client_ip: IpAddr,
@@ -407,31 +577,37 @@ impl PolicyChain {
         let mut consumer: Option<Arc<ConsumerInfo>> = None;
         let mut anonymous: Option<Arc<ConsumerInfo>> = None;
         let has_auth = self.steps.iter().any(|s| s.phase == AUTH_PHASE);
+        let mut basic_offered = false;
         let mut auth_done = false;
-        let mut rate: Option<RateInfo> = None;
-        let mut echo: Option<(HeaderName, HeaderValue)> = None;
-        let mut correlation: Option<HeaderName> = None;
-        let mut body_limit: Option<u64> = None;
+        let mut out = Admission::default();
+        // Headers the answer gets however it ends (CORS), once known.
+        let refuse = |r: Refusal, extra: &HeaderMap| {
+            let mut r = r;
+            for (k, v) in extra {
+                r.headers.insert(k.clone(), v.clone());
+            }
+            r
+        };
         for step in &self.steps {
             if step.phase > AUTH_PHASE && has_auth && !auth_done {
                 // Leaving the authentication phase: someone must have been accepted.
                 consumer = consumer.or(anonymous.take());
                 if consumer.is_none() {
-                    return Err(GatewayError::new(ErrorCode::Unauthorized, "credentials are missing or invalid").into());
+                    return Err(refuse(unauthorized(basic_offered), &out.headers));
                 }
                 auth_done = true;
             }
             match &step.what {
-                Compiled::RefuseAuth => {}
                 Compiled::RequestSizeLimit { max } => {
                     // A declared length is checked now, before any byte is
                     // read; a streamed body is cut where it passes the limit.
                     let declared =
                         headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
                     if declared.is_some_and(|len| len > *max) {
-                        return Err(GatewayError::new(ErrorCode::PayloadTooLarge, format!("the request body is over {max} bytes")).into());
+                        let e = GatewayError::new(ErrorCode::PayloadTooLarge, format!("the request body is over {max} bytes"));
+                        return Err(refuse(e.into(), &out.headers));
                     }
-                    body_limit = Some(body_limit.map_or(*max, |l: u64| l.min(*max)));
+                    out.body_limit = Some(out.body_limit.map_or(*max, |l: u64| l.min(*max)));
                 }
                 Compiled::HttpsRedirect { status } => {
                     // Plain HTTP here; only a trusted proxy can say the client used TLS.
@@ -450,13 +626,28 @@ impl PolicyChain {
                             None => format!("https://{host}{}", request.path),
                         };
                         if let Ok(location) = HeaderValue::from_str(&location) {
-                            return Err(Refusal {
-                                error: GatewayError::new(ErrorCode::BadRequest, "use https"),
-                                rate: None,
-                                redirect: Some((*status, location)),
-                            });
+                            let mut r = Refusal::from(GatewayError::new(ErrorCode::BadRequest, "use https"));
+                            r.reply = Some(*status);
+                            r.headers.insert(http::header::LOCATION, location);
+                            return Err(r);
                         }
                     }
+                }
+                Compiled::Cors(cors) => {
+                    if cors::is_preflight(request.method, headers) {
+                        return Err(match cors.preflight(headers) {
+                            Some(h) => Refusal {
+                                error: GatewayError::new(ErrorCode::BadRequest, "preflight"),
+                                rate: None,
+                                reply: Some(StatusCode::NO_CONTENT),
+                                headers: h,
+                            },
+                            None => {
+                                GatewayError::new(ErrorCode::Forbidden, "this origin or method is not allowed by the CORS policy").into()
+                            }
+                        });
+                    }
+                    out.headers.extend(cors.actual(headers));
                 }
                 Compiled::CorrelationId { header, echo: echo_it } => {
                     let value = match headers.get(header) {
@@ -464,9 +655,9 @@ impl PolicyChain {
                         _ => HeaderValue::from_str(&crate::ids::new_uuid()).expect("a uuid is a valid header value"),
                     };
                     headers.insert(header.clone(), value.clone());
-                    correlation = Some(header.clone());
+                    out.correlation = Some(header.clone());
                     if *echo_it {
-                        echo = Some((header.clone(), value));
+                        out.echo = Some((header.clone(), value));
                     }
                 }
                 Compiled::IpRestriction { allow, deny, status } => {
@@ -494,6 +685,42 @@ impl PolicyChain {
                         anonymous = anon.clone();
                     }
                 }
+                Compiled::BasicAuth { hide, anonymous: anon } => {
+                    basic_offered = true;
+                    if consumer.is_some() {
+                        continue;
+                    }
+                    if let (Some((user, pass)), Some(services)) = (basic_credentials(headers), &self.services) {
+                        if let Some((info, hash)) = self.ids.by_username.get(&user) {
+                            if services.verify_password(&user, &pass, hash).await {
+                                consumer = Some(info.clone());
+                                if *hide {
+                                    headers.remove(http::header::AUTHORIZATION);
+                                }
+                            }
+                        }
+                    }
+                    if consumer.is_none() && anonymous.is_none() {
+                        anonymous = anon.clone();
+                    }
+                }
+                Compiled::Jwt { policy, anonymous: anon } => {
+                    if consumer.is_some() {
+                        continue;
+                    }
+                    if let Some(token) = policy.find_token(headers, query.as_deref()) {
+                        match policy.verify(&token, &self.ids.by_issuer) {
+                            Ok((info, claims)) => {
+                                consumer = Some(info);
+                                out.claims = Some(claims);
+                            }
+                            Err(why) => tracing::debug!(policy = %step.name, why, "jwt refused"),
+                        }
+                    }
+                    if consumer.is_none() && anonymous.is_none() {
+                        anonymous = anon.clone();
+                    }
+                }
                 Compiled::Acl { allow, deny } => {
                     let groups = consumer.as_ref().map(|c| c.groups.as_slice()).unwrap_or(&[]);
                     let in_any = |list: &Vec<String>| list.iter().any(|g| groups.contains(g));
@@ -503,10 +730,11 @@ impl PolicyChain {
                         (None, None) => false,
                     };
                     if refused {
-                        return Err(GatewayError::new(ErrorCode::Forbidden, "you are not allowed to use this route").into());
+                        let e = GatewayError::new(ErrorCode::Forbidden, "you are not allowed to use this route");
+                        return Err(refuse(e.into(), &out.headers));
                     }
                 }
-                Compiled::RateLimit { by, state } => {
+                Compiled::RateLimit { by, state, cluster } => {
                     // A request without the key it is split by counts by address.
                     let key = match by {
                         LimitBy::Consumer => consumer.as_ref().map(|c| format!("c:{}", c.name)),
@@ -516,27 +744,46 @@ impl PolicyChain {
                         LimitBy::Route => Some(format!("r:{}", self.entity)),
                     }
                     .unwrap_or_else(|| ip_key(client_ip));
-                    match state.hit(&key) {
+                    let verdict = match cluster {
+                        Some(c) => match c.limiter.check(&c.policy, &key, &state.windows).await {
+                            cluster::Verdict::Allowed(info) => Ok(info),
+                            cluster::Verdict::Refused(info) => Err(info),
+                            cluster::Verdict::Unavailable => {
+                                if !c.fault_tolerant {
+                                    let e = GatewayError::new(ErrorCode::UpstreamUnavailable, "the rate limit cannot be checked right now");
+                                    return Err(refuse(e.into(), &out.headers));
+                                }
+                                c.limiter.fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                state.hit(&key)
+                            }
+                        },
+                        None => state.hit(&key),
+                    };
+                    match verdict {
                         Ok(info) => {
-                            if rate.is_none_or(|r| info.remaining < r.remaining) {
-                                rate = Some(info);
+                            if out.rate.is_none_or(|r| info.remaining < r.remaining) {
+                                out.rate = Some(info);
                             }
                         }
                         Err(info) => {
-                            return Err(Refusal {
-                                error: GatewayError::new(ErrorCode::RateLimited, "too many requests; see Retry-After"),
-                                rate: Some(info),
-                                redirect: None,
-                            });
+                            let mut r = refuse(
+                                GatewayError::new(ErrorCode::RateLimited, "too many requests; see Retry-After").into(),
+                                &out.headers,
+                            );
+                            r.rate = Some(info);
+                            return Err(r);
                         }
                     }
                 }
+                Compiled::RequestTransform(t) => out.request_transforms.push(t.clone()),
+                Compiled::ResponseTransform(t) => out.response_transforms.push(t.clone()),
+                Compiled::ResponseCache(c) => out.cache = Some(c.clone()),
             }
         }
         if has_auth && !auth_done {
             consumer = consumer.or(anonymous);
             if consumer.is_none() {
-                return Err(GatewayError::new(ErrorCode::Unauthorized, "credentials are missing or invalid").into());
+                return Err(refuse(unauthorized(basic_offered), &out.headers));
             }
         }
         if let Some(c) = &consumer {
@@ -547,7 +794,8 @@ impl PolicyChain {
                 headers.insert(X_CONSUMER_GROUPS, v);
             }
         }
-        Ok(Admission { consumer, rate, echo, correlation, body_limit })
+        out.consumer = consumer;
+        Ok(out)
     }
 }
 

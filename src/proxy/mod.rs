@@ -7,7 +7,6 @@ use std::time::Duration;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -112,7 +111,7 @@ pub async fn forward(
     client: &HttpClient,
     route: &ProxyRoute,
     fwd: Forwarding<'_>,
-    req: Request<Incoming>,
+    req: Request<Body>,
 ) -> Result<Response<Body>, GatewayError> {
     let (mut parts, body) = req.into_parts();
     let original_host =
@@ -155,9 +154,9 @@ pub async fn forward(
     h.insert(REQUEST_ID_HEADER, fwd.request_id.clone());
     h.insert(TRACEPARENT, fwd.trace.child());
 
-    let body = match fwd.body_limit {
-        Some(left) => Body::Capped { inner: body, left },
-        None => Body::Stream(body),
+    let body = match (fwd.body_limit, body) {
+        (Some(left), Body::Stream(inner)) => Body::Capped { inner, left },
+        (_, body) => body,
     };
     let upstream_req = Request::from_parts(parts, body);
     let result = tokio::time::timeout(route.timeout, client.request(upstream_req)).await;

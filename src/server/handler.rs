@@ -20,6 +20,7 @@ use crate::compose::{
 };
 use crate::errors::{ErrorCode, GatewayError};
 use crate::ids::{request_id, TraceContext, REQUEST_ID_HEADER};
+use crate::policy::{Admission, Refusal};
 use crate::proxy::{self, Forwarding, HttpClient};
 use crate::snapshot::{RouteMatch, Target};
 
@@ -66,14 +67,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 /// A composition's request body: JSON when it is JSON, else null. A body
 /// that claims to be JSON and is not is the client's error.
 pub async fn read_json_body(headers: &http::HeaderMap, body: Incoming, limit: usize) -> Result<serde_json::Value, GatewayError> {
-    use http_body_util::{BodyExt, Limited};
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(GatewayError::new(ErrorCode::PayloadTooLarge, "the request body is too large"))
-        }
-        Err(_) => return Err(GatewayError::new(ErrorCode::BadRequest, "the request body could not be read")),
-    };
+    let bytes = read_body(body, limit).await?;
     if bytes.is_empty() {
         return Ok(serde_json::Value::Null);
     }
@@ -82,6 +76,18 @@ pub async fn read_json_body(headers: &http::HeaderMap, body: Incoming, limit: us
         Ok(v) => Ok(v),
         Err(_) if says_json => Err(GatewayError::new(ErrorCode::BadRequest, "the request body is not valid JSON")),
         Err(_) => Ok(serde_json::Value::Null),
+    }
+}
+
+/// A client's whole body, up to `limit` bytes (413 past it).
+async fn read_body(body: Incoming, limit: usize) -> Result<bytes::Bytes, GatewayError> {
+    use http_body_util::{BodyExt, Limited};
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(GatewayError::new(ErrorCode::PayloadTooLarge, "the request body is too large"))
+        }
+        Err(_) => Err(GatewayError::new(ErrorCode::BadRequest, "the request body could not be read")),
     }
 }
 
@@ -126,9 +132,28 @@ async fn route_and_run(
     let path = normalize_path(uri.path()).map_err(|e| (e, false))?;
     let host = request_host(&req);
 
+    let preflight = crate::policy::cors::is_preflight(req.method(), req.headers());
     let (target, params, policies) = {
         let snap = shared.snapshot.load();
-        match snap.router.find(&host, req.method(), &path) {
+        let mut found = snap.router.find(&host, req.method(), &path);
+        // A CORS preflight asks about another method: route it as that
+        // method, so the route's cors policy answers it instead of a 405.
+        // The asked method first, then any the path allows: the policy
+        // answers for the path, as browsers ask before every method.
+        if preflight {
+            if let RouteMatch::MethodNotAllowed(allowed) = &found {
+                let asked = req.headers().get(header::ACCESS_CONTROL_REQUEST_METHOD).and_then(|m| Method::from_bytes(m.as_bytes()).ok());
+                let candidates: Vec<Method> = asked.into_iter().chain(allowed.iter().cloned()).collect();
+                for m in candidates {
+                    let again = snap.router.find(&host, &m, &path);
+                    if matches!(&again, RouteMatch::Found { policies, .. } if policies.has_cors()) {
+                        found = again;
+                        break;
+                    }
+                }
+            }
+        }
+        match found {
             RouteMatch::Found { target, params, policies } => (target.clone(), params, policies.clone()),
             RouteMatch::NotFound => return Err((GatewayError::new(ErrorCode::NotFound, "no route matches the request"), false)),
             RouteMatch::MethodNotAllowed(allowed) => {
@@ -145,14 +170,13 @@ async fn route_and_run(
 
     // Policies, in phase order; they may refuse the request, name its
     // consumer, and take a credential out of the headers or query.
-    let mut req = req;
-    let (consumer, (rate, echo, correlation, body_limit)) = if policies.is_empty() {
+    let (mut parts, body) = req.into_parts();
+    let admission = if policies.is_empty() {
         // Consumer headers only ever come from the gateway.
-        req.headers_mut().remove(crate::policy::X_CONSUMER_NAME);
-        req.headers_mut().remove(crate::policy::X_CONSUMER_GROUPS);
-        (None, (None, None, None, None))
+        parts.headers.remove(crate::policy::X_CONSUMER_NAME);
+        parts.headers.remove(crate::policy::X_CONSUMER_GROUPS);
+        Admission::default()
     } else {
-        let (mut parts, body) = req.into_parts();
         // Hop-by-hop headers go first, so `Connection: x-consumer-name`
         // cannot remove what the policies are about to set.
         crate::proxy::remove_hop_by_hop(&mut parts.headers);
@@ -163,78 +187,229 @@ async fn route_and_run(
             v4 => v4,
         };
         let trusted_peer = shared.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
-        let facts = crate::policy::RequestFacts { path: &path, trusted_peer };
-        let admission = match policies.admit(facts, client_ip, &mut parts.headers, &mut query) {
+        let facts = crate::policy::RequestFacts { method: &parts.method, path: &path, trusted_peer };
+        let admission = match policies.admit(facts, client_ip, &mut parts.headers, &mut query).await {
             Ok(a) => a,
-            Err(refusal) => {
-                if let Some((status, location)) = refusal.redirect {
-                    let mut resp = Response::new(Body::Empty);
-                    *resp.status_mut() = status;
-                    resp.headers_mut().insert(header::LOCATION, location);
-                    return Ok(resp);
-                }
-                let mut resp = refusal.error.into_response(request_id.to_str().unwrap_or(""));
-                if let Some(r) = &refusal.rate {
-                    crate::policy::rate_headers(resp.headers_mut(), r, true);
-                }
-                return Ok(resp);
-            }
+            Err(refusal) => return Ok(refusal_response(refusal, request_id)),
         };
         if query.as_deref() != parts.uri.query() {
-            let pq = match &query {
-                Some(q) => format!("{}?{q}", parts.uri.path()),
-                None => parts.uri.path().to_string(),
-            };
-            let mut up = parts.uri.clone().into_parts();
-            up.path_and_query = pq.parse().ok();
-            if let Ok(uri) = http::Uri::from_parts(up) {
-                parts.uri = uri;
-            }
+            set_query(&mut parts.uri, query.as_deref());
         }
-        req = Request::from_parts(parts, body);
-        (admission.consumer, (admission.rate, admission.echo, admission.correlation, admission.body_limit))
+        admission
     };
+
+    // request-transform: headers and query now; a JSON body below, where
+    // the target reads it.
+    let mut ctx: Option<serde_json::Value> = None;
+    let mut body_transforms = Vec::new();
+    for t in &admission.request_transforms {
+        if t.needs_context() && ctx.is_none() {
+            ctx = Some(transform_context(&parts, &params, &admission, serde_json::Value::Null));
+        }
+        let c = ctx.as_ref().unwrap_or(&serde_json::Value::Null);
+        t.apply_headers(&mut parts.headers, c);
+        let q = t.apply_query(parts.uri.query(), c);
+        if q.as_deref() != parts.uri.query() {
+            set_query(&mut parts.uri, q.as_deref());
+        }
+        if t.touches_body() {
+            body_transforms.push(t.clone());
+        }
+    }
+
+    // response-cache: a stored answer skips everything after this point.
+    let cache_key = admission.cache.as_ref().and_then(|c| {
+        c.key(&crate::policy::cache::Lookup {
+            entity: policies.entity(),
+            method: &parts.method,
+            path: &path,
+            query: parts.uri.query(),
+            headers: &parts.headers,
+            consumer: admission.consumer.as_ref().map(|c| c.name.as_str()),
+        })
+    });
+    if let (Some(cache), Some(key)) = (&admission.cache, &cache_key) {
+        if let Some(resp) = cache.get(key) {
+            return Ok(finish(resp, &admission));
+        }
+    }
 
     let result = match target {
         Target::Proxy(route) => {
-            let trace = TraceContext::from_headers(req.headers());
+            let trace = TraceContext::from_headers(&parts.headers);
             let trusted_peer = shared.trusted_proxies.iter().any(|net| net.contains(&peer.ip()));
-            let fwd =
-                Forwarding { client_ip: peer.ip(), trusted_peer, request_id, trace: &trace, path: &path, params: &params, body_limit };
+            let body = if body_transforms.is_empty() {
+                Body::Stream(body)
+            } else {
+                // Read whole (within the size limit) to change a JSON object;
+                // any other body goes on byte for byte.
+                let limit = admission.body_limit.map_or(MAX_REQUEST_BODY, |l| (l as usize).min(MAX_REQUEST_BODY));
+                let bytes = read_body(body, limit).await.map_err(|e| (e, false))?;
+                let bytes = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                    Ok(mut json) if json.is_object() => {
+                        let c = ctx.get_or_insert_with(|| transform_context(&parts, &params, &admission, serde_json::Value::Null));
+                        for t in &body_transforms {
+                            t.apply_body(&mut json, c);
+                        }
+                        bytes::Bytes::from(serde_json::to_vec(&json).unwrap_or_default())
+                    }
+                    _ => bytes,
+                };
+                parts.headers.remove(header::TRANSFER_ENCODING);
+                parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                Body::full(bytes)
+            };
+            let req = Request::from_parts(parts, body);
+            let fwd = Forwarding {
+                client_ip: peer.ip(),
+                trusted_peer,
+                request_id,
+                trace: &trace,
+                path: &path,
+                params: &params,
+                body_limit: admission.body_limit,
+            };
             proxy::forward(&worker.client, &route, fwd, req).await.map_err(|e| (e, false))
         }
         Target::Composition(plan) => {
-            let trace = TraceContext::from_headers(req.headers());
-            let (parts, body) = req.into_parts();
+            let trace = TraceContext::from_headers(&parts.headers);
             // The body counts against the composition's deadline: a client that
             // stops sending it cannot hold the connection.
-            let limit = body_limit.map_or(MAX_REQUEST_BODY, |l| (l as usize).min(MAX_REQUEST_BODY));
-            let body = match tokio::time::timeout(plan.deadline, read_json_body(&parts.headers, body, limit)).await {
+            let limit = admission.body_limit.map_or(MAX_REQUEST_BODY, |l| (l as usize).min(MAX_REQUEST_BODY));
+            let mut body = match tokio::time::timeout(plan.deadline, read_json_body(&parts.headers, body, limit)).await {
                 Ok(body) => body.map_err(|e| (e, false))?,
                 Err(_) => return Err((GatewayError::new(ErrorCode::BadRequest, "the request body did not arrive in time"), true)),
             };
-            let mut request = request_context(&parts.method, &params, parts.uri.query(), &parts.headers, body);
-            if let (Some(c), serde_json::Value::Object(m)) = (&consumer, &mut request) {
-                m.insert("consumer".into(), serde_json::json!({"name": c.name, "groups": c.groups}));
+            if !body_transforms.is_empty() && body.is_object() {
+                let c = ctx.get_or_insert_with(|| transform_context(&parts, &params, &admission, serde_json::Value::Null));
+                for t in &body_transforms {
+                    t.apply_body(&mut body, c);
+                }
             }
+            let mut request = request_context(&parts.method, &params, parts.uri.query(), &parts.headers, body);
+            add_consumer(&mut request, &admission);
             let ex = compose::Exchange {
                 client: &worker.client,
                 request_id,
                 trace: &trace,
                 client_headers: &parts.headers,
                 record: false,
-                correlation: correlation.clone(),
+                correlation: admission.correlation.clone(),
             };
             Ok(compose::run(ex, &plan, request).await.response)
         }
     };
-    result.map(|mut resp| {
-        if let Some(r) = &rate {
-            crate::policy::rate_headers(resp.headers_mut(), r, false);
+    let mut resp = result?;
+
+    // response-transform, then response-cache, as SPEC's phase order says.
+    if !admission.response_transforms.is_empty() {
+        resp = transform_response(resp, &admission, ctx).await;
+    }
+    if let (Some(cache), Some(key)) = (&admission.cache, cache_key) {
+        resp = cache.store(key, resp);
+    }
+    Ok(finish(resp, &admission))
+}
+
+/// What the policies add to every answer they admitted.
+fn finish(mut resp: Response<Body>, admission: &Admission) -> Response<Body> {
+    if let Some(r) = &admission.rate {
+        crate::policy::rate_headers(resp.headers_mut(), r, false);
+    }
+    if let Some((name, value)) = &admission.echo {
+        resp.headers_mut().insert(name.clone(), value.clone());
+    }
+    for (k, v) in &admission.headers {
+        resp.headers_mut().insert(k.clone(), v.clone());
+    }
+    resp
+}
+
+fn refusal_response(refusal: Refusal, request_id: &HeaderValue) -> Response<Body> {
+    let mut resp = match refusal.reply {
+        Some(status) => {
+            let mut resp = Response::new(Body::Empty);
+            *resp.status_mut() = status;
+            resp
         }
-        if let Some((name, value)) = echo {
-            resp.headers_mut().insert(name, value);
+        None => refusal.error.into_response(request_id.to_str().unwrap_or("")),
+    };
+    if let Some(r) = &refusal.rate {
+        crate::policy::rate_headers(resp.headers_mut(), r, true);
+    }
+    for (k, v) in refusal.headers {
+        if let Some(k) = k {
+            resp.headers_mut().insert(k, v);
         }
-        resp
-    })
+    }
+    resp
+}
+
+fn set_query(uri: &mut http::Uri, query: Option<&str>) {
+    let pq = match query {
+        Some(q) => format!("{}?{q}", uri.path()),
+        None => uri.path().to_string(),
+    };
+    let mut up = uri.clone().into_parts();
+    up.path_and_query = pq.parse().ok();
+    if let Ok(u) = http::Uri::from_parts(up) {
+        *uri = u;
+    }
+}
+
+/// `request.consumer` (name, groups, and a JWT's claims) in a context.
+fn add_consumer(request: &mut serde_json::Value, admission: &Admission) {
+    if let (Some(c), serde_json::Value::Object(m)) = (&admission.consumer, request) {
+        let mut consumer = serde_json::json!({"name": c.name, "groups": c.groups});
+        if let Some(claims) = &admission.claims {
+            consumer["claims"] = claims.clone();
+        }
+        m.insert("consumer".into(), consumer);
+    }
+}
+
+/// The document transform templates read: `{"request": ...}`.
+fn transform_context(
+    parts: &http::request::Parts,
+    params: &[(Arc<str>, String)],
+    admission: &Admission,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let mut request = request_context(&parts.method, params, parts.uri.query(), &parts.headers, body);
+    add_consumer(&mut request, admission);
+    crate::policy::transform::context(request)
+}
+
+/// Applies response-transforms: headers always, a JSON object body when
+/// the answer is JSON (read whole, up to the backend body limit).
+async fn transform_response(resp: Response<Body>, admission: &Admission, ctx: Option<serde_json::Value>) -> Response<Body> {
+    use http_body_util::{BodyExt, Limited};
+    let ctx = ctx.unwrap_or(serde_json::Value::Null);
+    let (mut parts, body) = resp.into_parts();
+    for t in &admission.response_transforms {
+        t.apply_headers(&mut parts.headers, &ctx);
+    }
+    let is_json = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
+    if !is_json || !admission.response_transforms.iter().any(|t| t.touches_body()) {
+        return Response::from_parts(parts, body);
+    }
+    let bytes = match Limited::new(body, compose::plan::DEFAULT_MAX_BODY).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => {
+            let e = GatewayError::new(ErrorCode::UpstreamError, "the upstream answer could not be read to transform it");
+            return e.into_response("");
+        }
+    };
+    let bytes = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(mut json) if json.is_object() => {
+            for t in &admission.response_transforms {
+                t.apply_body(&mut json, &ctx);
+            }
+            bytes::Bytes::from(serde_json::to_vec(&json).unwrap_or_default())
+        }
+        _ => bytes,
+    };
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    Response::from_parts(parts, Body::full(bytes))
 }

@@ -42,6 +42,8 @@ pub struct Shared {
     pub db_reachable: std::sync::atomic::AtomicBool,
     /// The database the running config came from (`config_state.instance`).
     pub db_instance: std::sync::Mutex<Option<String>>,
+    /// What policies keep beyond one config (Redis, JWK Sets).
+    pub services: Arc<crate::policy::Services>,
 }
 
 impl Shared {
@@ -51,9 +53,9 @@ impl Shared {
         store: Option<crate::store::Store>,
         trusted_proxies: Vec<IpNet>,
         limits: Limits,
+        services: Arc<crate::policy::Services>,
     ) -> Result<Arc<Self>, ConfigErrors> {
-        let snap = snapshot::compile(config, version)?;
-        warn_unenforced(&snap);
+        let snap = snapshot::compile(config, version, &services)?;
         Ok(Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snap),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -65,12 +67,13 @@ impl Shared {
             store,
             db_reachable: std::sync::atomic::AtomicBool::new(false),
             db_instance: std::sync::Mutex::new(None),
+            services,
         }))
     }
 
     /// Like [`Shared::replace_config`], at the version the database gave.
     pub fn replace_config_at(&self, config: Config, version: u64) -> Result<(), ConfigErrors> {
-        self.install(snapshot::compile(config, version)?);
+        self.install(snapshot::compile(config, version, &self.services)?);
         Ok(())
     }
 
@@ -78,25 +81,13 @@ impl Shared {
     /// the snapshot they started with.
     pub fn replace_config(&self, config: Config) -> Result<u64, ConfigErrors> {
         let version = self.snapshot.load().version + 1;
-        self.install(snapshot::compile(config, version)?);
+        self.install(snapshot::compile(config, version, &self.services)?);
         Ok(version)
     }
 
     fn install(&self, snap: Snapshot) {
-        warn_unenforced(&snap);
         self.snapshot.store(Arc::new(snap));
         self.reloads.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Policies are validated but not applied yet: say so on every config a
-/// node takes, so nobody believes a route is protected when it is not.
-fn warn_unenforced(snap: &Snapshot) {
-    if !snap.unenforced_policies.is_empty() {
-        tracing::warn!(
-            policies = ?snap.unenforced_policies,
-            "these policies are attached or global but NOT ENFORCED: the policy runtime is not in this build yet"
-        );
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod sync;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
@@ -151,6 +152,9 @@ pub struct WriteOutcome {
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// The node's policy services, so a write is checked as this node
+    /// would take it (a cluster rate limit needs Redis).
+    services: Arc<crate::policy::Services>,
 }
 
 fn merge_patch(target: &mut Value, patch: &Value) {
@@ -235,17 +239,23 @@ fn tags_of(entity: &Value) -> Vec<String> {
 }
 
 impl Store {
+    /// Checks writes with these services (see [`Store::services`]).
+    pub fn with_services(mut self, services: Arc<crate::policy::Services>) -> Store {
+        self.services = services;
+        self
+    }
+
     /// Connects, or fails within a few seconds.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
         let pool = PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(3)).connect(url).await?;
-        Ok(Store { pool })
+        Ok(Store { pool, services: crate::policy::Services::new(None) })
     }
 
     /// A store whose connections are made when first needed, so a node can
     /// start while the database is down.
     pub fn lazy(url: &str) -> Result<Store, StoreError> {
         let pool = PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(3)).connect_lazy(url)?;
-        Ok(Store { pool })
+        Ok(Store { pool, services: crate::policy::Services::new(None) })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -468,9 +478,10 @@ impl Store {
         // Exactly the checks `manifold validate` makes, on the whole config;
         // argon2 hashing is CPU work, kept off the control runtime.
         let previous = current.clone();
+        let services = self.services.clone();
         let next = tokio::task::spawn_blocking(move || {
             let next = LoadedConfig::from_config(next).validated_against(Some(&previous))?;
-            crate::snapshot::compile(next.clone(), 0)?;
+            crate::snapshot::compile(next.clone(), 0, &services)?;
             Ok(next)
         })
         .await
