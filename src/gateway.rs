@@ -139,11 +139,10 @@ impl Gateway {
         };
         let shared = Shared::new(config, version, store.clone(), opts.trusted_proxies.clone(), opts.limits.clone(), services.clone())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        // Connect before serving, so a node whose Redis is up never counts
-        // a cluster limit on its own; a Redis that is down is retried in
-        // the background meanwhile.
+        // Know whether Redis answers before serving (and say so in the log);
+        // each worker opens its own connection on its first check.
         if let Some(redis) = services.redis.clone() {
-            let _ = block_on(&control, async move { tokio::time::timeout(Duration::from_secs(2), redis.connect()).await });
+            let _ = block_on(&control, async move { tokio::time::timeout(Duration::from_secs(2), redis.ping()).await });
         }
         services.spawn_background(control.handle());
         shared.db_reachable.store(reachable, Ordering::Relaxed);

@@ -2,18 +2,27 @@
 //! on Redis, so nodes share one exact sliding-window count. The clock is
 //! Redis's own (`TIME`), so nodes with skewed clocks still agree.
 //!
+//! Each worker thread has its own multiplexed connection, opened on its
+//! first check, so a check never hops to another thread (PERFORMANCE.md:
+//! the cross-thread wake-ups cost more than the script).
+//!
 //! Redis going away never fails a request by itself: a check that errors or
 //! takes longer than [`CHECK_TIMEOUT`] is answered by the policy's local
-//! counters instead (`fault_tolerant`, the default), counted in
-//! [`RedisLimiter::fallbacks`], and Redis is left alone for [`BACKOFF`]
-//! before the next try, so an outage costs no latency per request.
+//! counters instead (`fault_tolerant`, the default) and counted in
+//! [`RedisLimiter::fallbacks`]; the worker drops its connection (a silent
+//! network can leave it half-open forever), and for [`BACKOFF`] every check
+//! counts locally. Then one check per back-off period probes Redis while
+//! the others keep counting locally, so an outage costs almost no latency.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::MultiplexedConnection;
+use redis::AsyncConnectionConfig;
+use tokio::sync::OnceCell;
 
 use super::RateInfo;
 
@@ -22,47 +31,87 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_millis(250);
 /// After a failed check, how long requests count locally without trying.
 pub const BACKOFF: Duration = Duration::from_secs(1);
 
-/// KEYS[1]: the bucket's base key. ARGV: window length in ms and limit, per
-/// window. Each window keeps a counter per fixed period; the previous
-/// period's count is weighted by how much of it still overlaps the sliding
-/// window. Nothing is counted when any window is full.
-/// Returns {refused, limit, remaining, reset_secs} of the tightest window.
+thread_local! {
+    /// This worker's connection to each limiter's Redis (by limiter address).
+    static CONNECTIONS: RefCell<HashMap<usize, Arc<OnceCell<MultiplexedConnection>>>> = RefCell::new(HashMap::new());
+    /// This worker's batch of checks for each limiter.
+    static BATCHES: RefCell<HashMap<usize, Arc<Batch>>> = RefCell::new(HashMap::new());
+}
+
+/// A batch of checks, each atomic, run in order in one script: KEYS[k]
+/// is check k's bucket; ARGV holds, per check, its number of windows and
+/// then each window's length in ms and limit. Each window keeps a counter
+/// per fixed period; the previous period's count is weighted by how much of
+/// it still overlaps the sliding window. A check counts nothing when any of
+/// its windows is full. Returns, per check, {refused, limit, remaining,
+/// reset_secs} of its tightest window.
 const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local refused = 0
-local best_limit, best_remaining, best_reset = 0, -1, 1
-local current = {}
-for i = 1, #ARGV / 2 do
-  local len = tonumber(ARGV[2 * i - 1])
-  local limit = tonumber(ARGV[2 * i])
-  local period = math.floor(now / len)
-  local ck = KEYS[1] .. ':' .. len .. ':' .. period
-  local pk = KEYS[1] .. ':' .. len .. ':' .. (period - 1)
-  local cur = tonumber(redis.call('GET', ck) or '0')
-  local prev = tonumber(redis.call('GET', pk) or '0')
-  local elapsed = now - period * len
-  local used = math.floor(prev * (len - elapsed) / len) + cur
-  if used >= limit then refused = 1 end
-  local remaining = limit - used - 1
-  if remaining < 0 then remaining = 0 end
-  local reset = math.ceil((len - elapsed) / 1000)
-  if reset < 1 then reset = 1 end
-  if best_remaining < 0 or remaining < best_remaining then
-    best_limit, best_remaining, best_reset = limit, remaining, reset
+local out = {}
+local a = 1
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  local refused = 0
+  local best_limit, best_remaining, best_reset = 0, -1, 1
+  local current = {}
+  for i = 1, n do
+    local len = tonumber(ARGV[a])
+    local limit = tonumber(ARGV[a + 1])
+    a = a + 2
+    local period = math.floor(now / len)
+    local ck = KEYS[k] .. ':' .. i .. ':' .. len .. ':' .. period
+    local pk = KEYS[k] .. ':' .. i .. ':' .. len .. ':' .. (period - 1)
+    local got = redis.call('MGET', ck, pk)
+    local cur = tonumber(got[1] or '0')
+    local prev = tonumber(got[2] or '0')
+    local elapsed = now - period * len
+    local used = math.floor(prev * (len - elapsed) / len) + cur
+    if used >= limit then refused = 1 end
+    local remaining = limit - used - 1
+    if remaining < 0 then remaining = 0 end
+    local reset = math.ceil((len - elapsed) / 1000)
+    if reset < 1 then reset = 1 end
+    if best_remaining < 0 or remaining < best_remaining then
+      best_limit, best_remaining, best_reset = limit, remaining, reset
+    end
+    current[i] = {ck, len}
   end
-  current[i] = {ck, len}
-end
-if refused == 1 then
-  best_remaining = 0
-else
-  for i = 1, #current do
-    redis.call('INCR', current[i][1])
-    redis.call('PEXPIRE', current[i][1], 2 * current[i][2] + 1000)
+  if refused == 1 then
+    best_remaining = 0
+  else
+    for i = 1, #current do
+      if redis.call('INCR', current[i][1]) == 1 then
+        redis.call('PEXPIRE', current[i][1], 2 * current[i][2] + 1000)
+      end
+    end
   end
+  out[#out + 1] = refused
+  out[#out + 1] = best_limit
+  out[#out + 1] = best_remaining
+  out[#out + 1] = best_reset
 end
-return {refused, best_limit, best_remaining, best_reset}
+return out
 "#;
+
+/// The most checks one script runs, so one batch cannot hold Redis long.
+const MAX_BATCH: usize = 256;
+
+/// A check waiting for the worker's next batch.
+struct Pending {
+    key: String,
+    /// (length in ms, limit) of each window.
+    windows: Arc<[(u64, u64)]>,
+    reply: tokio::sync::oneshot::Sender<Verdict>,
+}
+
+/// One worker's queue of checks for one limiter, and whether a task is
+/// scheduled to send them.
+#[derive(Default)]
+struct Batch {
+    queue: std::sync::Mutex<(Vec<Pending>, bool)>,
+}
 
 /// How to reach Redis: its URL and the prefix of every key, so several
 /// gateway clusters (or tests) can share one server.
@@ -72,19 +121,18 @@ pub struct RedisOptions {
     pub prefix: String,
 }
 
-/// The shared Redis connection of one node, and its health.
+/// One node's access to Redis for cluster limits, and its health.
 pub struct RedisLimiter {
     options: RedisOptions,
-    conn: ArcSwapOption<ConnectionManager>,
+    client: Option<redis::Client>,
     script: redis::Script,
-    /// Set while a connection attempt runs, so only one runs.
-    connecting: AtomicBool,
-    /// Millis since `epoch` before which checks go straight to local.
+    /// 0 while healthy; else millis since `epoch` before which checks go
+    /// straight to local counting.
     down_until: AtomicU64,
     epoch: Instant,
     /// Checks answered by the local fallback because Redis failed.
     pub fallbacks: AtomicU64,
-    /// Whether the last check reached Redis.
+    /// Whether the last check (or the start-up ping) reached Redis.
     pub reachable: AtomicBool,
 }
 
@@ -103,13 +151,18 @@ impl std::fmt::Debug for RedisLimiter {
 }
 
 impl RedisLimiter {
-    /// A limiter that connects on first use (see [`RedisLimiter::connect`]).
     pub fn new(options: RedisOptions) -> RedisLimiter {
+        let client = match redis::Client::open(options.url.as_str()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(error = %e, "MANIFOLD_REDIS_URL is not a Redis URL: cluster rate limits count locally");
+                None
+            }
+        };
         RedisLimiter {
             options,
-            conn: ArcSwapOption::empty(),
+            client,
             script: redis::Script::new(SCRIPT),
-            connecting: AtomicBool::new(false),
             down_until: AtomicU64::new(0),
             epoch: Instant::now(),
             fallbacks: AtomicU64::new(0),
@@ -121,91 +174,166 @@ impl RedisLimiter {
         &self.options.prefix
     }
 
-    /// Opens the connection. Its reconnections run on the runtime this is
-    /// called on, which must outlive the limiter's users (the control one).
-    pub async fn connect(self: &Arc<Self>) {
-        if self.conn.load().is_some() || self.connecting.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        // Cleared however this ends, a timeout that drops the future included.
-        struct Clear<'a>(&'a AtomicBool);
-        impl Drop for Clear<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
-            }
-        }
-        let _clear = Clear(&self.connecting);
-        let result = async {
-            let client = redis::Client::open(self.options.url.as_str())?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(CHECK_TIMEOUT)
-                .set_response_timeout(CHECK_TIMEOUT)
-                .set_number_of_retries(1)
-                .set_max_delay(200);
-            ConnectionManager::new_with_config(client, config).await
+    async fn open(&self) -> redis::RedisResult<MultiplexedConnection> {
+        let Some(client) = &self.client else {
+            return Err(redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "invalid Redis URL")));
+        };
+        let config = AsyncConnectionConfig::new().set_connection_timeout(CHECK_TIMEOUT).set_response_timeout(CHECK_TIMEOUT);
+        client.get_multiplexed_async_connection_with_config(&config).await
+    }
+
+    /// Checks that Redis answers (at start-up, before the node serves).
+    pub async fn ping(&self) -> bool {
+        let ok = async {
+            let mut conn = self.open().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
         }
         .await;
-        match result {
-            Ok(conn) => {
-                tracing::info!(prefix = %self.options.prefix, "connected to Redis for cluster rate limits");
-                self.conn.store(Some(Arc::new(conn)));
+        match ok {
+            Ok(_) => {
+                tracing::info!(prefix = %self.options.prefix, "Redis answers: cluster rate limits count there");
                 self.reachable.store(true, Ordering::Relaxed);
+                true
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach Redis: cluster rate limits count locally until it answers");
                 self.reachable.store(false, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Keeps trying to connect until it works (run on the control runtime).
-    pub async fn keep_connecting(self: Arc<Self>) {
-        while self.conn.load().is_none() {
-            self.connect().await;
-            if self.conn.load().is_none() {
-                tokio::time::sleep(BACKOFF).await;
+                false
             }
         }
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn slot(&self) -> Arc<OnceCell<MultiplexedConnection>> {
+        let id = self as *const RedisLimiter as usize;
+        CONNECTIONS.with(|c| c.borrow_mut().entry(id).or_default().clone())
+    }
+
+    /// Forgets this worker's connection, so the next check opens a new one.
+    fn drop_connection(&self) {
+        let id = self as *const RedisLimiter as usize;
+        CONNECTIONS.with(|c| c.borrow_mut().remove(&id));
     }
 
     /// One atomic check-and-count of `key` under `policy` for `windows`.
-    pub async fn check(&self, policy: &str, key: &str, windows: &[(u64, Duration)]) -> Verdict {
-        if self.now_ms() < self.down_until.load(Ordering::Relaxed) {
-            return Verdict::Unavailable;
-        }
-        let Some(conn) = self.conn.load_full() else { return Verdict::Unavailable };
-        let mut conn = (*conn).clone();
-        // The braces are a Redis Cluster hash tag: every key of a bucket
-        // lands on one shard, as the script needs.
-        let base = format!("{}:rl:{{{policy}:{key}}}", self.options.prefix);
-        let mut inv = self.script.key(base);
-        for (limit, len) in windows {
-            inv.arg(len.as_millis().max(1) as u64).arg(*limit);
-        }
-        let result: Result<redis::RedisResult<(u8, u64, u64, u64)>, _> =
-            tokio::time::timeout(CHECK_TIMEOUT, inv.invoke_async(&mut conn)).await;
-        match result {
-            Ok(Ok((refused, limit, remaining, reset_secs))) => {
-                self.reachable.store(true, Ordering::Relaxed);
-                let info = RateInfo { limit, remaining, reset_secs };
-                if refused == 1 {
-                    Verdict::Refused(info)
-                } else {
-                    Verdict::Allowed(info)
-                }
+    ///
+    /// Checks a worker makes while its previous batch is with Redis go
+    /// together in the next one: one round trip and one script run for many
+    /// requests, each still atomic, so the count stays exact while Redis and
+    /// the worker do a fraction of the work per request.
+    pub async fn check(self: &Arc<Self>, policy: &str, key: &str, windows: &Arc<[(u64, u64)]>) -> Verdict {
+        let now = self.now_ms();
+        let down = self.down_until.load(Ordering::Relaxed);
+        if down != 0 {
+            // Recovering: one check per back-off period probes Redis; the
+            // others count locally rather than wait on it.
+            if now < down
+                || self.down_until.compare_exchange(down, now + BACKOFF.as_millis() as u64, Ordering::AcqRel, Ordering::Relaxed).is_err()
+            {
+                return Verdict::Unavailable;
             }
-            Ok(Err(e)) => self.failed(&e.to_string()),
-            Err(_) => self.failed("timed out"),
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let pending = Pending { key: format!("{}:rl:{policy}:{key}", self.options.prefix), windows: windows.clone(), reply };
+        let id = Arc::as_ptr(self) as usize;
+        let batch = BATCHES.with(|b| b.borrow_mut().entry(id).or_default().clone());
+        {
+            let mut queue = batch.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.0.push(pending);
+            if !queue.1 {
+                queue.1 = true;
+                self.schedule(batch.clone());
+            }
+        }
+        // No timer of its own: every batch is bounded by CHECK_TIMEOUT and
+        // answers each of its checks, Unavailable when it fails.
+        answer.await.unwrap_or(Verdict::Unavailable)
+    }
+
+    fn schedule(self: &Arc<Self>, batch: Arc<Batch>) {
+        tokio::spawn(self.clone().send_queued(batch));
+    }
+
+    /// Sends this worker's queued checks, a batch at a time, until none
+    /// are left: checks made while one batch is with Redis go together in
+    /// the next.
+    async fn send_queued(self: Arc<Self>, batch: Arc<Batch>) {
+        loop {
+            let items: Vec<Pending> = {
+                let mut queue = batch.queue.lock().unwrap_or_else(|e| e.into_inner());
+                if queue.0.is_empty() {
+                    queue.1 = false;
+                    return;
+                }
+                let n = queue.0.len().min(MAX_BATCH);
+                queue.0.drain(..n).collect()
+            };
+            self.send(items).await;
+        }
+    }
+
+    async fn send(&self, items: Vec<Pending>) {
+        let deadline = tokio::time::Instant::now() + CHECK_TIMEOUT;
+        let mut inv = self.script.prepare_invoke();
+        for p in &items {
+            inv.key(p.key.as_str());
+        }
+        for p in &items {
+            inv.arg(p.windows.len());
+            for (len, limit) in p.windows.iter() {
+                inv.arg(*len).arg(*limit);
+            }
+        }
+        // A connection this worker has not used since Redis went away is
+        // dead: the first error opens a new one and tries once more.
+        let mut last_error = String::new();
+        let mut values = None;
+        for _ in 0..2 {
+            let slot = self.slot();
+            let mut conn = match tokio::time::timeout_at(deadline, slot.get_or_try_init(|| self.open())).await {
+                Ok(Ok(conn)) => conn.clone(),
+                Ok(Err(e)) => return self.fail_all(items, &e.to_string()),
+                Err(_) => return self.fail_all(items, "connecting timed out"),
+            };
+            let result: Result<redis::RedisResult<Vec<u64>>, _> = tokio::time::timeout_at(deadline, inv.invoke_async(&mut conn)).await;
+            match result {
+                Ok(Ok(v)) if v.len() == items.len() * 4 => {
+                    values = Some(v);
+                    break;
+                }
+                Ok(Ok(_)) => return self.fail_all(items, "the script answered an unexpected shape"),
+                Ok(Err(e)) => {
+                    self.drop_connection();
+                    last_error = e.to_string();
+                }
+                Err(_) => return self.fail_all(items, "timed out"),
+            }
+        }
+        let Some(values) = values else { return self.fail_all(items, &last_error) };
+        if self.down_until.load(Ordering::Relaxed) != 0 || !self.reachable.load(Ordering::Relaxed) {
+            tracing::info!("Redis answers again: cluster rate limits count there");
+            self.down_until.store(0, Ordering::Relaxed);
+            self.reachable.store(true, Ordering::Relaxed);
+        }
+        for (p, v) in items.into_iter().zip(values.chunks_exact(4)) {
+            let info = RateInfo { limit: v[1], remaining: v[2], reset_secs: v[3] };
+            let _ = p.reply.send(if v[0] == 1 { Verdict::Refused(info) } else { Verdict::Allowed(info) });
+        }
+    }
+
+    fn fail_all(&self, items: Vec<Pending>, why: &str) {
+        self.failed(why);
+        for p in items {
+            let _ = p.reply.send(Verdict::Unavailable);
         }
     }
 
     fn failed(&self, why: &str) -> Verdict {
-        let was = self.reachable.swap(false, Ordering::Relaxed);
-        if was {
+        self.drop_connection();
+        if self.reachable.swap(false, Ordering::Relaxed) {
             tracing::warn!(error = why, "Redis failed a rate-limit check: counting locally for now");
         }
         self.down_until.store(self.now_ms() + BACKOFF.as_millis() as u64, Ordering::Relaxed);

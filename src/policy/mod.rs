@@ -21,7 +21,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use ipnet::IpNet;
 use serde_json::Value;
 
-use crate::config::validate::{parse_cidr, policy_config, sha256_hex};
+use crate::config::validate::{parse_cidr, policy_config};
 use crate::config::{Config, ConfigError, Credential, PolicyConfig, PolicyKind, RateLimitScope};
 use crate::errors::{ErrorCode, GatewayError};
 
@@ -60,12 +60,9 @@ impl Services {
         })
     }
 
-    /// The background work: connecting to Redis, refreshing JWK Sets.
+    /// The background work: refreshing JWK Sets.
     /// Spawned on the control runtime, which outlives every request.
     pub fn spawn_background(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
-        if let Some(redis) = &self.redis {
-            runtime.spawn(redis.clone().keep_connecting());
-        }
         runtime.spawn(self.jwks.clone().run());
     }
 
@@ -279,12 +276,30 @@ impl PolicyStates {
 pub struct ConsumerInfo {
     pub name: String,
     pub groups: Vec<String>,
+    /// `X-Consumer-Name` and `X-Consumer-Groups`, made once per config.
+    name_header: Option<HeaderValue>,
+    groups_header: Option<HeaderValue>,
+    /// This consumer's rate-limit bucket (`by: consumer`).
+    limit_key: String,
+}
+
+impl ConsumerInfo {
+    pub fn new(name: &str, groups: &[String]) -> ConsumerInfo {
+        ConsumerInfo {
+            name: name.to_string(),
+            groups: groups.to_vec(),
+            name_header: HeaderValue::from_str(name).ok(),
+            groups_header: HeaderValue::from_str(&groups.join(",")).ok(),
+            limit_key: format!("c:{name}"),
+        }
+    }
 }
 
 /// Who holds which credential, built once per config.
 #[derive(Debug, Default)]
 pub struct Identities {
-    by_key_digest: HashMap<String, Arc<ConsumerInfo>>,
+    /// SHA-256 of each API key (the config holds them in hex).
+    by_key_digest: HashMap<[u8; 32], Arc<ConsumerInfo>>,
     by_name: HashMap<String, Arc<ConsumerInfo>>,
     /// basic-auth username -> consumer and argon2 hash.
     by_username: HashMap<String, (Arc<ConsumerInfo>, Arc<str>)>,
@@ -296,12 +311,15 @@ impl Identities {
     pub fn build(config: &Config) -> Identities {
         let mut ids = Identities::default();
         for c in &config.consumers {
-            let info = Arc::new(ConsumerInfo { name: c.name.clone(), groups: c.groups.clone() });
+            let info = Arc::new(ConsumerInfo::new(&c.name, &c.groups));
             ids.by_name.insert(c.name.clone(), info.clone());
             for cred in &c.credentials {
                 match cred {
                     Credential::KeyAuth { key_sha256: Some(d), .. } => {
-                        ids.by_key_digest.insert(d.clone(), info.clone());
+                        let mut digest = [0u8; 32];
+                        if hex::decode_to_slice(d, &mut digest).is_ok() {
+                            ids.by_key_digest.insert(digest, info.clone());
+                        }
                     }
                     Credential::BasicAuth { username, password_hash: Some(h), .. } => {
                         ids.by_username.entry(username.clone()).or_insert_with(|| (info.clone(), Arc::from(h.as_str())));
@@ -325,6 +343,8 @@ struct ClusterLimit {
     limiter: Arc<cluster::RedisLimiter>,
     policy: String,
     fault_tolerant: bool,
+    /// (length in ms, limit) of each window, as the script takes them.
+    windows: Arc<[(u64, u64)]>,
 }
 
 #[derive(Debug)]
@@ -534,9 +554,12 @@ impl PolicyChain {
                         },
                     };
                     let cluster = match (c.scope, &services.redis) {
-                        (RateLimitScope::Cluster, Some(limiter)) => {
-                            Some(ClusterLimit { limiter: limiter.clone(), policy: p.name.clone(), fault_tolerant: c.fault_tolerant })
-                        }
+                        (RateLimitScope::Cluster, Some(limiter)) => Some(ClusterLimit {
+                            limiter: limiter.clone(),
+                            policy: p.name.clone(),
+                            fault_tolerant: c.fault_tolerant,
+                            windows: state.windows.iter().map(|(limit, len)| (len.as_millis().max(1) as u64, *limit)).collect(),
+                        }),
                         _ => None,
                     };
                     Compiled::RateLimit { by, state: state.clone(), cluster }
@@ -679,7 +702,9 @@ impl PolicyChain {
                         continue; // an earlier method already accepted the request
                     }
                     if let Some(key) = find_key(headers, query, names, *hide) {
-                        consumer = self.ids.by_key_digest.get(&sha256_hex(&key)).cloned();
+                        use sha2::Digest;
+                        let digest: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
+                        consumer = self.ids.by_key_digest.get(&digest).cloned();
                     }
                     if consumer.is_none() && anonymous.is_none() {
                         anonymous = anon.clone();
@@ -737,7 +762,7 @@ impl PolicyChain {
                 Compiled::RateLimit { by, state, cluster } => {
                     // A request without the key it is split by counts by address.
                     let key = match by {
-                        LimitBy::Consumer => consumer.as_ref().map(|c| format!("c:{}", c.name)),
+                        LimitBy::Consumer => consumer.as_ref().map(|c| c.limit_key.clone()),
                         LimitBy::Ip => None,
                         // Hashed: a client cannot make keys large, nor read back secrets.
                         LimitBy::Header(h) => headers.get(h).map(|v| format!("h:{:016x}", fxhash_bytes(v.as_bytes()))),
@@ -745,7 +770,7 @@ impl PolicyChain {
                     }
                     .unwrap_or_else(|| ip_key(client_ip));
                     let verdict = match cluster {
-                        Some(c) => match c.limiter.check(&c.policy, &key, &state.windows).await {
+                        Some(c) => match c.limiter.check(&c.policy, &key, &c.windows).await {
                             cluster::Verdict::Allowed(info) => Ok(info),
                             cluster::Verdict::Refused(info) => Err(info),
                             cluster::Verdict::Unavailable => {
@@ -787,11 +812,11 @@ impl PolicyChain {
             }
         }
         if let Some(c) = &consumer {
-            if let Ok(v) = HeaderValue::from_str(&c.name) {
-                headers.insert(X_CONSUMER_NAME, v);
+            if let Some(v) = &c.name_header {
+                headers.insert(X_CONSUMER_NAME, v.clone());
             }
-            if let Ok(v) = HeaderValue::from_str(&c.groups.join(",")) {
-                headers.insert(X_CONSUMER_GROUPS, v);
+            if let Some(v) = &c.groups_header {
+                headers.insert(X_CONSUMER_GROUPS, v.clone());
             }
         }
         out.consumer = consumer;
