@@ -279,3 +279,17 @@ routes:
     assert_eq!(get(&format!("{base}/u"), &[("x-user", "grace")]).await.0, 200);
     g.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn windows_of_one_length_keep_their_own_counts() {
+    let b = backend().run().await;
+    let yaml = format!(
+        "policies:\n  - {{ name: two, type: rate-limit, config: {{ limits: [{{ limit: 2, window: 24h }}, {{ limit: 5, window: 24h }}], by: route, scope: cluster }} }}\nroutes:\n  - {{ name: r, path: /r, upstream: \"{}\", policies: [two] }}\n",
+        b.url()
+    );
+    let g = node(&yaml, REDIS, &unique_prefix());
+    let url = format!("http://{}/r", g.proxy_addr);
+    let statuses = [get(&url, &[]).await.0, get(&url, &[]).await.0, get(&url, &[]).await.0];
+    assert_eq!(statuses, [200, 200, 429], "the tighter window allows exactly its limit");
+    g.shutdown();
+}

@@ -417,3 +417,70 @@ async fn response_cache_stores_only_cacheable_answers() {
     assert_eq!(ok.hits.load(Ordering::SeqCst), 3);
     g.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn response_cache_never_hands_one_callers_answer_to_another() {
+    let b = backend().run().await;
+    let g = gateway(&format!("policies:\n{CACHE}routes:\n  - {{ name: c, path: /c, upstream: \"{}\", policies: [cache] }}\n", b.url()));
+    let url = format!("http://{}/c", g.proxy_addr);
+    let get = |headers: Vec<(&'static str, &'static str)>| {
+        let url = url.clone();
+        async move {
+            let (_, h, _) = common::send("GET", &url, None, &headers).await;
+            header(&h, "cache-status")
+        }
+    };
+    // Credentials and cookies identify the caller to the backend: each
+    // caller has its own entries.
+    assert!(get(vec![("authorization", "Bearer alice")]).await.contains("fwd=miss"));
+    assert!(get(vec![("authorization", "Bearer bob")]).await.contains("fwd=miss"), "another token, another entry");
+    assert!(is_hit(&get(vec![("authorization", "Bearer alice")]).await));
+    assert!(get(vec![("cookie", "session=1")]).await.contains("fwd=miss"));
+    assert!(get(vec![]).await.contains("fwd=miss"), "an anonymous caller gets no one's answer");
+    // The host is part of what the backend answered (X-Forwarded-Host).
+    assert!(get(vec![("host", "tenant-a.example")]).await.contains("fwd=miss"));
+    assert!(get(vec![("host", "tenant-b.example")]).await.contains("fwd=miss"));
+    assert!(is_hit(&get(vec![("host", "tenant-a.example")]).await));
+    // HEAD is answered from what GET stored.
+    let (s, h, _) = common::send("HEAD", &url, None, &[]).await;
+    assert!(s == 200 && is_hit(&header(&h, "cache-status")), "{h:?}");
+    assert_eq!(b.hits.load(Ordering::SeqCst), 6);
+    g.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_preflight_for_a_method_is_decided_by_that_methods_route() {
+    let b = backend().run().await;
+    let g = gateway(&format!(
+        "policies:{CORS}routes:
+  - {{ name: read, path: /items, methods: [GET], upstream: \"{0}\", policies: [cors] }}
+  - {{ name: write, path: /items, methods: [POST], upstream: \"{0}\" }}
+",
+        b.url()
+    ));
+    // POST /items has a route, without cors: the GET route's policy must
+    // not open it to other origins.
+    let (s, h, _) = preflight(&format!("http://{}/items", g.proxy_addr), "https://app.example").await;
+    assert_ne!(s, 204);
+    assert!(h.get("access-control-allow-origin").is_none(), "{h:?}");
+    g.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_transform_refuses_a_body_that_claims_json_and_is_not() {
+    let b = backend().run().await;
+    let g = gateway(&format!(
+        "policies:\n  - {{ name: t, type: request-transform, config: {{ remove: {{ body: [is_admin] }} }} }}\nroutes:\n  - {{ name: r, path: /r, upstream: \"{}\", policies: [t] }}\n",
+        b.url()
+    ));
+    let url = format!("http://{}/r", g.proxy_addr);
+    // A lone surrogate: serde_json refuses it, lenient backends do not; the
+    // field the transform removes must not slip through.
+    let body = r#"{"is_admin": true, "x": "\ud800"}"#;
+    let resp = client().post(&url).header("content-type", "application/json").body(body).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(b.hits.load(Ordering::SeqCst), 0);
+    let (s, _, echo) = common::send("POST", &url, Some(json!({"is_admin": true, "x": 1})), &[]).await;
+    assert_eq!((s.as_u16(), &echo["json"]), (200, &json!({"x": 1})));
+    g.shutdown();
+}

@@ -404,6 +404,16 @@ fn check_string_list(errs: &mut Errors, path: String, value: &Option<Value>) {
 }
 
 fn check_transform(errs: &mut Errors, base: &str, t: &TransformConfig, allow_query: bool) {
+    let before = errs.list.len();
+    check_transform_shape(errs, base, t, allow_query);
+    if errs.list.len() == before {
+        if let Err((path, message)) = crate::policy::transform::Transform::compile(t) {
+            errs.push(format!("{base}.{path}"), message);
+        }
+    }
+}
+
+fn check_transform_shape(errs: &mut Errors, base: &str, t: &TransformConfig, allow_query: bool) {
     let sections = [("add", &t.add), ("remove", &t.remove), ("rename", &t.rename), ("replace", &t.replace)];
     for (op, targets) in sections {
         let Some(targets) = targets else { continue };

@@ -1,9 +1,12 @@
-//! `response-cache`: GET and HEAD answers kept in memory (moka, bounded by
-//! bytes, expiring after `ttl`), keyed by the route or composition, method,
-//! path, query (when `vary_query`), the `vary_headers` values and the
-//! consumer, so one consumer's answer never reaches another. Every answer
-//! of a cached route says what happened in `Cache-Status` (RFC 9211).
+//! `response-cache`: GET answers kept in memory (moka, bounded by bytes,
+//! expiring after `ttl`) and served to GET and HEAD, keyed by the route or
+//! composition, host, path, query (when `vary_query`), the `vary_headers`
+//! values, the consumer, and a digest of the request's `Authorization` and
+//! `Cookie` and of a JWT's `sub`, so one caller's answer never reaches
+//! another. Every answer of a cached route says what happened in
+//! `Cache-Status` (RFC 9211).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +34,21 @@ pub struct ResponseCache {
     vary_query: bool,
     /// The biggest body one entry may hold: an eighth of the whole cache.
     entry_cap: usize,
+    /// Answers being copied right now; at most [`COPIES_AT_ONCE`], so the
+    /// copies in flight never hold more than the cache itself.
+    copying: Arc<AtomicUsize>,
+}
+
+/// Copies in flight per cache: each holds at most an eighth of `max_bytes`.
+const COPIES_AT_ONCE: usize = 8;
+
+/// Gives a copy slot back when the copy ends, stored or not.
+struct CopySlot(Arc<AtomicUsize>);
+
+impl Drop for CopySlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for ResponseCache {
@@ -43,10 +61,14 @@ impl std::fmt::Debug for ResponseCache {
 pub struct Lookup<'a> {
     pub entity: &'a str,
     pub method: &'a Method,
+    /// The request's host, lower case, without port.
+    pub host: &'a str,
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a HeaderMap,
     pub consumer: Option<&'a str>,
+    /// A verified JWT's `sub`: one issuer's users share one consumer.
+    pub subject: Option<&'a str>,
 }
 
 impl ResponseCache {
@@ -65,10 +87,12 @@ impl ResponseCache {
             vary_headers: c.vary_headers.iter().filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok()).collect(),
             vary_query: c.vary_query,
             entry_cap: (max / 8).min(usize::MAX as u64) as usize,
+            copying: Arc::new(AtomicUsize::new(0)),
         }
     }
 
-    /// The key of a cacheable request; `None` for other methods.
+    /// The key of a cacheable request; `None` for other methods. HEAD is
+    /// answered from what GET stored.
     pub fn key(&self, r: &Lookup<'_>) -> Option<String> {
         if r.method != Method::GET && r.method != Method::HEAD {
             return None;
@@ -81,7 +105,7 @@ impl ResponseCache {
             key.push_str(s);
         };
         part(r.entity);
-        part(r.method.as_str());
+        part(r.host);
         part(r.path);
         part(if self.vary_query { r.query.unwrap_or("") } else { "" });
         part(r.consumer.unwrap_or(""));
@@ -89,6 +113,26 @@ impl ResponseCache {
             let values: Vec<&[u8]> = r.headers.get_all(h).iter().map(HeaderValue::as_bytes).collect();
             part(&String::from_utf8_lossy(&values.join(&b","[..])));
         }
+        // Whatever identifies the caller to the backend: its credentials,
+        // cookies and token subject, as a digest (the key is in memory).
+        use sha2::Digest;
+        let mut who = sha2::Sha256::new();
+        let mut any = false;
+        for name in [http::header::AUTHORIZATION, http::header::COOKIE] {
+            for v in r.headers.get_all(&name) {
+                who.update(name.as_str().as_bytes());
+                who.update((v.len() as u64).to_le_bytes());
+                who.update(v.as_bytes());
+                any = true;
+            }
+        }
+        if let Some(sub) = r.subject {
+            who.update(b"sub");
+            who.update((sub.len() as u64).to_le_bytes());
+            who.update(sub.as_bytes());
+            any = true;
+        }
+        part(&if any { hex::encode(&who.finalize()[..16]) } else { String::new() });
         Some(key)
     }
 
@@ -110,12 +154,21 @@ impl ResponseCache {
         Some(resp)
     }
 
-    /// Passes `resp` on, storing it on the way when it may be stored.
+    /// Passes a GET's answer on, storing it on the way when it may be
+    /// stored.
     pub fn store(self: &Arc<Self>, key: String, mut resp: Response<Body>) -> Response<Body> {
-        if !storable(&resp) {
+        let declared = resp.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        let too_big = declared.is_some_and(|len| len > self.entry_cap as u64);
+        if !self.storable(&resp) || too_big {
             resp.headers_mut().insert(CACHE_STATUS, HeaderValue::from_static("manifold; fwd=miss; detail=not-storable"));
             return resp;
         }
+        if self.copying.fetch_add(1, Ordering::AcqRel) >= COPIES_AT_ONCE {
+            self.copying.fetch_sub(1, Ordering::AcqRel);
+            resp.headers_mut().insert(CACHE_STATUS, HeaderValue::from_static("manifold; fwd=miss; detail=busy"));
+            return resp;
+        }
+        let slot = CopySlot(self.copying.clone());
         resp.headers_mut().insert(CACHE_STATUS, HeaderValue::from_static("manifold; fwd=miss; stored"));
         let (parts, body) = resp.into_parts();
         let mut headers = parts.headers.clone();
@@ -128,10 +181,27 @@ impl ResponseCache {
             body,
             self.entry_cap,
             Box::new(move |bytes| {
+                let _slot = slot;
                 this.entries.insert(key, Arc::new(Entry { status, headers, body: bytes, stored: Instant::now() }));
             }),
         );
         Response::from_parts(parts, body)
+    }
+
+    /// Only a 200 that says nothing against storing it, sets no cookie, and
+    /// varies by nothing the key does not hold.
+    fn storable(&self, resp: &Response<Body>) -> bool {
+        if !storable(resp) {
+            return false;
+        }
+        resp.headers().get_all(http::header::VARY).iter().all(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',').map(str::trim).filter(|h| !h.is_empty()).all(|h| {
+                    let h = h.to_ascii_lowercase();
+                    self.vary_headers.iter().any(|v| v.as_str() == h) || h == "authorization" || h == "cookie"
+                })
+            })
+        })
     }
 }
 

@@ -90,13 +90,11 @@ impl Cors {
         Some(out)
     }
 
-    /// Headers for an actual (non-preflight) answer; empty without an
-    /// allowed Origin.
+    /// Headers for an actual (non-preflight) answer: `Vary: Origin`, and
+    /// the `Access-Control-*` ones for an allowed Origin.
     pub fn actual(&self, headers: &HeaderMap) -> HeaderMap {
         let mut out = HeaderMap::new();
-        if !headers.contains_key(ORIGIN) {
-            return out;
-        }
+        // The answer depends on Origin, whether this request had one or not.
         out.insert(VARY, HeaderValue::from_static("Origin"));
         let Some(origin) = self.allow_origin(headers) else { return out };
         out.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);

@@ -104,11 +104,14 @@ impl JwtPolicy {
         let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed token or unsupported algorithm")?;
         let iss = unverified_issuer(token).ok_or("the token has no iss claim")?;
         let issuer = issuers.get(&iss).ok_or("unknown issuer")?;
-        let (algorithm, key) = match &self.jwks {
-            Some(jwks) => jwks.key_for(header.kid.as_deref(), header.alg)?,
-            None => (issuer.algorithm, issuer.key.clone().ok_or("this issuer's key comes from a JWKS")?),
+        // An issuer with a key of its own is checked with it; the policy's
+        // JWKS vouches only for issuers configured without one.
+        let (algorithm, key) = match (&issuer.key, &self.jwks) {
+            (Some(key), _) => (issuer.algorithm, key.clone()),
+            (None, Some(jwks)) => jwks.key_for(header.kid.as_deref(), header.alg)?,
+            (None, None) => return Err("this issuer's key comes from a JWKS, and this policy has none"),
         };
-        if header.alg != algorithm || (self.jwks.is_some() && issuer.algorithm != algorithm) {
+        if header.alg != algorithm || issuer.algorithm != algorithm {
             return Err("the token's algorithm is not the one configured");
         }
         let mut validation = Validation::new(algorithm);

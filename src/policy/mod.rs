@@ -33,6 +33,20 @@ pub const X_CONSUMER_GROUPS: HeaderName = HeaderName::from_static("x-consumer-gr
 /// instead of exhausting memory.
 const ARGON2_AT_ONCE: usize = 4;
 
+/// An argon2id hash of a random secret, made once per process.
+fn unknown_user_hash() -> Arc<str> {
+    static HASH: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let mut bytes = [0u8; 48];
+        let _ = getrandom::fill(&mut bytes);
+        let salt = SaltString::encode_b64(&bytes[..16]).expect("16 bytes make a valid salt");
+        let hash = argon2::Argon2::default().hash_password(&bytes[16..], &salt).map(|h| h.to_string()).unwrap_or_default();
+        Arc::from(hash.as_str())
+    })
+    .clone()
+}
+
 /// What the policies use beyond one config: the Redis connection, the JWK
 /// Sets, and the cache of passwords already verified.
 pub struct Services {
@@ -86,22 +100,29 @@ impl Services {
 
     /// Checks a basic-auth password against its argon2 hash, off the
     /// worker thread, remembering successes.
-    async fn verify_password(&self, username: &str, password: &str, hash: &Arc<str>) -> bool {
+    async fn verify_password(&self, username: &str, password: &str, hash: Option<&Arc<str>>) -> bool {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
-        for part in [username.as_bytes(), password.as_bytes(), hash.as_bytes()] {
+        for part in [username.as_bytes(), password.as_bytes(), hash.map_or(&b""[..], |h| h.as_bytes())] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);
         }
         let key: [u8; 32] = h.finalize().into();
-        if self.verified.contains_key(&key) {
+        if hash.is_some() && self.verified.contains_key(&key) {
             return true;
         }
-        let Ok(_permit) = self.argon2_permits.acquire().await else { return false };
-        let (password, hash) = (password.to_string(), hash.clone());
+        // A flood of wrong passwords queues; a check that waits too long
+        // fails rather than pile up without bound.
+        let Ok(Ok(_permit)) = tokio::time::timeout(Duration::from_secs(2), self.argon2_permits.acquire()).await else { return false };
+        let (password, hash) = (password.to_string(), hash.cloned());
         let ok = tokio::task::spawn_blocking(move || {
             use argon2::password_hash::{PasswordHash, PasswordVerifier};
-            PasswordHash::new(&hash).is_ok_and(|parsed| argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+            // No such user: check against a hash nobody knows the password
+            // of, so the answer takes as long as for a wrong password.
+            let hash = hash.unwrap_or_else(unknown_user_hash);
+            let verified = PasswordHash::new(&hash)
+                .is_ok_and(|parsed| argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok());
+            verified && hash.as_ref() != unknown_user_hash().as_ref()
         })
         .await
         .unwrap_or(false);
@@ -716,12 +737,19 @@ impl PolicyChain {
                         continue;
                     }
                     if let (Some((user, pass)), Some(services)) = (basic_credentials(headers), &self.services) {
-                        if let Some((info, hash)) = self.ids.by_username.get(&user) {
-                            if services.verify_password(&user, &pass, hash).await {
-                                consumer = Some(info.clone());
-                                if *hide {
-                                    headers.remove(http::header::AUTHORIZATION);
+                        match self.ids.by_username.get(&user) {
+                            Some((info, hash)) => {
+                                if services.verify_password(&user, &pass, Some(hash)).await {
+                                    consumer = Some(info.clone());
+                                    if *hide {
+                                        headers.remove(http::header::AUTHORIZATION);
+                                    }
                                 }
+                            }
+                            // As slow as a wrong password: the time taken
+                            // does not tell which usernames exist.
+                            None => {
+                                let _ = services.verify_password(&user, &pass, None).await;
                             }
                         }
                     }

@@ -138,17 +138,28 @@ async fn route_and_run(
         let mut found = snap.router.find(&host, req.method(), &path);
         // A CORS preflight asks about another method: route it as that
         // method, so the route's cors policy answers it instead of a 405.
-        // The asked method first, then any the path allows: the policy
-        // answers for the path, as browsers ask before every method.
+        // The asked method's route, else (none serves it) any route of
+        // the path with a cors policy: it answers for the path.
+        // A route that serves the asked method decides alone (another
+        // route's cors policy must not open it to other origins).
         if preflight {
             if let RouteMatch::MethodNotAllowed(allowed) = &found {
                 let asked = req.headers().get(header::ACCESS_CONTROL_REQUEST_METHOD).and_then(|m| Method::from_bytes(m.as_bytes()).ok());
-                let candidates: Vec<Method> = asked.into_iter().chain(allowed.iter().cloned()).collect();
-                for m in candidates {
-                    let again = snap.router.find(&host, &m, &path);
-                    if matches!(&again, RouteMatch::Found { policies, .. } if policies.has_cors()) {
-                        found = again;
-                        break;
+                let for_asked = asked.map(|m| snap.router.find(&host, &m, &path));
+                match for_asked {
+                    Some(again @ RouteMatch::Found { .. }) => {
+                        if matches!(&again, RouteMatch::Found { policies, .. } if policies.has_cors()) {
+                            found = again;
+                        }
+                    }
+                    _ => {
+                        for m in allowed.iter() {
+                            let again = snap.router.find(&host, m, &path);
+                            if matches!(&again, RouteMatch::Found { policies, .. } if policies.has_cors()) {
+                                found = again;
+                                break;
+                            }
+                        }
                     }
                 }
             }
@@ -222,10 +233,12 @@ async fn route_and_run(
         c.key(&crate::policy::cache::Lookup {
             entity: policies.entity(),
             method: &parts.method,
+            host: &host,
             path: &path,
             query: parts.uri.query(),
             headers: &parts.headers,
             consumer: admission.consumer.as_ref().map(|c| c.name.as_str()),
+            subject: admission.claims.as_ref().and_then(|c| c.get("sub")).and_then(|s| s.as_str()),
         })
     });
     if let (Some(cache), Some(key)) = (&admission.cache, &cache_key) {
@@ -234,6 +247,7 @@ async fn route_and_run(
         }
     }
 
+    let head = parts.method == Method::HEAD;
     let result = match target {
         Target::Proxy(route) => {
             let trace = TraceContext::from_headers(&parts.headers);
@@ -244,7 +258,13 @@ async fn route_and_run(
                 // Read whole (within the size limit) to change a JSON object;
                 // any other body goes on byte for byte.
                 let limit = admission.body_limit.map_or(MAX_REQUEST_BODY, |l| (l as usize).min(MAX_REQUEST_BODY));
-                let bytes = read_body(body, limit).await.map_err(|e| (e, false))?;
+                // Within the route's timeout: a client that stops sending
+                // cannot hold the buffer.
+                let bytes = match tokio::time::timeout(route.timeout, read_body(body, limit)).await {
+                    Ok(bytes) => bytes.map_err(|e| (e, false))?,
+                    Err(_) => return Err((GatewayError::new(ErrorCode::BadRequest, "the request body did not arrive in time"), true)),
+                };
+                let says_json = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
                 let bytes = match serde_json::from_slice::<serde_json::Value>(&bytes) {
                     Ok(mut json) if json.is_object() => {
                         let c = ctx.get_or_insert_with(|| transform_context(&parts, &params, &admission, serde_json::Value::Null));
@@ -252,6 +272,11 @@ async fn route_and_run(
                             t.apply_body(&mut json, c);
                         }
                         bytes::Bytes::from(serde_json::to_vec(&json).unwrap_or_default())
+                    }
+                    // A body that says JSON and is not cannot pass unchanged
+                    // by a transform that was meant to change it.
+                    Err(_) if says_json && !bytes.is_empty() => {
+                        return Err((GatewayError::new(ErrorCode::BadRequest, "the request body is not valid JSON"), false));
                     }
                     _ => bytes,
                 };
@@ -303,10 +328,13 @@ async fn route_and_run(
 
     // response-transform, then response-cache, as SPEC's phase order says.
     if !admission.response_transforms.is_empty() {
-        resp = transform_response(resp, &admission, ctx).await;
+        resp = transform_response(resp, &admission, ctx, head, request_id).await;
     }
     if let (Some(cache), Some(key)) = (&admission.cache, cache_key) {
-        resp = cache.store(key, resp);
+        // HEAD is served from what GET stored, never stores itself.
+        if !head {
+            resp = cache.store(key, resp);
+        }
     }
     Ok(finish(resp, &admission))
 }
@@ -320,7 +348,12 @@ fn finish(mut resp: Response<Body>, admission: &Admission) -> Response<Body> {
         resp.headers_mut().insert(name.clone(), value.clone());
     }
     for (k, v) in &admission.headers {
-        resp.headers_mut().insert(k.clone(), v.clone());
+        // Vary adds to what the target said; the rest replace it.
+        if k == header::VARY {
+            resp.headers_mut().append(k.clone(), v.clone());
+        } else {
+            resp.headers_mut().insert(k.clone(), v.clone());
+        }
     }
     resp
 }
@@ -382,7 +415,13 @@ fn transform_context(
 
 /// Applies response-transforms: headers always, a JSON object body when
 /// the answer is JSON (read whole, up to the backend body limit).
-async fn transform_response(resp: Response<Body>, admission: &Admission, ctx: Option<serde_json::Value>) -> Response<Body> {
+async fn transform_response(
+    resp: Response<Body>,
+    admission: &Admission,
+    ctx: Option<serde_json::Value>,
+    head: bool,
+    request_id: &HeaderValue,
+) -> Response<Body> {
     use http_body_util::{BodyExt, Limited};
     let ctx = ctx.unwrap_or(serde_json::Value::Null);
     let (mut parts, body) = resp.into_parts();
@@ -390,14 +429,15 @@ async fn transform_response(resp: Response<Body>, admission: &Admission, ctx: Op
         t.apply_headers(&mut parts.headers, &ctx);
     }
     let is_json = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
-    if !is_json || !admission.response_transforms.iter().any(|t| t.touches_body()) {
+    let bodiless = head || matches!(parts.status.as_u16(), 204 | 304);
+    if !is_json || bodiless || !admission.response_transforms.iter().any(|t| t.touches_body()) {
         return Response::from_parts(parts, body);
     }
     let bytes = match Limited::new(body, compose::plan::DEFAULT_MAX_BODY).collect().await {
         Ok(c) => c.to_bytes(),
         Err(_) => {
             let e = GatewayError::new(ErrorCode::UpstreamError, "the upstream answer could not be read to transform it");
-            return e.into_response("");
+            return e.into_response(request_id.to_str().unwrap_or(""));
         }
     };
     let bytes = match serde_json::from_slice::<serde_json::Value>(&bytes) {
