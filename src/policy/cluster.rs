@@ -43,12 +43,16 @@ thread_local! {
 /// then each window's length in ms and limit. Each window keeps a counter
 /// per fixed period; the previous period's count is weighted by how much of
 /// it still overlaps the sliding window. A check counts nothing when any of
-/// its windows is full. Returns, per check, {refused, limit, remaining,
-/// reset_secs} of its tightest window.
+/// its windows is full. Counters are read once per batch and written once
+/// per batch (checks of one bucket are common: one consumer, one route),
+/// so Redis does work per bucket, not per request. Returns, per check,
+/// {refused, limit, remaining, reset_secs} of its tightest window.
 const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
+local seen = {}
+local order = {}
 local a = 1
 for k = 1, #KEYS do
   local n = tonumber(ARGV[a])
@@ -62,12 +66,16 @@ for k = 1, #KEYS do
     a = a + 2
     local period = math.floor(now / len)
     local ck = KEYS[k] .. ':' .. i .. ':' .. len .. ':' .. period
-    local pk = KEYS[k] .. ':' .. i .. ':' .. len .. ':' .. (period - 1)
-    local got = redis.call('MGET', ck, pk)
-    local cur = tonumber(got[1] or '0')
-    local prev = tonumber(got[2] or '0')
+    local st = seen[ck]
+    if not st then
+      local pk = KEYS[k] .. ':' .. i .. ':' .. len .. ':' .. (period - 1)
+      local got = redis.call('MGET', ck, pk)
+      st = {cur = tonumber(got[1] or '0'), prev = tonumber(got[2] or '0'), add = 0, len = len}
+      seen[ck] = st
+      order[#order + 1] = ck
+    end
     local elapsed = now - period * len
-    local used = math.floor(prev * (len - elapsed) / len) + cur
+    local used = math.floor(st.prev * (len - elapsed) / len) + st.cur + st.add
     if used >= limit then refused = 1 end
     local remaining = limit - used - 1
     if remaining < 0 then remaining = 0 end
@@ -76,21 +84,27 @@ for k = 1, #KEYS do
     if best_remaining < 0 or remaining < best_remaining then
       best_limit, best_remaining, best_reset = limit, remaining, reset
     end
-    current[i] = {ck, len}
+    current[i] = st
   end
   if refused == 1 then
     best_remaining = 0
   else
     for i = 1, #current do
-      if redis.call('INCR', current[i][1]) == 1 then
-        redis.call('PEXPIRE', current[i][1], 2 * current[i][2] + 1000)
-      end
+      current[i].add = current[i].add + 1
     end
   end
   out[#out + 1] = refused
   out[#out + 1] = best_limit
   out[#out + 1] = best_remaining
   out[#out + 1] = best_reset
+end
+for _, ck in ipairs(order) do
+  local st = seen[ck]
+  if st.add > 0 then
+    if redis.call('INCRBY', ck, st.add) == st.add then
+      redis.call('PEXPIRE', ck, 2 * st.len + 1000)
+    end
+  end
 end
 return out
 "#;
