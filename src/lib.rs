@@ -8,7 +8,7 @@
 //!   path reads, swapped whole on every change.
 //! - [`proxy`]: plain routes: forward, stream, strip hop-by-hop headers.
 //! - [`config`]: the declarative config: types, loading, validation.
-//! - [`admin`]: the admin API on its own listener.
+//! - [`admin`]: the admin API on its own listener; [`metrics`] its `/metrics`.
 //! - [`gateway`]: a whole node (proxy + admin), as `serve` and tests start it.
 //! - [`demo`]: the fake backends `--demo` starts.
 //! - [`cli`]: the `manifold` command line.
@@ -26,6 +26,7 @@ pub mod diff;
 pub mod errors;
 pub mod gateway;
 pub mod ids;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod remote;

@@ -55,6 +55,7 @@ pub enum Target {
 struct Candidate {
     methods: Option<Vec<Method>>,
     policies: Arc<PolicyChain>,
+    metrics: crate::metrics::RouteMetrics,
     params: Arc<[Arc<str>]>,
     target: Target,
     /// Added for an empty catch-all (`/files` for `/files/{*rest}`); an
@@ -74,7 +75,7 @@ pub struct Router {
 }
 
 pub enum RouteMatch<'a> {
-    Found { target: &'a Target, params: Vec<(Arc<str>, String)>, policies: &'a Arc<PolicyChain> },
+    Found { target: &'a Target, params: Vec<(Arc<str>, String)>, policies: &'a Arc<PolicyChain>, metrics: &'a crate::metrics::RouteMetrics },
     MethodNotAllowed(Vec<Method>),
     NotFound,
 }
@@ -91,7 +92,7 @@ impl Router {
                 if ok {
                     let mut values = m.params.iter().map(|(_, v)| v);
                     let params = cand.params.iter().map(|name| (name.clone(), values.next().unwrap_or("").to_string())).collect();
-                    return RouteMatch::Found { target: &cand.target, params, policies: &cand.policies };
+                    return RouteMatch::Found { target: &cand.target, params, policies: &cand.policies, metrics: &cand.metrics };
                 }
                 allowed.extend(cand.methods.iter().flatten().cloned());
             }
@@ -145,6 +146,8 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
         |base: String, hosts: &[String], pattern: &PathPattern, methods: Option<Vec<Method>>, target: Target, attached: &[String]| {
             let entity = base.split_once('.').map_or(base.as_str(), |(_, n)| n);
             let policies = Arc::new(PolicyChain::build(&config, entity, attached, &ids, &states, services));
+            let kind = if base.starts_with("routes.") { "route" } else { "composition" };
+            let metrics = services.metrics.route(entity, kind);
             let params: Arc<[Arc<str>]> = pattern.param_names().map(Arc::from).collect();
             let any = [String::new()];
             let hosts: &[String] = if hosts.is_empty() { &any } else { hosts };
@@ -155,6 +158,7 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
                     table.entry(shape).or_default().push(Candidate {
                         methods: methods.clone(),
                         policies: policies.clone(),
+                        metrics: metrics.clone(),
                         params: params.clone(),
                         target: target.clone(),
                         implied,

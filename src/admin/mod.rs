@@ -41,6 +41,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/config", get(get_config).post(post_config))
         .route("/status", get(status))
         .route("/status/ready", get(ready))
+        .route("/metrics", get(metrics))
         .route("/compositions/{name}/try", post(try_composition))
         .route("/audit", get(entities::audit))
         .route("/openapi.json", get(openapi_json))
@@ -51,6 +52,20 @@ pub fn router(state: AdminState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
+}
+
+/// Prometheus text format; node-wide gauges are read now.
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let shared = &state.shared;
+    let m = &shared.services.metrics;
+    m.config_version.set(shared.snapshot.load().version as i64);
+    m.config_reloads.set(shared.reloads.load(Ordering::Relaxed) as i64);
+    m.database_reachable.set(i64::from(shared.store.is_some() && shared.db_reachable.load(Ordering::Relaxed)));
+    if let Some(r) = &shared.services.redis {
+        m.redis_reachable.set(i64::from(r.reachable.load(Ordering::Relaxed)));
+        m.rate_limit_fallbacks.set(r.fallbacks.load(Ordering::Relaxed) as i64);
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], m.render()).into_response()
 }
 
 fn message(status: StatusCode, text: &str) -> Response {

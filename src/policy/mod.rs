@@ -52,6 +52,8 @@ fn unknown_user_hash() -> Arc<str> {
 pub struct Services {
     pub redis: Option<Arc<cluster::RedisLimiter>>,
     pub jwks: Arc<jwt::JwksStore>,
+    /// The node's Prometheus metrics (compiled routes resolve theirs here).
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// SHA-256 of (username, password, stored hash) of recent successes:
     /// argon2 is slow on purpose, and a client sends its password each time.
     verified: moka::sync::Cache<[u8; 32], ()>,
@@ -69,6 +71,7 @@ impl Services {
         Arc::new(Services {
             redis: redis.map(|o| Arc::new(cluster::RedisLimiter::new(o))),
             jwks: Arc::new(jwt::JwksStore::default()),
+            metrics: crate::metrics::Metrics::new(),
             verified: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(300)).build(),
             argon2_permits: tokio::sync::Semaphore::new(ARGON2_AT_ONCE),
         })

@@ -104,8 +104,12 @@ fn request_host<B>(req: &Request<B>) -> String {
 }
 
 pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let started = std::time::Instant::now();
+    let metrics = &worker.shared.services.metrics;
+    metrics.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let request_id = request_id(req.headers());
-    let mut resp = match route_and_run(worker, peer, &request_id, req).await {
+    let mut matched: Option<crate::metrics::RouteMetrics> = None;
+    let mut resp = match route_and_run(worker, peer, &request_id, req, &mut matched).await {
         Ok(resp) => resp,
         Err((e, close)) => {
             let mut resp = e.into_response(request_id.to_str().unwrap_or(""));
@@ -116,6 +120,12 @@ pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>) -
         }
     };
     resp.headers_mut().insert(REQUEST_ID_HEADER, request_id);
+    // Requests no route matched are not counted by route: their paths are
+    // the client's choice, and labels must stay bounded.
+    if let Some(m) = matched {
+        m.record(resp.status().as_u16(), started.elapsed());
+    }
+    metrics.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     resp
 }
 
@@ -124,6 +134,7 @@ async fn route_and_run(
     peer: SocketAddr,
     request_id: &HeaderValue,
     req: Request<Incoming>,
+    matched: &mut Option<crate::metrics::RouteMetrics>,
 ) -> Result<Response<Body>, (GatewayError, bool)> {
     let shared = &worker.shared;
     check_head(&req, &shared.limits).map_err(|e| (e, true))?;
@@ -165,7 +176,10 @@ async fn route_and_run(
             }
         }
         match found {
-            RouteMatch::Found { target, params, policies } => (target.clone(), params, policies.clone()),
+            RouteMatch::Found { target, params, policies, metrics } => {
+                *matched = Some(metrics.clone());
+                (target.clone(), params, policies.clone())
+            }
             RouteMatch::NotFound => return Err((GatewayError::new(ErrorCode::NotFound, "no route matches the request"), false)),
             RouteMatch::MethodNotAllowed(allowed) => {
                 let list = allowed.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
@@ -201,7 +215,12 @@ async fn route_and_run(
         let facts = crate::policy::RequestFacts { method: &parts.method, path: &path, trusted_peer };
         let admission = match policies.admit(facts, client_ip, &mut parts.headers, &mut query).await {
             Ok(a) => a,
-            Err(refusal) => return Ok(refusal_response(refusal, request_id)),
+            Err(refusal) => {
+                if let (Some(m), None) = (matched.as_ref(), refusal.reply) {
+                    m.refused(refusal.error.code.as_str());
+                }
+                return Ok(refusal_response(refusal, request_id));
+            }
         };
         if query.as_deref() != parts.uri.query() {
             set_query(&mut parts.uri, query.as_deref());

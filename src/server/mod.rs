@@ -56,6 +56,8 @@ impl Shared {
         services: Arc<crate::policy::Services>,
     ) -> Result<Arc<Self>, ConfigErrors> {
         let snap = snapshot::compile(config, version, &services)?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        services.metrics.last_reload.set(now);
         Ok(Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snap),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -86,8 +88,26 @@ impl Shared {
     }
 
     fn install(&self, snap: Snapshot) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        self.services.metrics.last_reload.set(now);
         self.snapshot.store(Arc::new(snap));
         self.reloads.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a client connection as open until dropped.
+struct OpenConnection(Arc<crate::metrics::Metrics>);
+
+impl OpenConnection {
+    fn new(metrics: &Arc<crate::metrics::Metrics>) -> Self {
+        metrics.connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(metrics.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -181,6 +201,7 @@ async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptio
             return;
         }
     };
+    let shared_metrics = shared.services.metrics.clone();
     let client = handler::Worker::new(shared);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -208,7 +229,9 @@ async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptio
                     let io = TimedIo::new(stream, activity, timeouts);
                     let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
                     let conn = graceful.watch(conn);
+                    let open = OpenConnection::new(&shared_metrics);
                     tokio::spawn(async move {
+                        let _open = open;
                         if let Err(e) = conn.await {
                             tracing::debug!(error = %e, %peer, "connection ended with an error");
                         }

@@ -1,0 +1,150 @@
+//! Prometheus metrics, served by the admin API at `/metrics`.
+//!
+//! Labels are bounded by the config: route and composition names, status
+//! classes, policy error codes; never raw paths or consumers. The request
+//! path touches only counters resolved when a config is compiled
+//! ([`RouteMetrics`]); gauges that describe the node (config version,
+//! reachability, memory) are read when `/metrics` is scraped.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+/// Every metric of one node.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    refusals: IntCounterVec,
+    pub config_version: IntGauge,
+    pub config_reloads: IntGauge,
+    pub last_reload: IntGauge,
+    pub database_reachable: IntGauge,
+    pub redis_reachable: IntGauge,
+    pub rate_limit_fallbacks: IntGauge,
+    in_flight_gauge: IntGauge,
+    connections_gauge: IntGauge,
+    resident_memory: IntGauge,
+    /// Updated on the request path; copied into the gauges on scrape.
+    pub in_flight: AtomicI64,
+    pub connections: AtomicI64,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// One route's or composition's counters, resolved once per config.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    /// Answers by status class, 1xx to 5xx.
+    by_class: [IntCounter; 5],
+    duration: Histogram,
+    metrics: Arc<Metrics>,
+    route: Arc<str>,
+    kind: &'static str,
+}
+
+impl RouteMetrics {
+    pub fn record(&self, status: u16, elapsed: Duration) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.by_class[class].inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// A request a policy refused, by the error code it got.
+    pub fn refused(&self, code: &str) {
+        self.metrics.refusals.with_label_values(&[&*self.route, self.kind, code]).inc();
+    }
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("a valid metric");
+    registry.register(Box::new(g.clone())).expect("registered once");
+    g
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("manifold_requests_total", "Requests answered, by route or composition and status class"),
+            &["route", "kind", "status"],
+        )
+        .expect("a valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new("manifold_request_duration_seconds", "Time from the request head to the answer's head")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &["route", "kind"],
+        )
+        .expect("a valid metric");
+        let refusals = IntCounterVec::new(
+            Opts::new("manifold_policy_refusals_total", "Requests refused by a policy (401, 403, 413, 429...), by error code"),
+            &["route", "kind", "code"],
+        )
+        .expect("a valid metric");
+        for m in
+            [Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>, Box::new(duration.clone()), Box::new(refusals.clone())]
+        {
+            registry.register(m).expect("registered once");
+        }
+        Arc::new(Metrics {
+            config_version: gauge(&registry, "manifold_config_version", "Version of the config this node serves"),
+            config_reloads: gauge(&registry, "manifold_config_reloads_total", "Configs this node has taken since it started"),
+            last_reload: gauge(&registry, "manifold_config_last_reload_timestamp_seconds", "When this node last took a config (Unix time)"),
+            database_reachable: gauge(
+                &registry,
+                "manifold_database_reachable",
+                "1 when the last contact with the database worked (database mode)",
+            ),
+            redis_reachable: gauge(&registry, "manifold_redis_reachable", "1 when the last cluster rate-limit check reached Redis"),
+            rate_limit_fallbacks: gauge(
+                &registry,
+                "manifold_rate_limit_fallbacks_total",
+                "Cluster rate-limit checks counted locally because Redis failed",
+            ),
+            in_flight_gauge: gauge(&registry, "manifold_requests_in_flight", "Requests being served"),
+            connections_gauge: gauge(&registry, "manifold_open_connections", "Client connections open on the proxy listener"),
+            resident_memory: gauge(&registry, "manifold_resident_memory_bytes", "Resident memory of the process"),
+            registry,
+            requests,
+            duration,
+            refusals,
+            in_flight: AtomicI64::new(0),
+            connections: AtomicI64::new(0),
+        })
+    }
+
+    /// The counters of one route (`kind` "route") or composition.
+    pub fn route(self: &Arc<Self>, name: &str, kind: &'static str) -> RouteMetrics {
+        let class = |c: &str| self.requests.with_label_values(&[name, kind, c]);
+        RouteMetrics {
+            by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            duration: self.duration.with_label_values(&[name, kind]),
+            metrics: self.clone(),
+            route: Arc::from(name),
+            kind,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.in_flight_gauge.set(self.in_flight.load(Ordering::Relaxed));
+        self.connections_gauge.set(self.connections.load(Ordering::Relaxed));
+        self.resident_memory.set(resident_bytes());
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Resident set size from /proc (0 where there is none).
+fn resident_bytes() -> i64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: i64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
+}

@@ -1,0 +1,92 @@
+//! `/metrics` on the admin listener (issue 6): the Prometheus text format,
+//! read back with a Prometheus text-format parser after known traffic.
+
+mod common;
+
+use common::{backend, client, gateway};
+use prometheus_parse::{Sample, Scrape, Value as PValue};
+
+async fn scrape(admin: std::net::SocketAddr) -> Scrape {
+    let resp = client().get(format!("http://{admin}/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = resp.text().await.unwrap();
+    Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid Prometheus text format")
+}
+
+/// The value of the one sample of `name` whose labels include `labels`.
+fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let found: Vec<&Sample> =
+        scrape.samples.iter().filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))).collect();
+    assert_eq!(found.len(), 1, "one sample of {name} {labels:?}, found {found:?}");
+    match &found[0].value {
+        PValue::Counter(v) | PValue::Gauge(v) | PValue::Untyped(v) => *v,
+        PValue::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+        PValue::Summary(_) => panic!("no summaries here"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_known_traffic_by_route_and_status_class() {
+    let b = backend().run().await;
+    let g = gateway(&format!(
+        r#"
+consumers:
+  - {{ name: app, credentials: [{{ type: key-auth, key: k-app }}] }}
+policies:
+  - {{ name: keys, type: key-auth }}
+routes:
+  - {{ name: open, path: /open, upstream: "{0}" }}
+  - {{ name: guarded, path: /guarded, upstream: "{0}", policies: [keys] }}
+compositions:
+  - name: both
+    path: /both
+    calls:
+      one: {{ url: "{0}/one" }}
+"#,
+        b.url()
+    ));
+    let proxy = g.proxy_addr;
+    for _ in 0..3 {
+        assert_eq!(common::send("GET", &format!("http://{proxy}/open"), None, &[]).await.0, 200);
+    }
+    assert_eq!(common::send("GET", &format!("http://{proxy}/guarded"), None, &[("apikey", "k-app")]).await.0, 200);
+    for _ in 0..2 {
+        assert_eq!(common::send("GET", &format!("http://{proxy}/guarded"), None, &[]).await.0, 401);
+    }
+    assert_eq!(common::send("GET", &format!("http://{proxy}/both"), None, &[]).await.0, 200);
+    // Unmatched paths are the client's choice: never a label.
+    assert_eq!(common::send("GET", &format!("http://{proxy}/no/such/path-12345"), None, &[]).await.0, 404);
+
+    let m = scrape(g.admin_addr).await;
+    let requests = |route: &str, kind: &str, status: &str| {
+        value(&m, "manifold_requests_total", &[("route", route), ("kind", kind), ("status", status)])
+    };
+    assert_eq!(requests("open", "route", "2xx"), 3.0);
+    assert_eq!(requests("open", "route", "4xx"), 0.0);
+    assert_eq!(requests("guarded", "route", "2xx"), 1.0);
+    assert_eq!(requests("guarded", "route", "4xx"), 2.0);
+    assert_eq!(requests("both", "composition", "2xx"), 1.0);
+    assert_eq!(value(&m, "manifold_policy_refusals_total", &[("route", "guarded"), ("code", "unauthorized")]), 2.0, "401s by policy code");
+    // The latency histogram saw every answered request of the route.
+    assert_eq!(value(&m, "manifold_request_duration_seconds", &[("route", "guarded")]), 3.0);
+    assert!(!m.samples.iter().any(|s| s.labels.values().any(|v| v.contains("12345"))), "no raw paths in labels");
+
+    assert_eq!(value(&m, "manifold_config_version", &[]), 1.0);
+    assert_eq!(value(&m, "manifold_requests_in_flight", &[]), 0.0);
+    assert!(value(&m, "manifold_resident_memory_bytes", &[]) > 1_000_000.0);
+    assert!(value(&m, "manifold_config_last_reload_timestamp_seconds", &[]) > 1_700_000_000.0);
+
+    // A config change shows up as a new version and a reload.
+    let resp = client()
+        .post(format!("http://{}/config", g.admin_addr))
+        .body(format!("routes:\n  - {{ name: open, path: /open, upstream: \"{}\" }}\n", b.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let m = scrape(g.admin_addr).await;
+    assert_eq!(value(&m, "manifold_config_version", &[]), 2.0);
+    assert_eq!(value(&m, "manifold_config_reloads_total", &[]), 1.0);
+    g.shutdown();
+}
