@@ -18,6 +18,8 @@ pub struct Metrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     refusals: IntCounterVec,
+    calls: HistogramVec,
+    call_failures: IntCounterVec,
     pub config_version: IntGauge,
     pub config_reloads: IntGauge,
     pub last_reload: IntGauge,
@@ -87,9 +89,27 @@ impl Metrics {
             &["route", "kind", "code"],
         )
         .expect("a valid metric");
-        for m in
-            [Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>, Box::new(duration.clone()), Box::new(refusals.clone())]
-        {
+        let calls = HistogramVec::new(
+            HistogramOpts::new("manifold_backend_call_duration_seconds", "Backend calls of compositions, by composition and call")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &["composition", "call"],
+        )
+        .expect("a valid metric");
+        let call_failures = IntCounterVec::new(
+            Opts::new(
+                "manifold_backend_call_failures_total",
+                "Failed backend calls of compositions, by kind (timeout, status, connect...)",
+            ),
+            &["composition", "call", "kind"],
+        )
+        .expect("a valid metric");
+        for m in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(refusals.clone()),
+            Box::new(calls.clone()),
+            Box::new(call_failures.clone()),
+        ] {
             registry.register(m).expect("registered once");
         }
         Arc::new(Metrics {
@@ -114,6 +134,8 @@ impl Metrics {
             requests,
             duration,
             refusals,
+            calls,
+            call_failures,
             in_flight: AtomicI64::new(0),
             connections: AtomicI64::new(0),
         })
@@ -128,6 +150,14 @@ impl Metrics {
             metrics: self.clone(),
             route: Arc::from(name),
             kind,
+        }
+    }
+
+    /// One backend call of a composition (names come from the config).
+    pub fn call(&self, composition: &str, call: &str, took: Duration, failure: Option<&str>) {
+        self.calls.with_label_values(&[composition, call]).observe(took.as_secs_f64());
+        if let Some(kind) = failure {
+            self.call_failures.with_label_values(&[composition, call, kind]).inc();
         }
     }
 

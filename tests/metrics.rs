@@ -29,6 +29,7 @@ fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_known_traffic_by_route_and_status_class() {
     let b = backend().run().await;
+    let failing = backend().status(503).run().await;
     let g = gateway(&format!(
         r#"
 consumers:
@@ -43,8 +44,10 @@ compositions:
     path: /both
     calls:
       one: {{ url: "{0}/one" }}
+      gone: {{ url: "{1}/gone", required: false }}
 "#,
-        b.url()
+        b.url(),
+        failing.url()
     ));
     let proxy = g.proxy_addr;
     for _ in 0..3 {
@@ -71,6 +74,11 @@ compositions:
     // The latency histogram saw every answered request of the route.
     assert_eq!(value(&m, "manifold_request_duration_seconds", &[("route", "guarded")]), 3.0);
     assert!(!m.samples.iter().any(|s| s.labels.values().any(|v| v.contains("12345"))), "no raw paths in labels");
+    // Each backend call of a composition: its duration, and its failures by kind.
+    assert_eq!(value(&m, "manifold_backend_call_duration_seconds", &[("composition", "both"), ("call", "one")]), 1.0);
+    assert_eq!(value(&m, "manifold_backend_call_duration_seconds", &[("composition", "both"), ("call", "gone")]), 1.0);
+    assert_eq!(value(&m, "manifold_backend_call_failures_total", &[("composition", "both"), ("call", "gone"), ("kind", "status")]), 1.0);
+    assert!(!m.samples.iter().any(|s| s.metric == "manifold_backend_call_failures_total" && s.labels.get("call") == Some("one")));
 
     assert_eq!(value(&m, "manifold_config_version", &[]), 1.0);
     assert_eq!(value(&m, "manifold_requests_in_flight", &[]), 0.0);

@@ -367,6 +367,7 @@ async fn try_composition(State(state): State<AdminState>, Path(name): Path<Strin
         client_headers: &headers,
         record: true,
         correlation: None,
+        metrics: None,
     };
     let outcome = crate::compose::run(ex, plan, request).await;
     let (parts, body) = outcome.response.into_parts();

@@ -32,6 +32,8 @@ pub struct Exchange<'a> {
     pub record: bool,
     /// A correlation-id policy's header, sent on every call.
     pub correlation: Option<HeaderName>,
+    /// Where per-call durations and failures are counted (not for `try`).
+    pub metrics: Option<&'a crate::metrics::Metrics>,
 }
 
 /// One call (or `for_each` item) as the `try` endpoint reports it.
@@ -374,6 +376,7 @@ struct Run<'p> {
     records: Vec<CallRecord>,
     record: bool,
     doc: Value,
+    metrics: Option<&'p crate::metrics::Metrics>,
 }
 
 impl Run<'_> {
@@ -400,7 +403,26 @@ impl Run<'_> {
         self.states[i] = state;
     }
 
+    /// Each call's duration and failure, once the composition answers.
+    fn count_calls(&self) {
+        let Some(m) = self.metrics else { return };
+        for (i, call) in self.plan.calls.iter().enumerate() {
+            match self.states[i] {
+                State::Done => m.call(&self.plan.name, &call.name, self.durations[i], None),
+                State::Failed => {
+                    let kind = self.failures[i].as_ref().map_or("failed", |f| f.kind);
+                    m.call(&self.plan.name, &call.name, self.durations[i], Some(kind));
+                }
+                State::Running => {
+                    m.call(&self.plan.name, &call.name, self.started[i].map_or(Duration::ZERO, |t| t.elapsed()), Some("cancelled"))
+                }
+                State::Skipped | State::NotRun | State::Waiting => {}
+            }
+        }
+    }
+
     fn server_timing(&self) -> HeaderValue {
+        self.count_calls();
         let mut parts = Vec::with_capacity(self.plan.calls.len() + 1);
         for (i, call) in self.plan.calls.iter().enumerate() {
             let entry = match self.states[i] {
@@ -478,6 +500,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         records: Vec::new(),
         record: ex.record,
         doc: Value::Object(doc),
+        metrics: ex.metrics,
     };
     let mut running: FuturesUnordered<CallFuture> = FuturesUnordered::new();
 

@@ -339,6 +339,7 @@ async fn route_and_run(
                 client_headers: &parts.headers,
                 record: false,
                 correlation: admission.correlation.clone(),
+                metrics: Some(&worker.shared.services.metrics),
             };
             Ok(compose::run(ex, &plan, request).await.response)
         }
