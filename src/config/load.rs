@@ -198,6 +198,12 @@ fn config_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
+        // Hidden entries are not config: editors' swap files, and the
+        // `..data`/`..2026_...` copies Kubernetes makes of a ConfigMap
+        // mounted as a directory (they would load every file twice).
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
         let path = entry.path();
         if entry.file_type()?.is_dir() {
             config_files(&path, out)?;
@@ -246,4 +252,22 @@ pub fn parse_paths(paths: &[PathBuf]) -> (LoadedConfig, Vec<ConfigError>) {
 pub fn load_paths(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
     let (loaded, errors) = parse_paths(paths);
     finish(loaded, errors, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hidden_entries_of_a_config_dir_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = "routes:\n  - { name: r, path: /r, upstream: \"http://127.0.0.1:9\" }\n";
+        std::fs::write(dir.path().join("a.yaml"), yaml).unwrap();
+        // What a ConfigMap mounted as a directory looks like.
+        std::fs::create_dir(dir.path().join("..2026_11_26_07_00_00.1")).unwrap();
+        std::fs::write(dir.path().join("..2026_11_26_07_00_00.1").join("a.yaml"), yaml).unwrap();
+        std::fs::write(dir.path().join(".a.yaml.swp"), "not yaml").unwrap();
+        let config = load_paths(&[dir.path().to_path_buf()]).expect("loads once, without duplicates");
+        assert_eq!(config.routes.len(), 1);
+    }
 }
