@@ -16,6 +16,7 @@
 //!   request IDs and trace context, the body type, config diffs.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod cli;

@@ -52,6 +52,16 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
+    /// The route's or composition's name.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// "route" or "composition".
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
     pub fn record(&self, status: u16, elapsed: Duration) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
         self.by_class[class].inc();

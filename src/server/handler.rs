@@ -103,12 +103,21 @@ fn request_host<B>(req: &Request<B>) -> String {
     host.to_ascii_lowercase()
 }
 
+/// What the request path learnt about a request, for metrics and the
+/// access log.
+#[derive(Default)]
+struct Matched {
+    metrics: Option<crate::metrics::RouteMetrics>,
+    consumer: Option<Arc<str>>,
+}
+
 pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let started = std::time::Instant::now();
     let metrics = &worker.shared.services.metrics;
     metrics.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let request_id = request_id(req.headers());
-    let mut matched: Option<crate::metrics::RouteMetrics> = None;
+    let log = crate::access_log::wanted().then(|| crate::access_log::Start::new(&req, peer));
+    let mut matched = Matched::default();
     let mut resp = match route_and_run(worker, peer, &request_id, req, &mut matched).await {
         Ok(resp) => resp,
         Err((e, close)) => {
@@ -122,8 +131,11 @@ pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>) -
     resp.headers_mut().insert(REQUEST_ID_HEADER, request_id);
     // Requests no route matched are not counted by route: their paths are
     // the client's choice, and labels must stay bounded.
-    if let Some(m) = matched {
+    if let Some(m) = &matched.metrics {
         m.record(resp.status().as_u16(), started.elapsed());
+    }
+    if let Some(log) = log {
+        log.finish(&resp, matched.metrics.as_ref(), matched.consumer.as_deref(), started.elapsed());
     }
     metrics.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     resp
@@ -134,7 +146,7 @@ async fn route_and_run(
     peer: SocketAddr,
     request_id: &HeaderValue,
     req: Request<Incoming>,
-    matched: &mut Option<crate::metrics::RouteMetrics>,
+    matched: &mut Matched,
 ) -> Result<Response<Body>, (GatewayError, bool)> {
     let shared = &worker.shared;
     check_head(&req, &shared.limits).map_err(|e| (e, true))?;
@@ -177,7 +189,7 @@ async fn route_and_run(
         }
         match found {
             RouteMatch::Found { target, params, policies, metrics } => {
-                *matched = Some(metrics.clone());
+                matched.metrics = Some(metrics.clone());
                 (target.clone(), params, policies.clone())
             }
             RouteMatch::NotFound => return Err((GatewayError::new(ErrorCode::NotFound, "no route matches the request"), false)),
@@ -216,7 +228,7 @@ async fn route_and_run(
         let admission = match policies.admit(facts, client_ip, &mut parts.headers, &mut query).await {
             Ok(a) => a,
             Err(refusal) => {
-                if let (Some(m), None) = (matched.as_ref(), refusal.reply) {
+                if let (Some(m), None) = (matched.metrics.as_ref(), refusal.reply) {
                     m.refused(refusal.error.code.as_str());
                 }
                 return Ok(refusal_response(refusal, request_id));
@@ -225,6 +237,7 @@ async fn route_and_run(
         if query.as_deref() != parts.uri.query() {
             set_query(&mut parts.uri, query.as_deref());
         }
+        matched.consumer = admission.consumer.as_ref().map(|c| Arc::<str>::from(c.name.as_str()));
         admission
     };
 

@@ -1,0 +1,100 @@
+//! The access log (issue 6): one JSON line per request on stdout, in the
+//! operational logs' format, read back from a real `manifold serve`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{backend, GatewayProcess};
+use serde_json::Value;
+
+fn access_lines(gw: &GatewayProcess) -> Vec<Value> {
+    gw.log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "manifold::access")
+        .collect()
+}
+
+async fn wait_for_lines(gw: &GatewayProcess, n: usize) -> Vec<Value> {
+    for _ in 0..100 {
+        let lines = access_lines(gw);
+        if lines.len() >= n {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    access_lines(gw)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_request_gets_one_json_line() {
+    let b = backend().run().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c.yaml"),
+        format!(
+            r#"
+consumers:
+  - {{ name: app, credentials: [{{ type: key-auth, key: k-app }}] }}
+policies:
+  - {{ name: keys, type: key-auth }}
+routes:
+  - {{ name: guarded, path: /guarded, upstream: "{0}", policies: [keys] }}
+compositions:
+  - name: both
+    path: /both
+    calls:
+      one: {{ url: "{0}/one" }}
+"#,
+            b.url()
+        ),
+    )
+    .unwrap();
+    let gw = GatewayProcess::start_with_env(dir.path(), &[], &[("MANIFOLD_LOG", "info")]);
+    let base = format!("http://{}", gw.proxy);
+    let (s, _, _) = common::send(
+        "POST",
+        &format!("{base}/guarded"),
+        Some(serde_json::json!({"a": 1})),
+        &[("apikey", "k-app"), ("x-request-id", "req-1")],
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(common::send("GET", &format!("{base}/guarded"), None, &[("x-request-id", "req-2")]).await.0, 401);
+    assert_eq!(common::send("GET", &format!("{base}/both"), None, &[("x-request-id", "req-3")]).await.0, 200);
+    assert_eq!(common::send("GET", &format!("{base}/nowhere"), None, &[("x-request-id", "req-4")]).await.0, 404);
+
+    let lines = wait_for_lines(&gw, 4).await;
+    assert_eq!(lines.len(), 4, "one line per request: {lines:#?}");
+    let by_id = |id: &str| lines.iter().find(|l| l["request_id"] == id).unwrap_or_else(|| panic!("no line for {id}: {lines:#?}"));
+    let ok = by_id("req-1");
+    assert_eq!((ok["route"].as_str(), ok["kind"].as_str(), ok["consumer"].as_str()), (Some("guarded"), Some("route"), Some("app")));
+    assert_eq!((ok["method"].as_str(), ok["status"].as_u64(), ok["client"].as_str()), (Some("POST"), Some(200), Some("127.0.0.1")));
+    assert_eq!(ok["bytes_in"].as_u64(), Some(7));
+    assert!(ok["bytes_out"].as_u64().is_some_and(|n| n > 0), "{ok}");
+    assert!(ok["duration_ms"].as_f64().is_some_and(|d| d > 0.0), "{ok}");
+    assert!(ok["timestamp"].is_string(), "{ok}");
+    let refused = by_id("req-2");
+    assert_eq!((refused["status"].as_u64(), refused["consumer"].as_str()), (Some(401), None));
+    let composed = by_id("req-3");
+    assert_eq!(composed["kind"], "composition");
+    assert!(composed["calls"].as_str().is_some_and(|c| c.contains("one;dur=")), "per-call durations: {composed}");
+    let unmatched = by_id("req-4");
+    assert_eq!((unmatched["status"].as_u64(), unmatched["route"].as_str()), (Some(404), None));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sample_knob_keeps_a_share_of_lines() {
+    let b = backend().run().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("c.yaml"), format!("routes:\n  - {{ name: r, path: /r, upstream: \"{}\" }}\n", b.url())).unwrap();
+    let gw = GatewayProcess::start_with_env(dir.path(), &[], &[("MANIFOLD_LOG", "info"), ("MANIFOLD_ACCESS_LOG_SAMPLE", "0")]);
+    for _ in 0..5 {
+        assert_eq!(common::send("GET", &format!("http://{}/r", gw.proxy), None, &[]).await.0, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(access_lines(&gw).is_empty(), "a sample of 0 writes no access line");
+}
