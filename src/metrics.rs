@@ -163,12 +163,14 @@ impl Metrics {
         }
     }
 
-    /// One backend call of a composition (names come from the config).
-    pub fn call(&self, composition: &str, call: &str, took: Duration, failure: Option<&str>) {
-        self.calls.with_label_values(&[composition, call]).observe(took.as_secs_f64());
-        if let Some(kind) = failure {
-            self.call_failures.with_label_values(&[composition, call, kind]).inc();
-        }
+    /// One backend call's duration histogram, resolved once per config.
+    pub fn call_histogram(&self, composition: &str, call: &str) -> Histogram {
+        self.calls.with_label_values(&[composition, call])
+    }
+
+    /// A failed backend call of a composition (rare: looked up when it happens).
+    pub fn call_failed(&self, composition: &str, call: &str, kind: &str) {
+        self.call_failures.with_label_values(&[composition, call, kind]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -214,7 +214,10 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
         };
         let method = comp.method.clone().unwrap_or_else(|| "GET".into());
         let target = match crate::compose::plan::compile(comp) {
-            Ok(plan) => {
+            Ok(mut plan) => {
+                for call in &mut plan.calls {
+                    call.duration = Some(services.metrics.call_histogram(&plan.name, &call.name));
+                }
                 let plan = Arc::new(plan);
                 compositions.insert(comp.name.clone(), (pattern.clone(), plan.clone()));
                 Target::Composition(plan)

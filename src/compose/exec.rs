@@ -407,16 +407,17 @@ impl Run<'_> {
     fn count_calls(&self) {
         let Some(m) = self.metrics else { return };
         for (i, call) in self.plan.calls.iter().enumerate() {
-            match self.states[i] {
-                State::Done => m.call(&self.plan.name, &call.name, self.durations[i], None),
-                State::Failed => {
-                    let kind = self.failures[i].as_ref().map_or("failed", |f| f.kind);
-                    m.call(&self.plan.name, &call.name, self.durations[i], Some(kind));
-                }
-                State::Running => {
-                    m.call(&self.plan.name, &call.name, self.started[i].map_or(Duration::ZERO, |t| t.elapsed()), Some("cancelled"))
-                }
-                State::Skipped | State::NotRun | State::Waiting => {}
+            let (took, failure) = match self.states[i] {
+                State::Done => (self.durations[i], None),
+                State::Failed => (self.durations[i], Some(self.failures[i].as_ref().map_or("failed", |f| f.kind))),
+                State::Running => (self.started[i].map_or(Duration::ZERO, |t| t.elapsed()), Some("cancelled")),
+                State::Skipped | State::NotRun | State::Waiting => continue,
+            };
+            if let Some(h) = &call.duration {
+                h.observe(took.as_secs_f64());
+            }
+            if let Some(kind) = failure {
+                m.call_failed(&self.plan.name, &call.name, kind);
             }
         }
     }

@@ -25,6 +25,9 @@ pub const DEFAULT_MAX_CONCURRENCY: usize = 8;
 #[derive(Debug)]
 pub struct CallPlan {
     pub name: Arc<str>,
+    /// This call's duration histogram, resolved when the config compiles
+    /// (`None` outside a running node: validation, unit tests).
+    pub duration: Option<prometheus::Histogram>,
     pub method: Method,
     pub scheme: Scheme,
     pub authority: Authority,
@@ -219,6 +222,7 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
         let method = Method::from_bytes(call.method.as_deref().unwrap_or("GET").as_bytes()).unwrap_or(Method::GET);
         calls.push(CallPlan {
             name: name.as_str().into(),
+            duration: None,
             method,
             host_header: HeaderValue::from_str(authority.as_str()).expect("an authority is a valid header value"),
             origin: origin.to_string(),

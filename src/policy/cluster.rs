@@ -184,10 +184,6 @@ impl RedisLimiter {
         }
     }
 
-    pub fn prefix(&self) -> &str {
-        &self.options.prefix
-    }
-
     async fn open(&self) -> redis::RedisResult<MultiplexedConnection> {
         let Some(client) = &self.client else {
             return Err(redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "invalid Redis URL")));

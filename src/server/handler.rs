@@ -71,12 +71,16 @@ pub async fn read_json_body(headers: &http::HeaderMap, body: Incoming, limit: us
     if bytes.is_empty() {
         return Ok(serde_json::Value::Null);
     }
-    let says_json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
     match serde_json::from_slice(&bytes) {
         Ok(v) => Ok(v),
-        Err(_) if says_json => Err(GatewayError::new(ErrorCode::BadRequest, "the request body is not valid JSON")),
+        Err(_) if says_json(headers) => Err(GatewayError::new(ErrorCode::BadRequest, "the request body is not valid JSON")),
         Err(_) => Ok(serde_json::Value::Null),
     }
+}
+
+/// Whether a message's Content-Type says JSON.
+fn says_json(headers: &http::HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"))
 }
 
 /// A client's whole body, up to `limit` bytes (413 past it).
@@ -296,7 +300,6 @@ async fn route_and_run(
                     Ok(bytes) => bytes.map_err(|e| (e, false))?,
                     Err(_) => return Err((GatewayError::new(ErrorCode::BadRequest, "the request body did not arrive in time"), true)),
                 };
-                let says_json = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
                 let bytes = match serde_json::from_slice::<serde_json::Value>(&bytes) {
                     Ok(mut json) if json.is_object() => {
                         let c = ctx.get_or_insert_with(|| transform_context(&parts, &params, &admission, serde_json::Value::Null));
@@ -307,7 +310,7 @@ async fn route_and_run(
                     }
                     // A body that says JSON and is not cannot pass unchanged
                     // by a transform that was meant to change it.
-                    Err(_) if says_json && !bytes.is_empty() => {
+                    Err(_) if says_json(&parts.headers) && !bytes.is_empty() => {
                         return Err((GatewayError::new(ErrorCode::BadRequest, "the request body is not valid JSON"), false));
                     }
                     _ => bytes,
@@ -461,7 +464,7 @@ async fn transform_response(
     for t in &admission.response_transforms {
         t.apply_headers(&mut parts.headers, &ctx);
     }
-    let is_json = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
+    let is_json = says_json(&parts.headers);
     let bodiless = head || matches!(parts.status.as_u16(), 204 | 304);
     if !is_json || bodiless || !admission.response_transforms.iter().any(|t| t.touches_body()) {
         return Response::from_parts(parts, body);
