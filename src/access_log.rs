@@ -4,7 +4,8 @@
 //! status, duration, bytes in and out, and each composition call's time
 //! (the `Server-Timing` value). `MANIFOLD_ACCESS_LOG_SAMPLE` (0 to 1,
 //! default 1) keeps that share of lines; `MANIFOLD_LOG` filters it like any
-//! log (`manifold::access=off` turns it off).
+//! log (`manifold::access=off` turns it off). `--access-log-file`
+//! (`MANIFOLD_ACCESS_LOG_FILE`) sends the lines to a file instead of stdout.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -16,6 +17,9 @@ use crate::body::Body;
 use crate::ids::REQUEST_ID_HEADER;
 use crate::metrics::RouteMetrics;
 
+/// The tracing target of access log lines.
+pub const TARGET: &str = "manifold::access";
+
 fn sample_rate() -> f64 {
     static RATE: OnceLock<f64> = OnceLock::new();
     *RATE.get_or_init(|| {
@@ -26,7 +30,7 @@ fn sample_rate() -> f64 {
 /// Whether this request gets a line: the log level lets it through and
 /// the sample picks it.
 pub fn wanted() -> bool {
-    if !tracing::enabled!(target: "manifold::access", tracing::Level::INFO) {
+    if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
         return false;
     }
     let rate = sample_rate();
@@ -53,7 +57,7 @@ impl Start {
         let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
         let bytes_out: Option<u64> = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
         tracing::info!(
-            target: "manifold::access",
+            target: TARGET,
             request_id = text(REQUEST_ID_HEADER.as_str()),
             route = route.map(RouteMetrics::route),
             kind = route.map(RouteMetrics::kind),

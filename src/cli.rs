@@ -113,6 +113,14 @@ pub struct ServeArgs {
     /// Worker threads (one runtime and listener each); default: one per core
     #[arg(long, env = "MANIFOLD_WORKERS")]
     pub workers: Option<usize>,
+    /// Write the access log (one JSON line per request) to this file,
+    /// appended, instead of stdout; operational logs stay on stdout
+    #[arg(long, env = "MANIFOLD_ACCESS_LOG_FILE")]
+    pub access_log_file: Option<PathBuf>,
+    /// Label request counts by consumer too (manifold_consumer_requests_total):
+    /// one series per consumer, route and status class, so off by default
+    #[arg(long, env = "MANIFOLD_METRICS_CONSUMER_LABELS")]
+    pub metrics_consumer_labels: bool,
     /// How long in-flight requests may take to finish after SIGTERM or SIGINT
     #[arg(long, env = "MANIFOLD_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_dur)]
     pub drain_timeout: Dur,
@@ -126,24 +134,57 @@ fn parse_dur(s: &str) -> Result<Dur, String> {
     Dur::parse(s)
 }
 
-fn init_logging(cli: &Cli) {
+/// Logs on stdout, JSON unless stdout is a terminal; the access log
+/// (target `manifold::access`) on stdout too, or only in
+/// `--access-log-file`, always as JSON lines.
+fn init_logging(cli: &Cli) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{filter, fmt, Layer, Registry};
+
+    type Boxed = Box<dyn Layer<Registry> + Send + Sync>;
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = match cli.log_format {
         Some(LogFormat::Json) => true,
         Some(LogFormat::Pretty) => false,
         None => !std::io::stdout().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
-    if json {
-        builder.json().flatten_event(true).with_current_span(false).init();
+    let access_file = match &cli.command {
+        Command::Serve(args) => args.access_log_file.as_deref(),
+        _ => None,
+    };
+    let file = match access_file {
+        Some(path) => Some(std::sync::Arc::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open the access log file {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let to_file = file.is_some();
+    let stdout: Boxed = if json {
+        fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(std::io::stdout).boxed()
     } else {
-        builder.init();
+        fmt::layer().with_writer(std::io::stdout).boxed()
+    };
+    let mut layers =
+        vec![stdout.with_filter(filter::filter_fn(move |meta| !(to_file && meta.target() == crate::access_log::TARGET))).boxed()];
+    if let Some(file) = file {
+        let access = fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(file);
+        layers.push(access.with_filter(filter::filter_fn(|meta| meta.target() == crate::access_log::TARGET)).boxed());
     }
+    tracing_subscriber::registry().with(layers.with_filter(filter)).init();
+    Ok(())
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli);
+    if let Err(e) = init_logging(&cli) {
+        eprintln!("manifold: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Validate { paths } => return validate(paths),
@@ -253,6 +294,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         trusted_proxies: args.trusted_proxies,
         database,
         redis: args.redis_url.filter(|u| !u.is_empty()).map(|url| crate::gateway::RedisOptions { url, prefix: args.redis_prefix }),
+        metrics: crate::metrics::MetricsOptions { consumer_labels: args.metrics_consumer_labels },
         ..GatewayOptions::default()
     };
     let gateway = Gateway::start(opts, config)?;

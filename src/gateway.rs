@@ -40,6 +40,7 @@ pub struct GatewayOptions {
     pub database: Option<DatabaseOptions>,
     /// Redis, for `rate-limit` with `scope: cluster`.
     pub redis: Option<RedisOptions>,
+    pub metrics: crate::metrics::MetricsOptions,
 }
 
 impl Default for GatewayOptions {
@@ -52,6 +53,7 @@ impl Default for GatewayOptions {
             limits: Limits::default(),
             database: None,
             redis: None,
+            metrics: Default::default(),
         }
     }
 }
@@ -129,7 +131,7 @@ impl Gateway {
             tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("manifold-control").enable_all().build()?,
         ));
 
-        let services = crate::policy::Services::new(opts.redis.clone());
+        let services = crate::policy::Services::with_metrics(opts.redis.clone(), opts.metrics);
         let (store, config, version, instance, reachable) = match &opts.database {
             Some(db) => {
                 let (store, config, version, instance, reachable) = block_on(&control, initial_config(db))?;

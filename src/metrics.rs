@@ -1,10 +1,12 @@
 //! Prometheus metrics, served by the admin API at `/metrics`.
 //!
-//! Labels are bounded by the config: route and composition names, status
-//! classes, policy error codes; never raw paths or consumers. The request
-//! path touches only counters resolved when a config is compiled
-//! ([`RouteMetrics`]); gauges that describe the node (config version,
-//! reachability, memory) are read when `/metrics` is scraped.
+//! Labels are bounded by the config: route, composition and policy names,
+//! status classes, error codes; never raw paths. Consumer names only when
+//! switched on ([`MetricsOptions::consumer_labels`]): one series per consumer
+//! and route is the operator's choice to make. The request path touches only
+//! counters resolved when a config is compiled ([`RouteMetrics`]); gauges
+//! that describe the node (config version, reachability, memory) are read
+//! when `/metrics` is scraped.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -12,12 +14,21 @@ use std::time::Duration;
 
 use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
+/// What the metrics of a node include.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MetricsOptions {
+    /// Also count requests by consumer (`manifold_consumer_requests_total`).
+    pub consumer_labels: bool,
+}
+
 /// Every metric of one node.
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     duration: HistogramVec,
     refusals: IntCounterVec,
+    /// By consumer, route and status class; only when switched on.
+    consumers: Option<IntCounterVec>,
     calls: HistogramVec,
     call_failures: IntCounterVec,
     pub config_version: IntGauge,
@@ -62,17 +73,23 @@ impl RouteMetrics {
         self.kind
     }
 
-    pub fn record(&self, status: u16, elapsed: Duration) {
+    /// An answered request; `consumer` counts only when consumer labels are on.
+    pub fn record(&self, status: u16, elapsed: Duration, consumer: Option<&str>) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
         self.by_class[class].inc();
         self.duration.observe(elapsed.as_secs_f64());
+        if let (Some(consumers), Some(consumer)) = (&self.metrics.consumers, consumer) {
+            consumers.with_label_values(&[consumer, &*self.route, self.kind, CLASSES[class]]).inc();
+        }
     }
 
-    /// A request a policy refused, by the error code it got.
-    pub fn refused(&self, code: &str) {
-        self.metrics.refusals.with_label_values(&[&*self.route, self.kind, code]).inc();
+    /// A request a policy refused, by the policy and the error code it got.
+    pub fn refused(&self, policy: Option<&str>, code: &str) {
+        self.metrics.refusals.with_label_values(&[&*self.route, self.kind, policy.unwrap_or(""), code]).inc();
     }
 }
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("a valid metric");
@@ -81,7 +98,7 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Metrics> {
+    pub fn new(opts: MetricsOptions) -> Arc<Metrics> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new("manifold_requests_total", "Requests answered, by route or composition and status class"),
@@ -95,10 +112,19 @@ impl Metrics {
         )
         .expect("a valid metric");
         let refusals = IntCounterVec::new(
-            Opts::new("manifold_policy_refusals_total", "Requests refused by a policy (401, 403, 413, 429...), by error code"),
-            &["route", "kind", "code"],
+            Opts::new("manifold_policy_refusals_total", "Requests refused by a policy (401, 403, 413, 429...), by policy and error code"),
+            &["route", "kind", "policy", "code"],
         )
         .expect("a valid metric");
+        let consumers = opts.consumer_labels.then(|| {
+            let c = IntCounterVec::new(
+                Opts::new("manifold_consumer_requests_total", "Requests answered, by consumer, route or composition and status class"),
+                &["consumer", "route", "kind", "status"],
+            )
+            .expect("a valid metric");
+            registry.register(Box::new(c.clone())).expect("registered once");
+            c
+        });
         let calls = HistogramVec::new(
             HistogramOpts::new("manifold_backend_call_duration_seconds", "Backend calls of compositions, by composition and call")
                 .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
@@ -144,6 +170,7 @@ impl Metrics {
             requests,
             duration,
             refusals,
+            consumers,
             calls,
             call_failures,
             in_flight: AtomicI64::new(0),
@@ -153,9 +180,8 @@ impl Metrics {
 
     /// The counters of one route (`kind` "route") or composition.
     pub fn route(self: &Arc<Self>, name: &str, kind: &'static str) -> RouteMetrics {
-        let class = |c: &str| self.requests.with_label_values(&[name, kind, c]);
         RouteMetrics {
-            by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            by_class: CLASSES.map(|c| self.requests.with_label_values(&[name, kind, c])),
             duration: self.duration.with_label_values(&[name, kind]),
             metrics: self.clone(),
             route: Arc::from(name),

@@ -98,3 +98,70 @@ async fn the_sample_knob_keeps_a_share_of_lines() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(access_lines(&gw).is_empty(), "a sample of 0 writes no access line");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_access_log_file_takes_the_lines_off_stdout() {
+    let b = backend().run().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("logs").join("access.log");
+    std::fs::create_dir(dir.path().join("logs")).unwrap();
+    // The file is appended to, never truncated.
+    std::fs::write(&file, "an earlier line\n").unwrap();
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    std::fs::write(
+        config.join("c.yaml"),
+        format!(
+            "routes:\n  - {{ name: r, path: /r, upstream: \"{}\" }}\n  - {{ name: gone, path: /gone, upstream: \"http://127.0.0.1:9\" }}\n",
+            b.url()
+        ),
+    )
+    .unwrap();
+    let gw = GatewayProcess::start_with_env(&config, &["--access-log-file", file.to_str().unwrap()], &[("MANIFOLD_LOG", "info")]);
+    let base = format!("http://{}", gw.proxy);
+    assert_eq!(common::send("GET", &format!("{base}/r"), None, &[("x-request-id", "file-1")]).await.0, 200);
+    assert_eq!(common::send("GET", &format!("{base}/gone"), None, &[("x-request-id", "file-2")]).await.0, 502);
+
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&file).unwrap();
+        lines = text.lines().map(str::to_string).collect::<Vec<_>>();
+        if lines.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(lines.len(), 3, "the earlier line and one per request: {lines:#?}");
+    assert_eq!(lines[0], "an earlier line");
+    let json: Vec<Value> = lines[1..].iter().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert!(json.iter().all(|l| l["target"] == "manifold::access"), "only access lines in the file: {json:#?}");
+    assert_eq!((json[0]["request_id"].as_str(), json[0]["status"].as_u64()), (Some("file-1"), Some(200)));
+    assert_eq!((json[1]["request_id"].as_str(), json[1]["status"].as_u64()), (Some("file-2"), Some(502)));
+
+    // Stdout keeps the operational logs, and none of the access lines; the
+    // upstream failure's warning names the request it belongs to.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(access_lines(&gw).is_empty(), "access lines left stdout");
+    let log = gw.log.lock().unwrap().clone();
+    let warning = log
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["level"] == "WARN" && v["route"] == "gone")
+        .unwrap_or_else(|| panic!("a warning for the failed upstream: {log:#?}"));
+    assert_eq!(warning["request_id"], "file-2", "{warning}");
+}
+
+#[test]
+fn an_access_log_file_that_cannot_be_opened_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_manifold"))
+        .args(["serve", "--proxy-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--config-dir"])
+        .arg(dir.path())
+        .args(["--access-log-file", "/nonexistent-dir/access.log"])
+        .env_remove("MANIFOLD_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot open the access log file /nonexistent-dir/access.log"), "{stderr}");
+}

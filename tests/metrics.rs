@@ -36,9 +36,10 @@ consumers:
   - {{ name: app, credentials: [{{ type: key-auth, key: k-app }}] }}
 policies:
   - {{ name: keys, type: key-auth }}
+  - {{ name: two-a-day, type: rate-limit, config: {{ limits: [{{ window: 24h, limit: 2 }}], by: consumer }} }}
 routes:
   - {{ name: open, path: /open, upstream: "{0}" }}
-  - {{ name: guarded, path: /guarded, upstream: "{0}", policies: [keys] }}
+  - {{ name: guarded, path: /guarded, upstream: "{0}", policies: [keys, two-a-day] }}
 compositions:
   - name: both
     path: /both
@@ -53,7 +54,9 @@ compositions:
     for _ in 0..3 {
         assert_eq!(common::send("GET", &format!("http://{proxy}/open"), None, &[]).await.0, 200);
     }
-    assert_eq!(common::send("GET", &format!("http://{proxy}/guarded"), None, &[("apikey", "k-app")]).await.0, 200);
+    for status in [200, 200, 429] {
+        assert_eq!(common::send("GET", &format!("http://{proxy}/guarded"), None, &[("apikey", "k-app")]).await.0, status);
+    }
     for _ in 0..2 {
         assert_eq!(common::send("GET", &format!("http://{proxy}/guarded"), None, &[]).await.0, 401);
     }
@@ -67,12 +70,22 @@ compositions:
     };
     assert_eq!(requests("open", "route", "2xx"), 3.0);
     assert_eq!(requests("open", "route", "4xx"), 0.0);
-    assert_eq!(requests("guarded", "route", "2xx"), 1.0);
-    assert_eq!(requests("guarded", "route", "4xx"), 2.0);
+    assert_eq!(requests("guarded", "route", "2xx"), 2.0);
+    assert_eq!(requests("guarded", "route", "4xx"), 3.0);
     assert_eq!(requests("both", "composition", "2xx"), 1.0);
-    assert_eq!(value(&m, "manifold_policy_refusals_total", &[("route", "guarded"), ("code", "unauthorized")]), 2.0, "401s by policy code");
+    // Refusals by the policy that refused and the error code.
+    let refused = |policy: &str, code: &str| {
+        value(&m, "manifold_policy_refusals_total", &[("route", "guarded"), ("kind", "route"), ("policy", policy), ("code", code)])
+    };
+    assert_eq!(refused("keys", "unauthorized"), 2.0, "401s by key-auth");
+    assert_eq!(refused("two-a-day", "rate_limited"), 1.0, "429s by the rate limit");
     // The latency histogram saw every answered request of the route.
-    assert_eq!(value(&m, "manifold_request_duration_seconds", &[("route", "guarded")]), 3.0);
+    assert_eq!(value(&m, "manifold_request_duration_seconds", &[("route", "guarded")]), 5.0);
+    // Consumers are no label unless switched on.
+    assert!(
+        !m.samples.iter().any(|s| s.labels.get("consumer").is_some() || s.metric.contains("consumer")),
+        "no consumer labels by default"
+    );
     assert!(!m.samples.iter().any(|s| s.labels.values().any(|v| v.contains("12345"))), "no raw paths in labels");
     // Each backend call of a composition: its duration, and its failures by kind.
     assert_eq!(value(&m, "manifold_backend_call_duration_seconds", &[("composition", "both"), ("call", "one")]), 1.0);
@@ -96,5 +109,48 @@ compositions:
     let m = scrape(g.admin_addr).await;
     assert_eq!(value(&m, "manifold_config_version", &[]), 2.0);
     assert_eq!(value(&m, "manifold_config_reloads_total", &[]), 1.0);
+    g.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consumer_labels_when_switched_on() {
+    let b = backend().run().await;
+    let yaml = format!(
+        r#"
+consumers:
+  - {{ name: app, credentials: [{{ type: key-auth, key: k-app }}] }}
+  - {{ name: web, credentials: [{{ type: key-auth, key: k-web }}] }}
+policies:
+  - {{ name: keys, type: key-auth }}
+routes:
+  - {{ name: guarded, path: /guarded, upstream: "{0}", policies: [keys] }}
+  - {{ name: gone, path: /gone, upstream: "http://127.0.0.1:9", policies: [keys] }}
+"#,
+        b.url()
+    );
+    let opts =
+        manifold::gateway::GatewayOptions { metrics: manifold::metrics::MetricsOptions { consumer_labels: true }, ..Default::default() };
+    let g = common::gateway_with(&yaml, opts);
+    let proxy = g.proxy_addr;
+    for (key, path, status) in [("k-app", "/guarded", 200), ("k-app", "/guarded", 200), ("k-web", "/guarded", 200), ("k-web", "/gone", 502)]
+    {
+        assert_eq!(common::send("GET", &format!("http://{proxy}{path}"), None, &[("apikey", key)]).await.0, status);
+    }
+    assert_eq!(common::send("GET", &format!("http://{proxy}/guarded"), None, &[]).await.0, 401);
+    let m = scrape(g.admin_addr).await;
+    let by = |consumer: &str, route: &str, status: &str| {
+        value(&m, "manifold_consumer_requests_total", &[("consumer", consumer), ("route", route), ("kind", "route"), ("status", status)])
+    };
+    assert_eq!(by("app", "guarded", "2xx"), 2.0);
+    assert_eq!(by("web", "guarded", "2xx"), 1.0);
+    assert_eq!(by("web", "gone", "5xx"), 1.0);
+    // A refused request has no consumer: it is in the route's counts only.
+    let consumer_total: f64 = m
+        .samples
+        .iter()
+        .filter(|s| s.metric == "manifold_consumer_requests_total")
+        .map(|s| if let PValue::Counter(v) = s.value { v } else { 0.0 })
+        .sum();
+    assert_eq!(consumer_total, 4.0);
     g.shutdown();
 }

@@ -595,7 +595,7 @@ fn shape(run: &Run, request_id: &HeaderValue) -> Response<Body> {
         ResponseBody::Text { template, content_type } => match template.render(doc) {
             Ok(text) => (text.into_bytes(), content_type.clone()),
             Err(e) => {
-                tracing::warn!(request_id = ?request_id, composition = %plan.name, error = %e, "response template failed");
+                tracing::warn!(request_id = request_id.to_str().unwrap_or(""), composition = %plan.name, error = %e, "response template failed");
                 return error_response(ErrorCode::Internal, "the response template failed", request_id.to_str().unwrap_or(""));
             }
         },
@@ -619,7 +619,7 @@ fn shape(run: &Run, request_id: &HeaderValue) -> Response<Body> {
                 h.insert(name.clone(), v);
             }
             None => {
-                tracing::warn!(request_id = ?request_id, composition = %plan.name, header = %name, "response header template gave no valid value")
+                tracing::warn!(request_id = request_id.to_str().unwrap_or(""), composition = %plan.name, header = %name, "response header template gave no valid value")
             }
         }
     }

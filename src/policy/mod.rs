@@ -68,10 +68,14 @@ impl std::fmt::Debug for Services {
 
 impl Services {
     pub fn new(redis: Option<cluster::RedisOptions>) -> Arc<Services> {
+        Services::with_metrics(redis, crate::metrics::MetricsOptions::default())
+    }
+
+    pub fn with_metrics(redis: Option<cluster::RedisOptions>, metrics: crate::metrics::MetricsOptions) -> Arc<Services> {
         Arc::new(Services {
             redis: redis.map(|o| Arc::new(cluster::RedisLimiter::new(o))),
             jwks: Arc::new(jwt::JwksStore::default()),
-            metrics: crate::metrics::Metrics::new(),
+            metrics: crate::metrics::Metrics::new(metrics),
             verified: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(300)).build(),
             argon2_permits: tokio::sync::Semaphore::new(ARGON2_AT_ONCE),
         })
@@ -390,7 +394,7 @@ enum Compiled {
 
 #[derive(Debug)]
 struct Step {
-    name: String,
+    name: Arc<str>,
     phase: u8,
     what: Compiled,
 }
@@ -447,11 +451,14 @@ pub struct Refusal {
     pub reply: Option<StatusCode>,
     /// Headers the answer carries (Location, CORS, WWW-Authenticate).
     pub headers: HeaderMap,
+    /// The policy that refused (for a missing credential: the last
+    /// authentication policy), set by [`PolicyChain::admit`].
+    pub policy: Option<Arc<str>>,
 }
 
 impl From<GatewayError> for Refusal {
     fn from(error: GatewayError) -> Self {
-        Refusal { error, rate: None, reply: None, headers: HeaderMap::new() }
+        Refusal { error, rate: None, reply: None, headers: HeaderMap::new(), policy: None }
     }
 }
 
@@ -589,7 +596,7 @@ impl PolicyChain {
                     Compiled::RateLimit { by, state: state.clone(), cluster }
                 }
             };
-            steps.push(Step { name: p.name.clone(), phase: phase(p.kind), what });
+            steps.push(Step { name: Arc::from(p.name.as_str()), phase: phase(p.kind), what });
         }
         steps.sort_by_key(|s| s.phase);
         PolicyChain { steps, ids: ids.clone(), services: Some(services.clone()), entity: entity.to_string() }
@@ -619,6 +626,23 @@ impl PolicyChain {
         headers: &mut HeaderMap,
         query: &mut Option<String>,
     ) -> Result<Admission, Refusal> {
+        let mut at = 0;
+        self.run_steps(request, client_ip, headers, query, &mut at).await.map_err(|mut r| {
+            r.policy = self.steps.get(at).map(|s| s.name.clone());
+            r
+        })
+    }
+
+    /// [`admit`](Self::admit)'s work; `at` follows the step being run, so a
+    /// refusal can name its policy.
+    async fn run_steps(
+        &self,
+        request: RequestFacts<'_>,
+        client_ip: IpAddr,
+        headers: &mut HeaderMap,
+        query: &mut Option<String>,
+        at: &mut usize,
+    ) -> Result<Admission, Refusal> {
         headers.remove(X_CONSUMER_NAME);
         headers.remove(X_CONSUMER_GROUPS);
         let mut consumer: Option<Arc<ConsumerInfo>> = None;
@@ -635,15 +659,17 @@ impl PolicyChain {
             }
             r
         };
-        for step in &self.steps {
+        for (i, step) in self.steps.iter().enumerate() {
             if step.phase > AUTH_PHASE && has_auth && !auth_done {
-                // Leaving the authentication phase: someone must have been accepted.
+                // Leaving the authentication phase: someone must have been
+                // accepted (`at` is still the last authentication policy).
                 consumer = consumer.or(anonymous.take());
                 if consumer.is_none() {
                     return Err(refuse(unauthorized(basic_offered), &out.headers));
                 }
                 auth_done = true;
             }
+            *at = i;
             match &step.what {
                 Compiled::RequestSizeLimit { max } => {
                     // A declared length is checked now, before any byte is
@@ -688,6 +714,7 @@ impl PolicyChain {
                                 rate: None,
                                 reply: Some(StatusCode::NO_CONTENT),
                                 headers: h,
+                                policy: None,
                             },
                             None => {
                                 GatewayError::new(ErrorCode::Forbidden, "this origin or method is not allowed by the CORS policy").into()

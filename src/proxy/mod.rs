@@ -172,14 +172,14 @@ pub async fn forward(
     let result = tokio::time::timeout(route.timeout, client.request(upstream_req)).await;
     let resp = match result {
         Err(_) => {
-            tracing::warn!(request_id = ?fwd.request_id, route = %route.name, "upstream timed out after {:?}", route.timeout);
+            tracing::warn!(request_id = fwd.request_id.to_str().unwrap_or(""), route = %route.name, "upstream timed out after {:?}", route.timeout);
             return Err(GatewayError::new(ErrorCode::UpstreamTimeout, "the upstream did not answer in time"));
         }
         Ok(Err(e)) if crate::body::is_too_large(&e) => {
             return Err(GatewayError::new(ErrorCode::PayloadTooLarge, "the request body is over this route's size limit"));
         }
         Ok(Err(e)) => {
-            tracing::warn!(request_id = ?fwd.request_id, route = %route.name, error = %error_chain(&e), "upstream request failed");
+            tracing::warn!(request_id = fwd.request_id.to_str().unwrap_or(""), route = %route.name, error = %error_chain(&e), "upstream request failed");
             let message = if e.is_connect() { "the upstream could not be reached" } else { "the upstream connection failed" };
             return Err(GatewayError::new(ErrorCode::UpstreamError, message));
         }

@@ -136,7 +136,7 @@ pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>) -
     // Requests no route matched are not counted by route: their paths are
     // the client's choice, and labels must stay bounded.
     if let Some(m) = &matched.metrics {
-        m.record(resp.status().as_u16(), started.elapsed());
+        m.record(resp.status().as_u16(), started.elapsed(), matched.consumer.as_deref());
     }
     if let Some(log) = log {
         log.finish(&resp, matched.metrics.as_ref(), matched.consumer.as_deref(), started.elapsed());
@@ -233,7 +233,7 @@ async fn route_and_run(
             Ok(a) => a,
             Err(refusal) => {
                 if let (Some(m), None) = (matched.metrics.as_ref(), refusal.reply) {
-                    m.refused(refusal.error.code.as_str());
+                    m.refused(refusal.policy.as_deref(), refusal.error.code.as_str());
                 }
                 return Ok(refusal_response(refusal, request_id));
             }
