@@ -48,9 +48,20 @@ while (( $# > 0 )); do
 done
 
 if [[ ! -x "$BIN" ]]; then
+  [[ "$BIN" == ./target/release/manifold ]] || { echo "MANIFOLD_BIN=$BIN is not an executable (a relative path counts from the repository root)" >&2; exit 1; }
   echo "building manifold (release): $BIN is missing"
   cargo build --release
 fi
+
+# The proxy listener uses SO_REUSEPORT: a second process on a taken port
+# would share it silently, so taken ports are refused here, before --fresh
+# could drop the database of a cluster already running on them.
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for i in $(seq 1 "$NODES"); do
+  for port in $((BASE_PORT + 10 * (i - 1))) $((BASE_PORT + 10 * (i - 1) + 1)); do
+    if listening "$port"; then echo "port $port is taken (another cluster running? set BASE_PORT)" >&2; exit 1; fi
+  done
+done
 
 # Postgres: the database, and its schema.
 command -v psql >/dev/null || { echo "psql is needed (apt-get install postgresql-client)" >&2; exit 1; }
@@ -76,15 +87,6 @@ else
   unset MANIFOLD_REDIS_URL
 fi
 export MANIFOLD_LOG=${MANIFOLD_LOG:-info}
-
-# The proxy listener uses SO_REUSEPORT: a second process on a taken port
-# would share it silently, so taken ports are refused here.
-listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for i in $(seq 1 "$NODES"); do
-  for port in $((BASE_PORT + 10 * (i - 1))) $((BASE_PORT + 10 * (i - 1) + 1)); do
-    if listening "$port"; then echo "port $port is taken (another cluster running? set BASE_PORT)" >&2; exit 1; fi
-  done
-done
 
 pids=()
 stopping=0
