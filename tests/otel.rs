@@ -262,15 +262,7 @@ async fn spans_still_queued_are_sent_on_sigterm() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(collector.spans.lock().unwrap().is_empty(), "nothing exported before the batch is due");
     gw.signal("TERM");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(status) = gw.child.try_wait().unwrap() {
-            break status.code();
-        }
-        assert!(Instant::now() < deadline, "did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(code, Some(0));
+    assert_eq!(gw.exit_code(Duration::from_secs(10)).await, Some(0));
     let spans = collector.trace(trace, 2).await;
     assert_eq!(spans.iter().map(|s| s.kind).collect::<std::collections::BTreeSet<_>>(), [SERVER, CLIENT].into(), "{spans:#?}");
 }
