@@ -287,6 +287,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server.workers = w.max(1);
     }
     let mode = if database.is_some() { "database" } else { "DB-less" };
+    // Exporting starts before serving and stops after the drain, so the
+    // last requests' spans are sent too.
+    let traces = crate::otel::init();
     let opts = GatewayOptions {
         server,
         admin_listen: args.admin_listen,
@@ -307,6 +310,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(signal, "shutting down: no new connections, draining in-flight requests");
     let started = std::time::Instant::now();
     gateway.shutdown();
+    if let Some(traces) = traces {
+        traces.shutdown();
+    }
     tracing::info!(drained_in_ms = started.elapsed().as_millis() as u64, "stopped");
     Ok(())
 }

@@ -49,7 +49,12 @@ fn is_lower_hex(s: &str) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceContext {
     pub trace_id: String,
+    /// The client's span: its `traceparent`'s parent-id, when it sent one.
+    pub parent_id: Option<u64>,
     pub flags: String,
+    /// The gateway's own span for this request, when traces are exported
+    /// ([`crate::otel`]): the parent of every backend call's span.
+    pub span_id: Option<u64>,
 }
 
 impl TraceContext {
@@ -57,7 +62,7 @@ impl TraceContext {
         headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(Self::parse).unwrap_or_else(|| {
             let mut trace_id = String::with_capacity(32);
             push_hex(&mut trace_id, &fastrand::u128(1..).to_be_bytes());
-            TraceContext { trace_id, flags: "01".into() }
+            TraceContext { trace_id, parent_id: None, flags: "01".into(), span_id: None }
         })
     }
 
@@ -78,19 +83,35 @@ impl TraceContext {
             && parent.bytes().any(|b| b != b'0')
             && flags.len() == 2
             && is_lower_hex(flags);
-        valid.then(|| TraceContext { trace_id: trace.to_string(), flags: flags.to_string() })
+        valid.then(|| TraceContext {
+            trace_id: trace.to_string(),
+            parent_id: u64::from_str_radix(parent, 16).ok(),
+            flags: flags.to_string(),
+            span_id: None,
+        })
     }
 
     /// A `traceparent` for one backend call: same trace, a new span ID.
     pub fn child(&self) -> HeaderValue {
+        self.traceparent(fastrand::u64(1..))
+    }
+
+    /// A `traceparent` naming `span_id` as the parent: a backend call's own
+    /// span, when traces are exported.
+    pub fn traceparent(&self, span_id: u64) -> HeaderValue {
         let mut s = String::with_capacity(55);
         s.push_str("00-");
         s.push_str(&self.trace_id);
         s.push('-');
-        push_hex(&mut s, &fastrand::u64(1..).to_be_bytes());
+        push_hex(&mut s, &span_id.to_be_bytes());
         s.push('-');
         s.push_str(&self.flags);
         HeaderValue::from_str(&s).expect("hex is a valid header value")
+    }
+
+    /// The flags as a byte (`00` when they do not parse, which `parse` prevents).
+    pub fn flag_bits(&self) -> u8 {
+        u8::from_str_radix(&self.flags, 16).unwrap_or(0)
     }
 }
 
@@ -123,6 +144,8 @@ mod tests {
         h.insert(TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         let t = TraceContext::from_headers(&h);
         assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.parent_id, Some(0x00f067aa0ba902b7));
+        assert_eq!(t.traceparent(0xabc), "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000abc-01");
         let child = t.child();
         let child = child.to_str().unwrap();
         assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));

@@ -9,6 +9,7 @@
 //! - [`proxy`]: plain routes: forward, stream, strip hop-by-hop headers.
 //! - [`config`]: the declarative config: types, loading, validation.
 //! - [`admin`]: the admin API on its own listener; [`metrics`] its `/metrics`.
+//! - [`otel`]: OpenTelemetry spans of requests and backend calls (feature `otel`).
 //! - [`gateway`]: a whole node (proxy + admin), as `serve` and tests start it.
 //! - [`demo`]: the fake backends `--demo` starts.
 //! - [`cli`]: the `manifold` command line.
@@ -28,6 +29,7 @@ pub mod errors;
 pub mod gateway;
 pub mod ids;
 pub mod metrics;
+pub mod otel;
 pub mod policy;
 pub mod proxy;
 pub mod remote;

@@ -58,6 +58,8 @@ struct Candidate {
     metrics: crate::metrics::RouteMetrics,
     params: Arc<[Arc<str>]>,
     target: Target,
+    /// The route's path pattern (`/users/{id}`), which names its trace spans.
+    pattern: Arc<str>,
     /// Added for an empty catch-all (`/files` for `/files/{*rest}`); an
     /// explicit route of the same shape comes first.
     implied: bool,
@@ -75,7 +77,13 @@ pub struct Router {
 }
 
 pub enum RouteMatch<'a> {
-    Found { target: &'a Target, params: Vec<(Arc<str>, String)>, policies: &'a Arc<PolicyChain>, metrics: &'a crate::metrics::RouteMetrics },
+    Found {
+        target: &'a Target,
+        params: Vec<(Arc<str>, String)>,
+        policies: &'a Arc<PolicyChain>,
+        metrics: &'a crate::metrics::RouteMetrics,
+        pattern: &'a str,
+    },
     MethodNotAllowed(Vec<Method>),
     NotFound,
 }
@@ -92,7 +100,13 @@ impl Router {
                 if ok {
                     let mut values = m.params.iter().map(|(_, v)| v);
                     let params = cand.params.iter().map(|name| (name.clone(), values.next().unwrap_or("").to_string())).collect();
-                    return RouteMatch::Found { target: &cand.target, params, policies: &cand.policies, metrics: &cand.metrics };
+                    return RouteMatch::Found {
+                        target: &cand.target,
+                        params,
+                        policies: &cand.policies,
+                        metrics: &cand.metrics,
+                        pattern: &cand.pattern,
+                    };
                 }
                 allowed.extend(cand.methods.iter().flatten().cloned());
             }
@@ -149,6 +163,7 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
             let kind = if base.starts_with("routes.") { "route" } else { "composition" };
             let metrics = services.metrics.route(entity, kind);
             let params: Arc<[Arc<str>]> = pattern.param_names().map(Arc::from).collect();
+            let path: Arc<str> = Arc::from(pattern.to_string());
             let any = [String::new()];
             let hosts: &[String] = if hosts.is_empty() { &any } else { hosts };
             for host in hosts {
@@ -161,6 +176,7 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
                         metrics: metrics.clone(),
                         params: params.clone(),
                         target: target.clone(),
+                        pattern: path.clone(),
                         implied,
                     });
                 }

@@ -80,15 +80,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     }
     let (status, body) = in_flight.await.unwrap();
     assert_eq!(status, 200, "the in-flight request finished: {body}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(status) = gw.child.try_wait().unwrap() {
-            break status.code();
-        }
-        assert!(Instant::now() < deadline, "did not exit after draining");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(code, Some(0));
+    assert_eq!(gw.exit_code(Duration::from_secs(10)).await, Some(0), "exits 0 after draining");
     let log = gw.log.lock().unwrap().join("\n");
     assert!(log.contains("shutting down") && log.contains("SIGTERM"), "{log}");
 }

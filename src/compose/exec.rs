@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,6 +20,7 @@ use super::query::truthy;
 use crate::body::Body;
 use crate::errors::{error_response, ErrorCode};
 use crate::ids::{TraceContext, REQUEST_ID_HEADER, TRACEPARENT};
+use crate::otel::CallSpan;
 use crate::proxy::HttpClient;
 
 /// What a composition needs from the request it serves.
@@ -260,6 +262,8 @@ type CallFuture = Pin<Box<dyn Future<Output = Finished> + Send>>;
 /// When and how a call runs, besides its requests.
 struct Launch {
     index: usize,
+    /// The request's trace when it has a span: each backend request gets one.
+    trace: Option<Arc<TraceContext>>,
     for_each: bool,
     started: Instant,
     composition_start: Instant,
@@ -291,25 +295,30 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &HttpClient, l: Laun
         let offset = |t: Instant| ms(t - l.composition_start);
         let mut records = Vec::new();
         let result = if !l.for_each {
-            let p = requests.into_iter().next();
-            let r = match &p {
-                Some(p) => request_with_retries(&client, p, &l.limits).await,
+            match requests.into_iter().next() {
+                Some(mut p) => {
+                    let mut span = CallSpan::start(l.trace.as_deref(), &name, &l.limits.method, &p.uri, &mut p.headers);
+                    let r = request_with_retries(&client, &p, &l.limits).await;
+                    finish_span(&mut span, &r);
+                    if l.record {
+                        records.push(record_of(name.to_string(), p.uri.to_string(), Some(offset(l.started)), &r, l.started.elapsed()));
+                    }
+                    r
+                }
                 None => Err(Failure::new("upstream", "no request was made")),
-            };
-            if let (true, Some(p)) = (l.record, &p) {
-                records.push(record_of(name.to_string(), p.uri.to_string(), Some(offset(l.started)), &r, l.started.elapsed()));
             }
-            r
         } else {
             // Items run `concurrency` at a time and settle in item order; the
             // first failure stops the call and drops the items still running.
             // Their bodies together stay within the call's body limit.
             let mut items = futures_util::stream::iter(requests.into_iter().enumerate())
-                .map(|(i, p)| {
-                    let (client, limits) = (&client, &l.limits);
+                .map(|(i, mut p)| {
+                    let (client, limits, trace, name) = (&client, &l.limits, l.trace.as_deref(), &name);
                     async move {
                         let t = Instant::now();
+                        let mut span = CallSpan::start(trace, name, &limits.method, &p.uri, &mut p.headers);
                         let r = request_with_retries(client, &p, limits).await;
+                        finish_span(&mut span, &r);
                         (i, p.uri, t, r)
                     }
                 })
@@ -344,6 +353,13 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &HttpClient, l: Laun
         };
         Finished { index: l.index, result, duration: l.started.elapsed(), records }
     })
+}
+
+fn finish_span(span: &mut CallSpan, r: &Result<Success, Failure>) {
+    match r {
+        Ok(s) => span.finish(Some(s.status), None),
+        Err(f) => span.finish(f.status, Some(f.kind)),
+    }
 }
 
 fn failure_response(f: &Failure, call: &str, request_id: &HeaderValue) -> Response<Body> {
@@ -504,6 +520,9 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         metrics: ex.metrics,
     };
     let mut running: FuturesUnordered<CallFuture> = FuturesUnordered::new();
+    // Shared by the call futures, which own what they use; only when the
+    // request has a span, so untraced requests copy nothing.
+    let trace = ex.trace.span_id.is_some().then(|| Arc::new(ex.trace.clone()));
 
     loop {
         // Start (or settle) every waiting call whose inputs are all settled.
@@ -536,6 +555,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                         let limits = CallLimits { method: call.method.clone(), max_body: call.max_body, retries: call.retries, end };
                         let l = Launch {
                             index: i,
+                            trace: trace.clone(),
                             for_each: call.for_each.is_some(),
                             started: now,
                             composition_start: start,

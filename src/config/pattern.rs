@@ -121,6 +121,20 @@ impl PathPattern {
     }
 }
 
+/// The pattern as written: `/users/{id}`, `/files/{*rest}`.
+impl std::fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for seg in &self.segments {
+            match seg {
+                Segment::Static(s) => write!(f, "/{s}")?,
+                Segment::Param(p) => write!(f, "/{{{p}}}")?,
+                Segment::CatchAll(p) => write!(f, "/{{*{p}}}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A piece of a `path_rewrite`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RewritePart {
@@ -171,6 +185,13 @@ mod tests {
         assert_eq!(PathPattern::parse("/a/").unwrap().shape(), "/a/");
         for bad in ["api", "/a//b", "/{*x}/b", "/a{b}", "/{a}/{a}", "/{1x}", "/a b", "/../x"] {
             assert!(PathPattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn patterns_print_as_written() {
+        for path in ["/api/users/{id}/files/{*rest}", "/", "/a/", "/v1/x"] {
+            assert_eq!(PathPattern::parse(path).unwrap().to_string(), path);
         }
     }
 

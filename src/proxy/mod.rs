@@ -15,6 +15,7 @@ use crate::body::Body;
 use crate::config::pattern::RewritePart;
 use crate::errors::{ErrorCode, GatewayError};
 use crate::ids::{TraceContext, REQUEST_ID_HEADER, TRACEPARENT};
+use crate::otel::CallSpan;
 use crate::snapshot::ProxyRoute;
 
 pub type HttpClient = Client<HttpConnector, Body>;
@@ -163,6 +164,7 @@ pub async fn forward(
     };
     h.insert(REQUEST_ID_HEADER, fwd.request_id.clone());
     h.insert(TRACEPARENT, fwd.trace.child());
+    let mut span = CallSpan::start(Some(fwd.trace), &route.name, &parts.method, &parts.uri, &mut parts.headers);
 
     let body = match (fwd.body_limit, body) {
         (Some(left), Body::Stream(inner)) => Body::Capped { inner, left },
@@ -172,19 +174,23 @@ pub async fn forward(
     let result = tokio::time::timeout(route.timeout, client.request(upstream_req)).await;
     let resp = match result {
         Err(_) => {
+            span.finish(None, Some("timeout"));
             tracing::warn!(request_id = fwd.request_id.to_str().unwrap_or(""), route = %route.name, "upstream timed out after {:?}", route.timeout);
             return Err(GatewayError::new(ErrorCode::UpstreamTimeout, "the upstream did not answer in time"));
         }
         Ok(Err(e)) if crate::body::is_too_large(&e) => {
+            span.finish(None, Some("body_too_large"));
             return Err(GatewayError::new(ErrorCode::PayloadTooLarge, "the request body is over this route's size limit"));
         }
         Ok(Err(e)) => {
+            span.finish(None, Some(if e.is_connect() { "connect" } else { "upstream" }));
             tracing::warn!(request_id = fwd.request_id.to_str().unwrap_or(""), route = %route.name, error = %error_chain(&e), "upstream request failed");
             let message = if e.is_connect() { "the upstream could not be reached" } else { "the upstream connection failed" };
             return Err(GatewayError::new(ErrorCode::UpstreamError, message));
         }
         Ok(Ok(resp)) => resp,
     };
+    span.finish(Some(resp.status().as_u16()), None);
     let (mut parts, body) = resp.into_parts();
     remove_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, Body::Stream(body)))

@@ -20,6 +20,7 @@ use crate::compose::{
 };
 use crate::errors::{ErrorCode, GatewayError};
 use crate::ids::{request_id, TraceContext, REQUEST_ID_HEADER};
+use crate::otel::ServerSpan;
 use crate::policy::{Admission, Refusal};
 use crate::proxy::{self, Forwarding, HttpClient};
 use crate::snapshot::{RouteMatch, Target};
@@ -107,12 +108,13 @@ fn request_host<B>(req: &Request<B>) -> String {
     host.to_ascii_lowercase()
 }
 
-/// What the request path learnt about a request, for metrics and the
-/// access log.
+/// What the request path learnt about a request, for metrics, the access
+/// log and its trace span.
 #[derive(Default)]
 struct Matched {
     metrics: Option<crate::metrics::RouteMetrics>,
     consumer: Option<Arc<str>>,
+    span: ServerSpan,
 }
 
 pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
@@ -120,9 +122,11 @@ pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>) -
     let metrics = &worker.shared.services.metrics;
     metrics.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let request_id = request_id(req.headers());
+    let mut trace = TraceContext::from_headers(req.headers());
+    let span = ServerSpan::start(&mut trace, req.method(), &request_id);
     let log = crate::access_log::wanted().then(|| crate::access_log::Start::new(&req, peer));
-    let mut matched = Matched::default();
-    let mut resp = match route_and_run(worker, peer, &request_id, req, &mut matched).await {
+    let mut matched = Matched { span, ..Matched::default() };
+    let mut resp = match route_and_run(worker, peer, &request_id, &trace, req, &mut matched).await {
         Ok(resp) => resp,
         Err((e, close)) => {
             let mut resp = e.into_response(request_id.to_str().unwrap_or(""));
@@ -141,6 +145,7 @@ pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>) -
     if let Some(log) = log {
         log.finish(&resp, matched.metrics.as_ref(), matched.consumer.as_deref(), started.elapsed());
     }
+    matched.span.finish(resp.status().as_u16(), matched.consumer.as_deref());
     metrics.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     resp
 }
@@ -149,6 +154,7 @@ async fn route_and_run(
     worker: &Worker,
     peer: SocketAddr,
     request_id: &HeaderValue,
+    trace: &TraceContext,
     req: Request<Incoming>,
     matched: &mut Matched,
 ) -> Result<Response<Body>, (GatewayError, bool)> {
@@ -192,7 +198,8 @@ async fn route_and_run(
             }
         }
         match found {
-            RouteMatch::Found { target, params, policies, metrics } => {
+            RouteMatch::Found { target, params, policies, metrics, pattern } => {
+                matched.span.routed(req.method(), pattern, metrics.kind(), metrics.route());
                 matched.metrics = Some(metrics.clone());
                 (target.clone(), params, policies.clone())
             }
@@ -286,7 +293,6 @@ async fn route_and_run(
     let head = parts.method == Method::HEAD;
     let result = match target {
         Target::Proxy(route) => {
-            let trace = TraceContext::from_headers(&parts.headers);
             let trusted_peer = shared.trusted_proxies.iter().any(|net| net.contains(&peer.ip()));
             let body = if body_transforms.is_empty() {
                 Body::Stream(body)
@@ -324,7 +330,7 @@ async fn route_and_run(
                 client_ip: peer.ip(),
                 trusted_peer,
                 request_id,
-                trace: &trace,
+                trace,
                 path: &path,
                 params: &params,
                 body_limit: admission.body_limit,
@@ -332,7 +338,6 @@ async fn route_and_run(
             proxy::forward(&worker.client, &route, fwd, req).await.map_err(|e| (e, false))
         }
         Target::Composition(plan) => {
-            let trace = TraceContext::from_headers(&parts.headers);
             // The body counts against the composition's deadline: a client that
             // stops sending it cannot hold the connection.
             let limit = admission.body_limit.map_or(MAX_REQUEST_BODY, |l| (l as usize).min(MAX_REQUEST_BODY));
@@ -351,7 +356,7 @@ async fn route_and_run(
             let ex = compose::Exchange {
                 client: &worker.client,
                 request_id,
-                trace: &trace,
+                trace,
                 client_headers: &parts.headers,
                 record: false,
                 correlation: admission.correlation.clone(),
