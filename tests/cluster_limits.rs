@@ -293,3 +293,25 @@ async fn windows_of_one_length_keep_their_own_counts() {
     assert_eq!(statuses, [200, 200, 429], "the tighter window allows exactly its limit");
     g.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_checks_of_one_bucket_count_one_by_one() {
+    // Checks of one bucket that reach Redis in one batch are counted as a
+    // group: the admitted ones must still see the counts they would have
+    // seen one by one (remaining 4, 3, 2, 1, 0 of the tighter window), and
+    // the rest be refused.
+    let b = backend().run().await;
+    let yaml = format!(
+        "policies:\n  - {{ name: two, type: rate-limit, config: {{ limits: [{{ limit: 5, window: 24h }}, {{ limit: 50, window: 48h }}], by: route, scope: cluster }} }}\nroutes:\n  - {{ name: r, path: /r, upstream: \"{}\", policies: [two] }}\n",
+        b.url()
+    );
+    let g = node(&yaml, REDIS, &unique_prefix());
+    let url = format!("http://{}/r", g.proxy_addr);
+    let answers = futures_util::future::join_all((0..24).map(|_| get_owned(url.clone()))).await;
+    let mut remaining: Vec<String> = answers.iter().filter(|a| a.0 == 200).map(|a| header(&a.1, "ratelimit-remaining")).collect();
+    remaining.sort();
+    assert_eq!(remaining, ["0", "1", "2", "3", "4"], "each admitted check saw its own count");
+    assert_eq!(answers.iter().filter(|a| a.0 == 429).count(), 19);
+    assert!(answers.iter().all(|a| header(&a.1, "ratelimit-limit") == "5"), "the tighter window is reported");
+    g.shutdown();
+}
