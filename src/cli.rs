@@ -138,11 +138,11 @@ fn parse_dur(s: &str) -> Result<Dur, String> {
 /// (target `manifold::access`) on stdout too, or only in
 /// `--access-log-file`, always as JSON lines.
 fn init_logging(cli: &Cli) -> anyhow::Result<()> {
-    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::layer::{Layered, SubscriberExt};
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{filter, fmt, Layer, Registry};
 
-    type Boxed = Box<dyn Layer<Registry> + Send + Sync>;
+    type Boxed = Box<dyn Layer<Layered<tracing_subscriber::EnvFilter, Registry>> + Send + Sync>;
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = match cli.log_format {
         Some(LogFormat::Json) => true,
@@ -175,7 +175,9 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
         let access = fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(file);
         layers.push(access.with_filter(filter::filter_fn(|meta| meta.target() == crate::access_log::TARGET)).boxed());
     }
-    tracing_subscriber::registry().with(layers.with_filter(filter)).init();
+    // The level filter wraps the whole subscriber (not one layer group), so
+    // `tracing::enabled!` (access_log::wanted) sees exactly what it lets through.
+    tracing_subscriber::registry().with(filter).with(layers).init();
     Ok(())
 }
 

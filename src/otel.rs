@@ -4,8 +4,11 @@
 //!
 //! Built only with the `otel` cargo feature, and on only when
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT` is
-//! set when `manifold serve` starts. Otherwise the span types are empty and
-//! their methods do nothing: the request path pays one `OnceLock` read.
+//! set when `manifold serve` starts. Without the feature the span types are
+//! empty and their methods do nothing. With it but no endpoint, each request
+//! and backend call pays one `OnceLock` read and carries an empty
+//! `Option<Box<_>>`. Either way the handler parses the client's
+//! `traceparent` for every request (ids.rs; two small strings).
 //!
 //! The SDK's batch processor queues finished spans (bounded by
 //! `OTEL_BSP_MAX_QUEUE_SIZE`, 2048; spans are dropped when it is full) and
@@ -51,8 +54,10 @@ impl Exporting {
 /// The gateway's span for one request: SERVER kind, named `METHOD /route/{pattern}`.
 #[derive(Default)]
 pub struct ServerSpan {
+    /// Boxed: an SDK span is hundreds of bytes, and this sits in every
+    /// request's future even when nothing is exported.
     #[cfg(feature = "otel")]
-    span: Option<opentelemetry_sdk::trace::Span>,
+    span: Option<Box<opentelemetry_sdk::trace::Span>>,
 }
 
 impl ServerSpan {
@@ -64,7 +69,7 @@ impl ServerSpan {
     pub fn start(trace: &mut TraceContext, method: &Method, request_id: &HeaderValue) -> ServerSpan {
         #[cfg(feature = "otel")]
         if let Some(tracer) = imp::tracer() {
-            return ServerSpan { span: imp::start_server(tracer, trace, method, request_id) };
+            return ServerSpan { span: imp::start_server(tracer, trace, method, request_id).map(Box::new) };
         }
         ServerSpan::default()
     }
@@ -83,7 +88,7 @@ impl ServerSpan {
     pub fn finish(self, status: u16, consumer: Option<&str>) {
         #[cfg(feature = "otel")]
         if let Some(span) = self.span {
-            imp::finish_server(span, status, consumer);
+            imp::finish_server(*span, status, consumer);
         }
     }
 }
@@ -96,7 +101,7 @@ impl ServerSpan {
 #[derive(Default)]
 pub struct CallSpan {
     #[cfg(feature = "otel")]
-    span: Option<opentelemetry_sdk::trace::Span>,
+    span: Option<Box<opentelemetry_sdk::trace::Span>>,
 }
 
 impl CallSpan {
@@ -106,7 +111,7 @@ impl CallSpan {
     pub fn start(trace: Option<&TraceContext>, name: &str, method: &Method, uri: &Uri, headers: &mut HeaderMap) -> CallSpan {
         #[cfg(feature = "otel")]
         if let (Some(tracer), Some(trace)) = (imp::tracer(), trace.filter(|t| t.span_id.is_some())) {
-            return CallSpan { span: imp::start_client(tracer, trace, name, method, uri, headers) };
+            return CallSpan { span: imp::start_client(tracer, trace, name, method, uri, headers).map(Box::new) };
         }
         CallSpan::default()
     }
@@ -117,7 +122,7 @@ impl CallSpan {
     pub fn finish(&mut self, status: Option<u16>, error: Option<&'static str>) {
         #[cfg(feature = "otel")]
         if let Some(span) = self.span.take() {
-            imp::finish_client(span, status, error);
+            imp::finish_client(*span, status, error);
         }
     }
 }

@@ -36,10 +36,11 @@ consumers:
   - {{ name: app, credentials: [{{ type: key-auth, key: k-app }}] }}
 policies:
   - {{ name: keys, type: key-auth }}
+  - {{ name: passwords, type: basic-auth }}
   - {{ name: two-a-day, type: rate-limit, config: {{ limits: [{{ window: 24h, limit: 2 }}], by: consumer }} }}
 routes:
   - {{ name: open, path: /open, upstream: "{0}" }}
-  - {{ name: guarded, path: /guarded, upstream: "{0}", policies: [keys, two-a-day] }}
+  - {{ name: guarded, path: /guarded, upstream: "{0}", policies: [keys, passwords, two-a-day] }}
 compositions:
   - name: both
     path: /both
@@ -57,9 +58,10 @@ compositions:
     for status in [200, 200, 429] {
         assert_eq!(common::send("GET", &format!("http://{proxy}/guarded"), None, &[("apikey", "k-app")]).await.0, status);
     }
-    for _ in 0..2 {
-        assert_eq!(common::send("GET", &format!("http://{proxy}/guarded"), None, &[]).await.0, 401);
-    }
+    // No credential at all, then a wrong key: the first is the chain's
+    // (its last authentication policy), the second the key-auth policy's.
+    assert_eq!(common::send("GET", &format!("http://{proxy}/guarded"), None, &[]).await.0, 401);
+    assert_eq!(common::send("GET", &format!("http://{proxy}/guarded"), None, &[("apikey", "wrong")]).await.0, 401);
     assert_eq!(common::send("GET", &format!("http://{proxy}/both"), None, &[]).await.0, 200);
     // Unmatched paths are the client's choice: never a label.
     assert_eq!(common::send("GET", &format!("http://{proxy}/no/such/path-12345"), None, &[]).await.0, 404);
@@ -77,7 +79,8 @@ compositions:
     let refused = |policy: &str, code: &str| {
         value(&m, "manifold_policy_refusals_total", &[("route", "guarded"), ("kind", "route"), ("policy", policy), ("code", code)])
     };
-    assert_eq!(refused("keys", "unauthorized"), 2.0, "401s by key-auth");
+    assert_eq!(refused("keys", "unauthorized"), 1.0, "a wrong key counts against key-auth");
+    assert_eq!(refused("passwords", "unauthorized"), 1.0, "no credential counts against the last authentication policy");
     assert_eq!(refused("two-a-day", "rate_limited"), 1.0, "429s by the rate limit");
     // The latency histogram saw every answered request of the route.
     assert_eq!(value(&m, "manifold_request_duration_seconds", &[("route", "guarded")]), 5.0);

@@ -451,8 +451,9 @@ pub struct Refusal {
     pub reply: Option<StatusCode>,
     /// Headers the answer carries (Location, CORS, WWW-Authenticate).
     pub headers: HeaderMap,
-    /// The policy that refused (for a missing credential: the last
-    /// authentication policy), set by [`PolicyChain::admit`].
+    /// The policy that refused, set by [`PolicyChain::admit`]. A 401 goes
+    /// to the first authentication policy that was shown a credential and
+    /// refused it, or, when none was shown one, to the last in the chain.
     pub policy: Option<Arc<str>>,
 }
 
@@ -650,6 +651,9 @@ impl PolicyChain {
         let has_auth = self.steps.iter().any(|s| s.phase == AUTH_PHASE);
         let mut basic_offered = false;
         let mut auth_done = false;
+        // The authentication policy that was shown a credential and refused
+        // it: a 401 is counted against it rather than the last one in the chain.
+        let mut blame: Option<usize> = None;
         let mut out = Admission::default();
         // Headers the answer gets however it ends (CORS), once known.
         let refuse = |r: Refusal, extra: &HeaderMap| {
@@ -665,6 +669,7 @@ impl PolicyChain {
                 // accepted (`at` is still the last authentication policy).
                 consumer = consumer.or(anonymous.take());
                 if consumer.is_none() {
+                    *at = blame.unwrap_or(*at);
                     return Err(refuse(unauthorized(basic_offered), &out.headers));
                 }
                 auth_done = true;
@@ -756,6 +761,9 @@ impl PolicyChain {
                         use sha2::Digest;
                         let digest: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
                         consumer = self.ids.by_key_digest.get(&digest).cloned();
+                        if consumer.is_none() {
+                            blame = blame.or(Some(i));
+                        }
                     }
                     if consumer.is_none() && anonymous.is_none() {
                         anonymous = anon.clone();
@@ -767,6 +775,7 @@ impl PolicyChain {
                         continue;
                     }
                     if let (Some((user, pass)), Some(services)) = (basic_credentials(headers), &self.services) {
+                        blame = blame.or(Some(i));
                         match self.ids.by_username.get(&user) {
                             Some((info, hash)) => {
                                 if services.verify_password(&user, &pass, Some(hash)).await {
@@ -797,7 +806,10 @@ impl PolicyChain {
                                 consumer = Some(info);
                                 out.claims = Some(claims);
                             }
-                            Err(why) => tracing::debug!(policy = %step.name, why, "jwt refused"),
+                            Err(why) => {
+                                blame = blame.or(Some(i));
+                                tracing::debug!(policy = %step.name, why, "jwt refused");
+                            }
                         }
                     }
                     if consumer.is_none() && anonymous.is_none() {
@@ -866,6 +878,7 @@ impl PolicyChain {
         if has_auth && !auth_done {
             consumer = consumer.or(anonymous);
             if consumer.is_none() {
+                *at = blame.unwrap_or(*at);
                 return Err(refuse(unauthorized(basic_offered), &out.headers));
             }
         }
