@@ -86,7 +86,9 @@ impl TraceContext {
         valid.then(|| TraceContext {
             trace_id: trace.to_string(),
             parent_id: u64::from_str_radix(parent, 16).ok(),
-            flags: flags.to_string(),
+            // Only `sampled` is defined (W3C Trace Context level 1); other
+            // bits are not passed on.
+            flags: if u8::from_str_radix(flags, 16).unwrap_or(0) & 1 == 1 { "01" } else { "00" }.to_string(),
             span_id: None,
         })
     }
@@ -146,6 +148,11 @@ mod tests {
         assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(t.parent_id, Some(0x00f067aa0ba902b7));
         assert_eq!(t.traceparent(0xabc), "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000abc-01");
+        // Flags other than `sampled` are not passed on.
+        h.insert(TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-ff"));
+        assert_eq!(TraceContext::from_headers(&h).flags, "01");
+        h.insert(TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-02"));
+        assert_eq!(TraceContext::from_headers(&h).flags, "00");
         let child = t.child();
         let child = child.to_str().unwrap();
         assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));

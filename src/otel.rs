@@ -164,6 +164,14 @@ mod imp {
     }
 
     pub fn init(var: &str) -> Option<super::Exporting> {
+        // The exporter would quietly fall back to localhost:4318 on a value
+        // that is not a URL.
+        let endpoint = std::env::var(var).unwrap_or_default();
+        let valid = endpoint.parse::<Uri>().is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some());
+        if !valid {
+            tracing::error!(%endpoint, "{var} is not an http(s) URL: no traces are exported");
+            return None;
+        }
         // Endpoint, headers, timeout and compression come from the standard
         // OTEL_EXPORTER_OTLP_* variables; the exporter reads them itself.
         let exporter = match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
@@ -188,7 +196,7 @@ mod imp {
             tracing::warn!("traces are already being exported");
             return None;
         }
-        tracing::info!(service, "exporting traces over OTLP/HTTP");
+        tracing::info!(service, %endpoint, "exporting traces over OTLP/HTTP");
         Some(super::Exporting { provider })
     }
 
