@@ -1,15 +1,16 @@
 //! The access log: one JSON line per request (through `tracing`, target
 //! `manifold::access`, in the same format as the operational logs), with
 //! the request ID, route or composition, consumer, client address, method,
-//! status, duration, bytes in and out, and each composition call's time
-//! (the `Server-Timing` value). `MANIFOLD_ACCESS_LOG_SAMPLE` (0 to 1,
+//! status, duration, bytes in (as declared) and out (as sent), and each
+//! composition call's time (the `Server-Timing` value). A streamed answer's
+//! line is written when its last byte has gone out. `MANIFOLD_ACCESS_LOG_SAMPLE` (0 to 1,
 //! default 1) keeps that share of lines; `MANIFOLD_LOG` filters it like any
 //! log (`manifold::access=off` turns it off). `--access-log-file`
 //! (`MANIFOLD_ACCESS_LOG_FILE`) sends the lines to a file instead of stdout.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::Instant;
 
 use http::{header, Method, Request, Response};
 
@@ -42,34 +43,82 @@ pub struct Start {
     method: Method,
     client: SocketAddr,
     bytes_in: Option<u64>,
+    started: Instant,
+}
+
+/// A line with everything but how the body ended.
+struct Line {
+    method: Method,
+    client: SocketAddr,
+    bytes_in: Option<u64>,
+    started: Instant,
+    request_id: String,
+    route: Option<String>,
+    kind: Option<&'static str>,
+    consumer: Option<String>,
+    status: u16,
+    calls: Option<String>,
+}
+
+impl Line {
+    fn write(&self, bytes_out: Option<u64>, aborted: bool) {
+        tracing::info!(
+            target: TARGET,
+            request_id = self.request_id,
+            route = self.route,
+            kind = self.kind,
+            consumer = self.consumer,
+            client = %self.client.ip(),
+            method = %self.method,
+            status = self.status,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            bytes_in = self.bytes_in,
+            bytes_out,
+            calls = self.calls,
+            aborted = aborted.then_some(true),
+            "access"
+        );
+    }
 }
 
 impl Start {
-    pub fn new<B>(req: &Request<B>, client: SocketAddr) -> Start {
+    pub fn new<B>(req: &Request<B>, client: SocketAddr, started: Instant) -> Start {
         let bytes_in = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-        Start { method: req.method().clone(), client, bytes_in }
+        Start { method: req.method().clone(), client, bytes_in, started }
     }
 
-    /// Writes the line once the answer's head is ready. `bytes_out` is the
-    /// answer's declared length (absent for a streamed body).
-    pub fn finish(self, resp: &Response<Body>, route: Option<&RouteMetrics>, consumer: Option<&str>, took: Duration) {
+    /// Writes the line for `resp`. An answer the gateway holds whole (or
+    /// one without a body) is logged now; a streamed one when its last byte
+    /// has gone out, with the bytes counted and the time until then, or
+    /// `aborted` when it did not end (the client left, the backend failed).
+    pub fn finish(self, resp: &mut Response<Body>, route: Option<&RouteMetrics>, consumer: Option<&str>) {
         let h = resp.headers();
-        let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
-        let bytes_out: Option<u64> = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-        tracing::info!(
-            target: TARGET,
-            request_id = text(REQUEST_ID_HEADER.as_str()),
-            route = route.map(RouteMetrics::route),
-            kind = route.map(RouteMetrics::kind),
-            consumer,
-            client = %self.client.ip(),
-            method = %self.method,
-            status = resp.status().as_u16(),
-            duration_ms = took.as_secs_f64() * 1000.0,
-            bytes_in = self.bytes_in,
-            bytes_out,
-            calls = h.get("server-timing").and_then(|v| v.to_str().ok()),
-            "access"
-        );
+        let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+        let line = Line {
+            request_id: text(REQUEST_ID_HEADER.as_str()).unwrap_or("").to_string(),
+            route: route.map(|r| r.route().to_string()),
+            kind: route.map(RouteMetrics::kind),
+            consumer: consumer.map(str::to_string),
+            status: resp.status().as_u16(),
+            calls: text("server-timing").map(str::to_string),
+            method: self.method,
+            client: self.client,
+            bytes_in: self.bytes_in,
+            started: self.started,
+        };
+        let status = resp.status();
+        let no_body = line.method == Method::HEAD
+            || status.is_informational()
+            || status == http::StatusCode::NO_CONTENT
+            || status == http::StatusCode::NOT_MODIFIED;
+        match resp.body() {
+            _ if no_body => line.write(Some(0), false),
+            Body::Empty => line.write(Some(0), false),
+            Body::Full(b) => line.write(Some(b.as_ref().map_or(0, |b| b.len() as u64)), false),
+            _ => {
+                let body = std::mem::take(resp.body_mut());
+                *resp.body_mut() = Body::counted(body, Box::new(move |bytes, complete| line.write(Some(bytes), !complete)));
+            }
+        }
     }
 }

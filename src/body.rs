@@ -26,6 +26,9 @@ pub enum Body {
     /// A body passed on while a copy is kept (response-cache); boxed, as
     /// it is the rare case.
     Tee(Box<Tee>),
+    /// A body whose data bytes are counted as they go out (the access log
+    /// of a streamed answer); boxed, like `Tee`.
+    Counted(Box<Counted>),
 }
 
 impl std::fmt::Debug for Body {
@@ -36,6 +39,7 @@ impl std::fmt::Debug for Body {
             Body::Stream(_) => f.write_str("Stream"),
             Body::Capped { left, .. } => f.debug_struct("Capped").field("left", left).finish_non_exhaustive(),
             Body::Tee(_) => f.write_str("Tee"),
+            Body::Counted(_) => f.write_str("Counted"),
         }
     }
 }
@@ -61,7 +65,35 @@ impl Tee {
     }
 }
 
+/// What [`Body::Counted`] reports once: the data bytes that went out, and
+/// whether the body ended whole (false: an error, or dropped before its end).
+pub type CountDone = Box<dyn FnOnce(u64, bool) + Send + Sync>;
+
+pub struct Counted {
+    inner: Body,
+    bytes: u64,
+    done: Option<CountDone>,
+}
+
+impl Counted {
+    fn finish(&mut self, complete: bool) {
+        if let Some(done) = self.done.take() {
+            done(self.bytes, complete);
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
 impl Body {
+    pub fn counted(inner: Body, done: CountDone) -> Body {
+        Body::Counted(Box::new(Counted { inner, bytes: 0, done: Some(done) }))
+    }
+
     pub fn tee(inner: Body, cap: usize, done: TeeDone) -> Body {
         Body::Tee(Box::new(Tee { inner, copy: Some(bytes::BytesMut::new()), cap, done: Some(done) }))
     }
@@ -151,6 +183,22 @@ impl http_body::Body for Body {
                 }
                 polled
             }
+            Body::Counted(c) => {
+                let polled = Pin::new(&mut c.inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        c.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+                        // As for Tee: a sized body's end is seen here.
+                        if c.inner.is_end_stream() {
+                            c.finish(true);
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => c.finish(false),
+                    Poll::Ready(None) => c.finish(true),
+                    Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
@@ -161,6 +209,7 @@ impl http_body::Body for Body {
             Body::Stream(inner) | Body::Capped { inner, .. } => inner.is_end_stream(),
             // Not ended before the copy is handed over.
             Body::Tee(tee) => tee.done.is_none() && tee.inner.is_end_stream(),
+            Body::Counted(c) => c.done.is_none() && c.inner.is_end_stream(),
         }
     }
 
@@ -170,6 +219,7 @@ impl http_body::Body for Body {
             Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Stream(inner) | Body::Capped { inner, .. } => inner.size_hint(),
             Body::Tee(tee) => tee.inner.size_hint(),
+            Body::Counted(c) => c.inner.size_hint(),
         }
     }
 }

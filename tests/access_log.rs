@@ -165,3 +165,61 @@ fn an_access_log_file_that_cannot_be_opened_stops_the_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot open the access log file /nonexistent-dir/access.log"), "{stderr}");
 }
+
+/// A backend that answers every request with a chunked body, "hello world"
+/// in two chunks, or, on /cut, one chunk and then a closed connection.
+async fn chunked_backend() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let cut = String::from_utf8_lossy(&head).starts_with("GET /cut");
+                let _ = conn
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                    .await;
+                if cut {
+                    return; // the connection closes mid-body
+                }
+                let _ = conn.write_all(b"6\r\n world\r\n0\r\n\r\n").await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_streamed_answer_is_logged_with_the_bytes_sent_once_it_ends() {
+    let addr = chunked_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c.yaml"),
+        format!("routes:\n  - {{ name: stream, path: \"/{{*rest}}\", upstream: \"http://{addr}\" }}\n"),
+    )
+    .unwrap();
+    let gw = GatewayProcess::start_with_env(dir.path(), &[], &[("MANIFOLD_LOG", "info")]);
+    let resp = reqwest::Client::new().get(format!("http://{}/whole", gw.proxy)).header("x-request-id", "s-1").send().await.unwrap();
+    assert!(resp.headers().get("content-length").is_none(), "the answer is streamed");
+    assert_eq!(resp.text().await.unwrap(), "hello world");
+    // The backend fails mid-body: the client sees an error, the line says so.
+    let cut = reqwest::Client::new().get(format!("http://{}/cut", gw.proxy)).header("x-request-id", "s-2").send().await.unwrap();
+    assert!(cut.text().await.is_err(), "a body cut short is an error for the client");
+
+    let lines = wait_for_lines(&gw, 2).await;
+    let by_id = |id: &str| lines.iter().find(|l| l["request_id"] == id).unwrap_or_else(|| panic!("no line for {id}: {lines:#?}")).clone();
+    let whole = by_id("s-1");
+    assert_eq!((whole["status"].as_u64(), whole["bytes_out"].as_u64()), (Some(200), Some(11)), "{whole}");
+    assert!(whole.get("aborted").is_none_or(Value::is_null), "{whole}");
+    let cut = by_id("s-2");
+    assert_eq!((cut["bytes_out"].as_u64(), cut["aborted"].as_bool()), (Some(5), Some(true)), "{cut}");
+}

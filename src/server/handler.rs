@@ -124,7 +124,7 @@ pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>) -
     let request_id = request_id(req.headers());
     let mut trace = TraceContext::from_headers(req.headers());
     let span = ServerSpan::start(&mut trace, req.method(), &request_id);
-    let log = crate::access_log::wanted().then(|| crate::access_log::Start::new(&req, peer));
+    let log = crate::access_log::wanted().then(|| crate::access_log::Start::new(&req, peer, started));
     let mut matched = Matched { span, ..Matched::default() };
     let mut resp = match route_and_run(worker, peer, &request_id, &trace, req, &mut matched).await {
         Ok(resp) => resp,
@@ -143,7 +143,7 @@ pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>) -
         m.record(resp.status().as_u16(), started.elapsed(), matched.consumer.as_deref());
     }
     if let Some(log) = log {
-        log.finish(&resp, matched.metrics.as_ref(), matched.consumer.as_deref(), started.elapsed());
+        log.finish(&mut resp, matched.metrics.as_ref(), matched.consumer.as_deref());
     }
     matched.span.finish(resp.status().as_u16(), matched.consumer.as_deref());
     metrics.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
