@@ -3,10 +3,12 @@
 //! Labels are bounded by the config: route, composition and policy names,
 //! status classes, error codes; never raw paths. Consumer names only when
 //! switched on ([`MetricsOptions::consumer_labels`]): one series per consumer
-//! and route is the operator's choice to make. The request path touches only
-//! counters resolved when a config is compiled ([`RouteMetrics`]); gauges
-//! that describe the node (config version, reachability, memory) are read
-//! when `/metrics` is scraped.
+//! and route is the operator's choice to make, and the series of a consumer
+//! that is deleted stay until the node restarts. The request path touches
+//! only counters resolved when a config is compiled ([`RouteMetrics`]),
+//! plus, with consumer labels on, one label lookup per request; gauges that
+//! describe the node (config version, reachability, memory) are read when
+//! `/metrics` is scraped.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
