@@ -213,7 +213,10 @@ fn validate(mut paths: Vec<PathBuf>) -> ExitCode {
         // Checked as a node with this environment would take it.
         let redis = std::env::var("MANIFOLD_REDIS_URL").ok().filter(|u| !u.is_empty());
         let services = crate::policy::Services::new(redis.map(|url| crate::gateway::RedisOptions { url, prefix: String::new() }));
-        crate::snapshot::compile(config, 1, &services).map(|_| summary)
+        crate::snapshot::compile(config, 1, &services).map(|_| summary).map_err(|mut errors| {
+            crate::config::name_files(&paths, &mut errors);
+            errors
+        })
     });
     match result {
         Ok((r, c, u, p)) => {
@@ -230,11 +233,20 @@ fn validate(mut paths: Vec<PathBuf>) -> ExitCode {
     }
 }
 
-fn load_config(dir: &PathBuf) -> anyhow::Result<Config> {
+/// The DB-less config, checked as this node will compile it (`redis`: the
+/// node's Redis, for `scope: cluster`), so every error names its file.
+fn load_config(dir: &PathBuf, redis: Option<crate::gateway::RedisOptions>) -> anyhow::Result<Config> {
     if !dir.is_dir() {
         bail!("config directory {} does not exist (set --config-dir or MANIFOLD_CONFIG_DIR)", dir.display());
     }
-    load_paths(std::slice::from_ref(dir)).map_err(|errors| anyhow::anyhow!("the config in {} is invalid:\n{errors}", dir.display()))
+    let paths = std::slice::from_ref(dir);
+    let invalid = |errors| anyhow::anyhow!("the config in {} is invalid:\n{errors}", dir.display());
+    let config = load_paths(paths).map_err(invalid)?;
+    if let Err(mut errors) = crate::snapshot::compile(config.clone(), 1, &crate::policy::Services::new(redis)) {
+        crate::config::name_files(paths, &mut errors);
+        return Err(invalid(errors));
+    }
+    Ok(config)
 }
 
 fn export(admin: Option<String>, database_url: Option<String>) -> anyhow::Result<()> {
@@ -282,8 +294,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(?addrs, "demo backends started");
     }
     let database = args.database_url.clone().map(|url| DatabaseOptions { url, snapshot_path: args.snapshot_path.clone() });
+    let redis = args.redis_url.filter(|u| !u.is_empty()).map(|url| crate::gateway::RedisOptions { url, prefix: args.redis_prefix });
     // Database mode takes its config from the database; DB-less from files.
-    let config = if database.is_some() { Config::default() } else { load_config(&args.config_dir)? };
+    let config = if database.is_some() { Config::default() } else { load_config(&args.config_dir, redis.clone())? };
     let mut server = ServerOptions { proxy_listen: args.proxy_listen, drain_timeout: args.drain_timeout.0, ..ServerOptions::default() };
     if let Some(w) = args.workers {
         server.workers = w.max(1);
@@ -298,7 +311,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin_token: args.admin_token,
         trusted_proxies: args.trusted_proxies,
         database,
-        redis: args.redis_url.filter(|u| !u.is_empty()).map(|url| crate::gateway::RedisOptions { url, prefix: args.redis_prefix }),
+        redis,
         metrics: crate::metrics::MetricsOptions { consumer_labels: args.metrics_consumer_labels },
         ..GatewayOptions::default()
     };

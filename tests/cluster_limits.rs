@@ -235,7 +235,21 @@ fn a_cluster_limit_needs_redis_to_start_or_validate() {
     let out = validate().env_remove("MANIFOLD_REDIS_URL").output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("scope"), "{text}");
+    // The error names the file and the field, like every config error.
+    let file = dir.path().join("limits.yaml");
+    let want = format!("{}: policies.limited.config.scope:", file.display());
+    assert!(text.contains(&want), "want {want}\n{text}");
+    // So does `serve` refusing to start with it.
+    let out = Command::new(env!("CARGO_BIN_EXE_manifold"))
+        .args(["serve", "--proxy-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--config-dir"])
+        .arg(dir.path())
+        .env_remove("MANIFOLD_REDIS_URL")
+        .env_remove("MANIFOLD_DATABASE_URL")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains(&want), "want {want}\n{text}");
 
     let out = validate().env("MANIFOLD_REDIS_URL", REDIS).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

@@ -254,6 +254,32 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
     finish(loaded, errors, None)
 }
 
+/// Names the file of each error that has none, from the entity its path
+/// starts with (`policies.limits.config.scope` -> the file that defines the
+/// policy `limits`). Errors found after loading (compiling the config for a
+/// node: routing conflicts, `scope: cluster` without Redis) know the entity,
+/// not the file; the files are read again, which only failures pay for.
+pub fn name_files(paths: &[PathBuf], errors: &mut ConfigErrors) {
+    if errors.0.iter().all(|e| e.file.is_some()) {
+        return;
+    }
+    let (LoadedConfig { config, origins }, _) = parse_paths(paths);
+    for e in errors.0.iter_mut().filter(|e| e.file.is_none()) {
+        let mut parts = e.path.splitn(3, '.');
+        let (Some(kind), Some(name)) = (parts.next(), parts.next()) else { continue };
+        let find = |names: Vec<&str>, files: &[Option<Arc<str>>]| {
+            names.iter().position(|n| *n == name).and_then(|i| files.get(i).cloned().flatten())
+        };
+        e.file = match kind {
+            "routes" => find(config.routes.iter().map(|r| r.name.as_str()).collect(), &origins.routes),
+            "compositions" => find(config.compositions.iter().map(|c| c.name.as_str()).collect(), &origins.compositions),
+            "consumers" => find(config.consumers.iter().map(|c| c.name.as_str()).collect(), &origins.consumers),
+            "policies" => find(config.policies.iter().map(|p| p.name.as_str()).collect(), &origins.policies),
+            _ => None,
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ pub mod validate;
 use std::fmt;
 use std::sync::Arc;
 
-pub use load::{load_paths, parse_document, Format, LoadedConfig};
+pub use load::{load_paths, name_files, parse_document, Format, LoadedConfig};
 pub use model::*;
 
 /// One problem with a config: where it is and what is wrong.
