@@ -47,11 +47,15 @@ fn is_lower_hex(s: &str) -> bool {
 /// The trace a request belongs to: the client's, when its `traceparent` is
 /// valid, else a new one.
 #[derive(Clone, Debug, PartialEq, Eq)]
+/// Numbers, not text: every request makes one, and the header is written
+/// only for backend calls.
 pub struct TraceContext {
-    pub trace_id: String,
+    pub trace_id: u128,
     /// The client's span: its `traceparent`'s parent-id, when it sent one.
     pub parent_id: Option<u64>,
-    pub flags: String,
+    /// Only `sampled` (bit 0) is kept (W3C Trace Context level 1): other
+    /// bits are not passed on.
+    pub flags: u8,
     /// The gateway's own span for this request, when traces are exported
     /// ([`crate::otel`]): the parent of every backend call's span.
     pub span_id: Option<u64>,
@@ -59,22 +63,23 @@ pub struct TraceContext {
 
 impl TraceContext {
     pub fn from_headers(headers: &HeaderMap) -> Self {
-        headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(Self::parse).unwrap_or_else(|| {
-            let mut trace_id = String::with_capacity(32);
-            push_hex(&mut trace_id, &fastrand::u128(1..).to_be_bytes());
-            TraceContext { trace_id, parent_id: None, flags: "01".into(), span_id: None }
+        headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(Self::parse).unwrap_or_else(|| TraceContext {
+            trace_id: fastrand::u128(1..),
+            parent_id: None,
+            flags: 1,
+            span_id: None,
         })
     }
 
     fn parse(v: &str) -> Option<Self> {
-        let parts: Vec<&str> = v.trim().split('-').collect();
-        let [version, trace, parent, flags, ..] = parts[..] else {
+        let mut parts = v.trim().split('-');
+        let (Some(version), Some(trace), Some(parent), Some(flags)) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
             return None;
         };
         let valid = version.len() == 2
             && is_lower_hex(version)
             && version != "ff"
-            && (version != "00" || parts.len() == 4)
+            && (version != "00" || parts.next().is_none())
             && trace.len() == 32
             && is_lower_hex(trace)
             && trace.bytes().any(|b| b != b'0')
@@ -83,12 +88,13 @@ impl TraceContext {
             && parent.bytes().any(|b| b != b'0')
             && flags.len() == 2
             && is_lower_hex(flags);
-        valid.then(|| TraceContext {
-            trace_id: trace.to_string(),
+        if !valid {
+            return None;
+        }
+        Some(TraceContext {
+            trace_id: u128::from_str_radix(trace, 16).ok()?,
             parent_id: u64::from_str_radix(parent, 16).ok(),
-            // Only `sampled` is defined (W3C Trace Context level 1); other
-            // bits are not passed on.
-            flags: if u8::from_str_radix(flags, 16).unwrap_or(0) & 1 == 1 { "01" } else { "00" }.to_string(),
+            flags: u8::from_str_radix(flags, 16).ok()? & 1,
             span_id: None,
         })
     }
@@ -103,17 +109,17 @@ impl TraceContext {
     pub fn traceparent(&self, span_id: u64) -> HeaderValue {
         let mut s = String::with_capacity(55);
         s.push_str("00-");
-        s.push_str(&self.trace_id);
+        push_hex(&mut s, &self.trace_id.to_be_bytes());
         s.push('-');
         push_hex(&mut s, &span_id.to_be_bytes());
         s.push('-');
-        s.push_str(&self.flags);
+        push_hex(&mut s, &[self.flags]);
         HeaderValue::from_str(&s).expect("hex is a valid header value")
     }
 
-    /// The flags as a byte (`00` when they do not parse, which `parse` prevents).
+    /// The flags as a byte.
     pub fn flag_bits(&self) -> u8 {
-        u8::from_str_radix(&self.flags, 16).unwrap_or(0)
+        self.flags
     }
 }
 
@@ -145,14 +151,14 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         let t = TraceContext::from_headers(&h);
-        assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
         assert_eq!(t.parent_id, Some(0x00f067aa0ba902b7));
         assert_eq!(t.traceparent(0xabc), "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000abc-01");
         // Flags other than `sampled` are not passed on.
         h.insert(TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-ff"));
-        assert_eq!(TraceContext::from_headers(&h).flags, "01");
+        assert_eq!(TraceContext::from_headers(&h).flags, 1);
         h.insert(TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-02"));
-        assert_eq!(TraceContext::from_headers(&h).flags, "00");
+        assert_eq!(TraceContext::from_headers(&h).flags, 0);
         let child = t.child();
         let child = child.to_str().unwrap();
         assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
@@ -161,9 +167,13 @@ mod tests {
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "garbage",
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            // Version 00 has exactly four parts; later versions may have more.
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
         ] {
             h.insert(TRACEPARENT, HeaderValue::from_static(bad));
-            assert_ne!(TraceContext::from_headers(&h).trace_id, "4bf92f3577b34da6a3ce929d0e0e4736", "{bad}");
+            assert_ne!(TraceContext::from_headers(&h).trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736, "{bad}");
         }
+        h.insert(TRACEPARENT, HeaderValue::from_static("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"));
+        assert_eq!(TraceContext::from_headers(&h).trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
     }
 }

@@ -209,7 +209,7 @@ mod imp {
     }
 
     fn trace_id(trace: &TraceContext) -> TraceId {
-        TraceId::from_hex(&trace.trace_id).unwrap_or(TraceId::INVALID)
+        TraceId::from_bytes(trace.trace_id.to_be_bytes())
     }
 
     fn method_name(method: &Method) -> String {
@@ -233,7 +233,7 @@ mod imp {
         builder.trace_id = Some(id);
         let span = tracer.build_with_context(builder, &parent);
         let sampled = span.span_context().is_sampled();
-        trace.flags = format!("{:02x}", (flags & !1) | u8::from(sampled));
+        trace.flags = (flags & !1) | u8::from(sampled);
         if !span.is_recording() {
             return None;
         }
