@@ -8,7 +8,7 @@
 //! empty and their methods do nothing. With it but no endpoint, each request
 //! and backend call pays one `OnceLock` read and carries an empty
 //! `Option<Box<_>>`. Either way the handler parses the client's
-//! `traceparent` for every request (ids.rs; two small strings).
+//! `traceparent` for every request (ids.rs; numbers, no allocation).
 //!
 //! The SDK's batch processor queues finished spans (bounded by
 //! `OTEL_BSP_MAX_QUEUE_SIZE`, 2048; spans are dropped when it is full) and
