@@ -46,7 +46,7 @@ fn is_lower_hex(s: &str) -> bool {
 
 /// The trace a request belongs to: the client's, when its `traceparent` is
 /// valid, else a new one.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 /// Numbers, not text: every request makes one, and the header is written
 /// only for backend calls.
 pub struct TraceContext {

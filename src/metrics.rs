@@ -91,6 +91,9 @@ impl RouteMetrics {
     }
 }
 
+/// Latency buckets of every histogram: 0.5 ms to 10 s.
+const SECONDS_BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
@@ -109,7 +112,7 @@ impl Metrics {
         .expect("a valid metric");
         let duration = HistogramVec::new(
             HistogramOpts::new("manifold_request_duration_seconds", "Time from the request head to the answer's head")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                .buckets(SECONDS_BUCKETS.to_vec()),
             &["route", "kind"],
         )
         .expect("a valid metric");
@@ -129,7 +132,7 @@ impl Metrics {
         });
         let calls = HistogramVec::new(
             HistogramOpts::new("manifold_backend_call_duration_seconds", "Backend calls of compositions, by composition and call")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                .buckets(SECONDS_BUCKETS.to_vec()),
             &["composition", "call"],
         )
         .expect("a valid metric");

@@ -4,7 +4,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -263,7 +262,7 @@ type CallFuture = Pin<Box<dyn Future<Output = Finished> + Send>>;
 struct Launch {
     index: usize,
     /// The request's trace when it has a span: each backend request gets one.
-    trace: Option<Arc<TraceContext>>,
+    trace: Option<TraceContext>,
     for_each: bool,
     started: Instant,
     composition_start: Instant,
@@ -297,7 +296,7 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &HttpClient, l: Laun
         let result = if !l.for_each {
             match requests.into_iter().next() {
                 Some(mut p) => {
-                    let mut span = CallSpan::start(l.trace.as_deref(), &name, &l.limits.method, &p.uri, &mut p.headers);
+                    let mut span = CallSpan::start(l.trace.as_ref(), &name, &l.limits.method, &p.uri, &mut p.headers);
                     let r = request_with_retries(&client, &p, &l.limits).await;
                     finish_span(&mut span, &r);
                     if l.record {
@@ -313,7 +312,7 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &HttpClient, l: Laun
             // Their bodies together stay within the call's body limit.
             let mut items = futures_util::stream::iter(requests.into_iter().enumerate())
                 .map(|(i, mut p)| {
-                    let (client, limits, trace, name) = (&client, &l.limits, l.trace.as_deref(), &name);
+                    let (client, limits, trace, name) = (&client, &l.limits, l.trace.as_ref(), &name);
                     async move {
                         let t = Instant::now();
                         let mut span = CallSpan::start(trace, name, &limits.method, &p.uri, &mut p.headers);
@@ -520,9 +519,9 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         metrics: ex.metrics,
     };
     let mut running: FuturesUnordered<CallFuture> = FuturesUnordered::new();
-    // Shared by the call futures, which own what they use; only when the
-    // request has a span, so untraced requests copy nothing.
-    let trace = ex.trace.span_id.is_some().then(|| Arc::new(ex.trace.clone()));
+    // Copied into the call futures, which own what they use; only when the
+    // request has a span (call spans hang under it).
+    let trace = ex.trace.span_id.is_some().then_some(*ex.trace);
 
     loop {
         // Start (or settle) every waiting call whose inputs are all settled.
@@ -555,7 +554,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                         let limits = CallLimits { method: call.method.clone(), max_body: call.max_body, retries: call.retries, end };
                         let l = Launch {
                             index: i,
-                            trace: trace.clone(),
+                            trace,
                             for_each: call.for_each.is_some(),
                             started: now,
                             composition_start: start,
