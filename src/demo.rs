@@ -17,16 +17,19 @@ use serde_json::{json, Value};
 const USERS: &str = include_str!("../fixtures/demo/users.json");
 const ORDERS: &str = include_str!("../fixtures/demo/orders.json");
 const REVIEWS: &str = include_str!("../fixtures/demo/reviews.json");
+const SELLERS: &str = include_str!("../fixtures/demo/sellers.json");
 
 /// The demo services and their fixed loopback ports (the shipped config
 /// names them).
-pub const SERVICES: [(Service, u16); 3] = [(Service::Users, 9101), (Service::Orders, 9102), (Service::Reviews, 9103)];
+pub const SERVICES: [(Service, u16); 4] =
+    [(Service::Users, 9101), (Service::Orders, 9102), (Service::Reviews, 9103), (Service::Sellers, 9104)];
 
 #[derive(Clone, Copy, Debug)]
 pub enum Service {
     Users,
     Orders,
     Reviews,
+    Sellers,
 }
 
 fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
@@ -48,6 +51,10 @@ pub fn answer(service: Service, path: &str, query: &str) -> Response<Full<Bytes>
         (Service::Users, Some(("users", id))) => match data(USERS).get(id) {
             Some(user) => json_response(StatusCode::OK, user.clone()),
             None => json_response(StatusCode::NOT_FOUND, json!({ "error": "user not found" })),
+        },
+        (Service::Sellers, Some(("sellers", id))) => match data(SELLERS).get(id) {
+            Some(seller) => json_response(StatusCode::OK, seller.clone()),
+            None => json_response(StatusCode::NOT_FOUND, json!({ "error": "seller not found" })),
         },
         (Service::Orders, None) if path == "/orders" => {
             let limit = query_param(query, "limit").and_then(|l| l.parse().ok()).unwrap_or(usize::MAX);
