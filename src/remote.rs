@@ -13,9 +13,9 @@ fn client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?)
 }
 
-fn with_token(req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-    match std::env::var("MANIFOLD_ADMIN_TOKEN") {
-        Ok(t) if !t.is_empty() => req.bearer_auth(t),
+fn with_token(req: reqwest::RequestBuilder, token: Option<&str>) -> reqwest::RequestBuilder {
+    match token {
+        Some(t) if !t.is_empty() => req.bearer_auth(t),
         _ => req,
     }
 }
@@ -34,9 +34,9 @@ async fn failure(resp: reqwest::Response) -> anyhow::Error {
 }
 
 /// The whole live config as YAML, from a node's admin API or the database.
-pub async fn export(admin: Option<&str>, database_url: Option<&str>) -> anyhow::Result<String> {
+pub async fn export(admin: Option<&str>, token: Option<&str>, database_url: Option<&str>) -> anyhow::Result<String> {
     if let Some(url) = admin {
-        let resp = with_token(client()?.get(format!("{}/config", url.trim_end_matches('/'))).header("accept", "application/yaml"))
+        let resp = with_token(client()?.get(format!("{}/config", url.trim_end_matches('/'))).header("accept", "application/yaml"), token)
             .send()
             .await
             .with_context(|| format!("cannot reach {url}"))?;
@@ -51,19 +51,40 @@ pub async fn export(admin: Option<&str>, database_url: Option<&str>) -> anyhow::
     Ok(serde_norway::to_string(&config)?)
 }
 
+/// The diff as lines: `+`/`~`/`-` per entity, and under each update the
+/// fields that change, `path: before -> after`.
 fn describe(changes: &Value) -> (usize, String) {
+    let short = |v: &Value| {
+        let text = v.to_string();
+        if text.chars().count() > 80 {
+            format!("{}...", text.chars().take(77).collect::<String>())
+        } else {
+            text
+        }
+    };
+    let mut count = 0;
     let mut lines = Vec::new();
     for (key, mark) in [("created", "+"), ("updated", "~"), ("deleted", "-")] {
         for e in changes[key].as_array().into_iter().flatten() {
+            count += 1;
             lines.push(format!("  {mark} {}/{}", e["kind"].as_str().unwrap_or(""), e["name"].as_str().unwrap_or("")));
+            for f in e["fields"].as_array().into_iter().flatten() {
+                let path = f["path"].as_str().unwrap_or("");
+                lines.push(match (f.get("before"), f.get("after")) {
+                    (Some(b), Some(a)) => format!("      {path}: {} -> {}", short(b), short(a)),
+                    (None, Some(a)) => format!("      + {path}: {}", short(a)),
+                    (Some(b), None) => format!("      - {path}: {}", short(b)),
+                    (None, None) => format!("      {path}"),
+                });
+            }
         }
     }
-    (lines.len(), lines.join("\n"))
+    (count, lines.join("\n"))
 }
 
 /// Makes every gateway's config equal to the files: prints each one's
 /// diff, applies it unless `dry_run`. Returns whether all succeeded.
-pub async fn sync(path: &PathBuf, admins: &[String], dry_run: bool) -> anyhow::Result<bool> {
+pub async fn sync(path: &PathBuf, admins: &[String], token: Option<&str>, dry_run: bool) -> anyhow::Result<bool> {
     if admins.is_empty() {
         bail!("sync needs at least one --admin URL (repeat it for several gateways)");
     }
@@ -78,7 +99,7 @@ pub async fn sync(path: &PathBuf, admins: &[String], dry_run: bool) -> anyhow::R
     for admin in admins {
         let base = admin.trim_end_matches('/');
         let post = |dry: bool| {
-            with_token(http.post(format!("{base}/config{}", if dry { "?dry_run=true" } else { "" })))
+            with_token(http.post(format!("{base}/config{}", if dry { "?dry_run=true" } else { "" })), token)
                 .header("content-type", "application/json")
                 .body(body.clone())
                 .send()

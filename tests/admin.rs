@@ -91,7 +91,11 @@ async fn dry_run_answers_the_diff_and_changes_nothing() {
     let (status, body) = post_config(&g, next, "?dry_run=true").await;
     assert_eq!(status, 200);
     assert_eq!(body["changes"]["created"], json!([{"kind": "routes", "name": "c"}]));
-    assert_eq!(body["changes"]["updated"], json!([{"kind": "routes", "name": "a"}]));
+    // An update names each field that changes, before and after.
+    assert_eq!(
+        body["changes"]["updated"],
+        json!([{"kind": "routes", "name": "a", "fields": [{"path": "upstream", "before": "http://127.0.0.1:1", "after": "http://127.0.0.1:2"}]}])
+    );
     assert_eq!(body["changes"]["deleted"], json!([{"kind": "routes", "name": "b"}]));
     let config: Value = client().get(format!("http://{}/config", g.admin_addr)).send().await.unwrap().json().await.unwrap();
     assert_eq!(config["routes"][1]["name"], "b");
@@ -183,6 +187,18 @@ async fn openapi_describes_the_api_from_the_config_types() {
         assert!(item.get(method).is_some(), "{method} /routes/{{name}}");
     }
     assert!(item["put"]["responses"].get("412").is_some());
+    // What try takes and answers, and the non-JSON endpoints.
+    let try_op = &doc["paths"]["/compositions/{name}/try"]["post"];
+    let try_body = &try_op["requestBody"]["content"]["application/json"]["schema"];
+    for field in ["path", "method", "query", "headers", "body", "composition"] {
+        assert!(try_body["properties"].get(field).is_some(), "try body {field} missing: {try_body}");
+    }
+    assert_eq!(try_body["required"], json!(["path"]));
+    let answer = &try_op["responses"]["200"]["content"]["application/json"]["schema"];
+    assert!(answer["properties"]["calls"]["items"]["properties"].get("duration_ms").is_some(), "{answer}");
+    assert!(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"].get("text/plain").is_some());
+    assert!(doc["paths"]["/ui"]["get"]["responses"]["200"]["content"].get("text/html").is_some());
+    assert!(item["put"]["requestBody"]["content"].get("application/yaml").is_some(), "entity writes take YAML");
     // The schemas are the config types': every field of a route, durations as strings.
     let route = &doc["components"]["schemas"]["Route"];
     for field in ["name", "path", "upstream", "path_rewrite", "timeout", "preserve_host", "policies"] {

@@ -499,3 +499,60 @@ async fn if_match_on_a_missing_entity_and_unchanged_writes() {
     g.shutdown();
     drop_db(&url).await;
 }
+
+/// Entity writes take YAML like `POST /config`; the served JSON keeps the
+/// key order of `response.body` as written, through a PATCH too (JSONB would
+/// sort the keys); `sync --dry-run` names the fields that change.
+#[tokio::test(flavor = "multi_thread")]
+async fn yaml_writes_keep_the_order_of_response_body_and_dry_runs_show_fields() {
+    let b = backend().json(json!({"id": 7, "name": "Ada"})).run().await;
+    let url = fresh_db(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let g = node(&url, &dir.path().join("snap.json")).unwrap();
+    let admin = format!("http://{}", g.admin_addr);
+    let yaml = format!(
+        "name: ordered\npath: /ordered\ntimeout: 2s\ncalls:\n  user: {{ url: \"{}/u\" }}\nresponse:\n  body:\n    middle: fixed\n    alpha: $.user.body.id\n    zeta: $.user.body.name\n",
+        b.url()
+    );
+    let resp = client().post(format!("{admin}/compositions")).header("content-type", "application/yaml").body(yaml).send().await.unwrap();
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    let resp = client()
+        .patch(format!("{admin}/compositions/ordered"))
+        .header("content-type", "application/json")
+        .body(r#"{"timeout": "3s"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let stored = resp.text().await.unwrap();
+    assert!(stored.find("middle").unwrap() < stored.find("zeta").unwrap(), "the admin answer keeps the order: {stored}");
+    let proxy = format!("http://{}/ordered", g.proxy_addr);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let served = loop {
+        let resp = client().get(&proxy).send().await.unwrap();
+        if resp.status() == 200 {
+            break resp.text().await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "the composition is served within 5 s, got {}", resp.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // JSONB would give zeta, alpha, middle (shorter keys first).
+    assert_eq!(served, r#"{"middle":"fixed","alpha":7,"zeta":"Ada"}"#);
+    // An entity that is not one object is refused with a clear message.
+    let resp = client().post(format!("{admin}/routes")).header("content-type", "application/yaml").body("- a\n- b\n").send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.unwrap().contains("must be an object"));
+
+    // The dry run of a file that changes one field names it, before and after.
+    let file = dir.path().join("c.yaml");
+    let config: Value =
+        client().get(format!("{admin}/config")).header("accept", "application/json").send().await.unwrap().json().await.unwrap();
+    let mut comp = config["compositions"][0].clone();
+    comp["timeout"] = json!("4s");
+    std::fs::write(&file, serde_json::to_string(&json!({"compositions": [comp]})).unwrap()).unwrap();
+    let (ok, out, err) = manifold(&["sync", file.to_str().unwrap(), "--admin", &admin, "--dry-run"], &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("~ compositions/ordered") && out.contains(r#"timeout: "3s" -> "4s""#), "{out}");
+    g.shutdown();
+    drop_db(&url).await;
+}

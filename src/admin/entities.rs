@@ -120,11 +120,21 @@ fn kind_of(kind: &str) -> Result<Kind, Response> {
     Kind::parse(kind).ok_or_else(|| message(StatusCode::NOT_FOUND, "not found"))
 }
 
-fn json_body(body: &[u8]) -> Result<Value, Response> {
-    match serde_json::from_slice::<Value>(body) {
+/// An entity in a write's body: JSON when `Content-Type` says so, YAML
+/// otherwise (JSON is YAML too), as `POST /config` reads it. Credentials too.
+fn entity_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, Response> {
+    let is_json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
+    let parsed = if is_json {
+        serde_json::from_slice::<Value>(body).map_err(|e| format!("the body is not JSON: {e}"))
+    } else {
+        std::str::from_utf8(body)
+            .map_err(|_| "the body is not UTF-8".to_string())
+            .and_then(|text| serde_norway::from_str::<Value>(text).map_err(|e| format!("the body is not YAML or JSON: {e}")))
+    };
+    match parsed {
         Ok(v @ Value::Object(_)) => Ok(v),
-        Ok(_) => Err(message(StatusCode::BAD_REQUEST, "the body must be a JSON object")),
-        Err(e) => Err(message(StatusCode::BAD_REQUEST, &format!("the body is not JSON: {e}"))),
+        Ok(_) => Err(message(StatusCode::BAD_REQUEST, "the body must be an object (one entity)")),
+        Err(e) => Err(message(StatusCode::BAD_REQUEST, &e)),
     }
 }
 
@@ -178,7 +188,7 @@ pub async fn create(State(state): State<AdminState>, Path(kind): Path<String>, h
     if store_of(&state).is_none() {
         return read_only();
     }
-    let (kind, entity) = match (kind_of(&kind), json_body(&body)) {
+    let (kind, entity) = match (kind_of(&kind), entity_body(&headers, &body)) {
         (Ok(k), Ok(e)) => (k, e),
         (Err(r), _) | (_, Err(r)) => return r,
     };
@@ -191,7 +201,7 @@ async fn put_or_patch(state: AdminState, kind: String, name: String, headers: He
     if store_of(&state).is_none() {
         return read_only();
     }
-    let (kind, value, if_match) = match (kind_of(&kind), json_body(&body), if_match(&headers)) {
+    let (kind, value, if_match) = match (kind_of(&kind), entity_body(&headers, &body), if_match(&headers)) {
         (Ok(k), Ok(e), Ok(m)) => (k, e, m),
         (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r,
     };
@@ -304,7 +314,7 @@ pub async fn add_credential(
 ) -> Response {
     use crate::config::Credential;
     let Some(store) = store_of(&state) else { return read_only() };
-    let body = match json_body(&body) {
+    let body = match entity_body(&headers, &body) {
         Ok(b) => b,
         Err(r) => return r,
     };

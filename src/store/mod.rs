@@ -520,18 +520,22 @@ impl Store {
             let after: Vec<(String, Value)> = entities_of(&next, kind);
             for (name, new) in &after {
                 let old = before.iter().find(|(n, _)| n == name).map(|(_, v)| v);
-                if old == Some(new) {
+                // Compared as text: a reordered object is a change (its order is served).
+                if old.map(Value::to_string) == Some(new.to_string()) {
                     continue;
                 }
                 let sql = format!(
-                    "INSERT INTO {t} (name, tags, entity) VALUES ($1, $2, $3)
+                    "INSERT INTO {t} (name, tags, entity)
+                     VALUES ($1, $2, CASE WHEN $3::text::jsonb IS NOT NULL THEN $3::text::json END)
                      ON CONFLICT (name) DO UPDATE SET tags = EXCLUDED.tags, entity = EXCLUDED.entity,
                        version = {t}.version + 1, updated_at = now()
                      RETURNING version",
                     t = kind.table()
                 );
+                // As text: a JSONB parameter would lose the key order the JSON column
+                // keeps. The JSONB cast still refuses what JSONB cannot hold (\u0000).
                 let row_version: i64 =
-                    sqlx::query_scalar(AssertSqlSafe(sql)).bind(name).bind(tags_of(new)).bind(new).fetch_one(&mut *tx).await?;
+                    sqlx::query_scalar(AssertSqlSafe(sql)).bind(name).bind(tags_of(new)).bind(new.to_string()).fetch_one(&mut *tx).await?;
                 self.audit_row(&mut tx, actor, if old.is_some() { "update" } else { "create" }, kind, name, old, Some(new), version)
                     .await?;
                 if single.as_ref() == Some(&(kind, name.clone())) {
@@ -579,13 +583,13 @@ impl Store {
         after: Option<&Value>,
         version: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO audit_log (actor, action, kind, name, before, after, config_version) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+        sqlx::query("INSERT INTO audit_log (actor, action, kind, name, before, after, config_version) VALUES ($1, $2, $3, $4, $5::text::json, $6::text::json, $7)")
             .bind(actor)
             .bind(action)
             .bind(kind.table())
             .bind(name)
-            .bind(before)
-            .bind(after)
+            .bind(before.map(Value::to_string))
+            .bind(after.map(Value::to_string))
             .bind(version)
             .execute(&mut **tx)
             .await?;
