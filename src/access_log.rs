@@ -21,8 +21,15 @@ use crate::metrics::RouteMetrics;
 /// The tracing target of access log lines.
 pub const TARGET: &str = "manifold::access";
 
+static RATE: OnceLock<f64> = OnceLock::new();
+
+/// Sets the share of requests logged (`--access-log-sample`), before the
+/// first request; without it `MANIFOLD_ACCESS_LOG_SAMPLE` is read.
+pub fn set_sample_rate(rate: f64) {
+    let _ = RATE.set(rate.clamp(0.0, 1.0));
+}
+
 fn sample_rate() -> f64 {
-    static RATE: OnceLock<f64> = OnceLock::new();
     *RATE.get_or_init(|| {
         std::env::var("MANIFOLD_ACCESS_LOG_SAMPLE").ok().and_then(|v| v.trim().parse::<f64>().ok()).map_or(1.0, |r| r.clamp(0.0, 1.0))
     })

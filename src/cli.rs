@@ -61,6 +61,10 @@ pub enum Command {
         /// Admin API base URL, e.g. http://127.0.0.1:8001
         #[arg(long, env = "MANIFOLD_ADMIN")]
         admin: Option<String>,
+        /// Bearer token of that admin API
+        #[arg(long, env = "MANIFOLD_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        /// Postgres URL, read when --admin is not given
         #[arg(long, env = "MANIFOLD_DATABASE_URL", hide_env_values = true)]
         database_url: Option<String>,
     },
@@ -72,7 +76,10 @@ pub enum Command {
         /// Admin API base URL; repeat for several gateways (regions)
         #[arg(long, required = true)]
         admin: Vec<String>,
-        /// Print the diffs only
+        /// Bearer token of the admin APIs (the same for each --admin)
+        #[arg(long, env = "MANIFOLD_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        /// Print the diffs (entities and the fields that change) only
         #[arg(long)]
         dry_run: bool,
     },
@@ -83,7 +90,7 @@ pub struct ServeArgs {
     /// Directory of config files for DB-less mode
     #[arg(long, env = "MANIFOLD_CONFIG_DIR", default_value = "./compositions")]
     pub config_dir: PathBuf,
-    /// Also start the demo backend services of fixtures/demo/ on 127.0.0.1:9101-9103
+    /// Also start the demo backend services of fixtures/demo/ on 127.0.0.1:9101-9104
     #[arg(long, env = "MANIFOLD_DEMO")]
     pub demo: bool,
     /// Proxy listen address (HTTP/1.1 and h2c)
@@ -117,6 +124,9 @@ pub struct ServeArgs {
     /// appended, instead of stdout; operational logs stay on stdout
     #[arg(long, env = "MANIFOLD_ACCESS_LOG_FILE")]
     pub access_log_file: Option<PathBuf>,
+    /// Share of requests that get an access log line, 0 to 1 (0.1: one in ten)
+    #[arg(long, env = "MANIFOLD_ACCESS_LOG_SAMPLE", default_value = "1", value_parser = parse_share)]
+    pub access_log_sample: f64,
     /// Label request counts by consumer too (manifold_consumer_requests_total):
     /// one series per consumer, route and status class, so off by default
     #[arg(long, env = "MANIFOLD_METRICS_CONSUMER_LABELS")]
@@ -132,6 +142,13 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
 
 fn parse_dur(s: &str) -> Result<Dur, String> {
     Dur::parse(s)
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("expected a number from 0 to 1, got {s:?}")),
+    }
 }
 
 /// Logs on stdout, JSON unless stdout is a terminal; the access log
@@ -191,13 +208,13 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Validate { paths } => return validate(paths),
         Command::Migrate { database_url } => migrate(&database_url),
-        Command::Export { admin, database_url } => export(admin, database_url),
-        Command::Sync { path, admin, dry_run } => return sync(path, admin, dry_run),
+        Command::Export { admin, admin_token, database_url } => export(admin, admin_token, database_url),
+        Command::Sync { path, admin, admin_token, dry_run } => return sync(path, admin, admin_token, dry_run),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Once, on stderr (a log line too would print it twice on a terminal).
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("manifold: {e:#}");
             ExitCode::FAILURE
         }
@@ -249,14 +266,14 @@ fn load_config(dir: &PathBuf, redis: Option<crate::gateway::RedisOptions>) -> an
     Ok(config)
 }
 
-fn export(admin: Option<String>, database_url: Option<String>) -> anyhow::Result<()> {
+fn export(admin: Option<String>, token: Option<String>, database_url: Option<String>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let yaml = rt.block_on(crate::remote::export(admin.as_deref(), database_url.as_deref()))?;
+    let yaml = rt.block_on(crate::remote::export(admin.as_deref(), token.as_deref(), database_url.as_deref()))?;
     print!("{yaml}");
     Ok(())
 }
 
-fn sync(path: PathBuf, admins: Vec<String>, dry_run: bool) -> ExitCode {
+fn sync(path: PathBuf, admins: Vec<String>, token: Option<String>, dry_run: bool) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -264,7 +281,7 @@ fn sync(path: PathBuf, admins: Vec<String>, dry_run: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(crate::remote::sync(&path, &admins, dry_run)) {
+    match rt.block_on(crate::remote::sync(&path, &admins, token.as_deref(), dry_run)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -289,6 +306,7 @@ fn migrate(url: &str) -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    crate::access_log::set_sample_rate(args.access_log_sample);
     if args.demo {
         let addrs = crate::demo::start()?;
         tracing::info!(?addrs, "demo backends started");

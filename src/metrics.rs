@@ -34,11 +34,11 @@ pub struct Metrics {
     calls: HistogramVec,
     call_failures: IntCounterVec,
     pub config_version: IntGauge,
-    pub config_reloads: IntGauge,
+    pub config_reloads: TotalCounter,
     pub last_reload: IntGauge,
     pub database_reachable: IntGauge,
     pub redis_reachable: IntGauge,
-    pub rate_limit_fallbacks: IntGauge,
+    pub rate_limit_fallbacks: TotalCounter,
     in_flight_gauge: IntGauge,
     connections_gauge: IntGauge,
     resident_memory: IntGauge,
@@ -95,6 +95,27 @@ impl RouteMetrics {
 const SECONDS_BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// A Prometheus counter that mirrors a running total kept elsewhere (an
+/// atomic the node bumps), brought up to date at each scrape: exposed as a
+/// `counter`, as its `_total` name promises.
+pub struct TotalCounter(IntCounter);
+
+impl TotalCounter {
+    fn new(registry: &Registry, name: &str, help: &str) -> TotalCounter {
+        let c = IntCounter::new(name, help).expect("a valid metric");
+        registry.register(Box::new(c.clone())).expect("registered once");
+        TotalCounter(c)
+    }
+
+    /// Takes the total; a total never goes down, so a smaller one is ignored.
+    pub fn set(&self, total: i64) {
+        let (total, now) = (total.max(0) as u64, self.0.get());
+        if total > now {
+            self.0.inc_by(total - now);
+        }
+    }
+}
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("a valid metric");
@@ -155,7 +176,7 @@ impl Metrics {
         }
         Arc::new(Metrics {
             config_version: gauge(&registry, "manifold_config_version", "Version of the config this node serves"),
-            config_reloads: gauge(&registry, "manifold_config_reloads_total", "Configs this node has taken since it started"),
+            config_reloads: TotalCounter::new(&registry, "manifold_config_reloads_total", "Configs this node has taken since it started"),
             last_reload: gauge(&registry, "manifold_config_last_reload_timestamp_seconds", "When this node last took a config (Unix time)"),
             database_reachable: gauge(
                 &registry,
@@ -163,7 +184,7 @@ impl Metrics {
                 "1 when the last contact with the database worked (database mode)",
             ),
             redis_reachable: gauge(&registry, "manifold_redis_reachable", "1 when the last cluster rate-limit check reached Redis"),
-            rate_limit_fallbacks: gauge(
+            rate_limit_fallbacks: TotalCounter::new(
                 &registry,
                 "manifold_rate_limit_fallbacks_total",
                 "Cluster rate-limit checks counted locally because Redis failed",

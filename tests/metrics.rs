@@ -157,3 +157,21 @@ routes:
     assert_eq!(consumer_total, 4.0);
     g.shutdown();
 }
+
+/// A name ending in `_total` promises a counter (Prometheus' naming rules):
+/// every such family is typed `counter`, whatever keeps its total.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_total_is_a_counter() {
+    let b = backend().run().await;
+    let g = gateway(&format!("routes:\n  - {{ name: r, path: /r, upstream: \"{}\" }}\n", b.url()));
+    assert_eq!(common::send("GET", &format!("http://{}/r", g.proxy_addr), None, &[]).await.0, 200);
+    let text = client().get(format!("http://{}/metrics", g.admin_addr)).send().await.unwrap().text().await.unwrap();
+    let types: Vec<(&str, &str)> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_once(' ')).collect();
+    let totals: Vec<_> = types.iter().filter(|(name, _)| name.ends_with("_total")).collect();
+    assert!(totals.len() >= 3, "the node's counters are there: {types:?}");
+    let wrong: Vec<_> = totals.iter().filter(|(_, kind)| *kind != "counter").collect();
+    assert!(wrong.is_empty(), "families named _total that are not counters: {wrong:?}");
+    for name in ["manifold_config_reloads_total", "manifold_rate_limit_fallbacks_total", "manifold_requests_total"] {
+        assert!(totals.iter().any(|(n, _)| *n == name), "{name} in {totals:?}");
+    }
+}

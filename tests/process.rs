@@ -107,3 +107,37 @@ async fn the_demo_serves_the_shipped_config() {
     let resp = client().get(format!("http://{}/v1/users/999/dashboard", gw.proxy)).send().await.unwrap();
     assert_eq!(resp.status(), 404, "the required user call's 404 passes through");
 }
+
+fn manifold(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_manifold")).args(args).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// What a new user reads first: every setting's variable is in `--help`.
+#[test]
+fn help_names_every_variable_a_command_reads() {
+    let (_, serve, _) = manifold(&["serve", "--help"]);
+    for var in ["MANIFOLD_ACCESS_LOG_SAMPLE", "MANIFOLD_ACCESS_LOG_FILE", "MANIFOLD_ADMIN_TOKEN", "MANIFOLD_CONFIG_DIR"] {
+        assert!(serve.contains(var), "serve --help names {var}:\n{serve}");
+    }
+    for cmd in ["export", "sync"] {
+        let (_, help, _) = manifold(&[cmd, "--help"]);
+        assert!(help.contains("MANIFOLD_ADMIN_TOKEN"), "{cmd} --help names the admin token variable:\n{help}");
+    }
+    let (code, _, err) = manifold(&["serve", "--access-log-sample", "2"]);
+    assert_eq!(code, Some(2), "a share over 1 is refused: {err}");
+}
+
+/// A config error at start-up is printed once, naming file and field.
+#[test]
+fn serve_prints_a_config_error_once() {
+    let dir = config_dir("routes:\n  - { name: r, path: /r, upstream: \"http://127.0.0.1:9\", timeout: 5 parsecs }\n");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_manifold"))
+        .args(["serve", "--config-dir", dir.path().to_str().unwrap(), "--proxy-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(all.matches("routes.r.timeout").count(), 1, "the error once:\n{all}");
+    assert!(all.contains("gateway.yaml"), "{all}");
+}

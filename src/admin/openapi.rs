@@ -59,11 +59,69 @@ fn with_nested<T: utoipa::ToSchema>(builder: ComponentsBuilder) -> ComponentsBui
     builder.schema_from::<T>().schemas_from_iter(nested)
 }
 
+fn string() -> ObjectBuilder {
+    ObjectBuilder::new().schema_type(Type::String)
+}
+
+fn integer() -> ObjectBuilder {
+    ObjectBuilder::new().schema_type(Type::Integer)
+}
+
+/// Any JSON value.
+fn any(description: &str) -> RefOr<Schema> {
+    ObjectBuilder::new().description(Some(description)).into()
+}
+
+/// The body of `POST /compositions/{name}/try`.
+fn try_request() -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property("path", string().description(Some("the request path, matching the composition's path; may end in ?query")))
+        .required("path")
+        .property("method", string().description(Some("default: the composition's method")))
+        .property("query", any("an object of name to value, or a query string"))
+        .property("headers", ObjectBuilder::new().schema_type(Type::Object).description(Some("request headers, name to value")))
+        .property("body", any("the request body (JSON)"))
+        .property(
+            "composition",
+            any("an unsaved draft to run instead of the stored composition: the entity as a JSON object, or its YAML text; validated with the rest of the live config"),
+        )
+        .into()
+}
+
+/// The answer of `try`.
+fn try_answer() -> RefOr<Schema> {
+    let response = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property("status", integer())
+        .property("headers", ObjectBuilder::new().schema_type(Type::Object))
+        .property("body", any("JSON, or the text of a non-JSON answer"));
+    let call = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property("name", string().description(Some("the call; a for_each item is name[i]")))
+        .property("url", string())
+        .property("started_ms", ObjectBuilder::new().schema_type(Type::Number).description(Some("since the composition started")))
+        .property("duration_ms", ObjectBuilder::new().schema_type(Type::Number))
+        .property("status", integer().description(Some("the backend's status, absent when there was no answer")))
+        .property("error", any("null, or {kind, message}"));
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property("response", response)
+        .property("calls", utoipa::openapi::schema::ArrayBuilder::new().items(call))
+        .into()
+}
+
 pub fn document() -> OpenApi {
     let mut paths = PathsBuilder::new();
     for (kind, schema) in [("routes", "Route"), ("compositions", "Composition"), ("consumers", "Consumer"), ("policies", "Policy")] {
         let entity = || RefOr::Ref(Ref::from_schema_name(schema));
-        let body = || RequestBodyBuilder::new().content("application/json", json(entity())).required(Some(Required::True)).build();
+        let body = || {
+            RequestBodyBuilder::new()
+                .content("application/json", json(entity()))
+                .content("application/yaml", json(entity()))
+                .required(Some(Required::True))
+                .build()
+        };
         let list = op(&format!("List {kind}"))
             .parameter(query_param("size", "page size, default 100, at most 1000"))
             .parameter(query_param("offset", "entities to skip"))
@@ -134,12 +192,31 @@ pub fn document() -> OpenApi {
             .build(),
     );
     paths = paths.path("/consumers/{name}/credentials", creds);
-    for (path, method, summary) in [
-        (
-            "/compositions/{name}/try",
+    paths = paths.path(
+        "/compositions/{name}/try",
+        PathItem::new(
             HttpMethod::Post,
-            "Run a composition for real: `{method, path, query, headers, body}` in, `{response, calls}` out",
+            op("Run a composition for real (the saved one, or an unsaved draft) and report every backend call")
+                .parameter(name_param("name"))
+                .request_body(Some(
+                    RequestBodyBuilder::new().content("application/json", json(try_request())).required(Some(Required::True)).build(),
+                ))
+                .response("200", response("the composition's answer and its calls", Some(try_answer())))
+                .response("404", response("no composition of that name (and no draft given)", Some(object()))),
         ),
+    );
+    let text = |summary: &str, content_type: &str| {
+        op(summary).response("200", ResponseBuilder::new().description(summary).content(content_type, Content::new(Some(string()))).build())
+    };
+    paths = paths.path("/metrics", PathItem::new(HttpMethod::Get, text("Prometheus metrics, text format 0.0.4", "text/plain")));
+    paths = paths.path(
+        "/ui",
+        PathItem::new(
+            HttpMethod::Get,
+            text("The composition playground (HTML; its scripts call this API with the admin token)", "text/html"),
+        ),
+    );
+    for (path, method, summary) in [
         ("/audit", HttpMethod::Get, "The change log: time, actor, action, entity, before, after"),
         ("/status", HttpMethod::Get, "Node id, mode, config version, database reachable, uptime"),
         ("/status/ready", HttpMethod::Get, "200 once a config is loaded (no token needed)"),
