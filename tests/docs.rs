@@ -211,3 +211,55 @@ fn the_link_finder_finds_links() {
     std::fs::write(&md, "see [a](b.md) and [c](../d.md#e)\n`[no](code.md)`\n```\n[no](fence.md)\n```\n").unwrap();
     assert_eq!(links(&md), vec![(1, "b.md".to_string()), (1, "../d.md#e".to_string())]);
 }
+
+/// The variants a serde enum accepts, read from its "expected one of" error.
+fn variants<T: serde::de::DeserializeOwned>() -> Vec<String> {
+    let err = serde_json::from_value::<T>(serde_json::json!("no-such-variant")).err().expect("not a variant").to_string();
+    err.split('`').skip(1).step_by(2).filter(|v| *v != "no-such-variant").map(str::to_string).collect()
+}
+
+#[test]
+fn every_policy_type_has_its_section() {
+    let page = std::fs::read_to_string(root().join("docs/policies.md")).unwrap();
+    let kinds = variants::<manifold::config::PolicyKind>();
+    assert!(kinds.len() >= 13, "{kinds:?}");
+    let missing: Vec<&String> = kinds.iter().filter(|k| !page.contains(&format!("\n### {k}\n"))).collect();
+    assert!(missing.is_empty(), "docs/policies.md has no `### TYPE` section for {missing:?}");
+}
+
+#[test]
+fn every_subcommand_and_flag_is_in_the_cli_page() {
+    use clap::CommandFactory;
+    let page = std::fs::read_to_string(root().join("docs/cli.md")).unwrap();
+    let cli = manifold::cli::Cli::command();
+    let mut missing = Vec::new();
+    let mut seen = 0;
+    for arg in cli.get_arguments() {
+        if let Some(long) = arg.get_long() {
+            if !page.contains(&format!("--{long}")) && !matches!(long, "help" | "version") {
+                missing.push(format!("--{long}"));
+            }
+        }
+    }
+    for sub in cli.get_subcommands() {
+        seen += 1;
+        if !page.contains(&format!("## `manifold {}", sub.get_name())) {
+            missing.push(format!("manifold {}", sub.get_name()));
+        }
+        for arg in sub.get_arguments() {
+            if let Some(long) = arg.get_long() {
+                if !page.contains(&format!("--{long}")) && long != "help" {
+                    missing.push(format!("manifold {} --{long}", sub.get_name()));
+                }
+            }
+            if let Some(env) = arg.get_env() {
+                let env = env.to_string_lossy();
+                if !page.contains(&*env) {
+                    missing.push(format!("{env} (manifold {})", sub.get_name()));
+                }
+            }
+        }
+    }
+    assert!(seen >= 5, "only {seen} subcommands");
+    assert!(missing.is_empty(), "docs/cli.md does not mention {missing:?}");
+}
