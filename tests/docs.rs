@@ -263,3 +263,36 @@ fn every_subcommand_and_flag_is_in_the_cli_page() {
     assert!(seen >= 5, "only {seen} subcommands");
     assert!(missing.is_empty(), "docs/cli.md does not mention {missing:?}");
 }
+
+/// The field names of a config type, from the schema derived from it.
+fn fields<T: utoipa::PartialSchema>() -> Vec<String> {
+    let schema = serde_json::to_value(T::schema()).unwrap();
+    let props = schema["properties"].as_object().unwrap_or_else(|| panic!("no properties in {schema}"));
+    props.keys().cloned().collect()
+}
+
+#[test]
+fn every_config_field_is_in_a_table() {
+    use manifold::config::{Call, Composition, Consumer, Policy, ResponseSpec, Route};
+    let pages = [
+        ("routes.md", fields::<Route>()),
+        ("compositions.md", fields::<Composition>()),
+        ("compositions.md", fields::<Call>()),
+        ("compositions.md", fields::<ResponseSpec>()),
+        ("consumers.md", fields::<Consumer>()),
+        ("policies.md", fields::<Policy>()),
+    ];
+    let mut missing = Vec::new();
+    let mut seen = 0;
+    for (page, names) in pages {
+        let text = std::fs::read_to_string(root().join("docs").join(page)).unwrap();
+        for name in names {
+            seen += 1;
+            if !text.contains(&format!("| `{name}` |")) {
+                missing.push(format!("docs/{page}: {name}"));
+            }
+        }
+    }
+    assert!(seen >= 40, "only {seen} fields found");
+    assert!(missing.is_empty(), "fields without a row in their page's table: {missing:?}");
+}
