@@ -39,6 +39,44 @@ pub struct Origins {
     pub compositions: Vec<Option<Arc<str>>>,
     pub consumers: Vec<Option<Arc<str>>>,
     pub policies: Vec<Option<Arc<str>>>,
+    /// Entities that could not be parsed at all, whose names are still
+    /// known: they are checked for duplicates and may be referred to.
+    pub unparsed: Vec<Unparsed>,
+    /// Objects (`routes.r`, `compositions.c.calls.a`) kept without a field
+    /// whose value was wrong: their semantic errors are not reported, and
+    /// a route or composition among them claims no path.
+    pub partial: Vec<String>,
+}
+
+/// An entity that does not parse, by kind (`routes`, ...) and name.
+#[derive(Clone, Debug)]
+pub struct Unparsed {
+    pub kind: &'static str,
+    pub name: String,
+    pub file: Option<Arc<str>>,
+}
+
+impl Origins {
+    fn list_mut(&mut self, kind: &str) -> &mut Vec<Option<Arc<str>>> {
+        match kind {
+            "routes" => &mut self.routes,
+            "compositions" => &mut self.compositions,
+            "consumers" => &mut self.consumers,
+            _ => &mut self.policies,
+        }
+    }
+
+    /// Names of entities of `kind` that exist, though they do not parse.
+    pub fn unparsed_names<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = (&'a str, &'a Option<Arc<str>>)> + 'a {
+        self.unparsed.iter().filter(move |u| u.kind == kind).map(|u| (u.name.as_str(), &u.file))
+    }
+
+    /// Whether `path` is at or under an object marked partial.
+    pub fn is_partial(&self, path: &str) -> bool {
+        self.partial
+            .iter()
+            .any(|p| path.strip_prefix(p.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || rest.starts_with('[')))
+    }
 }
 
 impl LoadedConfig {
@@ -48,6 +86,7 @@ impl LoadedConfig {
             compositions: vec![None; config.compositions.len()],
             consumers: vec![None; config.consumers.len()],
             policies: vec![None; config.policies.len()],
+            ..Origins::default()
         };
         LoadedConfig { config, origins }
     }
@@ -62,6 +101,8 @@ impl LoadedConfig {
         self.origins.compositions.extend(origins.compositions);
         self.origins.consumers.extend(origins.consumers);
         self.origins.policies.extend(origins.policies);
+        self.origins.unparsed.extend(origins.unparsed);
+        self.origins.partial.extend(origins.partial);
     }
 
     /// Validates the whole config, then replaces plain secrets by digests.
@@ -88,12 +129,133 @@ fn entity_label(kind: &str, index: usize, value: &Value) -> String {
     }
 }
 
+/// One step of a path into a JSON value: an object key or a list index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+fn steps_of(path: &serde_path_to_error::Path) -> Vec<Step> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|s| match s {
+            Segment::Map { key } => Some(Step::Key(key.clone())),
+            Segment::Seq { index } => Some(Step::Index(*index)),
+            Segment::Enum { .. } | Segment::Unknown => None,
+        })
+        .collect()
+}
+
+/// `label.a.b[0].c`, the way every config error names a field.
+fn join_path(label: &str, steps: &[Step]) -> String {
+    let mut out = label.to_string();
+    for step in steps {
+        match step {
+            Step::Key(k) => {
+                out.push('.');
+                out.push_str(k);
+            }
+            Step::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+fn value_at_mut<'v>(value: &'v mut Value, steps: &[Step]) -> Option<&'v mut Value> {
+    steps.iter().try_fold(value, |v, step| match step {
+        Step::Key(k) => v.as_object_mut()?.get_mut(k),
+        Step::Index(i) => v.as_array_mut()?.get_mut(*i),
+    })
+}
+
+/// Removes the object field at `steps`; false when there is none (a list
+/// element is never removed: the indexes after it would name other items).
+fn remove_field(value: &mut Value, steps: &[Step]) -> bool {
+    let Some((Step::Key(key), parent)) = steps.split_last() else { return false };
+    value_at_mut(value, parent).and_then(Value::as_object_mut).is_some_and(|m| m.shift_remove(key).is_some())
+}
+
+/// The name in serde's "unknown field `x`, expected ..." or "missing field `x`".
+fn quoted_field<'m>(message: &'m str, prefix: &str) -> Option<&'m str> {
+    message.strip_prefix(prefix)?.strip_prefix('`')?.split('`').next()
+}
+
+/// At most this many fields are taken out of one entity before it is given up.
+const MAX_REPAIRS: usize = 32;
+
+/// One entity of a document, parsed as far as it can be.
+pub struct ParsedEntity<T> {
+    /// `None` when the entity cannot be built (a required field is missing
+    /// or unusable); its errors say why.
+    pub entity: Option<T>,
+    pub errors: Vec<ConfigError>,
+    /// Paths (`compositions.c.calls.a`) of the objects that lost a field with
+    /// a wrong value: their defaults stand in for what was written, so the
+    /// semantic checks of these objects are not trusted (see [`Origins`]).
+    pub partial: Vec<String>,
+}
+
+/// Parses one entity, reporting every structural error it has, not only
+/// the first: each field serde rejects is recorded, taken out of the value
+/// and the parse retried, so the entity is still checked and still counts
+/// for the checks across entities (duplicate names, references, cycles).
+///
+/// - An unknown field means nothing, so taking it out changes nothing else.
+/// - A field with a wrong value (type, duration, variant) is taken out too;
+///   when it was optional, the entity parses with its default, and the
+///   object holding it is marked partial: errors that default could cause
+///   (a `for_each` gone makes `item` look misplaced) are not reported.
+/// - A missing required field gives the entity up, without a "missing field"
+///   error for a field taken out here (its own error was reported).
+pub fn parse_entity<T: DeserializeOwned>(label: &str, value: Value, file: &Option<Arc<str>>) -> ParsedEntity<T> {
+    let mut value = value;
+    let mut errors = Vec::new();
+    let mut partial = Vec::new();
+    let mut taken: Vec<Vec<Step>> = Vec::new();
+    let error = |path: String, message: String| ConfigError { file: file.clone(), path, message };
+    for _ in 0..=MAX_REPAIRS {
+        let e = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(entity) => return ParsedEntity { entity: Some(entity), errors, partial },
+            Err(e) => e,
+        };
+        let mut steps = steps_of(e.path());
+        let message = e.into_inner().to_string();
+        if let Some(field) = quoted_field(&message, "unknown field ") {
+            // Structs name the unknown field in the path; an internally
+            // tagged enum (a credential) names only the object holding it.
+            if steps.last() != Some(&Step::Key(field.to_string())) {
+                steps.push(Step::Key(field.to_string()));
+            }
+            errors.push(error(join_path(label, &steps), message));
+            if remove_field(&mut value, &steps) {
+                continue;
+            }
+            break;
+        }
+        if let Some(field) = quoted_field(&message, "missing field ") {
+            steps.push(Step::Key(field.to_string()));
+            if !taken.contains(&steps) {
+                errors.push(error(join_path(label, &steps), message));
+            }
+            break;
+        }
+        errors.push(error(join_path(label, &steps), message));
+        if !remove_field(&mut value, &steps) {
+            break;
+        }
+        partial.push(join_path(label, &steps[..steps.len() - 1]));
+        taken.push(steps);
+    }
+    ParsedEntity { entity: None, errors, partial: Vec::new() }
+}
+
 fn parse_entities<T: DeserializeOwned>(
-    kind: &str,
+    kind: &'static str,
     value: Value,
     file: &Option<Arc<str>>,
     out: &mut Vec<T>,
-    origins: &mut Vec<Option<Arc<str>>>,
+    origins: &mut Origins,
     errors: &mut Vec<ConfigError>,
 ) {
     let items = match value {
@@ -110,15 +272,20 @@ fn parse_entities<T: DeserializeOwned>(
             errors.push(ConfigError { file: file.clone(), path: label, message: "expected an object".into() });
             continue;
         }
-        match serde_path_to_error::deserialize::<_, T>(item) {
-            Ok(entity) => {
+        let name = item.get("name").and_then(Value::as_str).map(str::to_string);
+        let parsed = parse_entity::<T>(&label, item, file);
+        errors.extend(parsed.errors);
+        match parsed.entity {
+            Some(entity) => {
                 out.push(entity);
-                origins.push(file.clone());
+                origins.list_mut(kind).push(file.clone());
+                origins.partial.extend(parsed.partial);
             }
-            Err(e) => {
-                let inner = e.path().to_string();
-                let path = if inner == "." { label } else { format!("{label}.{inner}") };
-                errors.push(ConfigError { file: file.clone(), path, message: e.into_inner().to_string() });
+            // Still a name others refer to and that must be unique.
+            None => {
+                if let Some(name) = name {
+                    origins.unparsed.push(Unparsed { kind, name, file: file.clone() });
+                }
             }
         }
     }
@@ -155,10 +322,10 @@ pub fn parse_document(file: Option<Arc<str>>, text: &str, format: Format) -> (Lo
     let (c, o) = (&mut loaded.config, &mut loaded.origins);
     for (key, value) in map {
         match key.as_str() {
-            "routes" => parse_entities(&key, value, &file, &mut c.routes, &mut o.routes, &mut errors),
-            "compositions" => parse_entities(&key, value, &file, &mut c.compositions, &mut o.compositions, &mut errors),
-            "consumers" => parse_entities(&key, value, &file, &mut c.consumers, &mut o.consumers, &mut errors),
-            "policies" => parse_entities(&key, value, &file, &mut c.policies, &mut o.policies, &mut errors),
+            "routes" => parse_entities("routes", value, &file, &mut c.routes, o, &mut errors),
+            "compositions" => parse_entities("compositions", value, &file, &mut c.compositions, o, &mut errors),
+            "consumers" => parse_entities("consumers", value, &file, &mut c.consumers, o, &mut errors),
+            "policies" => parse_entities("policies", value, &file, &mut c.policies, o, &mut errors),
             _ => errors.push(ConfigError {
                 file: file.clone(),
                 path: key.clone(),

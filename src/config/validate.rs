@@ -23,14 +23,24 @@ pub const RESERVED_CALL_NAMES: [&str; 2] = ["request", "item"];
 struct Errors<'a> {
     list: Vec<ConfigError>,
     file: Option<Arc<str>>,
-    _origins: &'a Origins,
+    origins: &'a Origins,
 }
 
 impl Errors<'_> {
     fn at(&mut self, file: &Option<Arc<str>>) {
         self.file = file.clone();
     }
+    /// Records an error, unless it is about an object that lost a wrong
+    /// value while loading (its default, not the user, may have caused it).
     fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        let path = path.into();
+        if !self.origins.is_partial(&path) {
+            self.push_always(path, message);
+        }
+    }
+    /// Records an error that holds whatever a partial object's other fields
+    /// are: a check of one field's own value (a name, a tag, a reference).
+    fn push_always(&mut self, path: impl Into<String>, message: impl Into<String>) {
         // One error, one line: parser messages can span several.
         let message: String = message.into();
         let message = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
@@ -50,14 +60,14 @@ const NAME_RULE: &str = "a name is 1 to 64 characters of a-z, 0-9 and -, startin
 
 fn check_name(errs: &mut Errors, base: &str, name: &str) {
     if !is_valid_name(name) {
-        errs.push(format!("{base}.name"), format!("invalid name {name:?}: {NAME_RULE}"));
+        errs.push_always(format!("{base}.name"), format!("invalid name {name:?}: {NAME_RULE}"));
     }
 }
 
 fn check_tags(errs: &mut Errors, base: &str, tags: &[String]) {
     for (i, tag) in tags.iter().enumerate() {
         if tag.is_empty() || tag.len() > 128 || tag.chars().any(|c| c.is_control() || c == ',') {
-            errs.push(format!("{base}.tags[{i}]"), "a tag is 1 to 128 printable characters without commas");
+            errs.push_always(format!("{base}.tags[{i}]"), "a tag is 1 to 128 printable characters without commas");
         }
     }
 }
@@ -68,7 +78,7 @@ fn check_unique<'a>(errs: &mut Errors, kind: &str, names: impl Iterator<Item = (
         if let Some(first) = seen.get(name) {
             errs.at(file);
             let where_ = first.as_deref().map(|f| format!(" (also defined in {f})")).unwrap_or_default();
-            errs.push(format!("{kind}.{name}.name"), format!("duplicate name {name:?}{where_}"));
+            errs.push_always(format!("{kind}.{name}.name"), format!("duplicate name {name:?}{where_}"));
         } else {
             seen.insert(name, file);
         }
@@ -167,48 +177,78 @@ fn check_policy_refs(errs: &mut Errors, base: &str, names: &[String], policies: 
     let mut seen = HashSet::new();
     for (i, name) in names.iter().enumerate() {
         if !policies.contains(name.as_str()) {
-            errs.push(format!("{base}.policies[{i}]"), format!("unknown policy {name:?}"));
+            errs.push_always(format!("{base}.policies[{i}]"), format!("unknown policy {name:?}"));
         } else if !seen.insert(name) {
-            errs.push(format!("{base}.policies[{i}]"), format!("policy {name:?} is listed twice"));
+            errs.push_always(format!("{base}.policies[{i}]"), format!("policy {name:?} is listed twice"));
         }
     }
 }
+
+const PATH_NOT_TEMPLATE: &str = "templates are not rendered in a path: {name} matches one segment and {*rest} the remainder";
 
 /// Who answers a (host, path shape): the methods (`None` = all) and a label.
 type Claim = (Option<Vec<String>>, String);
 
 pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
-    let mut errs = Errors { list: Vec::new(), file: None, _origins: origins };
+    let mut errs = Errors { list: Vec::new(), file: None, origins };
     let file_of = |v: &Vec<Option<Arc<str>>>, i: usize| v.get(i).cloned().flatten();
 
-    let policy_names: HashSet<&str> = config.policies.iter().map(|p| p.name.as_str()).collect();
-    let consumer_names: HashSet<&str> = config.consumers.iter().map(|c| c.name.as_str()).collect();
+    // Entities that did not parse still exist for references: their own
+    // errors were reported, a reference to them would only add noise.
+    let policy_names: HashSet<&str> =
+        config.policies.iter().map(|p| p.name.as_str()).chain(origins.unparsed_names("policies").map(|(n, _)| n)).collect();
+    let consumer_names: HashSet<&str> =
+        config.consumers.iter().map(|c| c.name.as_str()).chain(origins.unparsed_names("consumers").map(|(n, _)| n)).collect();
 
     check_unique(
         &mut errs,
         "routes",
-        config.routes.iter().enumerate().map(|(i, r)| (r.name.as_str(), origins.routes.get(i).unwrap_or(&None))),
+        config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), origins.routes.get(i).unwrap_or(&None)))
+            .chain(origins.unparsed_names("routes")),
     );
     check_unique(
         &mut errs,
         "compositions",
-        config.compositions.iter().enumerate().map(|(i, r)| (r.name.as_str(), origins.compositions.get(i).unwrap_or(&None))),
+        config
+            .compositions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), origins.compositions.get(i).unwrap_or(&None)))
+            .chain(origins.unparsed_names("compositions")),
     );
     check_unique(
         &mut errs,
         "consumers",
-        config.consumers.iter().enumerate().map(|(i, r)| (r.name.as_str(), origins.consumers.get(i).unwrap_or(&None))),
+        config
+            .consumers
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), origins.consumers.get(i).unwrap_or(&None)))
+            .chain(origins.unparsed_names("consumers")),
     );
     check_unique(
         &mut errs,
         "policies",
-        config.policies.iter().enumerate().map(|(i, r)| (r.name.as_str(), origins.policies.get(i).unwrap_or(&None))),
+        config
+            .policies
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), origins.policies.get(i).unwrap_or(&None)))
+            .chain(origins.unparsed_names("policies")),
     );
 
     // Which (host, path shape) pairs are taken, by which methods, so two
     // entities can never answer the same request.
     let mut claims: HashMap<(String, String), Vec<Claim>> = HashMap::new();
     let mut claim = |errs: &mut Errors, base: &str, label: String, hosts: &[String], shape: &str, methods: Option<Vec<String>>| {
+        // Without a wrong `methods` or `hosts`, the defaults claim too much.
+        if errs.origins.partial.iter().any(|p| p == base) {
+            return;
+        }
         let any = [String::new()];
         let hosts: &[String] = if hosts.is_empty() { &any } else { hosts };
         for host in hosts {
@@ -238,10 +278,16 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
             check_host(&mut errs, format!("{base}.hosts[{j}]"), h);
         }
         match PathPattern::parse(&route.path) {
+            _ if holds_template(&route.path) => errs.push(format!("{base}.path"), PATH_NOT_TEMPLATE),
             Ok(pattern) => {
                 let params: Vec<&str> = pattern.param_names().collect();
                 if let Some(rewrite) = &route.path_rewrite {
-                    if let Err(e) = parse_rewrite(rewrite, &params) {
+                    if holds_template(rewrite) {
+                        errs.push(
+                            format!("{base}.path_rewrite"),
+                            "templates are not rendered in path_rewrite: it takes the path's parameters as {name} or {rest}",
+                        );
+                    } else if let Err(e) = parse_rewrite(rewrite, &params) {
                         errs.push(format!("{base}.path_rewrite"), e);
                     }
                 }
@@ -250,7 +296,12 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
             }
             Err(e) => errs.push(format!("{base}.path"), e),
         }
-        if let Err(e) = check_upstream(&route.upstream) {
+        if holds_template(&route.upstream) {
+            errs.push(
+                format!("{base}.upstream"),
+                "templates are not rendered in an upstream: it is fixed text, http://host[:port][/base]; path_rewrite changes the path",
+            );
+        } else if let Err(e) = check_upstream(&route.upstream) {
             errs.push(format!("{base}.upstream"), e);
         }
         check_duration(&mut errs, format!("{base}.timeout"), route.timeout);
@@ -268,6 +319,7 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
             check_host(&mut errs, format!("{base}.hosts[{j}]"), h);
         }
         match PathPattern::parse(&comp.path) {
+            _ if holds_template(&comp.path) => errs.push(format!("{base}.path"), PATH_NOT_TEMPLATE),
             Ok(pattern) => {
                 claim(&mut errs, &base, format!("composition {:?}", comp.name), &comp.hosts, &pattern.shape(), Some(vec![method]))
             }
@@ -588,9 +640,39 @@ fn query_reads(errs: &mut Errors, path: String, query: &str, anchored: bool) -> 
     Reads { path, roots }
 }
 
+/// Whether a string holds a `{{...}}` expression.
+fn holds_template(text: &str) -> bool {
+    text.find("{{").is_some_and(|open| text[open + 2..].contains("}}"))
+}
+
+/// The error for a template written where none is rendered (a body's
+/// values, `when`, `for_each`): where templates work, and the JSONPath
+/// that reads what the template meant to.
+fn not_rendered(text: &str, build_text: Option<&str>) -> String {
+    let base = "templates are not rendered here, only in url, headers and response.template";
+    let open = text.find("{{").unwrap_or(0);
+    let after = &text[open + 2..];
+    let inner =
+        after[..after.find("}}").unwrap_or(after.len())].trim_matches(|c: char| matches!(c, '{' | '}' | '~' | '&') || c.is_whitespace());
+    let is_path = inner.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && inner.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '[' | ']'));
+    let whole = text.trim().starts_with("{{") && text.trim().ends_with("}}") && text.matches("{{").count() == 1;
+    match (is_path, whole, build_text) {
+        (true, true, _) => format!("{base}: write the JSONPath $.{inner} instead"),
+        (true, false, Some(hint)) => format!("{base}: a value here is a JSONPath such as $.{inner} or literal JSON; {hint}"),
+        (true, false, None) => format!("{base}: a value here is a JSONPath such as $.{inner} or literal JSON"),
+        (false, _, _) => format!("{base}: use a JSONPath such as $.user.body.id"),
+    }
+}
+
 /// JSONPath leaves of a body template: strings starting with `$` (not `$$`).
+/// A `{{...}}` in a leaf is an error: a body is never rendered.
 fn body_reads(errs: &mut Errors, path: String, body: &Value, anchored: bool, out: &mut Vec<Reads>) {
     match body {
+        Value::String(s) if holds_template(s) && !s.starts_with("$$") => {
+            let hint = (!anchored).then_some("to build text, use response.template");
+            errs.push(path, not_rendered(s, hint));
+        }
         Value::String(s) if s.starts_with('$') && !s.starts_with("$$") => out.push(query_reads(errs, path, s, anchored)),
         Value::Array(items) => {
             for (i, v) in items.iter().enumerate() {
@@ -723,7 +805,9 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
         }
         for (field, query) in [("when", &call.when), ("for_each", &call.for_each)] {
             if let Some(q) = query {
-                if q.starts_with('$') {
+                if holds_template(q) {
+                    errs.push(format!("{cbase}.{field}"), not_rendered(q, None));
+                } else if q.starts_with('$') {
                     reads.push(query_reads(errs, format!("{cbase}.{field}"), q, true));
                 } else {
                     errs.push(format!("{cbase}.{field}"), "expected a JSONPath query starting with $");
