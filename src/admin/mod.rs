@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use crate::compose::context::request_context;
 mod entities;
 mod openapi;
+mod ui;
 
 use crate::config::load::config_from_text_against;
 use crate::config::{Config, ConfigErrors, Format};
@@ -43,6 +44,13 @@ pub fn router(state: AdminState) -> Router {
         .route("/status/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/compositions/{name}/try", post(try_composition))
+        .route("/compositions/{name}/validate", post(ui::validate))
+        .route("/compositions/{name}/yaml", get(ui::composition_yaml))
+        .route("/ui", get(ui::index))
+        .route("/ui/", get(ui::index))
+        .route("/ui/app.js", get(ui::app_js))
+        .route("/ui/yaml-lines.js", get(ui::yaml_js))
+        .route("/ui/app.css", get(ui::app_css))
         .route("/audit", get(entities::audit))
         .route("/openapi.json", get(openapi_json))
         .route("/consumers/{name}/credentials", get(entities::list_credentials).post(entities::add_credential))
@@ -88,7 +96,10 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
     if let Some(token) = &state.token {
         // Readiness stays open for load balancers and probes; it tells nothing else.
-        if req.uri().path() != "/status/ready" {
+        // The playground's static assets are open too: they hold no data, and
+        // the page must load for the user to type the token its data calls
+        // then send as `Authorization: Bearer` (see `ui`).
+        if req.uri().path() != "/status/ready" && !ui::is_asset(req.uri().path()) {
             let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
             if !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
                 let mut resp = message(StatusCode::UNAUTHORIZED, "a valid admin token is required (Authorization: Bearer ...)");
@@ -128,6 +139,11 @@ async fn get_config(State(state): State<AdminState>, headers: HeaderMap) -> Resp
 
 /// The 400 body of SPEC §5: every error, keyed by field.
 pub fn invalid(errors: &ConfigErrors) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({ "message": "invalid config", "fields": fields_of(errors) }))).into_response()
+}
+
+/// Every error keyed by field; messages of one field joined by `; `.
+pub fn fields_of(errors: &ConfigErrors) -> serde_json::Map<String, Value> {
     let mut fields = serde_json::Map::new();
     for e in &errors.0 {
         let key = if e.path.is_empty() { "(document)".to_string() } else { e.path.clone() };
@@ -141,7 +157,7 @@ pub fn invalid(errors: &ConfigErrors) -> Response {
             }
         }
     }
-    (StatusCode::BAD_REQUEST, Json(json!({ "message": "invalid config", "fields": fields }))).into_response()
+    fields
 }
 
 #[derive(Deserialize)]
@@ -281,6 +297,10 @@ struct TryRequest {
     headers: serde_json::Map<String, Value>,
     #[serde(default)]
     body: Value,
+    /// An unsaved draft of the composition (a JSON object or YAML text),
+    /// validated with the live config and run instead of the saved one.
+    #[serde(default)]
+    composition: Option<Value>,
 }
 
 /// Runs a composition for real and reports every backend call (SPEC §5).
@@ -292,7 +312,13 @@ async fn try_composition(State(state): State<AdminState>, Path(name): Path<Strin
                 .into_response()
         }
     };
-    let snap = state.shared.snapshot.load_full();
+    let snap = match input.composition {
+        None | Some(Value::Null) => state.shared.snapshot.load_full(),
+        Some(draft) => match ui::draft_snapshot(&state, &name, draft).await {
+            Ok(s) => s,
+            Err(resp) => return resp,
+        },
+    };
     let Some((pattern, plan)) = snap.compositions.get(&name) else {
         return not_found().await;
     };
