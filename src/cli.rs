@@ -48,6 +48,12 @@ pub enum Command {
         /// Files or directories; default: MANIFOLD_CONFIG_DIR or ./compositions
         paths: Vec<PathBuf>,
     },
+    /// Print the JSON Schema (draft 2020-12) of the config files, for
+    /// editors and CI: save it (docs/manifold.schema.json ships it) and put
+    /// `# yaml-language-server: $schema=<path or URL>` on a file's first line
+    /// to get completion and checking as you type. `validate` still checks
+    /// what a schema cannot (references, cycles, templates).
+    Schema,
     /// Apply the Postgres migrations in migrations/ (compiled in) to the
     /// database of MANIFOLD_DATABASE_URL
     Migrate {
@@ -207,6 +213,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Validate { paths } => return validate(paths),
+        Command::Schema => schema(),
         Command::Migrate { database_url } => migrate(&database_url),
         Command::Export { admin, admin_token, database_url } => export(admin, admin_token, database_url),
         Command::Sync { path, admin, admin_token, dry_run } => return sync(path, admin, admin_token, dry_run),
@@ -289,6 +296,12 @@ fn sync(path: PathBuf, admins: Vec<String>, token: Option<String>, dry_run: bool
             ExitCode::FAILURE
         }
     }
+}
+
+fn schema() -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(&crate::config::config_schema())?;
+    println!("{text}");
+    Ok(())
 }
 
 fn migrate(url: &str) -> anyhow::Result<()> {

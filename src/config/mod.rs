@@ -1,11 +1,12 @@
 //! The declarative config: its types ([`model`]), how files and request
 //! bodies become a [`Config`] ([`load`]), and every check made before a config
-//! is accepted ([`validate`]).
+//! is accepted ([`validate`]); the JSON Schema of the format ([`schema`]).
 
 pub mod load;
 pub mod model;
 pub mod pattern;
 pub mod refs;
+pub mod schema;
 pub mod units;
 pub mod validate;
 
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 pub use load::{load_paths, name_files, parse_document, Format, LoadedConfig};
 pub use model::*;
+pub use schema::config_schema;
 
 /// One problem with a config: where it is and what is wrong.
 /// Printed as `file: path.to.field: message`.

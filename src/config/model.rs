@@ -20,15 +20,20 @@ fn yes() -> bool {
     true
 }
 
+/// A config document: every key optional, each a list of entities with unique names.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Plain proxied routes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Route>,
+    /// Endpoints that fan out to backend calls and merge their answers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub compositions: Vec<Composition>,
+    /// Who calls: names, groups and credentials.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumers: Vec<Consumer>,
+    /// Authentication, limits, transforms and more, attached to routes and compositions by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<Policy>,
 }
@@ -37,7 +42,9 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
+    /// Unique among routes: a-z, 0-9 and -, at most 64 characters.
     pub name: String,
+    /// Free labels, for filtering in the admin API.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     /// Empty means every method.
@@ -46,60 +53,88 @@ pub struct Route {
     /// Empty means any host. `*.example.com` matches one or more labels.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
+    /// The path matched: `{param}` is one segment, `{*rest}` the remainder.
     pub path: String,
+    /// Where requests go: `http://host[:port][/base]`.
     pub upstream: String,
+    /// The forwarded path, with `{param}` placeholders; default: the request path unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_rewrite: Option<String>,
+    /// Deadline for the upstream's answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Dur>,
+    /// Forward the client's Host header instead of the upstream's.
     #[serde(default, skip_serializing_if = "is_false")]
     pub preserve_host: bool,
+    /// Names of the policies applied to this route.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<String>,
 }
 
+/// One endpoint answered by backend calls, merged and reshaped.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Composition {
+    /// Unique among compositions: a-z, 0-9 and -, at most 64 characters.
     pub name: String,
+    /// Free labels, for filtering in the admin API.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// The method answered (default GET).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
+    /// Empty means any host. `*.example.com` matches one or more labels.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
+    /// The path matched: `{param}` is one segment, `{*rest}` the remainder.
     pub path: String,
+    /// Deadline for the whole composition (default 5s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Dur>,
+    /// Names of the policies applied to this composition.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<String>,
+    /// The backend calls, by name; a call that reads another one runs after it.
     pub calls: IndexMap<String, Call>,
+    /// How the answer is built; default: each call's body under its name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response: Option<ResponseSpec>,
 }
 
+/// One backend call of a composition.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Call {
+    /// Default GET.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
+    /// `http://host[:port]/path?query`; templates (`{{request.path.id}}`, `{{user.body.id}}`) only in the path and query.
     pub url: String,
+    /// Default: the composition's deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Dur>,
+    /// A required call that fails fails the composition (default true).
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub required: bool,
+    /// JSONPath: the call runs only when its value is truthy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<String>,
+    /// JSONPath: one request per value, results in order (`{{item}}` is the value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub for_each: Option<String>,
+    /// Requests of a `for_each` in flight at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
+    /// Headers sent; values may be templates.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub headers: IndexMap<String, String>,
+    /// Headers copied from the client request.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forward_headers: Vec<String>,
+    /// JSON body sent; strings starting with `$` are JSONPath queries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<Value>,
+    /// Retries after a failure, for idempotent methods only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<u32>,
     /// Largest backend body accepted (default 10MiB).
@@ -110,31 +145,43 @@ pub struct Call {
     pub max_items: Option<u32>,
 }
 
+/// How a composition's answer is built.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResponseSpec {
+    /// Default 200.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
+    /// Headers of the answer; values may be templates.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub headers: IndexMap<String, String>,
+    /// Headers copied from calls' answers, by call name.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub forward_headers: IndexMap<String, Vec<String>>,
+    /// JSON answer; strings starting with `$` are JSONPath queries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<Value>,
+    /// A handlebars template rendered as text instead of a JSON body.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+    /// Content-Type of a `template` answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
 }
 
+/// Who calls.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Consumer {
+    /// Unique among consumers: a-z, 0-9 and -, at most 64 characters.
     pub name: String,
+    /// Free labels, for filtering in the admin API.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// Groups, for acl policies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
+    /// How this consumer authenticates.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub credentials: Vec<Credential>,
 }
@@ -157,8 +204,11 @@ pub enum Credential {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         password_hash: Option<String>,
     },
+    /// A JWT issuer: `secret` for HS*, `public_key` (PEM) for RS*/ES*/EdDSA.
     Jwt {
+        /// Matched against a token's `iss`.
         issuer: String,
+        /// HS256/384/512, RS256/384/512, ES256/384 or EdDSA.
         algorithm: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         secret: Option<String>,
@@ -167,21 +217,28 @@ pub enum Credential {
     },
 }
 
+/// What is applied around routes and compositions.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
+    /// Unique among policies: a-z, 0-9 and -, at most 64 characters.
     pub name: String,
+    /// Free labels, for filtering in the admin API.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// Which policy this is; decides the shape of `config`.
     #[serde(rename = "type")]
     pub kind: PolicyKind,
+    /// Applied to every route and composition.
     #[serde(default, skip_serializing_if = "is_false")]
     pub global: bool,
+    /// Settings of the policy, shaped by its `type`; absent means every default.
     /// Checked against the typed config of `kind` (see [`PolicyConfig`]).
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub config: Value,
 }
 
+/// A policy type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyKind {
@@ -246,90 +303,122 @@ fn default_cache_bytes() -> ByteSize {
     ByteSize(64 << 20)
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// `config` of a key-auth policy.
+#[derive(Clone, Debug, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyAuthConfig {
+    /// Where the key is looked up: a header, then a query parameter (default [apikey]).
     #[serde(default = "default_key_names")]
     pub key_names: Vec<String>,
+    /// Remove the key before forwarding.
     #[serde(default)]
     pub hide_credentials: bool,
+    /// Consumer used when no key is given.
     #[serde(default)]
     pub anonymous: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// `config` of a basic-auth policy.
+#[derive(Clone, Debug, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BasicAuthConfig {
+    /// Remove the Authorization header before forwarding.
     #[serde(default)]
     pub hide_credentials: bool,
+    /// Consumer used when no credentials are given.
     #[serde(default)]
     pub anonymous: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// `config` of a jwt policy.
+#[derive(Clone, Debug, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
+    /// Header holding the `Bearer` token (default authorization).
     #[serde(default = "default_authorization")]
     pub header: String,
+    /// Query parameter holding the token, if any.
     #[serde(default)]
     pub query_param: Option<String>,
+    /// Of exp and nbf (default [exp]).
     #[serde(default = "default_claims")]
     pub claims_to_verify: Vec<String>,
+    /// Clock skew allowed on exp and nbf (default 0s).
     #[serde(default)]
     pub leeway: Dur,
+    /// A JWK set for RS*/ES*/EdDSA tokens whose credential has no public_key.
     #[serde(default)]
     pub jwks_url: Option<String>,
+    /// Consumer used when no token is given.
     #[serde(default)]
     pub anonymous: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// `config` of an acl policy.
+#[derive(Clone, Debug, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AclConfig {
+    /// Groups allowed (exactly one of allow or deny).
     #[serde(default)]
     pub allow: Option<Vec<String>>,
+    /// Groups denied (exactly one of allow or deny).
     #[serde(default)]
     pub deny: Option<Vec<String>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// `config` of an ip-restriction policy.
+#[derive(Clone, Debug, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IpRestrictionConfig {
+    /// CIDRs or addresses allowed.
     #[serde(default)]
     pub allow: Vec<String>,
+    /// CIDRs or addresses denied.
     #[serde(default)]
     pub deny: Vec<String>,
+    /// Status of a refused request (default 403).
     #[serde(default = "default_403")]
     pub status: u16,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// One window of a rate limit.
+#[derive(Clone, Debug, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitWindow {
+    /// Requests allowed per window.
     pub limit: u64,
+    /// Length of the window.
     pub window: Dur,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+/// Where rate-limit counters live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RateLimitScope {
     Local,
     Cluster,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// `config` of a rate-limit policy.
+#[derive(Clone, Debug, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
+    /// Requests allowed per window (with window, or use limits).
     #[serde(default)]
     pub limit: Option<u64>,
+    /// Length of the window.
     #[serde(default)]
     pub window: Option<Dur>,
+    /// Several windows at once, instead of limit and window.
     #[serde(default)]
     pub limits: Option<Vec<RateLimitWindow>>,
+    /// What is counted: consumer (default), ip, route or header:NAME.
     #[serde(default = "default_by")]
     pub by: String,
+    /// local (each node) or cluster (shared through Redis).
     #[serde(default = "default_scope")]
     pub scope: RateLimitScope,
+    /// Let requests through when Redis is unavailable (default true).
     #[serde(default = "yes")]
     pub fault_tolerant: bool,
 }
@@ -337,78 +426,105 @@ fn default_scope() -> RateLimitScope {
     RateLimitScope::Local
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// `config` of a correlation-id policy.
+#[derive(Clone, Debug, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CorrelationIdConfig {
+    /// Default x-request-id.
     #[serde(default = "default_request_id_header")]
     pub header: String,
+    /// Also set it on the answer (default true).
     #[serde(default = "yes")]
     pub echo_downstream: bool,
 }
 
 /// One of `add`, `remove`, `rename`, `replace` of a transform policy.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransformTargets {
+    /// Header names (remove) or a map of names to values.
     #[serde(default)]
     pub headers: Option<Value>,
+    /// Query parameter names (remove) or a map of names to values.
     #[serde(default)]
     pub query: Option<Value>,
+    /// JSON field names (remove) or a map of fields to values.
     #[serde(default)]
     pub body: Option<Value>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+/// `config` of a request-transform or response-transform policy.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransformConfig {
+    /// Added when absent.
     #[serde(default)]
     pub add: Option<TransformTargets>,
+    /// Removed.
     #[serde(default)]
     pub remove: Option<TransformTargets>,
+    /// Renamed: old name to new name.
     #[serde(default)]
     pub rename: Option<TransformTargets>,
+    /// Replaced when present.
     #[serde(default)]
     pub replace: Option<TransformTargets>,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// `config` of a cors policy.
+#[derive(Clone, Debug, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CorsConfig {
+    /// Allowed origins, or "*".
     #[serde(default)]
     pub origins: Vec<String>,
+    /// Allowed methods.
     #[serde(default)]
     pub methods: Vec<String>,
+    /// Allowed request headers.
     #[serde(default)]
     pub headers: Vec<String>,
+    /// Headers the browser may read.
     #[serde(default)]
     pub exposed_headers: Vec<String>,
+    /// Allow credentials (not with "*" origins).
     #[serde(default)]
     pub credentials: bool,
+    /// How long a preflight is cached (default 10m).
     #[serde(default = "default_ten_minutes")]
     pub max_age: Dur,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// `config` of an https-redirect policy.
+#[derive(Clone, Debug, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpsRedirectConfig {
+    /// 301 (default) or 308.
     #[serde(default = "default_301")]
     pub status: u16,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// `config` of a request-size-limit policy.
+#[derive(Clone, Debug, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequestSizeLimitConfig {
+    /// Largest request body accepted.
     pub max_bytes: ByteSize,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// `config` of a response-cache policy.
+#[derive(Clone, Debug, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResponseCacheConfig {
+    /// How long an answer is kept.
     pub ttl: Dur,
+    /// Request headers that are part of the cache key.
     #[serde(default)]
     pub vary_headers: Vec<String>,
+    /// The query string is part of the cache key (default true).
     #[serde(default = "yes")]
     pub vary_query: bool,
+    /// Memory for cached answers (default 64MiB).
     #[serde(default = "default_cache_bytes")]
     pub max_bytes: ByteSize,
 }
