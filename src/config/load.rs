@@ -347,7 +347,10 @@ pub fn config_from_text_against(text: &str, format: Format, previous: Option<&Co
     finish(loaded, errors, previous)
 }
 
-fn finish(loaded: LoadedConfig, mut errors: Vec<ConfigError>, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
+/// Validates `loaded` and returns its errors after the parse `errors`, all
+/// of them; the config when there are none. What files, `POST /config` and
+/// (with [`parse_entity`]) one entity's write share.
+pub fn finish(loaded: LoadedConfig, mut errors: Vec<ConfigError>, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
     // Semantic checks still run when some entities failed to parse, so the
     // user sees every problem at once.
     match loaded.validated_against(previous) {
@@ -462,5 +465,38 @@ mod tests {
         std::fs::write(dir.path().join(".a.yaml.swp"), "not yaml").unwrap();
         let config = load_paths(&[dir.path().to_path_buf()]).expect("loads once, without duplicates");
         assert_eq!(config.routes.len(), 1);
+    }
+
+    fn errors(yaml: &str) -> Vec<String> {
+        let (loaded, errors) = parse_document(None, yaml, Format::Yaml);
+        match finish(loaded, errors, None) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn an_unknown_field_in_a_credential_names_the_field() {
+        let got = errors("consumers:\n  - name: app\n    credentials:\n      - { type: key-auth, key: k, extra: 1 }\n");
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].starts_with("consumers.app.credentials[0].extra: unknown field `extra`"), "{got:?}");
+    }
+
+    #[test]
+    fn a_wrong_optional_value_does_not_cause_errors_of_its_default() {
+        // Without its for_each, the call would seem to misuse `item`.
+        let yaml = "compositions:\n  - name: c\n    path: /c\n    policies: [nope]\n    calls:\n      a: { url: \"http://127.0.0.1:9/{{item}}\", for_each: [1], max_items: 3 }\n";
+        let got = errors(yaml);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].starts_with("compositions.c.calls.a.for_each: invalid type: sequence"), "{got:?}");
+        assert_eq!(got[1], "compositions.c.policies[0]: unknown policy \"nope\"");
+    }
+
+    #[test]
+    fn an_entity_that_does_not_parse_is_still_referred_to() {
+        let yaml = "policies:\n  - { name: p, type: magic }\nroutes:\n  - { name: r, path: /r, upstream: \"http://127.0.0.1:9\", policies: [p] }\n";
+        let got = errors(yaml);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].starts_with("policies.p.type: unknown variant `magic`"), "{got:?}");
     }
 }
