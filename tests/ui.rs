@@ -299,3 +299,25 @@ async fn playground_asks_for_the_token_and_never_puts_it_in_a_url() {
     assert!(urls.iter().all(|u| !u.as_str().unwrap().contains(token)), "{summary}");
     g.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn try_reports_the_retries_of_each_call() {
+    let b = backends().await;
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s = seen.clone();
+    let flaky = backend()
+        .respond(
+            move |_| if s.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 { (503, json!({})) } else { (200, json!({"ok": true})) },
+        )
+        .run()
+        .await;
+    let g = gateway(&config(&b));
+    let draft = format!("path: /users/{{id}}/dash\ncalls:\n  flaky: {{ url: \"{}/f\", retries: 3 }}\n", flaky.url());
+    let body = json!({"path": "/users/7/dash", "composition": draft});
+    let (status, out) = post(&g, "/compositions/dash/try", "application/json", body.to_string(), None).await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["calls"][0]["name"], "flaky");
+    assert_eq!(out["calls"][0]["status"], 200, "{out}");
+    assert_eq!(out["calls"][0]["retries"], 2, "{out}");
+    g.shutdown();
+}

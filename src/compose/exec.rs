@@ -46,6 +46,8 @@ pub struct CallRecord {
     pub duration_ms: Option<f64>,
     pub status: Option<u16>,
     pub error: Option<Value>,
+    /// Requests sent again after a retryable failure.
+    pub retries: u32,
 }
 
 pub struct Outcome {
@@ -234,8 +236,10 @@ struct CallLimits {
     end: Instant,
 }
 
-/// One backend request with its retries, ending at `limits.end` at the latest.
-async fn request_with_retries(client: &HttpClient, p: &Prepared, limits: &CallLimits) -> Result<Success, Failure> {
+/// One backend request with its retries, ending at `limits.end` at the
+/// latest; also how many retries were sent.
+async fn request_with_retries(client: &HttpClient, p: &Prepared, limits: &CallLimits) -> (Result<Success, Failure>, u32) {
+    let mut retried = 0;
     let work = async {
         let mut left = limits.retries;
         loop {
@@ -248,12 +252,14 @@ async fn request_with_retries(client: &HttpClient, p: &Prepared, limits: &CallLi
                 return result;
             }
             left -= 1;
+            retried += 1;
         }
     };
-    match tokio::time::timeout_at(limits.end, work).await {
+    let result = match tokio::time::timeout_at(limits.end, work).await {
         Ok(result) => result,
         Err(_) => Err(Failure::new("timeout", "no answer in time")),
-    }
+    };
+    (result, retried)
 }
 
 type CallFuture = Pin<Box<dyn Future<Output = Finished> + Send>>;
@@ -272,7 +278,7 @@ struct Launch {
     record: bool,
 }
 
-fn record_of(name: String, url: String, started: Option<f64>, r: &Result<Success, Failure>, d: Duration) -> CallRecord {
+fn record_of(name: String, url: String, started: Option<f64>, r: &Result<Success, Failure>, d: Duration, retries: u32) -> CallRecord {
     CallRecord {
         name,
         url: Some(url),
@@ -283,6 +289,7 @@ fn record_of(name: String, url: String, started: Option<f64>, r: &Result<Success
             Err(f) => f.status,
         },
         error: r.as_ref().err().map(Failure::json),
+        retries,
     }
 }
 
@@ -297,10 +304,11 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &HttpClient, l: Laun
             match requests.into_iter().next() {
                 Some(mut p) => {
                     let mut span = CallSpan::start(l.trace.as_ref(), &name, &l.limits.method, &p.uri, &mut p.headers);
-                    let r = request_with_retries(&client, &p, &l.limits).await;
+                    let (r, retries) = request_with_retries(&client, &p, &l.limits).await;
                     finish_span(&mut span, &r);
                     if l.record {
-                        records.push(record_of(name.to_string(), p.uri.to_string(), Some(offset(l.started)), &r, l.started.elapsed()));
+                        let at = Some(offset(l.started));
+                        records.push(record_of(name.to_string(), p.uri.to_string(), at, &r, l.started.elapsed(), retries));
                     }
                     r
                 }
@@ -316,18 +324,18 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &HttpClient, l: Laun
                     async move {
                         let t = Instant::now();
                         let mut span = CallSpan::start(trace, name, &limits.method, &p.uri, &mut p.headers);
-                        let r = request_with_retries(client, &p, limits).await;
+                        let (r, retries) = request_with_retries(client, &p, limits).await;
                         finish_span(&mut span, &r);
-                        (i, p.uri, t, r)
+                        (i, p.uri, t, r, retries)
                     }
                 })
                 .buffered(l.concurrency);
             let mut bodies = Vec::new();
             let mut total = 0usize;
             let mut failure = None;
-            while let Some((i, uri, t, r)) = items.next().await {
+            while let Some((i, uri, t, r, retries)) = items.next().await {
                 if l.record {
-                    records.push(record_of(format!("{name}[{i}]"), uri.to_string(), Some(offset(t)), &r, t.elapsed()));
+                    records.push(record_of(format!("{name}[{i}]"), uri.to_string(), Some(offset(t)), &r, t.elapsed(), retries));
                 }
                 match r {
                     Ok(s) => {
@@ -412,6 +420,7 @@ impl Run<'_> {
                 duration_ms: None,
                 status: None,
                 error: Some(failure.as_ref().map_or_else(|| json!({"kind": "not_run", "message": "when was false"}), Failure::json)),
+                retries: 0,
             });
         }
         self.failures[i] = failure;

@@ -227,7 +227,9 @@ function renderWaterfall(calls) {
       el('div', { class: 'wf-name', title: c.url || '' }, c.name),
       el('div', { class: 'wf-track' },
         Object.assign(el('div', { class: 'wf-bar' }), { style: `left:${left}%;width:${width}%` }),
-        el('span', { class: 'wf-label', style: `left:${Math.min(left + width, 80)}%` }, label + (err ? ` · ${err}` : ''))));
+        // The label after the bar, or before it when the bar ends near the right edge.
+        el('span', { class: 'wf-label', style: left + width > 65 ? `right:${100 - left}%;margin-right:6px` : `left:${left + width}%;margin-left:6px` },
+          label + (err ? ` · ${err}` : ''))));
   });
   const axis = el('div', { class: 'wf-row axis' }, el('div', { class: 'wf-name' }, ''), el('div', { class: 'wf-track' }, `0 … ${end.toFixed(1)} ms`));
   $('waterfall').replaceChildren(axis, ...rows);
