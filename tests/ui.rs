@@ -32,6 +32,11 @@ fn config(b: &Backends) -> String {
         r#"
 routes:
   - {{ name: health, path: "/health", upstream: "{u}" }}
+consumers:
+  - name: alice
+    credentials:
+      - {{ type: basic-auth, username: alice, password: s3cret }}
+      - {{ type: key-auth, key: alice-key-123 }}
 compositions:
   - name: dash
     path: "/users/{{id}}/dash"
