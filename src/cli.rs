@@ -48,11 +48,12 @@ pub enum Command {
         /// Files or directories; default: MANIFOLD_CONFIG_DIR or ./compositions
         paths: Vec<PathBuf>,
     },
-    /// Print the JSON Schema (draft 2020-12) of the config files, for
-    /// editors and CI: save it (docs/manifold.schema.json ships it) and put
-    /// `# yaml-language-server: $schema=<path or URL>` on a file's first line
-    /// to get completion and checking as you type. `validate` still checks
-    /// what a schema cannot (references, cycles, templates).
+    /// Print the JSON Schema (draft 2020-12) of the config files, for editors
+    ///
+    /// Save it (docs/manifold.schema.json ships it) and put
+    /// `# yaml-language-server: $schema=<path or URL>` on a config file's first
+    /// line: editors then complete and check it as you type. `validate` still
+    /// checks what a schema cannot (references, cycles, templates).
     Schema,
     /// Apply the Postgres migrations in migrations/ (compiled in) to the
     /// database of MANIFOLD_DATABASE_URL

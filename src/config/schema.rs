@@ -15,8 +15,9 @@ use serde_json::{json, Map, Value};
 
 use super::model::*;
 
-/// `$id` of the schema: where the repository ships it.
-pub const SCHEMA_ID: &str = "https://github.com/manifold-gateway/manifold/blob/main/docs/manifold.schema.json";
+/// `$id` of the schema: a name, not a download location (the repository
+/// ships the file as docs/manifold.schema.json).
+pub const SCHEMA_ID: &str = "urn:manifold:config";
 
 /// Entity names (SPEC §2), as `validate::is_valid_name` checks them.
 pub const NAME_PATTERN: &str = "^[a-z0-9][a-z0-9-]*$";
