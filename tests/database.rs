@@ -556,3 +556,28 @@ async fn yaml_writes_keep_the_order_of_response_body_and_dry_runs_show_fields() 
     g.shutdown();
     drop_db(&url).await;
 }
+
+/// A database-mode write is checked as `manifold validate` checks a file:
+/// an unknown field does not hide the entity's other errors.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entity_write_reports_every_error_at_once() {
+    let url = fresh_db(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let g = node(&url, &dir.path().join("snap.json")).unwrap();
+    let admin = format!("http://{}", g.admin_addr);
+    let comp = json!({
+        "name": "many", "path": "/many", "policies": ["nope"], "colour": "blue",
+        "calls": {"a": {"url": "http://127.0.0.1:9/a/{{b.body.id}}"}, "b": {"url": "http://127.0.0.1:9/b/{{a.body.id}}", "retries": "x"}},
+        "response": {"body": {"greeting": "Hello {{a.body.name}}"}}
+    });
+    let (s, _, body) = send("PUT", &format!("{admin}/compositions/many"), Some(comp), &[]).await;
+    assert_eq!(s, 400, "{body}");
+    let fields = body["fields"].as_object().unwrap();
+    for want in ["colour", "policies", "response.body.greeting", "calls.b.retries"] {
+        assert!(fields.keys().any(|k| k.starts_with(want)), "{want} in {body:#}");
+    }
+    let (_, _, page) = send("GET", &format!("{admin}/compositions"), None, &[]).await;
+    assert_eq!(page["data"], json!([]), "nothing stored");
+    g.shutdown();
+    drop_db(&url).await;
+}

@@ -188,29 +188,48 @@ fn entities_of(config: &Config, kind: Kind) -> Vec<(String, Value)> {
     }
 }
 
-/// Puts `entity` (already named) into `config`, replacing one of its name.
-fn set_entity(config: &mut Config, kind: Kind, name: &str, entity: Value) -> Result<(), StoreError> {
+/// What parsing the written entity found: its errors, and what the
+/// validation that follows must know about it (see [`Origins`]).
+#[derive(Default)]
+struct EntityParse {
+    errors: Vec<crate::config::ConfigError>,
+    partial: Vec<String>,
+    unparsed: Vec<crate::config::load::Unparsed>,
+}
+
+/// Puts `entity` (already named) into `config`, replacing one of its name,
+/// parsed as a file's entity is: every structural error is recorded in
+/// `parse`, and an entity that cannot be built at all is taken out (its name
+/// still known), so the checks across the config still run.
+fn set_entity(config: &mut Config, parse: &mut EntityParse, kind: Kind, name: &str, entity: Value) {
     fn put<T: serde::de::DeserializeOwned>(
         list: &mut Vec<T>,
+        parse: &mut EntityParse,
+        kind: Kind,
         name: &str,
         value: Value,
         get: impl Fn(&T) -> &str,
-    ) -> Result<(), StoreError> {
-        let entity: T = serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            invalid(if path == "." { "" } else { &path }, e.into_inner().to_string())
-        })?;
-        match list.iter().position(|e| get(e) == name) {
-            Some(i) => list[i] = entity,
-            None => list.push(entity),
+    ) {
+        let parsed = crate::config::load::parse_entity::<T>(&format!("{}.{name}", kind.table()), value, &None);
+        parse.errors.extend(parsed.errors);
+        parse.partial.extend(parsed.partial);
+        let at = list.iter().position(|e| get(e) == name);
+        match (parsed.entity, at) {
+            (Some(entity), Some(i)) => list[i] = entity,
+            (Some(entity), None) => list.push(entity),
+            (None, at) => {
+                if let Some(i) = at {
+                    list.remove(i);
+                }
+                parse.unparsed.push(crate::config::load::Unparsed { kind: kind.table(), name: name.to_string(), file: None });
+            }
         }
-        Ok(())
     }
     match kind {
-        Kind::Routes => put(&mut config.routes, name, entity, |e| &e.name),
-        Kind::Compositions => put(&mut config.compositions, name, entity, |e| &e.name),
-        Kind::Consumers => put(&mut config.consumers, name, entity, |e| &e.name),
-        Kind::Policies => put(&mut config.policies, name, entity, |e| &e.name),
+        Kind::Routes => put(&mut config.routes, parse, kind, name, entity, |e| &e.name),
+        Kind::Compositions => put(&mut config.compositions, parse, kind, name, entity, |e| &e.name),
+        Kind::Consumers => put(&mut config.consumers, parse, kind, name, entity, |e| &e.name),
+        Kind::Policies => put(&mut config.policies, parse, kind, name, entity, |e| &e.name),
     }
 }
 
@@ -394,6 +413,7 @@ impl Store {
         sqlx::query("SELECT version FROM config_state WHERE id = 1 FOR UPDATE").execute(&mut *tx).await?;
         let (current, _) = Self::load_in(&mut tx).await?;
         let mut next = current.clone();
+        let mut parse = EntityParse::default();
 
         let single: Option<(Kind, String)> = match &change {
             Change::ReplaceAll { config } => {
@@ -405,7 +425,7 @@ impl Store {
                 if entities_of(&current, *kind).iter().any(|(n, _)| *n == name) {
                     return Err(StoreError::Conflict(format!("{} {name:?} already exists", kind.table())));
                 }
-                set_entity(&mut next, *kind, &name, entity.clone())?;
+                set_entity(&mut next, &mut parse, *kind, &name, entity.clone());
                 Some((*kind, name))
             }
             Change::Put { kind, name, entity, if_match } | Change::Patch { kind, name, patch: entity, if_match } => {
@@ -441,7 +461,7 @@ impl Store {
                         }
                     }
                 }
-                set_entity(&mut next, *kind, name, value)?;
+                set_entity(&mut next, &mut parse, *kind, name, value);
                 Some((*kind, name.clone()))
             }
             Change::AddCredential { consumer, credential } => {
@@ -454,7 +474,7 @@ impl Store {
                         list.push(credential.clone());
                     }
                 }
-                set_entity(&mut next, Kind::Consumers, consumer, stored)?;
+                set_entity(&mut next, &mut parse, Kind::Consumers, consumer, stored);
                 Some((Kind::Consumers, consumer.clone()))
             }
             Change::Delete { kind, name, if_match } => {
@@ -480,7 +500,10 @@ impl Store {
         let previous = current.clone();
         let services = self.services.clone();
         let next = tokio::task::spawn_blocking(move || {
-            let next = LoadedConfig::from_config(next).validated_against(Some(&previous))?;
+            let mut loaded = LoadedConfig::from_config(next);
+            loaded.origins.partial = parse.partial;
+            loaded.origins.unparsed = parse.unparsed;
+            let next = crate::config::load::finish(loaded, parse.errors, Some(&previous))?;
             crate::snapshot::compile(next.clone(), 0, &services)?;
             Ok(next)
         })
