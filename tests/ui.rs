@@ -326,3 +326,49 @@ async fn try_reports_the_retries_of_each_call() {
     assert_eq!(out["calls"][0]["retries"], 2, "{out}");
     g.shutdown();
 }
+
+/// Database mode (the machine's Postgres, as tests/database.rs uses it):
+/// the page applies a draft with `PUT /compositions/{name}` and `If-Match`.
+#[tokio::test(flavor = "multi_thread")]
+async fn playground_applies_a_draft_as_an_entity_write_in_database_mode() {
+    use manifold::gateway::DatabaseOptions;
+    use manifold::store::Store;
+    let server = std::env::var("MANIFOLD_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let admin_db = Store::connect(&server).await.expect("the test Postgres is reachable");
+    let db = format!("manifold_t_{}", manifold::ids::new_uuid().replace('-', ""));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}"))).execute(admin_db.pool()).await.unwrap();
+    let url = format!("{}/{db}", server.rsplit_once('/').unwrap().0);
+    Store::connect(&url).await.unwrap().migrate().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = GatewayOptions {
+        database: Some(DatabaseOptions { url: url.clone(), snapshot_path: dir.path().join("snap.json") }),
+        ..Default::default()
+    };
+    opts.server.workers = 1;
+    let g = Gateway::start(opts, manifold::config::Config::default()).unwrap();
+
+    let b = backends().await;
+    let saved: Value = serde_norway::from_str::<Value>(&config(&b)).unwrap()["compositions"][0].clone();
+    let resp = client().post(format!("http://{}/compositions", g.admin_addr)).json(&saved).send().await.unwrap();
+    assert_eq!(resp.status(), 201);
+    let resp = client().get(format!("http://{}/compositions/dash/yaml", g.admin_addr)).send().await.unwrap();
+    assert_eq!(resp.headers()["etag"], "\"1\"", "the editor gets the entity version");
+    let fixed = draft_yaml(&b);
+    run_browser(vec![
+        ("ADMIN_URL", format!("http://{}", g.admin_addr)),
+        ("COMPOSITION", "dash".into()),
+        ("BROKEN_YAML", fixed.replace("$.user.body.name", "$.usr.body.name")),
+        ("ERROR_AT", "name: $.usr".into()),
+        ("FIXED_YAML", fixed),
+        ("PARAMS", json!({"id": "7"}).to_string()),
+        ("EXPECT_CALLS", "user,posts,each[0]".into()),
+        ("APPLY", "1".into()),
+    ])
+    .await;
+    let resp = client().get(format!("http://{}/compositions/dash", g.admin_addr)).send().await.unwrap();
+    assert_eq!(resp.headers()["etag"], "\"2\"", "one write, on the version loaded");
+    let resp = client().get(format!("http://{}/users/7/dash", g.proxy_addr)).send().await.unwrap();
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"name": "Ada", "first": "/post/1"}));
+    g.shutdown();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))).execute(admin_db.pool()).await.unwrap();
+}
