@@ -179,6 +179,8 @@ async fn openapi_describes_the_api_from_the_config_types() {
         "/audit",
         "/consumers/{name}/credentials",
         "/compositions/{name}/try",
+        "/compositions/{name}/validate",
+        "/compositions/{name}/yaml",
     ] {
         assert!(doc["paths"].get(path).is_some(), "{path} missing");
     }

@@ -103,7 +103,8 @@ fn try_answer() -> RefOr<Schema> {
         .property("started_ms", ObjectBuilder::new().schema_type(Type::Number).description(Some("since the composition started")))
         .property("duration_ms", ObjectBuilder::new().schema_type(Type::Number))
         .property("status", integer().description(Some("the backend's status, absent when there was no answer")))
-        .property("error", any("null, or {kind, message}"));
+        .property("error", any("null, or {kind, message}"))
+        .property("retries", integer().description(Some("retries sent after the first request")));
     ObjectBuilder::new()
         .schema_type(Type::Object)
         .property("response", response)
@@ -203,6 +204,32 @@ pub fn document() -> OpenApi {
                 ))
                 .response("200", response("the composition's answer and its calls", Some(try_answer())))
                 .response("404", response("no composition of that name (and no draft given)", Some(object()))),
+        ),
+    );
+    paths = paths.path(
+        "/compositions/{name}/validate",
+        PathItem::new(
+            HttpMethod::Post,
+            op("Check a draft of the composition (YAML or JSON text) against the live config, as validate would")
+                .parameter(name_param("name"))
+                .request_body(Some(RequestBodyBuilder::new().content("application/yaml", Content::new(Some(string()))).build()))
+                .response(
+                    "200",
+                    response("`{valid, fields: {path: message}, composition}`: every error, and the draft parsed to JSON", Some(object())),
+                ),
+        ),
+    );
+    paths = paths.path(
+        "/compositions/{name}/yaml",
+        PathItem::new(
+            HttpMethod::Get,
+            op("One composition as YAML text (database mode: with its ETag, for If-Match)")
+                .parameter(name_param("name"))
+                .response(
+                    "200",
+                    ResponseBuilder::new().description("the composition").content("application/yaml", Content::new(Some(string()))).build(),
+                )
+                .response("404", response("not found", Some(object()))),
         ),
     );
     let text = |summary: &str, content_type: &str| {
