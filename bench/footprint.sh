@@ -29,7 +29,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
-USERS=18411 ORDERS=18412 REVIEWS=18413 MANIFOLD_PORT=18420 ADMIN_PORT=18421
+USERS=18411 ORDERS=18412 REVIEWS=18413 SELLERS=18414 MANIFOLD_PORT=18420 ADMIN_PORT=18421
 CONNECTIONS=${CONNECTIONS:-1000}
 IDLE_WAIT=${IDLE_WAIT:-3}
 BURST=${BURST:-$CONNECTIONS}   # first requests in flight at once: default all of them
@@ -59,18 +59,20 @@ idle_peak=$(peak_rss_mib "$manifold_pid")
 threads=$(awk '$1 == "Threads:" {print $2}' "/proc/$manifold_pid/status")
 stop_manifold
 
-# Backends for 2 and 3: static JSON on three ports, the demo services' answers.
+# Backends for 2 and 3: static JSON on four ports, the demo services' answers.
 printf '{"id":1,"name":"Ada Lovelace","email":"ada@example.com","seller_id":10,"tier":"gold"}' > "$work/www/user.json"
 printf '{"user_id":"1","items":[{"id":"o-1001","total":42.5,"status":"shipped","product_id":"p-1"},{"id":"o-1002","total":12.0,"status":"delivered","product_id":"p-2"},{"id":"o-1003","total":99.9,"status":"processing","product_id":"p-3"}]}' > "$work/www/orders.json"
 printf '{"user_id":"1","items":[{"product_id":"p-1","stars":5,"text":"Exactly as described."},{"product_id":"p-2","stars":4,"text":"Good value."}],"average":4.5}' > "$work/www/reviews.json"
+printf '{"id":10,"name":"Analytical Engines Ltd","country":"GB","rating":4.8}' > "$work/www/seller.json"
 chmod -R a+rX "$work"
 server() { echo "server { listen 127.0.0.1:$1 reuseport backlog=4096; location / { root $work/www; default_type application/json; try_files /$2 =404; } }"; }
-start_nginx backends "$(server $USERS user.json) $(server $ORDERS orders.json) $(server $REVIEWS reviews.json)"
+start_nginx backends "$(server $USERS user.json) $(server $ORDERS orders.json) $(server $REVIEWS reviews.json) $(server $SELLERS seller.json)"
 wait_for "http://127.0.0.1:$USERS/users/1"
 for f in "$work"/config/*.yaml; do
   # Memory is measured here, not latency: timeouts long enough that every
   # call of the burst completes on a busy 2-core machine.
   sed -i -E -e "s/127\.0\.0\.1:9101/127.0.0.1:$USERS/g" -e "s/127\.0\.0\.1:9102/127.0.0.1:$ORDERS/g" -e "s/127\.0\.0\.1:9103/127.0.0.1:$REVIEWS/g" \
+    -e "s/127\.0\.0\.1:9104/127.0.0.1:$SELLERS/g" \
     -e "s/timeout: [0-9]+(ms|s)/timeout: 30s/" "$f"
 done
 

@@ -80,14 +80,15 @@ pub enum Command {
     Sync {
         /// A config file or a directory of them
         path: PathBuf,
-        /// Admin API base URL; repeat for several gateways (regions)
-        #[arg(long, required = true)]
+        /// Admin API base URL; repeat for several gateways (regions), or
+        /// list them comma-separated in the variable
+        #[arg(long, env = "MANIFOLD_ADMIN", value_delimiter = ',', required = true)]
         admin: Vec<String>,
         /// Bearer token of the admin APIs (the same for each --admin)
         #[arg(long, env = "MANIFOLD_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
         /// Print the diffs (entities and the fields that change) only
-        #[arg(long)]
+        #[arg(long, env = "MANIFOLD_DRY_RUN")]
         dry_run: bool,
     },
 }
@@ -277,8 +278,7 @@ fn load_config(dir: &PathBuf, redis: Option<crate::gateway::RedisOptions>) -> an
 fn export(admin: Option<String>, token: Option<String>, database_url: Option<String>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let yaml = rt.block_on(crate::remote::export(admin.as_deref(), token.as_deref(), database_url.as_deref()))?;
-    print!("{yaml}");
-    Ok(())
+    to_stdout(&yaml)
 }
 
 fn sync(path: PathBuf, admins: Vec<String>, token: Option<String>, dry_run: bool) -> ExitCode {
@@ -301,8 +301,18 @@ fn sync(path: PathBuf, admins: Vec<String>, token: Option<String>, dry_run: bool
 
 fn schema() -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(&crate::config::config_schema())?;
-    println!("{text}");
-    Ok(())
+    to_stdout(&format!("{text}\n"))
+}
+
+/// Writes a command's output; a reader that stops early (`| head`) ends it
+/// quietly rather than with a panic.
+fn to_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn migrate(url: &str) -> anyhow::Result<()> {
