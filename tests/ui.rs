@@ -291,6 +291,7 @@ async fn playground_asks_for_the_token_and_never_puts_it_in_a_url() {
         ("ADMIN_URL", format!("http://{}", g.admin_addr)),
         ("COMPOSITION", "dash".into()),
         ("TOKEN", token.into()),
+        ("LOGIN_SCREENSHOT", repo().join("target/ui/token.png").display().to_string()),
         ("BROKEN_YAML", fixed.replace("    url: {", "    urll: {").replacen("    url: ", "    urll: ", 1)),
         ("ERROR_AT", "urll:".into()),
         ("FIXED_YAML", fixed),

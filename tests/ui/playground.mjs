@@ -2,7 +2,7 @@
 // Run by tests/ui.rs, which starts the gateway and backends and passes:
 // ADMIN_URL, COMPOSITION, BROKEN_YAML + ERROR_AT (a text on the line the
 // error must be shown at), FIXED_YAML, PARAMS (JSON), EXPECT_CALLS (comma
-// list), and optionally TOKEN, SCREENSHOT, APPLY. Prints a JSON summary.
+// list), and optionally TOKEN, SCREENSHOT, LOGIN_SCREENSHOT, APPLY. Prints a JSON summary.
 import { chromium } from 'playwright-core';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -32,6 +32,11 @@ try {
   if (env.TOKEN) {
     await page.locator('#login').waitFor({ state: 'visible' });
     summary.asked_for_token = true;
+    if (await page.locator('#app').isVisible()) throw new Error('the app shows before the token is given');
+    if (env.LOGIN_SCREENSHOT) {
+      mkdirSync(dirname(env.LOGIN_SCREENSHOT), { recursive: true });
+      await page.screenshot({ path: env.LOGIN_SCREENSHOT });
+    }
     await page.fill('#token', env.TOKEN);
     await page.click('#login-form button');
   }
