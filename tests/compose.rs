@@ -409,7 +409,7 @@ compositions:
     response:
       status: 201
       headers: {{ cache-control: "private, max-age=10", x-user: "{{{{user.body.tags.[0]}}}}" }}
-      forward_headers: {{ meta: [x-backend] }}
+      forward_headers: {{ meta: [x-backend, content-type] }}
       body: {{ first_tag: "$.user.body.tags[0]", missing: $.user.body.nope, all: "$.user.body.tags[*]", literal: "$$.not.a.query", nested: {{ v: $.meta.body.v, fixed: [1, 2] }} }}
 "#,
         u = users.url(),
@@ -424,6 +424,7 @@ compositions:
     assert_eq!(header(&headers, "cache-control"), Some("private, max-age=10"));
     assert_eq!(header(&headers, "x-user"), Some("a"));
     assert_eq!(header(&headers, "x-backend"), Some("yes"), "forwarded from the meta call");
+    assert_eq!(headers.get_all("content-type").iter().count(), 1, "a forwarded content-type replaces the gateway's: {headers:?}");
     assert_eq!(
         body,
         json!({"first_tag": "a", "missing": null, "all": ["a", "b"], "literal": "$.not.a.query", "nested": {"v": 1, "fixed": [1, 2]}})

@@ -635,7 +635,12 @@ fn shape(run: &Run, request_id: &HeaderValue) -> Response<Body> {
     for (idx, names) in &r.forward_headers {
         if let Some(from) = &run.call_headers[*idx] {
             for name in names {
-                for v in from.get_all(name) {
+                let mut values = from.get_all(name).iter().peekable();
+                // A forwarded content-type replaces the gateway's own.
+                if values.peek().is_some() && name == header::CONTENT_TYPE {
+                    h.remove(name);
+                }
+                for v in values {
                     h.append(name.clone(), v.clone());
                 }
             }

@@ -693,6 +693,18 @@ fn body_reads(errs: &mut Errors, path: String, body: &Value, anchored: bool, out
 const CALL_MANAGED_HEADERS: [&str; 10] =
     ["host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade", "proxy-connection", "expect"];
 
+/// Headers of a composition's own answer that only the gateway can set:
+/// its framing (a backend's `content-length` would not fit the new body)
+/// and hop-by-hop headers.
+fn check_response_header(errs: &mut Errors, path: String, name: &str) {
+    let lower = name.to_ascii_lowercase();
+    if lower != "host" && lower != "expect" && CALL_MANAGED_HEADERS.contains(&lower.as_str()) || lower.starts_with("proxy-") {
+        errs.push(path, format!("{name} is set by the gateway for the answer it builds and cannot be configured"));
+    } else {
+        check_header_name(errs, path, name);
+    }
+}
+
 fn check_call_header(errs: &mut Errors, path: String, name: &str) {
     let lower = name.to_ascii_lowercase();
     if CALL_MANAGED_HEADERS.contains(&lower.as_str()) || lower.starts_with("proxy-") {
@@ -853,7 +865,7 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
     }
     let mut reads = Vec::new();
     for (h, v) in &resp.headers {
-        check_header_name(errs, format!("{rbase}.headers.{h}"), h);
+        check_response_header(errs, format!("{rbase}.headers.{h}"), h);
         reads.push(template_reads(errs, format!("{rbase}.headers.{h}"), v));
     }
     for (call, names) in &resp.forward_headers {
@@ -861,7 +873,7 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
             errs.push(format!("{rbase}.forward_headers.{call}"), format!("unknown call {call:?}"));
         }
         for (i, h) in names.iter().enumerate() {
-            check_header_name(errs, format!("{rbase}.forward_headers.{call}[{i}]"), h);
+            check_response_header(errs, format!("{rbase}.forward_headers.{call}[{i}]"), h);
         }
     }
     if let Some(body) = &resp.body {
