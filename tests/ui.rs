@@ -255,7 +255,10 @@ async fn run_browser(env: Vec<(&str, String)>) -> Value {
 async fn playground_edits_validates_runs_and_applies_a_composition() {
     let b = backends().await;
     let g = gateway(&config(&b));
-    let fixed = draft_yaml(&b);
+    // A dependent call whose `when` is false (the user has no seller_id).
+    let seller =
+        format!("  seller:\n    when: $.user.body.seller_id\n    url: {}/sellers/{{{{user.body.seller_id}}}}\nresponse:", b.users.url());
+    let fixed = draft_yaml(&b).replacen("response:", &seller, 1);
     // A call name typo in a JSONPath: the error belongs to `each`'s line.
     let broken = fixed.replace("for_each: $.posts.body.ids", "for_each: $.psts.body.ids");
     let shot = repo().join("target/ui/waterfall.png");
@@ -267,6 +270,8 @@ async fn playground_edits_validates_runs_and_applies_a_composition() {
         ("FIXED_YAML", fixed),
         ("PARAMS", json!({"id": "7"}).to_string()),
         ("EXPECT_CALLS", "user,posts,each[0],each[1],each[2]".into()),
+        // The user has no seller_id: `when` is false, shown as not run, not as a failure.
+        ("EXPECT_NOT_RUN", "seller".into()),
         ("SCREENSHOT", shot.display().to_string()),
         ("APPLY", "1".into()),
     ])

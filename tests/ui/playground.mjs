@@ -78,6 +78,13 @@ try {
     if (!status) throw new Error(`call ${call} has no status`);
     summary.calls[call] = Number(status);
   }
+  if (env.EXPECT_NOT_RUN) {
+    const row = page.locator(`#waterfall .wf-row[data-call="${env.EXPECT_NOT_RUN}"]`);
+    await row.waitFor();
+    const cls = await row.getAttribute('class');
+    if (!cls.includes('notrun') || cls.includes('failed')) throw new Error(`${env.EXPECT_NOT_RUN} should show as not run, not failed: class="${cls}"`);
+    summary.not_run_label = await row.locator('.wf-label').textContent();
+  }
   summary.response_status = await page.locator('#resp-status').textContent();
   if (env.SCREENSHOT) await page.screenshot({ path: env.SCREENSHOT, fullPage: true });
 

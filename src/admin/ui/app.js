@@ -42,11 +42,15 @@ function el(tag, attrs = {}, ...kids) {
   return e;
 }
 
+async function refreshStatus() {
+  const status = await (await api('GET', '/status')).json();
+  state.mode = status.mode;
+  $('mode').textContent = `${status.mode} · node ${status.node_id} · config v${status.config_version}`;
+}
+
 async function start() {
   try {
-    const status = await (await api('GET', '/status')).json();
-    state.mode = status.mode;
-    $('mode').textContent = `${status.mode} · node ${status.node_id} · config v${status.config_version}`;
+    await refreshStatus();
     state.config = await (await api('GET', '/config')).json();
   } catch (e) {
     if (!(e instanceof Unauthorized)) showLogin(String(e));
@@ -214,16 +218,27 @@ $('request').addEventListener('submit', async ev => {
   renderWaterfall(out.calls || []);
 });
 
+// The path and query a call was sent to (the origin is the config's).
+function shortUrl(url) {
+  try { const u = new URL(url); return u.pathname + u.search; } catch { return url || ''; }
+}
+
 function renderWaterfall(calls) {
   const end = Math.max(1, ...calls.map(c => (c.started_ms || 0) + (c.duration_ms || 0)));
-  const rows = calls.map(c => {
+  // By start time; calls that never started (when was false) last.
+  const ordered = calls.map((c, i) => [c, i]).sort(([a, i], [b, j]) =>
+    (a.started_ms ?? Infinity) - (b.started_ms ?? Infinity) || i - j).map(([c]) => c);
+  const rows = ordered.map(c => {
     const left = ((c.started_ms || 0) / end) * 100;
     const width = Math.max(0.5, ((c.duration_ms || 0) / end) * 100);
-    const failed = c.error || (c.status && c.status >= 400);
-    const label = [c.status ?? (c.error ? 'error' : 'skipped'), c.duration_ms != null ? `${c.duration_ms.toFixed(1)} ms` : '',
-      c.retries ? `${c.retries} retr${c.retries === 1 ? 'y' : 'ies'}` : '', c.cache ? `cache ${c.cache}` : ''].filter(Boolean).join(' · ');
+    // `when` false is not a failure (nor are the calls that read it): grey, not red.
+    const notRun = c.error && c.error.kind === 'not_run';
+    const failed = !notRun && (c.error || (c.status && c.status >= 400));
+    const label = [notRun ? 'not run' : (c.status ?? (c.error ? 'error' : 'skipped')), !notRun && c.duration_ms != null ? `${c.duration_ms.toFixed(1)} ms` : '',
+      c.retries ? `${c.retries} retr${c.retries === 1 ? 'y' : 'ies'}` : '', c.cache ? `cache ${c.cache}` : '',
+      c.url ? shortUrl(c.url) : ''].filter(Boolean).join(' · ');
     const err = c.error ? (typeof c.error === 'string' ? c.error : (c.error.message || JSON.stringify(c.error))) : '';
-    return el('div', { class: 'wf-row' + (failed ? ' failed' : ''), 'data-call': c.name, 'data-status': String(c.status ?? '') },
+    return el('div', { class: 'wf-row' + (failed ? ' failed' : '') + (notRun ? ' notrun' : ''), 'data-call': c.name, 'data-status': String(c.status ?? '') },
       el('div', { class: 'wf-name', title: c.url || '' }, c.name),
       el('div', { class: 'wf-track' },
         Object.assign(el('div', { class: 'wf-bar' }), { style: `left:${left}%;width:${width}%` }),
@@ -246,18 +261,32 @@ $('apply').addEventListener('click', async () => {
   $('diff').hidden = false;
   $('applied').textContent = '';
   try {
-    if (state.mode === 'database') {
-      $('diff-text').textContent = `before (version ${state.etag || '?'}):\n${JSON.stringify(state.loaded, null, 2)}\n\nafter:\n${JSON.stringify(draft, null, 2)}`;
+    // The diff is the dry run of the whole config with the draft in place,
+    // in both modes: the fields that change, before and after.
+    const current = await (await api('GET', '/config')).json();
+    const list = current.compositions || (current.compositions = []);
+    const i = list.findIndex(c => c.name === state.name);
+    if (i >= 0) list[i] = draft; else list.push(draft);
+    const dry = await api('POST', '/config?dry_run=true', { json: current });
+    const out = await dry.json();
+    const changes = dry.ok ? out.changes : out;
+    const lines = [];
+    for (const [key, mark] of [['created', '+'], ['updated', '~'], ['deleted', '-']]) {
+      for (const e of (changes[key] || [])) {
+        lines.push(`${mark} ${e.kind}/${e.name}`);
+        for (const f of (e.fields || [])) {
+          lines.push(`    ${f.path}: ${'before' in f ? JSON.stringify(f.before) : '(absent)'} → ${'after' in f ? JSON.stringify(f.after) : '(removed)'}`);
+        }
+      }
+    }
+    $('diff-text').textContent = dry.ok ? (lines.join('\n') || 'no change') : JSON.stringify(out, null, 2);
+    if (!dry.ok) {
+      pending = null;
+    } else if (state.mode === 'database') {
+      if (state.etag) $('diff-text').textContent += `\n\n(written with If-Match ${state.etag}, the version you opened)`;
       pending = () => api('PUT', `/compositions/${encodeURIComponent(state.name)}`, { json: draft, headers: state.etag ? { 'If-Match': state.etag } : {} });
     } else {
-      const current = await (await api('GET', '/config')).json();
-      const list = current.compositions || (current.compositions = []);
-      const i = list.findIndex(c => c.name === state.name);
-      if (i >= 0) list[i] = draft; else list.push(draft);
-      const dry = await api('POST', '/config?dry_run=true', { json: current });
-      const out = await dry.json();
-      $('diff-text').textContent = JSON.stringify(dry.ok ? out.changes : out, null, 2);
-      pending = dry.ok ? () => api('POST', '/config', { json: current }) : null;
+      pending = () => api('POST', '/config', { json: current });
     }
   } catch { /* token asked */ }
 });
@@ -268,15 +297,19 @@ $('confirm').addEventListener('click', async () => {
   try { resp = await pending(); } catch { return; }
   const out = await resp.json().catch(() => ({}));
   if (resp.ok) {
-    $('applied').textContent = state.mode === 'database' ? 'applied ✓' : `applied ✓ (config v${out.version})`;
+    // DB-less: the node's config lives in memory; the files are read at start.
+    $('applied').textContent = state.mode === 'database' ? 'applied ✓ (stored in the database)'
+      : `applied ✓ (config v${out.version}) · in memory only: copy the YAML into your config files, or a restart loses it`;
     $('applied').className = 'ok';
     if (resp.headers.get('ETag')) state.etag = resp.headers.get('ETag');
     pending = null;
     state.config = await (await api('GET', '/config')).json();
     state.loaded = (state.config.compositions || []).find(c => c.name === state.name) || null;
     renderLists();
+    await refreshStatus();
   } else {
-    $('applied').textContent = `failed: ${resp.status} ${out.message || ''}`;
+    $('applied').textContent = `failed: ${resp.status} ${out.message || ''}` +
+      (resp.status === 412 ? ' · someone changed it since you opened it: copy your draft, reopen the composition, and apply again' : '');
     $('applied').className = 'bad';
   }
 });
