@@ -705,6 +705,35 @@ fn check_response_header(errs: &mut Errors, path: String, name: &str) {
     }
 }
 
+/// `unknown call "usr"`, with the closest name when one is a likely typo
+/// (at most two edits away).
+fn unknown_call<'a>(name: &str, calls: impl Iterator<Item = &'a String>) -> String {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let next = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(row[j + 1] + 1);
+                prev = row[j + 1];
+                row[j + 1] = next;
+            }
+        }
+        row[b.len()]
+    }
+    let best = calls
+        .map(String::as_str)
+        .chain(["request"])
+        .map(|c| (distance(name, c), c))
+        .filter(|(d, c)| *d <= 2 && *d < c.chars().count().min(name.chars().count()))
+        .min();
+    match best {
+        Some((_, c)) => format!("unknown call {name:?} (did you mean {c:?}?)"),
+        None => format!("unknown call {name:?}"),
+    }
+}
+
 fn check_call_header(errs: &mut Errors, path: String, name: &str) {
     let lower = name.to_ascii_lowercase();
     if CALL_MANAGED_HEADERS.contains(&lower.as_str()) || lower.starts_with("proxy-") {
@@ -839,7 +868,7 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
                         errs.push(r.path.clone(), "`item` is only available in the url, headers and body of a for_each call");
                     }
                 } else if root != "request" && certain {
-                    errs.push(r.path.clone(), format!("unknown call {root:?}"));
+                    errs.push(r.path.clone(), unknown_call(&root, comp.calls.keys()));
                 }
             }
         }
@@ -870,7 +899,7 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
     }
     for (call, names) in &resp.forward_headers {
         if !comp.calls.contains_key(call) {
-            errs.push(format!("{rbase}.forward_headers.{call}"), format!("unknown call {call:?}"));
+            errs.push(format!("{rbase}.forward_headers.{call}"), unknown_call(call, comp.calls.keys()));
         }
         for (i, h) in names.iter().enumerate() {
             check_response_header(errs, format!("{rbase}.forward_headers.{call}[{i}]"), h);
@@ -885,7 +914,7 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
     for r in reads {
         for (root, certain) in r.roots {
             if certain && !comp.calls.contains_key(&root) && root != "request" {
-                errs.push(r.path.clone(), format!("unknown call {root:?}"));
+                errs.push(r.path.clone(), unknown_call(&root, comp.calls.keys()));
             }
         }
     }
@@ -987,5 +1016,19 @@ pub fn hash_secrets(config: &mut Config, previous: Option<&Config>) {
                 Credential::Jwt { .. } => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod unknown_call_tests {
+    use super::unknown_call;
+
+    #[test]
+    fn suggests_a_close_call_name_only() {
+        let calls = ["user".to_string(), "orders".to_string()];
+        assert_eq!(unknown_call("usr", calls.iter()), "unknown call \"usr\" (did you mean \"user\"?)");
+        assert_eq!(unknown_call("reqest", calls.iter()), "unknown call \"reqest\" (did you mean \"request\"?)");
+        assert_eq!(unknown_call("reviews", calls.iter()), "unknown call \"reviews\"");
+        assert_eq!(unknown_call("ab", calls.iter()), "unknown call \"ab\"");
     }
 }
