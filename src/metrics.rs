@@ -99,17 +99,19 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// A Prometheus counter that mirrors a running total kept elsewhere (an
 /// atomic the node bumps), brought up to date at each scrape: exposed as a
 /// `counter`, as its `_total` name promises.
-pub struct TotalCounter(IntCounter);
+pub struct TotalCounter(IntCounter, std::sync::Mutex<()>);
 
 impl TotalCounter {
     fn new(registry: &Registry, name: &str, help: &str) -> TotalCounter {
         let c = IntCounter::new(name, help).expect("a valid metric");
         registry.register(Box::new(c.clone())).expect("registered once");
-        TotalCounter(c)
+        TotalCounter(c, std::sync::Mutex::new(()))
     }
 
     /// Takes the total; a total never goes down, so a smaller one is ignored.
     pub fn set(&self, total: i64) {
+        // Two scrapes at once must not both add the same difference.
+        let _one_at_a_time = self.1.lock().unwrap_or_else(|e| e.into_inner());
         let (total, now) = (total.max(0) as u64, self.0.get());
         if total > now {
             self.0.inc_by(total - now);

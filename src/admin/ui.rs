@@ -97,8 +97,26 @@ pub fn candidate(
         None => list.push(draft),
     }
     let text = doc.to_string();
-    let config = config_from_text_against(&text, Format::Json, Some(live))?;
-    crate::snapshot::compile(config, 0, services)
+    // An error outside the draft (the live config's own, say, after a rule
+    // was added since it was stored) is marked so, not read as the draft's.
+    let own = format!("compositions.{name}");
+    let label = |errors: ConfigErrors| {
+        ConfigErrors(
+            errors
+                .0
+                .into_iter()
+                .map(|e| {
+                    if e.path == own || e.path.starts_with(&format!("{own}.")) {
+                        e
+                    } else {
+                        ConfigError { message: format!("elsewhere in the config: {}", e.message), ..e }
+                    }
+                })
+                .collect(),
+        )
+    };
+    let config = config_from_text_against(&text, Format::Json, Some(live)).map_err(label)?;
+    crate::snapshot::compile(config, 0, services).map_err(label)
 }
 
 async fn candidate_off_runtime(state: &AdminState, name: &str, draft: Value) -> Result<Result<Snapshot, ConfigErrors>, Response> {

@@ -352,15 +352,13 @@ pub fn config_from_text_against(text: &str, format: Format, previous: Option<&Co
 /// (with [`parse_entity`]) one entity's write share.
 pub fn finish(loaded: LoadedConfig, mut errors: Vec<ConfigError>, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
     // Semantic checks still run when some entities failed to parse, so the
-    // user sees every problem at once.
-    match loaded.validated_against(previous) {
-        Ok(config) if errors.is_empty() => Ok(config),
-        Ok(_) => Err(ConfigErrors(errors)),
-        Err(ConfigErrors(more)) => {
-            errors.extend(more);
-            Err(ConfigErrors(errors))
-        }
+    // user sees every problem at once; but no secrets are hashed (argon2)
+    // for a config that is refused anyway.
+    if !errors.is_empty() {
+        errors.extend(validate::validate(&loaded.config, &loaded.origins));
+        return Err(ConfigErrors(errors));
     }
+    loaded.validated_against(previous)
 }
 
 /// Every `*.yaml`, `*.yml` and `*.json` file under `dir`, sorted, recursively.
