@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{invalid, message, not_found, AdminState};
-use crate::config::{ConfigError, ConfigErrors};
+use crate::config::{ConfigError, ConfigErrors, Format};
 use crate::store::{Change, Kind, Store, StoreError};
 
 #[derive(Deserialize)]
@@ -123,14 +123,10 @@ fn kind_of(kind: &str) -> Result<Kind, Response> {
 /// An entity in a write's body: JSON when `Content-Type` says so, YAML
 /// otherwise (JSON is YAML too), as `POST /config` reads it. Credentials too.
 fn entity_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, Response> {
-    let is_json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
-    let parsed = if is_json {
-        serde_json::from_slice::<Value>(body).map_err(|e| format!("the body is not JSON: {e}"))
-    } else {
-        std::str::from_utf8(body)
-            .map_err(|_| "the body is not UTF-8".to_string())
-            .and_then(|text| serde_norway::from_str::<Value>(text).map_err(|e| format!("the body is not YAML or JSON: {e}")))
-    };
+    let format = Format::from_content_type(headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()));
+    let parsed = std::str::from_utf8(body)
+        .map_err(|_| "the body is not UTF-8".to_string())
+        .and_then(|text| crate::config::load::parse_value(text, format).map_err(|e| format!("the body is {e}")));
     match parsed {
         Ok(v @ Value::Object(_)) => Ok(v),
         Ok(_) => Err(message(StatusCode::BAD_REQUEST, "the body must be an object (one entity)")),

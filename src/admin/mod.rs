@@ -170,8 +170,7 @@ async fn post_config(State(state): State<AdminState>, Query(q): Query<ConfigQuer
     let Ok(text) = std::str::from_utf8(&body) else {
         return message(StatusCode::BAD_REQUEST, "the body is not UTF-8");
     };
-    let is_json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
-    let format = if is_json { Format::Json } else { Format::Yaml };
+    let format = Format::from_content_type(headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()));
     // Passwords the running config already holds keep their hashes, so an
     // unchanged config posted again changes nothing.
     let previous = match &state.shared.store {

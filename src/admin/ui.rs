@@ -57,7 +57,7 @@ fn error(path: String, message: String) -> ConfigErrors {
 pub fn draft_value(name: &str, draft: Value) -> Result<Value, ConfigErrors> {
     let value = match draft {
         Value::String(text) => {
-            serde_norway::from_str::<Value>(&text).map_err(|e| error(format!("compositions.{name}"), format!("invalid YAML: {e}")))?
+            crate::config::load::parse_value(&text, Format::Yaml).map_err(|e| error(format!("compositions.{name}"), e))?
         }
         v => v,
     };

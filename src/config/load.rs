@@ -16,6 +16,16 @@ pub enum Format {
 }
 
 impl Format {
+    /// The admin API's rule for a body: JSON when `Content-Type` says so,
+    /// YAML otherwise (JSON is YAML too).
+    pub fn from_content_type(content_type: Option<&str>) -> Format {
+        if content_type.is_some_and(|v| v.contains("json")) {
+            Format::Json
+        } else {
+            Format::Yaml
+        }
+    }
+
     pub fn from_path(path: &Path) -> Option<Format> {
         match path.extension()?.to_str()? {
             "yaml" | "yml" => Some(Format::Yaml),
@@ -293,14 +303,18 @@ fn parse_entities<T: DeserializeOwned>(
 
 /// Parses one document. Structural errors (wrong types, unknown fields) are
 /// collected per entity; semantic checks come later, over the merged config.
+/// One document's text as a JSON value (`invalid JSON: ...`/`invalid YAML: ...`).
+pub fn parse_value(text: &str, format: Format) -> Result<Value, String> {
+    match format {
+        Format::Json => serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}")),
+        Format::Yaml => serde_norway::from_str(text).map_err(|e| format!("invalid YAML: {e}")),
+    }
+}
+
 pub fn parse_document(file: Option<Arc<str>>, text: &str, format: Format) -> (LoadedConfig, Vec<ConfigError>) {
     let mut loaded = LoadedConfig::default();
     let mut errors = Vec::new();
-    let doc: Result<Value, String> = match format {
-        Format::Json => serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}")),
-        Format::Yaml => serde_norway::from_str(text).map_err(|e| format!("invalid YAML: {e}")),
-    };
-    let doc = match doc {
+    let doc = match parse_value(text, format) {
         Ok(doc) => doc,
         Err(message) => {
             errors.push(ConfigError { file, path: String::new(), message });
