@@ -1,0 +1,3 @@
+module manifold.bench/go-bff
+
+go 1.19
