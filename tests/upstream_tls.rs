@@ -1,0 +1,324 @@
+//! The upstream layer (issue 12) over https: backends verified against a CA
+//! the node trusts, a wrong CA is a 502 that tells nothing of the
+//! certificates, client certificates for backends that require them, and
+//! pooled TLS connections. Certificates are made in the test with rcgen;
+//! the backends are rustls (ring) + hyper on raw sockets.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::client;
+use http_body_util::Full;
+use manifold::gateway::{Gateway, GatewayOptions};
+use manifold::upstream::TlsOptions;
+use prometheus_parse::{Scrape, Value as PValue};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use serde_json::{json, Value};
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio_rustls::TlsAcceptor;
+
+// ---------------------------------------------------------------------------
+// certificates
+
+/// Common names of the CAs, looked for in error bodies.
+const CA_NAME: &str = "Manifold Test Root CA 4d1f";
+const OTHER_CA_NAME: &str = "Unrelated Test Root CA 9b27";
+const CLIENT_CA_NAME: &str = "Manifold Test Client CA 62ae";
+
+struct Ca {
+    pem: String,
+    der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+fn ca(name: &str) -> Ca {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    Ca { pem: cert.pem(), der: cert.der().clone(), issuer: Issuer::new(params, key) }
+}
+
+/// An end-entity certificate signed by `ca`, with its private key.
+struct Leaf {
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    key_pem: String,
+    key_der: Vec<u8>,
+}
+
+impl Leaf {
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+}
+
+fn leaf(ca: &Ca, common_name: &str, names: &[&str], purpose: ExtendedKeyUsagePurpose) -> Leaf {
+    let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, common_name);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![purpose];
+    params.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    Leaf { cert_pem: cert.pem(), cert_der: cert.der().clone(), key_pem: key.serialize_pem(), key_der: key.serialize_der() }
+}
+
+/// Every certificate a test needs, and their PEM files in a temporary
+/// directory.
+struct Pki {
+    dir: tempfile::TempDir,
+    server: Leaf,
+    client_ca: Ca,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let root = ca(CA_NAME);
+        let other = ca(OTHER_CA_NAME);
+        let client_ca = ca(CLIENT_CA_NAME);
+        let server = leaf(&root, "localhost", &["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+        let client = leaf(&client_ca, "manifold-gateway", &["manifold-gateway"], ExtendedKeyUsagePurpose::ClientAuth);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &root.pem).unwrap();
+        std::fs::write(dir.path().join("other-ca.pem"), &other.pem).unwrap();
+        std::fs::write(dir.path().join("client.pem"), &client.cert_pem).unwrap();
+        std::fs::write(dir.path().join("client-key.pem"), &client.key_pem).unwrap();
+        Pki { dir, server, client_ca }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        let p = self.dir.path().join(file);
+        assert!(Path::new(&p).exists(), "{} was written", p.display());
+        p
+    }
+
+    /// Gateway options trusting `ca_file`, with the client certificate
+    /// when `mtls`.
+    fn options(&self, ca_file: &str, mtls: bool) -> GatewayOptions {
+        let mut opts = GatewayOptions::default();
+        opts.upstream_tls = TlsOptions {
+            ca_file: Some(self.path(ca_file)),
+            client_cert_file: mtls.then(|| self.path("client.pem")),
+            client_key_file: mtls.then(|| self.path("client-key.pem")),
+        };
+        opts
+    }
+}
+
+// ---------------------------------------------------------------------------
+// the TLS backend
+
+struct TlsBackend {
+    port: u16,
+    /// TCP connections accepted.
+    conns: Arc<AtomicUsize>,
+    /// Requests answered (over completed handshakes).
+    answered: Arc<AtomicUsize>,
+}
+
+impl TlsBackend {
+    fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+}
+
+/// An https backend answering `{"tls": true}` with the certificate of
+/// `pki.server`; it requires a client certificate signed by the client CA
+/// when `require_client_cert`.
+async fn tls_backend(pki: &Pki, require_client_cert: bool) -> TlsBackend {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().unwrap();
+    let builder = if require_client_cert {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.client_ca.der.clone()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let config = builder.with_single_cert(vec![pki.server.cert_der.clone()], pki.server.key()).unwrap();
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+
+    let v4 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = v4.local_addr().unwrap().port();
+    // `localhost` may resolve to ::1 first elsewhere: listen there too when
+    // the same port is free.
+    let v6 = tokio::net::TcpListener::bind(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))).await.ok();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    for listener in std::iter::once(v4).chain(v6) {
+        let (acceptor, conns, answered) = (acceptor.clone(), conns.clone(), answered.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                conns.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, answered) = (acceptor.clone(), answered.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else { return };
+                    let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            let mut resp = http::Response::new(Full::new(Bytes::from(json!({"tls": true}).to_string())));
+                            resp.headers_mut().insert("content-type", "application/json".parse().unwrap());
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), svc).await;
+                });
+            }
+        });
+    }
+    TlsBackend { port, conns, answered }
+}
+
+// ---------------------------------------------------------------------------
+// helpers
+
+async fn within<T>(secs: u64, what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), fut).await.unwrap_or_else(|_| panic!("{what}: no answer within {secs} s"))
+}
+
+/// GET through the gateway: status, body as text, body as JSON (null when
+/// it is not).
+async fn get(g: &Gateway, path: &str) -> (u16, String, Value) {
+    within(15, path, async {
+        let resp = client().get(format!("http://{}{path}", g.proxy_addr)).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let v = serde_json::from_str(&text).unwrap_or(Value::Null);
+        (status, text, v)
+    })
+    .await
+}
+
+async fn scrape(admin: SocketAddr) -> Scrape {
+    let resp = within(10, "/metrics", client().get(format!("http://{admin}/metrics")).send()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid Prometheus text format")
+}
+
+/// The sum of every sample of `name` whose labels include `labels`; 0 when
+/// there is none.
+async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape(admin)
+        .await
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            PValue::Counter(v) | PValue::Gauge(v) | PValue::Untyped(v) => *v,
+            other => panic!("{name} is a counter, got {other:?}"),
+        })
+        .fold(0.0, |a, b| a + b)
+}
+
+/// Waits (at most 5 s) for the metric to equal `want`.
+async fn metric_becomes(admin: SocketAddr, name: &str, labels: &[(&str, &str)], want: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = metric(admin, name, labels).await;
+        if v == want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{name}{labels:?} is {v}, expected {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn route_and_composition(b: &TlsBackend) -> String {
+    format!(
+        "routes: [{{ name: r, path: /r, upstream: \"{0}\" }}]\ncompositions: [{{ name: c, path: /c, calls: {{ x: {{ url: \"{0}/x\" }} }} }}]\n",
+        b.url()
+    )
+}
+
+// ---------------------------------------------------------------------------
+// tests
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_backends_verified_by_the_configured_ca() {
+    let pki = Pki::new();
+    let b = tls_backend(&pki, false).await;
+    let g = common::gateway_with(&route_and_composition(&b), pki.options("ca.pem", false));
+    let (status, text, body) = get(&g, "/r").await;
+    assert_eq!(status, 200, "a route to an https backend: {text}");
+    assert_eq!(body, json!({"tls": true}));
+    let (status, text, body) = get(&g, "/c").await;
+    assert_eq!(status, 200, "a composition call to an https backend: {text}");
+    assert_eq!(body, json!({"x": {"tls": true}}));
+    assert_eq!(b.answered.load(Ordering::SeqCst), 2);
+    g.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_certificate_from_an_untrusted_ca_is_502_and_tells_nothing() {
+    let pki = Pki::new();
+    let b = tls_backend(&pki, false).await;
+    let g = common::gateway_with(&route_and_composition(&b), pki.options("other-ca.pem", false));
+    let (status, text, body) = get(&g, "/r").await;
+    assert_eq!(status, 502, "the backend's certificate is not trusted: {text}");
+    assert_eq!(body["error"]["code"], "upstream_error", "{text}");
+    let host_port = format!("localhost:{}", b.port);
+    for secret in ["-----BEGIN", CA_NAME, OTHER_CA_NAME, CLIENT_CA_NAME, &host_port] {
+        assert!(!text.contains(secret), "the error body tells {secret:?}: {text}");
+    }
+    assert_eq!(b.answered.load(Ordering::SeqCst), 0, "no request was sent over an unverified connection");
+    metric_becomes(g.admin_addr, "manifold_upstream_failures_total", &[("route", "r"), ("call", ""), ("cause", "tls")], 1.0).await;
+    // A composition call to it fails the same way.
+    let (status, text, body) = get(&g, "/c").await;
+    assert_eq!(status, 502, "{text}");
+    assert_eq!(body["error"]["code"], "upstream_error", "{text}");
+    metric_becomes(g.admin_addr, "manifold_upstream_failures_total", &[("route", "c"), ("call", "x"), ("cause", "tls")], 1.0).await;
+    g.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_that_requires_a_client_certificate_gets_the_configured_one() {
+    let pki = Pki::new();
+    let b = tls_backend(&pki, true).await;
+    let yaml = route_and_composition(&b);
+
+    let with_cert = common::gateway_with(&yaml, pki.options("ca.pem", true));
+    let (status, text, body) = get(&with_cert, "/r").await;
+    assert_eq!(status, 200, "mTLS with the configured client certificate: {text}");
+    assert_eq!(body, json!({"tls": true}));
+    let (status, text, body) = get(&with_cert, "/c").await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(body, json!({"x": {"tls": true}}));
+    with_cert.shutdown();
+
+    let without = common::gateway_with(&yaml, pki.options("ca.pem", false));
+    let (status, text, body) = get(&without, "/r").await;
+    assert_eq!(status, 502, "no client certificate: refused by the backend: {text}");
+    assert_eq!(body["error"]["code"], "upstream_error", "{text}");
+    without.shutdown();
+    assert_eq!(b.answered.load(Ordering::SeqCst), 2, "only the gateway with the certificate was answered");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_connections_to_a_backend_are_pooled() {
+    let pki = Pki::new();
+    let b = tls_backend(&pki, false).await;
+    let g = common::gateway_with(&route_and_composition(&b), pki.options("ca.pem", false));
+    let c = client();
+    for i in 0..50 {
+        let resp = within(10, &format!("GET /r #{i}"), c.get(format!("http://{}/r", g.proxy_addr)).send()).await.unwrap();
+        assert_eq!(resp.status(), 200, "GET /r #{i}");
+        assert_eq!(resp.json::<Value>().await.unwrap(), json!({"tls": true}));
+    }
+    assert_eq!(b.answered.load(Ordering::SeqCst), 50);
+    let conns = b.conns.load(Ordering::SeqCst);
+    assert!(conns <= 4, "50 sequential requests over at most 4 TLS connections, the backend accepted {conns}");
+    g.shutdown();
+}
