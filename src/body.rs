@@ -29,6 +29,9 @@ pub enum Body {
     /// A body whose data bytes are counted as they go out (the access log
     /// of a streamed answer); boxed, like `Tee`.
     Counted(Box<Counted>),
+    /// A backend's answer body still streaming from its connection (one
+    /// that arrived whole with its head is `Full`).
+    Upstream(Box<crate::upstream::ResponseBody>),
 }
 
 impl std::fmt::Debug for Body {
@@ -40,6 +43,7 @@ impl std::fmt::Debug for Body {
             Body::Capped { left, .. } => f.debug_struct("Capped").field("left", left).finish_non_exhaustive(),
             Body::Tee(_) => f.write_str("Tee"),
             Body::Counted(_) => f.write_str("Counted"),
+            Body::Upstream(_) => f.write_str("Upstream"),
         }
     }
 }
@@ -149,6 +153,7 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            Body::Upstream(inner) => Pin::new(inner.as_mut()).poll_frame(cx),
             Body::Capped { inner, left } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     let len = frame.data_ref().map_or(0, |d| d.len() as u64);
@@ -210,6 +215,7 @@ impl http_body::Body for Body {
             // Not ended before the copy is handed over.
             Body::Tee(tee) => tee.done.is_none() && tee.inner.is_end_stream(),
             Body::Counted(c) => c.done.is_none() && c.inner.is_end_stream(),
+            Body::Upstream(inner) => inner.is_end_stream(),
         }
     }
 
@@ -220,6 +226,7 @@ impl http_body::Body for Body {
             Body::Stream(inner) | Body::Capped { inner, .. } => inner.size_hint(),
             Body::Tee(tee) => tee.inner.size_hint(),
             Body::Counted(c) => c.inner.size_hint(),
+            Body::Upstream(inner) => inner.size_hint(),
         }
     }
 }

@@ -135,6 +135,17 @@ pub struct ServeArgs {
     /// Share of requests that get an access log line, 0 to 1 (0.1: one in ten)
     #[arg(long, env = "MANIFOLD_ACCESS_LOG_SAMPLE", default_value = "1", value_parser = parse_share)]
     pub access_log_sample: f64,
+    /// PEM CA certificates trusted for https backends, beside the system's
+    /// roots (which SSL_CERT_FILE and SSL_CERT_DIR can also point at)
+    #[arg(long, env = "MANIFOLD_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<std::path::PathBuf>,
+    /// PEM certificate chain shown to https backends that ask for a client
+    /// certificate (mTLS); needs --upstream-client-key
+    #[arg(long, env = "MANIFOLD_UPSTREAM_CLIENT_CERT", requires = "upstream_client_key")]
+    pub upstream_client_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --upstream-client-cert
+    #[arg(long, env = "MANIFOLD_UPSTREAM_CLIENT_KEY", requires = "upstream_client_cert")]
+    pub upstream_client_key: Option<std::path::PathBuf>,
     /// Label request counts by consumer too (manifold_consumer_requests_total):
     /// one series per consumer, route and status class, so off by default
     #[arg(long, env = "MANIFOLD_METRICS_CONSUMER_LABELS")]
@@ -355,6 +366,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         database,
         redis,
         metrics: crate::metrics::MetricsOptions { consumer_labels: args.metrics_consumer_labels },
+        upstream_tls: crate::upstream::TlsOptions {
+            ca_file: args.upstream_ca_file,
+            client_cert_file: args.upstream_client_cert,
+            client_key_file: args.upstream_client_key,
+        },
         ..GatewayOptions::default()
     };
     let gateway = Gateway::start(opts, config)?;

@@ -41,6 +41,8 @@ pub struct GatewayOptions {
     /// Redis, for `rate-limit` with `scope: cluster`.
     pub redis: Option<RedisOptions>,
     pub metrics: crate::metrics::MetricsOptions,
+    /// TLS to https backends: extra CA roots, a client certificate.
+    pub upstream_tls: crate::upstream::TlsOptions,
 }
 
 impl Default for GatewayOptions {
@@ -54,6 +56,7 @@ impl Default for GatewayOptions {
             database: None,
             redis: None,
             metrics: Default::default(),
+            upstream_tls: Default::default(),
         }
     }
 }
@@ -139,8 +142,10 @@ impl Gateway {
             }
             None => (None, config, 1, None, false),
         };
-        let shared = Shared::new(config, version, store.clone(), opts.trusted_proxies.clone(), opts.limits.clone(), services.clone())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let connector = Arc::new(crate::upstream::Connector::new(&opts.upstream_tls)?);
+        let shared =
+            Shared::new(config, version, store.clone(), opts.trusted_proxies.clone(), opts.limits.clone(), services.clone(), connector)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
         // Know whether Redis answers before serving (and say so in the log);
         // each worker opens its own connection on its first check.
         if let Some(redis) = services.redis.clone() {
@@ -166,7 +171,7 @@ impl Gateway {
         let state = AdminState {
             shared: shared.clone(),
             token: opts.admin_token.filter(|t| !t.is_empty()).map(Arc::from),
-            client: crate::proxy::new_client(),
+            client: crate::upstream::Client::new(shared.connector.clone()),
             snapshot_path: opts.database.as_ref().map(|d| d.snapshot_path.clone()),
         };
         let admin_task = control.spawn(async move {

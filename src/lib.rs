@@ -6,7 +6,10 @@
 //!   hygiene ([`server::hygiene`]) and the per-request handler.
 //! - [`snapshot`]: the compiled config (router, resolved routes) the request
 //!   path reads, swapped whole on every change.
-//! - [`proxy`]: plain routes: forward, stream, strip hop-by-hop headers.
+//! - [`proxy`]: plain routes: rewrite, forward, strip hop-by-hop headers.
+//! - [`upstream`]: the one way to a backend, for routes and composition
+//!   calls: HTTP/1.1 on the request's task, per-worker pools, TLS, timeouts,
+//!   and errors that say whose fault they are.
 //! - [`config`]: the declarative config: types, loading, validation.
 //! - [`admin`]: the admin API on its own listener; [`metrics`] its `/metrics`.
 //! - [`otel`]: OpenTelemetry spans of requests and backend calls (feature `otel`).
@@ -36,3 +39,4 @@ pub mod remote;
 pub mod server;
 pub mod snapshot;
 pub mod store;
+pub mod upstream;

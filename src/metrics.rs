@@ -33,6 +33,7 @@ pub struct Metrics {
     consumers: Option<IntCounterVec>,
     calls: HistogramVec,
     call_failures: IntCounterVec,
+    upstream_failures: IntCounterVec,
     pub config_version: IntGauge,
     pub config_reloads: TotalCounter,
     pub last_reload: IntGauge,
@@ -167,8 +168,17 @@ impl Metrics {
             &["composition", "call", "kind"],
         )
         .expect("a valid metric");
+        let upstream_failures = IntCounterVec::new(
+            Opts::new(
+                "manifold_upstream_failures_total",
+                "Backend requests that failed by the backend's fault, by route or composition, call (empty for a route) and cause",
+            ),
+            &["route", "call", "cause"],
+        )
+        .expect("a valid metric");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(upstream_failures.clone()),
             Box::new(duration.clone()),
             Box::new(refusals.clone()),
             Box::new(calls.clone()),
@@ -201,6 +211,7 @@ impl Metrics {
             consumers,
             calls,
             call_failures,
+            upstream_failures,
             in_flight: AtomicI64::new(0),
             connections: AtomicI64::new(0),
         })
@@ -225,6 +236,12 @@ impl Metrics {
     /// A failed backend call of a composition (rare: looked up when it happens).
     pub fn call_failed(&self, composition: &str, call: &str, kind: &str) {
         self.call_failures.with_label_values(&[composition, call, kind]).inc();
+    }
+
+    /// A backend request that failed by the backend's fault (rare: looked
+    /// up when it happens).
+    pub fn upstream_failed(&self, route: &str, call: &str, cause: &str) {
+        self.upstream_failures.with_label_values(&[route, call, cause]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -42,6 +42,8 @@ pub struct ProxyRoute {
     pub base_path: String,
     pub rewrite: Option<Vec<RewritePart>>,
     pub timeout: Duration,
+    /// The longest pause between two reads of the answer's body.
+    pub body_timeout: Duration,
     pub preserve_host: bool,
 }
 
@@ -218,6 +220,7 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
             base_path: uri.path().trim_end_matches('/').to_string(),
             rewrite,
             timeout: route.timeout.map_or(DEFAULT_ROUTE_TIMEOUT, |d| d.0),
+            body_timeout: route.body_timeout.map_or(crate::upstream::DEFAULT_BODY_TIMEOUT, |d| d.0),
             preserve_host: route.preserve_host,
         };
         add(base, &route.hosts, &pattern, parse_methods(&route.methods), Target::Proxy(Arc::new(route_data)), &route.policies);

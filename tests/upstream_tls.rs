@@ -105,13 +105,14 @@ impl Pki {
     /// Gateway options trusting `ca_file`, with the client certificate
     /// when `mtls`.
     fn options(&self, ca_file: &str, mtls: bool) -> GatewayOptions {
-        let mut opts = GatewayOptions::default();
-        opts.upstream_tls = TlsOptions {
-            ca_file: Some(self.path(ca_file)),
-            client_cert_file: mtls.then(|| self.path("client.pem")),
-            client_key_file: mtls.then(|| self.path("client-key.pem")),
-        };
-        opts
+        GatewayOptions {
+            upstream_tls: TlsOptions {
+                ca_file: Some(self.path(ca_file)),
+                client_cert_file: mtls.then(|| self.path("client.pem")),
+                client_key_file: mtls.then(|| self.path("client-key.pem")),
+            },
+            ..GatewayOptions::default()
+        }
     }
 }
 

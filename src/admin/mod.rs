@@ -24,7 +24,6 @@ use crate::config::load::config_from_text_against;
 use crate::config::{Config, ConfigErrors, Format};
 use crate::diff::ConfigDiff;
 use crate::ids::TraceContext;
-use crate::proxy::HttpClient;
 use crate::server::Shared;
 
 #[derive(Clone)]
@@ -32,7 +31,7 @@ pub struct AdminState {
     pub shared: Arc<Shared>,
     pub token: Option<Arc<str>>,
     /// The admin API's own backend client, for `try`.
-    pub client: HttpClient,
+    pub client: crate::upstream::Client,
     /// Database mode: where the node saves each config it loads.
     pub snapshot_path: Option<std::path::PathBuf>,
 }

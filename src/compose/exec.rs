@@ -18,13 +18,13 @@ use super::plan::{CallPlan, CompositionPlan, ResponseBody};
 use super::query::truthy;
 use crate::body::Body;
 use crate::errors::{error_response, ErrorCode};
-use crate::ids::{TraceContext, REQUEST_ID_HEADER, TRACEPARENT};
-use crate::otel::CallSpan;
-use crate::proxy::HttpClient;
+use crate::ids::TraceContext;
+use crate::metrics::Metrics;
+use crate::upstream::{Cause, Client, Outbound, UpstreamError};
 
 /// What a composition needs from the request it serves.
 pub struct Exchange<'a> {
-    pub client: &'a HttpClient,
+    pub client: &'a Client,
     pub request_id: &'a HeaderValue,
     pub trace: &'a TraceContext,
     /// The client's headers, for `forward_headers`.
@@ -34,7 +34,7 @@ pub struct Exchange<'a> {
     /// A correlation-id policy's header, sent on every call.
     pub correlation: Option<HeaderName>,
     /// Where per-call durations and failures are counted (not for `try`).
-    pub metrics: Option<&'a crate::metrics::Metrics>,
+    pub metrics: Option<&'a std::sync::Arc<Metrics>>,
 }
 
 /// One call (or `for_each` item) as the `try` endpoint reports it.
@@ -167,9 +167,6 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
             headers.insert(name.clone(), v.clone());
         }
     }
-    headers.insert(header::HOST, call.host_header.clone());
-    headers.insert(REQUEST_ID_HEADER, ex.request_id.clone());
-    headers.insert(TRACEPARENT, ex.trace.child());
     headers.entry(header::ACCEPT).or_insert(HeaderValue::from_static("application/json"));
     let body = match &call.body {
         Some(t) => {
@@ -181,18 +178,47 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
     Ok(Prepared { uri, headers, body })
 }
 
-async fn attempt(client: &HttpClient, method: &http::Method, p: &Prepared, max_body: usize) -> Result<Success, Failure> {
+/// The kind a composition reports for a failed backend request.
+fn failure_of(e: &UpstreamError) -> Failure {
+    let (kind, message) = match e.cause {
+        Cause::Connect => ("connect", "the backend could not be reached"),
+        Cause::Tls => ("tls", "the backend's TLS handshake failed"),
+        Cause::Timeout | Cause::BodyTimeout => ("timeout", "no answer in time"),
+        Cause::Protocol => ("protocol", "the backend's answer is not valid HTTP"),
+        _ => ("upstream", "the backend connection failed"),
+    };
+    Failure::new(kind, message)
+}
+
+/// What every backend request of one call shares: the labels and ids the
+/// upstream layer stamps and counts with.
+struct CallIds {
+    composition: std::sync::Arc<str>,
+    call: std::sync::Arc<str>,
+    request_id: HeaderValue,
+    trace: TraceContext,
+    host: HeaderValue,
+    metrics: Option<std::sync::Arc<Metrics>>,
+}
+
+async fn attempt(client: &Client, ids: &CallIds, limits: &CallLimits, p: &Prepared) -> Result<Success, Failure> {
+    let max_body = limits.max_body;
     let mut req = Request::new(p.body.clone().map_or(Body::Empty, Body::full));
-    *req.method_mut() = method.clone();
+    *req.method_mut() = limits.method.clone();
     *req.uri_mut() = p.uri.clone();
     *req.headers_mut() = p.headers.clone();
-    let resp = client.request(req).await.map_err(|e| {
-        if e.is_connect() {
-            Failure::new("connect", "the backend could not be reached")
-        } else {
-            Failure::new("upstream", "the backend connection failed")
-        }
-    })?;
+    let out = Outbound {
+        route: &ids.composition,
+        call: Some(&ids.call),
+        request_id: &ids.request_id,
+        trace: &ids.trace,
+        correlation: None,
+        host: &ids.host,
+        deadline: limits.end,
+        body_timeout: crate::upstream::DEFAULT_BODY_TIMEOUT,
+        metrics: ids.metrics.as_ref(),
+    };
+    let resp = client.send(out, req).await.map_err(|e| failure_of(&e))?;
     let (parts, body) = resp.into_parts();
     let too_large = || Failure {
         status: Some(parts.status.as_u16()),
@@ -201,10 +227,20 @@ async fn attempt(client: &HttpClient, method: &http::Method, p: &Prepared, max_b
     if http_body::Body::size_hint(&body).lower() > max_body as u64 {
         return Err(too_large());
     }
-    let bytes = match Limited::new(body, max_body).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(_) => return Err(Failure::new("upstream", "the backend connection failed while sending the body")),
+    let bytes = match body {
+        // Most answers arrive whole with their head.
+        Body::Full(b) => b.unwrap_or_default(),
+        Body::Empty => Bytes::new(),
+        body => match Limited::new(body, max_body).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+            Err(e) => {
+                return Err(match e.downcast_ref::<UpstreamError>() {
+                    Some(u) => failure_of(u),
+                    None => Failure::new("upstream", "the backend connection failed while sending the body"),
+                })
+            }
+        },
     };
     let status = parts.status;
     if !status.is_success() {
@@ -238,14 +274,14 @@ struct CallLimits {
 
 /// One backend request with its retries, ending at `limits.end` at the
 /// latest; also how many retries were sent.
-async fn request_with_retries(client: &HttpClient, p: &Prepared, limits: &CallLimits) -> (Result<Success, Failure>, u32) {
+async fn request_with_retries(client: &Client, ids: &CallIds, p: &Prepared, limits: &CallLimits) -> (Result<Success, Failure>, u32) {
     let mut retried = 0;
     let work = async {
         let mut left = limits.retries;
         loop {
-            let result = attempt(client, &limits.method, p, limits.max_body).await;
+            let result = attempt(client, ids, limits, p).await;
             let retryable = match &result {
-                Err(f) => f.kind == "connect" || f.kind == "upstream" || matches!(f.status, Some(502..=504)),
+                Err(f) => matches!(f.kind, "connect" | "upstream" | "protocol") || matches!(f.status, Some(502..=504)),
                 Ok(_) => false,
             };
             if !retryable || left == 0 {
@@ -267,8 +303,7 @@ type CallFuture = Pin<Box<dyn Future<Output = Finished> + Send>>;
 /// When and how a call runs, besides its requests.
 struct Launch {
     index: usize,
-    /// The request's trace when it has a span: each backend request gets one.
-    trace: Option<TraceContext>,
+    ids: CallIds,
     for_each: bool,
     started: Instant,
     composition_start: Instant,
@@ -294,7 +329,7 @@ fn record_of(name: String, url: String, started: Option<f64>, r: &Result<Success
 }
 
 /// Starts a call with its rendered requests; the future owns all it needs.
-fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &HttpClient, l: Launch) -> CallFuture {
+fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) -> CallFuture {
     let client = client.clone();
     let name = call.name.clone();
     Box::pin(async move {
@@ -302,10 +337,8 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &HttpClient, l: Laun
         let mut records = Vec::new();
         let result = if !l.for_each {
             match requests.into_iter().next() {
-                Some(mut p) => {
-                    let mut span = CallSpan::start(l.trace.as_ref(), &name, &l.limits.method, &p.uri, &mut p.headers);
-                    let (r, retries) = request_with_retries(&client, &p, &l.limits).await;
-                    finish_span(&mut span, &r);
+                Some(p) => {
+                    let (r, retries) = request_with_retries(&client, &l.ids, &p, &l.limits).await;
                     if l.record {
                         let at = Some(offset(l.started));
                         records.push(record_of(name.to_string(), p.uri.to_string(), at, &r, l.started.elapsed(), retries));
@@ -319,13 +352,11 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &HttpClient, l: Laun
             // first failure stops the call and drops the items still running.
             // Their bodies together stay within the call's body limit.
             let mut items = futures_util::stream::iter(requests.into_iter().enumerate())
-                .map(|(i, mut p)| {
-                    let (client, limits, trace, name) = (&client, &l.limits, l.trace.as_ref(), &name);
+                .map(|(i, p)| {
+                    let (client, limits, ids) = (&client, &l.limits, &l.ids);
                     async move {
                         let t = Instant::now();
-                        let mut span = CallSpan::start(trace, name, &limits.method, &p.uri, &mut p.headers);
-                        let (r, retries) = request_with_retries(client, &p, limits).await;
-                        finish_span(&mut span, &r);
+                        let (r, retries) = request_with_retries(client, ids, &p, limits).await;
                         (i, p.uri, t, r, retries)
                     }
                 })
@@ -362,13 +393,6 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &HttpClient, l: Laun
     })
 }
 
-fn finish_span(span: &mut CallSpan, r: &Result<Success, Failure>) {
-    match r {
-        Ok(s) => span.finish(Some(s.status), None),
-        Err(f) => span.finish(f.status, Some(f.kind)),
-    }
-}
-
 fn failure_response(f: &Failure, call: &str, request_id: &HeaderValue) -> Response<Body> {
     let id = request_id.to_str().unwrap_or("");
     if let Some((status, content_type, bytes)) = f.passthrough.as_deref() {
@@ -399,7 +423,7 @@ struct Run<'p> {
     records: Vec<CallRecord>,
     record: bool,
     doc: Value,
-    metrics: Option<&'p crate::metrics::Metrics>,
+    metrics: Option<&'p std::sync::Arc<Metrics>>,
 }
 
 impl Run<'_> {
@@ -528,9 +552,6 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         metrics: ex.metrics,
     };
     let mut running: FuturesUnordered<CallFuture> = FuturesUnordered::new();
-    // Copied into the call futures, which own what they use; only when the
-    // request has a span (call spans hang under it).
-    let trace = ex.trace.span_id.is_some().then_some(*ex.trace);
 
     loop {
         // Start (or settle) every waiting call whose inputs are all settled.
@@ -561,9 +582,18 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                         let now = Instant::now();
                         let end = call.timeout.map_or(run.deadline, |t| (now + t).min(run.deadline));
                         let limits = CallLimits { method: call.method.clone(), max_body: call.max_body, retries: call.retries, end };
+                        // Owned by the call's future.
+                        let ids = CallIds {
+                            composition: plan.name.clone(),
+                            call: call.name.clone(),
+                            request_id: ex.request_id.clone(),
+                            trace: *ex.trace,
+                            host: call.host_header.clone(),
+                            metrics: ex.metrics.cloned(),
+                        };
                         let l = Launch {
                             index: i,
-                            trace,
+                            ids,
                             for_each: call.for_each.is_some(),
                             started: now,
                             composition_start: start,

@@ -170,7 +170,7 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
             }
         };
         let (Some(scheme), Some(authority)) = (origin_uri.scheme().cloned(), origin_uri.authority().cloned()) else {
-            fail(format!("{cbase}.url"), "expected http://host[:port]/path".into());
+            fail(format!("{cbase}.url"), "expected http(s)://host[:port]/path".into());
             continue;
         };
         let (path_text, query_text) = split_path_query(rest);

@@ -63,6 +63,9 @@ pub struct Route {
     /// Deadline for the upstream's answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Dur>,
+    /// The longest the upstream's answer body may pause between two reads; past it the answer is cut. Default 60s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_timeout: Option<Dur>,
     /// Forward the client's Host header instead of the upstream's.
     #[serde(default, skip_serializing_if = "is_false")]
     pub preserve_host: bool,

@@ -122,9 +122,8 @@ fn check_host(errs: &mut Errors, path: String, host: &str) {
 pub fn check_upstream(upstream: &str) -> Result<(), String> {
     let uri: http::Uri = upstream.parse().map_err(|e| format!("invalid upstream {upstream:?}: {e}"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err("https upstreams are not supported yet; use http://".into()),
-        _ => return Err(format!("invalid upstream {upstream:?}: expected http://host[:port][/base]")),
+        Some("http" | "https") => {}
+        _ => return Err(format!("invalid upstream {upstream:?}: expected http(s)://host[:port][/base]")),
     }
     let authority = uri.authority().ok_or_else(|| format!("invalid upstream {upstream:?}: no host"))?;
     if authority.as_str().contains('@') {
@@ -305,6 +304,7 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
             errs.push(format!("{base}.upstream"), e);
         }
         check_duration(&mut errs, format!("{base}.timeout"), route.timeout);
+        check_duration(&mut errs, format!("{base}.body_timeout"), route.body_timeout);
         check_policy_refs(&mut errs, &base, &route.policies, &policy_names);
     }
 
@@ -748,7 +748,7 @@ fn check_call_header(errs: &mut Errors, path: String, name: &str) {
 /// request choose where the gateway connects.
 pub fn split_call_url(url: &str) -> Result<(&str, &str), String> {
     let Some(scheme_end) = url.find("://") else {
-        return Err(format!("invalid url {url:?}: expected http://host[:port]/path"));
+        return Err(format!("invalid url {url:?}: expected http(s)://host[:port]/path"));
     };
     let after = &url[scheme_end + 3..];
     let origin_end = scheme_end + 3 + after.find(['/', '?']).unwrap_or(after.len());
@@ -757,11 +757,8 @@ pub fn split_call_url(url: &str) -> Result<(&str, &str), String> {
         return Err("the scheme, host and port of a url are fixed text: templates are allowed only in its path and query".into());
     }
     let uri: http::Uri = origin.parse().map_err(|e| format!("invalid url {url:?}: {e}"))?;
-    if uri.scheme_str() == Some("https") {
-        return Err("https backends are not supported yet; use http://".into());
-    }
-    if uri.scheme_str() != Some("http") || uri.host().is_none_or(str::is_empty) || origin.contains('@') {
-        return Err(format!("invalid url {url:?}: expected http://host[:port]/path"));
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) || origin.contains('@') {
+        return Err(format!("invalid url {url:?}: expected http(s)://host[:port]/path"));
     }
     let literal = strip_templates(rest);
     if literal.contains('#') {

@@ -2,49 +2,17 @@
 //! upstream, bodies streamed both ways.
 
 use std::net::IpAddr;
-use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::Body;
 use crate::config::pattern::RewritePart;
 use crate::errors::{ErrorCode, GatewayError};
-use crate::ids::{TraceContext, REQUEST_ID_HEADER, TRACEPARENT};
-use crate::otel::CallSpan;
+use crate::ids::TraceContext;
 use crate::snapshot::ProxyRoute;
-
-pub type HttpClient = Client<HttpConnector, Body>;
-
-/// Idle backend connections kept per backend host and worker (nginx's
-/// `keepalive` directive counts the same way; Kong keeps 512 per pool).
-pub const MAX_IDLE_PER_HOST: usize = 64;
-
-/// The pooled backend client. One per worker thread, so a connection and the
-/// backend calls it makes stay on one thread (see PERFORMANCE.md). Redirects
-/// are never followed and proxy environment variables never read.
-///
-/// At most [`MAX_IDLE_PER_HOST`] idle connections per backend are kept per
-/// worker: a burst (1,000 compositions of 3 calls at once opens 3,000
-/// backend connections) must not stay pooled, and memory with it, once it
-/// is over. Steady load reuses far fewer: each busy connection returns to the
-/// pool as soon as its answer is read.
-pub fn new_client() -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
-}
+use crate::upstream::{Client, Outbound};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -87,6 +55,7 @@ pub struct Forwarding<'a> {
     pub params: &'a [(std::sync::Arc<str>, String)],
     /// request-size-limit: cut the body past this many bytes (413).
     pub body_limit: Option<u64>,
+    pub metrics: Option<&'a std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 fn upstream_path_and_query(route: &ProxyRoute, fwd: &Forwarding, query: Option<&str>) -> Result<PathAndQuery, GatewayError> {
@@ -118,17 +87,20 @@ fn upstream_path_and_query(route: &ProxyRoute, fwd: &Forwarding, query: Option<&
 }
 
 /// Forwards `req` to the route's upstream and streams the answer back.
+/// The error says whether the client's connection must close (its body
+/// was not read to the end).
 pub async fn forward(
-    client: &HttpClient,
+    client: &Client,
     route: &ProxyRoute,
     fwd: Forwarding<'_>,
     req: Request<Body>,
-) -> Result<Response<Body>, GatewayError> {
+) -> Result<Response<Body>, (GatewayError, bool)> {
+    let started = tokio::time::Instant::now();
     let (mut parts, body) = req.into_parts();
     let original_host =
         parts.headers.get(header::HOST).cloned().or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
 
-    let path_and_query = upstream_path_and_query(route, &fwd, parts.uri.query())?;
+    let path_and_query = upstream_path_and_query(route, &fwd, parts.uri.query()).map_err(|e| (e, false))?;
     parts.uri = Uri::from_parts({
         let mut u = http::uri::Parts::default();
         u.scheme = Some(route.scheme.clone());
@@ -136,7 +108,7 @@ pub async fn forward(
         u.path_and_query = Some(path_and_query);
         u
     })
-    .map_err(|_| GatewayError::new(ErrorCode::Internal, "cannot build the upstream URI"))?;
+    .map_err(|_| (GatewayError::new(ErrorCode::Internal, "cannot build the upstream URI"), false))?;
     parts.version = Version::HTTP_11;
 
     let h = &mut parts.headers;
@@ -158,51 +130,28 @@ pub async fn forward(
             None => h.remove(&X_FORWARDED_HOST),
         };
     }
-    match (&original_host, route.preserve_host) {
-        (Some(host), true) => h.insert(header::HOST, host.clone()),
-        _ => h.insert(header::HOST, route.upstream_host.clone()),
+    let host = match (&original_host, route.preserve_host) {
+        (Some(host), true) => host,
+        _ => &route.upstream_host,
     };
-    h.insert(REQUEST_ID_HEADER, fwd.request_id.clone());
-    h.insert(TRACEPARENT, fwd.trace.child());
-    let mut span = CallSpan::start(Some(fwd.trace), &route.name, &parts.method, &parts.uri, &mut parts.headers);
 
     let body = match (fwd.body_limit, body) {
         (Some(left), Body::Stream(inner)) => Body::Capped { inner, left },
         (_, body) => body,
     };
-    let upstream_req = Request::from_parts(parts, body);
-    let result = tokio::time::timeout(route.timeout, client.request(upstream_req)).await;
-    let resp = match result {
-        Err(_) => {
-            span.finish(None, Some("timeout"));
-            tracing::warn!(request_id = fwd.request_id.to_str().unwrap_or(""), route = %route.name, "upstream timed out after {:?}", route.timeout);
-            return Err(GatewayError::new(ErrorCode::UpstreamTimeout, "the upstream did not answer in time"));
-        }
-        Ok(Err(e)) if crate::body::is_too_large(&e) => {
-            span.finish(None, Some("body_too_large"));
-            return Err(GatewayError::new(ErrorCode::PayloadTooLarge, "the request body is over this route's size limit"));
-        }
-        Ok(Err(e)) => {
-            span.finish(None, Some(if e.is_connect() { "connect" } else { "upstream" }));
-            tracing::warn!(request_id = fwd.request_id.to_str().unwrap_or(""), route = %route.name, error = %error_chain(&e), "upstream request failed");
-            let message = if e.is_connect() { "the upstream could not be reached" } else { "the upstream connection failed" };
-            return Err(GatewayError::new(ErrorCode::UpstreamError, message));
-        }
-        Ok(Ok(resp)) => resp,
+    let out = Outbound {
+        route: &route.name,
+        call: None,
+        request_id: fwd.request_id,
+        trace: fwd.trace,
+        correlation: None,
+        host,
+        deadline: started + route.timeout,
+        body_timeout: route.body_timeout,
+        metrics: fwd.metrics,
     };
-    span.finish(Some(resp.status().as_u16()), None);
+    let resp = client.send(out, Request::from_parts(parts, body)).await.map_err(|e| (e.gateway_error(), e.closes_client()))?;
     let (mut parts, body) = resp.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, Body::Stream(body)))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
+    Ok(Response::from_parts(parts, body))
 }

@@ -22,18 +22,19 @@ use crate::errors::{ErrorCode, GatewayError};
 use crate::ids::{request_id, TraceContext, REQUEST_ID_HEADER};
 use crate::otel::ServerSpan;
 use crate::policy::{Admission, Refusal};
-use crate::proxy::{self, Forwarding, HttpClient};
+use crate::proxy::{self, Forwarding};
 use crate::snapshot::{RouteMatch, Target};
 
 /// What one worker thread owns: the shared state and its own client.
 pub struct Worker {
     shared: Arc<Shared>,
-    client: HttpClient,
+    client: crate::upstream::Client,
 }
 
 impl Worker {
     pub fn new(shared: Arc<Shared>) -> Arc<Self> {
-        Arc::new(Worker { shared, client: proxy::new_client() })
+        let client = crate::upstream::Client::new(shared.connector.clone());
+        Arc::new(Worker { shared, client })
     }
 
     pub fn service(self: &Arc<Self>, peer: SocketAddr, activity: Arc<ConnActivity>) -> ConnService {
@@ -304,7 +305,7 @@ async fn route_and_run(
                 // cannot hold the buffer.
                 let bytes = match tokio::time::timeout(route.timeout, read_body(body, limit)).await {
                     Ok(bytes) => bytes.map_err(|e| (e, false))?,
-                    Err(_) => return Err((GatewayError::new(ErrorCode::BadRequest, "the request body did not arrive in time"), true)),
+                    Err(_) => return Err((GatewayError::new(ErrorCode::RequestTimeout, "the request body did not arrive in time"), true)),
                 };
                 let bytes = match serde_json::from_slice::<serde_json::Value>(&bytes) {
                     Ok(mut json) if json.is_object() => {
@@ -334,8 +335,9 @@ async fn route_and_run(
                 path: &path,
                 params: &params,
                 body_limit: admission.body_limit,
+                metrics: Some(&worker.shared.services.metrics),
             };
-            proxy::forward(&worker.client, &route, fwd, req).await.map_err(|e| (e, false))
+            proxy::forward(&worker.client, &route, fwd, req).await
         }
         Target::Composition(plan) => {
             // The body counts against the composition's deadline: a client that
@@ -343,7 +345,7 @@ async fn route_and_run(
             let limit = admission.body_limit.map_or(MAX_REQUEST_BODY, |l| (l as usize).min(MAX_REQUEST_BODY));
             let mut body = match tokio::time::timeout(plan.deadline, read_json_body(&parts.headers, body, limit)).await {
                 Ok(body) => body.map_err(|e| (e, false))?,
-                Err(_) => return Err((GatewayError::new(ErrorCode::BadRequest, "the request body did not arrive in time"), true)),
+                Err(_) => return Err((GatewayError::new(ErrorCode::RequestTimeout, "the request body did not arrive in time"), true)),
             };
             if !body_transforms.is_empty() && body.is_object() {
                 let c = ctx.get_or_insert_with(|| transform_context(&parts, &params, &admission, serde_json::Value::Null));

@@ -44,6 +44,8 @@ pub struct Shared {
     pub db_instance: std::sync::Mutex<Option<String>>,
     /// What policies keep beyond one config (Redis, JWK Sets).
     pub services: Arc<crate::policy::Services>,
+    /// How backend connections are opened (TLS roots, client certificate).
+    pub connector: Arc<crate::upstream::Connector>,
 }
 
 impl Shared {
@@ -54,6 +56,7 @@ impl Shared {
         trusted_proxies: Vec<IpNet>,
         limits: Limits,
         services: Arc<crate::policy::Services>,
+        connector: Arc<crate::upstream::Connector>,
     ) -> Result<Arc<Self>, ConfigErrors> {
         let snap = snapshot::compile(config, version, &services)?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
@@ -70,6 +73,7 @@ impl Shared {
             db_reachable: std::sync::atomic::AtomicBool::new(false),
             db_instance: std::sync::Mutex::new(None),
             services,
+            connector,
         }))
     }
 

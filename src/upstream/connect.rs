@@ -1,0 +1,175 @@
+//! Opening a connection to a backend: TCP (no delay, keep-alive probes),
+//! then TLS for `https://` with rustls, verified against the system's roots
+//! plus a node-wide CA file, with SNI, and a client certificate when set.
+
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use http::uri::Authority;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use super::error::{Cause, UpstreamError};
+
+/// Node-wide TLS to backends (flags `--upstream-ca-file`,
+/// `--upstream-client-cert`, `--upstream-client-key`). The per-upstream
+/// `tls` block of SPEC §6 comes with the `upstreams` entity.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// PEM certificates trusted beside the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// A PEM certificate chain presented to backends that ask for one.
+    pub client_cert_file: Option<PathBuf>,
+    /// The PEM private key of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
+}
+
+/// How connections are opened: one per node, shared by every worker's pool.
+pub struct Connector {
+    tls: Arc<rustls::ClientConfig>,
+    pub connect_timeout: Duration,
+}
+
+impl Connector {
+    /// Reads the roots and the client certificate once; an unreadable or
+    /// invalid file is an error naming its flag.
+    pub fn new(opts: &TlsOptions) -> anyhow::Result<Connector> {
+        let mut roots = rustls::RootCertStore::empty();
+        // The system's store (and SSL_CERT_FILE / SSL_CERT_DIR). Certificates
+        // it cannot parse are skipped, as curl and Go skip them.
+        let native = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(native.certs);
+        if let Some(path) = &opts.ca_file {
+            let certs = read_certs(path).with_context(|| format!("--upstream-ca-file {}", path.display()))?;
+            for cert in certs {
+                roots.add(cert).with_context(|| format!("--upstream-ca-file {}: not a usable CA certificate", path.display()))?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .context("TLS to backends")?
+            .with_root_certificates(roots);
+        let mut config = match (&opts.client_cert_file, &opts.client_key_file) {
+            (Some(cert), Some(key)) => {
+                let chain = read_certs(cert).with_context(|| format!("--upstream-client-cert {}", cert.display()))?;
+                let key_der = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+                    .with_context(|| format!("--upstream-client-key {}: no PEM private key", key.display()))?;
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .context("--upstream-client-cert and --upstream-client-key do not make a usable pair")?
+            }
+            (None, None) => builder.with_no_client_auth(),
+            _ => anyhow::bail!("--upstream-client-cert and --upstream-client-key must be given together"),
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Connector { tls: Arc::new(config), connect_timeout: Duration::from_secs(5) })
+    }
+
+    /// A new connection to `authority`, over TLS when `tls`.
+    pub async fn connect(&self, tls: bool, authority: &Authority) -> Result<Stream, UpstreamError> {
+        let host = authority.host();
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect((bare, port))).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(UpstreamError::new(Cause::Connect, format!("connect to {authority}: {e}")).unsent()),
+            Err(_) => {
+                return Err(
+                    UpstreamError::new(Cause::Connect, format!("connect to {authority}: no answer in {:?}", self.connect_timeout)).unsent()
+                )
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)));
+        if !tls {
+            return Ok(Stream::Plain(tcp));
+        }
+        let name = ServerName::try_from(bare.to_string())
+            .map_err(|_| UpstreamError::new(Cause::Tls, format!("{host} is not a name TLS can verify")).unsent())?;
+        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        match tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp)).await {
+            Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
+            Ok(Err(e)) => Err(UpstreamError::new(Cause::Tls, format!("TLS with {authority}: {}", super::error::chain(&e))).unsent()),
+            Err(_) => {
+                Err(UpstreamError::new(Cause::Tls, format!("TLS with {authority}: no handshake in {:?}", self.connect_timeout)).unsent())
+            }
+        }
+    }
+}
+
+fn read_certs(path: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(!certs.is_empty(), "no PEM certificate in the file");
+    Ok(certs)
+}
+
+/// A backend connection, plain or TLS.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Whether a pooled connection still looks usable: nothing to read and
+    /// not closed. A non-blocking read, no task per idle connection
+    /// (pingora's test before reuse). A byte waiting is as bad as a close:
+    /// an idle backend has nothing to say.
+    pub fn is_reusable(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        match self {
+            Stream::Plain(s) => matches!(s.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            Stream::Tls(s) => {
+                // A TLS 1.3 session ticket may wait unread; rustls takes it
+                // in this poll and reports no data.
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let mut buf = ReadBuf::new(&mut byte);
+                matches!(Pin::new(s.as_mut()).poll_read(&mut cx, &mut buf), Poll::Pending)
+            }
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
