@@ -411,6 +411,12 @@ compositions:
       headers: {{ cache-control: "private, max-age=10", x-user: "{{{{user.body.tags.[0]}}}}" }}
       forward_headers: {{ meta: [x-backend, content-type] }}
       body: {{ first_tag: "$.user.body.tags[0]", missing: $.user.body.nope, all: "$.user.body.tags[*]", literal: "$$.not.a.query", nested: {{ v: $.meta.body.v, fixed: [1, 2] }} }}
+  - name: call-headers
+    path: /call-headers
+    calls:
+      meta: {{ url: "{e}/m" }}
+    response:
+      body: {{ backend: "$.meta.headers['x-backend']", v: $.meta.body.v }}
 "#,
         u = users.url(),
         e = etagged.url()
@@ -429,6 +435,10 @@ compositions:
         body,
         json!({"first_tag": "a", "missing": null, "all": ["a", "b"], "literal": "$.not.a.query", "nested": {"v": 1, "fixed": [1, 2]}})
     );
+    // A call's headers reach the document when a query reads them.
+    let (status, _, body) = get(&format!("http://{}/call-headers", g.proxy_addr)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, json!({"backend": "yes", "v": 1}));
     g.shutdown();
 }
 

@@ -381,7 +381,7 @@ async fn try_composition(State(state): State<AdminState>, Path(name): Path<Strin
         return (StatusCode::BAD_REQUEST, Json(json!({ "message": "invalid try request", "fields": field_errors }))).into_response();
     }
     let params: Vec<(Arc<str>, String)> = params.into_iter().map(|(k, v)| (Arc::from(k), v)).collect();
-    let request = request_context(&method, &params, query.as_deref(), &headers, input.body);
+    let request = request_context(&method, &params, query.as_deref(), Some(&headers), input.body);
     let request_id = crate::ids::request_id(&headers);
     let trace = TraceContext::from_headers(&headers);
     let ex = crate::compose::Exchange {

@@ -59,13 +59,21 @@ pub fn headers_map(headers: &HeaderMap) -> Map<String, Value> {
     map
 }
 
-pub fn request_context(method: &Method, params: &[(Arc<str>, String)], query: Option<&str>, headers: &HeaderMap, body: Value) -> Value {
+/// The `request` entry. `headers: None` leaves `request.headers` empty: a
+/// composition none of whose templates can read it skips the copy.
+pub fn request_context(
+    method: &Method,
+    params: &[(Arc<str>, String)],
+    query: Option<&str>,
+    headers: Option<&HeaderMap>,
+    body: Value,
+) -> Value {
     let path: Map<String, Value> = params.iter().map(|(k, v)| (k.to_string(), Value::String(percent_decode(v, false)))).collect();
     let mut req = Map::with_capacity(5);
     req.insert("method".into(), Value::String(method.as_str().to_string()));
     req.insert("path".into(), Value::Object(path));
     req.insert("query".into(), Value::Object(query_map(query)));
-    req.insert("headers".into(), Value::Object(headers_map(headers)));
+    req.insert("headers".into(), Value::Object(headers.map(headers_map).unwrap_or_default()));
     req.insert("body".into(), body);
     Value::Object(req)
 }

@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 use tokio::time::Instant;
 
 use super::plan::{CallPlan, CompositionPlan, ResponseBody};
-use super::query::truthy;
+use super::query::{truthy, Rendered};
 use crate::body::Body;
 use crate::errors::{error_response, ErrorCode};
 use crate::ids::TraceContext;
@@ -171,7 +171,7 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
     let body = match &call.body {
         Some(t) => {
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            Some(Bytes::from(serde_json::to_vec(&t.render(doc)).unwrap_or_default()))
+            Some(Bytes::from(serde_json::to_vec(&Rendered { template: t, doc }).unwrap_or_default()))
         }
         None => None,
     };
@@ -216,6 +216,7 @@ async fn attempt(client: &Client, ids: &CallIds, limits: &CallLimits, p: &Prepar
         host: &ids.host,
         deadline: limits.end,
         body_timeout: crate::upstream::DEFAULT_BODY_TIMEOUT,
+        keep_headers: limits.keep_headers,
         metrics: ids.metrics.as_ref(),
     };
     let resp = client.send(out, req).await.map_err(|e| failure_of(&e))?;
@@ -268,6 +269,9 @@ struct CallLimits {
     method: http::Method,
     max_body: usize,
     retries: u32,
+    /// Whether anything reads the answer's headers (else only its
+    /// `Content-Type` is kept).
+    keep_headers: bool,
     /// The call's timeout or the composition's deadline, whichever is first.
     end: Instant,
 }
@@ -471,27 +475,28 @@ impl Run<'_> {
     }
 
     fn server_timing(&self) -> HeaderValue {
+        use std::fmt::Write as _;
         self.count_calls();
-        let mut parts = Vec::with_capacity(self.plan.calls.len() + 1);
+        let mut out = String::with_capacity(32 * (self.plan.calls.len() + 1));
         for (i, call) in self.plan.calls.iter().enumerate() {
-            let entry = match self.states[i] {
-                State::Done => format!("{};dur={}", call.name, ms(self.durations[i])),
+            let name = &*call.name;
+            let _ = match self.states[i] {
+                State::Done => write!(out, "{name};dur={}, ", ms(self.durations[i])),
                 State::Failed => {
                     let kind = self.failures[i].as_ref().map_or("failed", |f| f.kind);
-                    format!("{};dur={};desc=\"{kind}\"", call.name, ms(self.durations[i]))
+                    write!(out, "{name};dur={};desc=\"{kind}\", ", ms(self.durations[i]))
                 }
                 State::Running => {
                     let d = self.started[i].map_or(Duration::ZERO, |t| t.elapsed());
-                    format!("{};dur={};desc=\"cancelled\"", call.name, ms(d))
+                    write!(out, "{name};dur={};desc=\"cancelled\", ", ms(d))
                 }
-                State::Skipped => format!("{};dur=0;desc=\"skipped\"", call.name),
-                State::NotRun => format!("{};dur=0;desc=\"not run\"", call.name),
-                State::Waiting => format!("{};dur=0;desc=\"cancelled\"", call.name),
+                State::Skipped => write!(out, "{name};dur=0;desc=\"skipped\", "),
+                State::NotRun => write!(out, "{name};dur=0;desc=\"not run\", "),
+                State::Waiting => write!(out, "{name};dur=0;desc=\"cancelled\", "),
             };
-            parts.push(entry);
         }
-        parts.push(format!("total;dur={}", ms(self.start.elapsed())));
-        HeaderValue::from_str(&parts.join(", ")).unwrap_or(HeaderValue::from_static("total"))
+        let _ = write!(out, "total;dur={}", ms(self.start.elapsed()));
+        HeaderValue::from_str(&out).unwrap_or(HeaderValue::from_static("total"))
     }
 
     fn fail(mut self, i: usize, f: Failure, request_id: &HeaderValue) -> Outcome {
@@ -581,7 +586,13 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                     Ok(requests) => {
                         let now = Instant::now();
                         let end = call.timeout.map_or(run.deadline, |t| (now + t).min(run.deadline));
-                        let limits = CallLimits { method: call.method.clone(), max_body: call.max_body, retries: call.retries, end };
+                        let limits = CallLimits {
+                            method: call.method.clone(),
+                            max_body: call.max_body,
+                            retries: call.retries,
+                            keep_headers: call.keep_headers,
+                            end,
+                        };
                         // Owned by the call's future.
                         let ids = CallIds {
                             composition: plan.name.clone(),
@@ -617,7 +628,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         match done.result {
             Ok(s) => {
                 // Backend headers go into the document only when something reads them.
-                let headers = if plan.reads_call_headers { headers_json(&s.headers) } else { Value::Object(Map::new()) };
+                let headers = if plan.reads_headers { headers_json(&s.headers) } else { Value::Object(Map::new()) };
                 let entry = call_entry(Some(s.status), headers, s.body, None, done.duration);
                 run.set(i, entry);
                 run.call_headers[i] = Some(s.headers);
@@ -637,19 +648,31 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
     Outcome { response, calls: run.records }
 }
 
+/// The default answer, `{call: body, ...}` in call order, serialized from
+/// the document without copying the bodies.
+struct CallBodies<'a, 'p>(&'a Run<'p>);
+
+impl serde::Serialize for CallBodies<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let calls = &self.0.plan.calls;
+        let mut map = s.serialize_map(Some(calls.len()))?;
+        for call in calls {
+            let body = self.0.doc.get(&*call.name).and_then(|e| e.get("body")).unwrap_or(&Value::Null);
+            map.serialize_entry(&*call.name, body)?;
+        }
+        map.end()
+    }
+}
+
 fn shape(run: &Run, request_id: &HeaderValue) -> Response<Body> {
     let (plan, doc) = (run.plan, &run.doc);
     let r = &plan.response;
     let (bytes, content_type) = match &r.body {
-        ResponseBody::Default => {
-            let mut map = Map::with_capacity(plan.calls.len());
-            for call in &plan.calls {
-                let body = doc.get(&*call.name).and_then(|e| e.get("body")).cloned().unwrap_or(Value::Null);
-                map.insert(call.name.to_string(), body);
-            }
-            (serde_json::to_vec(&Value::Object(map)).unwrap_or_default(), HeaderValue::from_static("application/json"))
+        ResponseBody::Default => (serde_json::to_vec(&CallBodies(run)).unwrap_or_default(), HeaderValue::from_static("application/json")),
+        ResponseBody::Json(template) => {
+            (serde_json::to_vec(&Rendered { template, doc }).unwrap_or_default(), HeaderValue::from_static("application/json"))
         }
-        ResponseBody::Json(t) => (serde_json::to_vec(&t.render(doc)).unwrap_or_default(), HeaderValue::from_static("application/json")),
         ResponseBody::Text { template, content_type } => match template.render(doc) {
             Ok(text) => (text.into_bytes(), content_type.clone()),
             Err(e) => {

@@ -51,6 +51,9 @@ pub struct CallPlan {
     pub max_concurrency: usize,
     /// Indexes of the calls this one reads; it starts when they are done.
     pub deps: Vec<usize>,
+    /// Whether the answer's headers are read (a template or query, or the
+    /// response's `forward_headers`); else only `Content-Type` is kept.
+    pub keep_headers: bool,
 }
 
 #[derive(Debug)]
@@ -79,9 +82,10 @@ pub struct CompositionPlan {
     pub deadline: Duration,
     pub calls: Vec<CallPlan>,
     pub response: ResponsePlan,
-    /// Whether any template or query may read a call's `headers`; when none
-    /// does, backend headers are not copied into the context document.
-    pub reads_call_headers: bool,
+    /// Whether any template or query may read `headers` (the request's or a
+    /// call's); when none does, no headers are copied into the context
+    /// document.
+    pub reads_headers: bool,
 }
 
 /// Splits `path?query` at the first `?` outside a `{{...}}` expression.
@@ -118,9 +122,10 @@ fn json_roots(t: &serde_json::Value, out: &mut Vec<String>) {
     }
 }
 
-/// Conservative: any expression mentioning `headers`, or a query not
-/// anchored on one name (`$..x`, `$.*`), may read a call's headers.
-fn reads_call_headers(comp: &Composition) -> bool {
+/// Conservative: any expression mentioning `headers`, a query with a
+/// wildcard, descendants or a filter (`$.user.*`, `$..x`, `[?...]`), or a
+/// handlebars block, helper or `this`/`@key` may read headers.
+fn reads_headers(comp: &Composition) -> bool {
     fn in_json(v: &serde_json::Value) -> bool {
         match v {
             serde_json::Value::String(s) => s.starts_with('$') && mentions(s),
@@ -130,7 +135,7 @@ fn reads_call_headers(comp: &Composition) -> bool {
         }
     }
     fn mentions(s: &str) -> bool {
-        s.contains("headers") || s.starts_with("$..") || s.starts_with("$.*") || s.starts_with("$[*]") || s.starts_with("$[?")
+        ["headers", "*", "..", "[?", "#", "lookup", "this", "@"].iter().any(|m| s.contains(m))
     }
     let calls = comp.calls.values().any(|c| {
         mentions(&c.url)
@@ -243,6 +248,7 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
             max_items: call.max_items.map_or(DEFAULT_MAX_ITEMS, |n| n as usize),
             max_concurrency: call.max_concurrency.map_or(DEFAULT_MAX_CONCURRENCY, |n| n as usize).max(1),
             deps,
+            keep_headers: false,
         });
     }
 
@@ -292,12 +298,48 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
     if !errors.is_empty() {
         return Err(errors);
     }
+    let reads_headers = reads_headers(comp);
+    for call in &mut calls {
+        call.keep_headers = reads_headers || spec.forward_headers.contains_key(&*call.name);
+    }
     Ok(CompositionPlan {
-        reads_call_headers: reads_call_headers(comp),
+        reads_headers,
         name: comp.name.as_str().into(),
         method: Method::from_bytes(comp.method.as_deref().unwrap_or("GET").as_bytes()).unwrap_or(Method::GET),
         deadline,
         calls,
         response: ResponsePlan { status, headers, forward_headers, body },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reads(calls: &str, response: &str) -> bool {
+        let yaml = format!("name: c\npath: /c\ncalls:\n{calls}\nresponse: {response}\n");
+        let comp: Composition = serde_norway::from_str(&yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+        reads_headers(&comp)
+    }
+
+    #[test]
+    fn headers_are_copied_only_when_something_may_read_them() {
+        let plain = "  a: { url: \"http://x/a/{{request.path.id}}?q={{request.query.q}}\", body: { q: $.request.query.q } }";
+        assert!(!reads(plain, "{ body: { id: $.a.body.id } }"));
+        assert!(!reads(plain, "{ template: \"<p>{{a.body.name}}</p>\" }"));
+        for (calls, response) in [
+            ("  a: { url: \"http://x/a/{{request.headers.x-t}}\" }", "{}"),
+            ("  a: { url: \"http://x/a\", headers: { x-t: \"{{request.headers.x-t}}\" } }", "{}"),
+            ("  a: { url: \"http://x/a\", when: \"$.request['headers']\" }", "{}"),
+            ("  a: { url: \"http://x/a\", when: $.request.* }", "{}"),
+            (plain, "{ body: { all: $.a.* } }"),
+            (plain, "{ body: { all: $..x } }"),
+            (plain, "{ body: { h: \"$.a[?@.status == 200]\" } }"),
+            (plain, "{ template: \"{{#each a}}{{@key}}{{/each}}\" }"),
+            (plain, "{ template: \"{{lookup a 'headers'}}\" }"),
+            (plain, "{ headers: { x-h: \"{{a.headers.etag}}\" } }"),
+        ] {
+            assert!(reads(calls, response), "{calls} / {response}");
+        }
+    }
 }

@@ -4,7 +4,10 @@
 
 use jsonpath_rust::parser::model::{JpQuery, Segment, Selector};
 use jsonpath_rust::parser::parse_json_path;
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::Value;
+
+static NULL: Value = Value::Null;
 
 #[derive(Clone, Debug)]
 pub enum Step {
@@ -64,6 +67,22 @@ impl Query {
                 Ok(refs) => Value::Array(refs.into_iter().map(|r| r.val().clone()).collect()),
                 Err(_) => Value::Array(vec![]),
             },
+        }
+    }
+
+    /// Writes the query's result (as [`Query::eval`] gives it) into a
+    /// serializer, borrowing the values instead of copying them.
+    pub fn serialize_eval<S: Serializer>(&self, doc: &Value, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Query::Singular(_) => self.get(doc).unwrap_or(&NULL).serialize(s),
+            Query::General(q) => {
+                let refs = jsonpath_rust::query::js_path_process(q, doc).unwrap_or_default();
+                let mut seq = s.serialize_seq(Some(refs.len()))?;
+                for r in refs {
+                    seq.serialize_element(r.val())?;
+                }
+                seq.end()
+            }
         }
     }
 
@@ -131,6 +150,38 @@ impl JsonTemplate {
     }
 }
 
+/// A JSON template rendered straight into a serializer: what it reads is
+/// borrowed from the document, never copied into an intermediate `Value`.
+/// `serde_json::to_vec(&Rendered { .. })` gives the bytes `render` would.
+pub struct Rendered<'a> {
+    pub template: &'a JsonTemplate,
+    pub doc: &'a Value,
+}
+
+impl Serialize for Rendered<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let doc = self.doc;
+        match self.template {
+            JsonTemplate::Literal(v) => v.serialize(s),
+            JsonTemplate::Query(q) => q.serialize_eval(doc, s),
+            JsonTemplate::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for template in items {
+                    seq.serialize_element(&Rendered { template, doc })?;
+                }
+                seq.end()
+            }
+            JsonTemplate::Object(fields) => {
+                let mut map = s.serialize_map(Some(fields.len()))?;
+                for (k, template) in fields {
+                    map.serialize_entry(k, &Rendered { template, doc })?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
 fn fold(t: &JsonTemplate) -> Value {
     t.render(&Value::Null)
 }
@@ -166,6 +217,14 @@ mod tests {
         let t =
             JsonTemplate::compile(&json!({"x": "$.a.body.x", "lit": "$$dollars", "n": [1, "$.a.body.x"], "fixed": {"k": "v"}})).unwrap();
         assert_eq!(t.render(&doc), json!({"x": 1, "lit": "$dollars", "n": [1, 1], "fixed": {"k": "v"}}));
+        // Written straight into bytes, the same document.
+        let doc = json!({"a": {"body": {"x": 1, "items": [{"p": 1}, {"p": 2}]}}});
+        let t =
+            JsonTemplate::compile(&json!({"x": "$.a.body.x", "m": "$.a.body.nope", "ps": "$.a.body.items[*].p", "n": [1, "$.a.body.x"]}))
+                .unwrap();
+        let bytes = serde_json::to_vec(&Rendered { template: &t, doc: &doc }).unwrap();
+        assert_eq!(bytes, serde_json::to_vec(&t.render(&doc)).unwrap());
+        assert_eq!(serde_json::from_slice::<Value>(&bytes).unwrap(), json!({"x": 1, "m": null, "ps": [1, 2], "n": [1, 1]}));
     }
 
     #[test]

@@ -148,6 +148,7 @@ pub async fn forward(
         host,
         deadline: started + route.timeout,
         body_timeout: route.body_timeout,
+        keep_headers: true,
         metrics: fwd.metrics,
     };
     let resp = client.send(out, Request::from_parts(parts, body)).await.map_err(|e| (e.gateway_error(), e.closes_client()))?;

@@ -353,7 +353,8 @@ async fn route_and_run(
                     t.apply_body(&mut body, c);
                 }
             }
-            let mut request = request_context(&parts.method, &params, parts.uri.query(), &parts.headers, body);
+            let headers = plan.reads_headers.then_some(&parts.headers);
+            let mut request = request_context(&parts.method, &params, parts.uri.query(), headers, body);
             add_consumer(&mut request, &admission);
             let ex = compose::Exchange {
                 client: &worker.client,
@@ -451,7 +452,7 @@ fn transform_context(
     admission: &Admission,
     body: serde_json::Value,
 ) -> serde_json::Value {
-    let mut request = request_context(&parts.method, params, parts.uri.query(), &parts.headers, body);
+    let mut request = request_context(&parts.method, params, parts.uri.query(), Some(&parts.headers), body);
     add_consumer(&mut request, admission);
     crate::policy::transform::context(request)
 }

@@ -67,17 +67,19 @@ enum Phase {
 
 /// Sends `req` on a pooled connection (or a new one) and reads the answer's
 /// head by `deadline`; the answer's body streams from the connection, each
-/// pause at most `body_timeout`.
+/// pause at most `body_timeout`. Without `keep_headers` the answer carries
+/// only its `Content-Type` (a composition call nothing reads headers of).
 pub async fn send(
     pool: &Arc<Pool>,
     connector: &Connector,
     req: Request<Body>,
     deadline: Instant,
     body_timeout: Duration,
+    keep_headers: bool,
     failures: Option<FailureCount>,
 ) -> Result<Response<Body>, UpstreamError> {
     let phase = AtomicU8::new(Phase::Connecting as u8);
-    match tokio::time::timeout_at(deadline, exchange(pool, connector, req, body_timeout, failures, &phase)).await {
+    match tokio::time::timeout_at(deadline, exchange(pool, connector, req, body_timeout, keep_headers, failures, &phase)).await {
         Ok(result) => result,
         Err(_) if phase.load(Ordering::Relaxed) == Phase::ClientBody as u8 => {
             Err(UpstreamError::new(Cause::ClientStalled, "the client's body stopped arriving"))
@@ -91,6 +93,7 @@ async fn exchange(
     connector: &Connector,
     req: Request<Body>,
     body_timeout: Duration,
+    keep_headers: bool,
     failures: Option<FailureCount>,
     phase: &AtomicU8,
 ) -> Result<Response<Body>, UpstreamError> {
@@ -129,7 +132,7 @@ async fn exchange(
             Err(e) => return Err(e),
         }
         phase.store(Phase::Answer as u8, Ordering::Relaxed);
-        match read_head(&mut conn, head_only).await {
+        match read_head(&mut conn, head_only, keep_headers).await {
             Ok((head, framing)) => return Ok(answer(conn, head, framing, pool, body_timeout, failures)),
             // Closed before a byte of the answer: the backend may have
             // dropped the idle connection as the request went out.
@@ -290,17 +293,25 @@ async fn read_more(conn: &mut Conn) -> std::io::Result<usize> {
 }
 
 /// Reads the answer's head, skipping interim (1xx) answers.
-async fn read_head(conn: &mut Conn, head_only: bool) -> Result<(Head, Framing), UpstreamError> {
+async fn read_head(conn: &mut Conn, head_only: bool, keep_headers: bool) -> Result<(Head, Framing), UpstreamError> {
     let mut received = false;
     loop {
         if !conn.buf.is_empty() {
             received = true;
-            if let Some((head, framing, len)) = parse_head(&conn.buf, head_only)? {
-                conn.buf.advance(len);
+            if let Some((parsed, len)) = parse_head(&conn.buf, head_only, keep_headers)? {
+                // The values are slices of the head's own bytes: no copy.
+                let bytes = conn.buf.split_to(len).freeze();
+                let mut headers = HeaderMap::with_capacity(parsed.fields.len());
+                for (name, start, end) in parsed.fields {
+                    let value = HeaderValue::from_maybe_shared(bytes.slice(start as usize..end as usize))
+                        .map_err(|_| protocol("invalid header value"))?;
+                    headers.append(name, value);
+                }
+                let head = Head { status: parsed.status, version: parsed.version, headers, keep_alive: parsed.keep_alive };
                 match head.status.as_u16() {
                     101 => return Err(protocol("the backend switched protocols unasked")),
                     100..=199 => continue,
-                    _ => return Ok((head, framing)),
+                    _ => return Ok((head, parsed.framing)),
                 }
             }
             if conn.buf.len() > MAX_HEAD {
@@ -317,26 +328,37 @@ async fn read_head(conn: &mut Conn, head_only: bool) -> Result<(Head, Framing), 
     }
 }
 
-/// `Some((head, framing, head length))` once the buffer holds a whole head.
-fn parse_head(buf: &[u8], head_only: bool) -> Result<Option<(Head, Framing, usize)>, UpstreamError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf) {
+/// An answer head as parsed: its header values as byte ranges of the head.
+struct Parsed {
+    status: StatusCode,
+    version: Version,
+    framing: Framing,
+    keep_alive: bool,
+    fields: Vec<(HeaderName, u32, u32)>,
+}
+
+/// `Some((head, head length))` once the buffer holds a whole head. The
+/// framing headers are always read; the others are kept only when
+/// `keep_headers` (`Content-Type` always is).
+fn parse_head(buf: &[u8], head_only: bool, keep_headers: bool) -> Result<Option<(Parsed, usize)>, UpstreamError> {
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut slots) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(protocol(format!("invalid answer head: {e}"))),
     };
     let status = resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or_else(|| protocol("invalid status code"))?;
     let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let mut fields = Vec::with_capacity(if keep_headers { resp.headers.len() } else { 1 });
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_encoding = false;
     let mut close = version == Version::HTTP_10;
+    let base = buf.as_ptr() as usize;
     for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| protocol("invalid header name"))?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| protocol("invalid header value"))?;
-        if name == header::CONTENT_LENGTH {
+        let n = h.name.as_bytes();
+        if n.eq_ignore_ascii_case(b"content-length") {
             for part in h.value.split(|b| *b == b',') {
                 let n = std::str::from_utf8(part.trim_ascii())
                     .ok()
@@ -348,11 +370,11 @@ fn parse_head(buf: &[u8], head_only: bool) -> Result<Option<(Head, Framing, usiz
                 }
                 length = Some(n);
             }
-        } else if name == header::TRANSFER_ENCODING {
+        } else if n.eq_ignore_ascii_case(b"transfer-encoding") {
             transfer_encoding = true;
             // Only the last coding decides (RFC 9112 §6.3).
             chunked = h.value.split(|b| *b == b',').next_back().is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION {
+        } else if n.eq_ignore_ascii_case(b"connection") {
             for token in h.value.split(|b| *b == b',') {
                 let t = token.trim_ascii();
                 if t.eq_ignore_ascii_case(b"close") {
@@ -361,8 +383,13 @@ fn parse_head(buf: &[u8], head_only: bool) -> Result<Option<(Head, Framing, usiz
                     close = false;
                 }
             }
+        } else if !keep_headers && !n.eq_ignore_ascii_case(b"content-type") {
+            continue;
         }
-        headers.append(name, value);
+        let name = HeaderName::from_bytes(n).map_err(|_| protocol("invalid header name"))?;
+        // httparse's values borrow `buf`: their place in it.
+        let start = h.value.as_ptr() as usize - base;
+        fields.push((name, start as u32, (start + h.value.len()) as u32));
     }
     if transfer_encoding && length.is_some() {
         return Err(protocol("both Content-Length and Transfer-Encoding"));
@@ -386,7 +413,7 @@ fn parse_head(buf: &[u8], head_only: bool) -> Result<Option<(Head, Framing, usiz
     if matches!(framing, Framing::Close) {
         close = true;
     }
-    Ok(Some((Head { status, version, headers, keep_alive: !close }, framing, len)))
+    Ok(Some((Parsed { status, version, framing, keep_alive: !close, fields }, len)))
 }
 
 /// The answer, its body read from `conn`. A body already in the buffer

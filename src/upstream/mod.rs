@@ -58,6 +58,9 @@ pub struct Outbound<'a> {
     /// The answer's head must have arrived by then.
     pub deadline: Instant,
     pub body_timeout: Duration,
+    /// Keep every header of the answer; `false`: only `Content-Type` (a
+    /// composition call whose headers nothing reads).
+    pub keep_headers: bool,
     /// Where failures are counted (`None`: the `try` endpoint).
     pub metrics: Option<&'a Arc<Metrics>>,
 }
@@ -117,7 +120,7 @@ impl Client {
             request_id: out.request_id.clone(),
         };
         let body_failures = out.metrics.is_some().then(failures);
-        match h1::send(&self.pool, &self.connector, req, out.deadline, out.body_timeout, body_failures).await {
+        match h1::send(&self.pool, &self.connector, req, out.deadline, out.body_timeout, out.keep_headers, body_failures).await {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 span.finish(Some(status), None);
