@@ -683,7 +683,10 @@ pub fn warnings(config: &Config) -> Vec<ConfigError> {
         .map(|u| ConfigError {
             file: None,
             path: format!("upstreams.{}.tls.verify", u.name),
-            message: "certificate verification is off: anyone on the path to these targets can read and change the traffic".into(),
+            message: format!(
+                "upstream {:?}: certificate verification is off (tls.verify: false): anyone on the path to its targets can read and change the traffic",
+                u.name
+            ),
         })
         .collect()
 }
