@@ -291,6 +291,7 @@ fn invalid() -> Vec<(&'static str, String)> {
         ("bad upstream name", edit("name: up,", "name: Up,")),
         ("bad upstream duration", edit("name: up,", "name: up, connect_timeout: soon,")),
         ("bad percentage", edit("name: up,", "name: up, retries: { max: 1, budget: lots },")),
+        ("percentage over 100%", edit("name: up,", "name: up, health: { passive: { max_ejected: 100.5% } },")),
         (
             "call with url and upstream",
             edit("{ url: \"http://127.0.0.1:9/a\" }", "{ url: \"http://127.0.0.1:9/a\", upstream: up, path: /a }"),

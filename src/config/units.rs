@@ -189,8 +189,8 @@ impl<'de> Deserialize<'de> for Percent {
     }
 }
 
-/// What `Percent::parse` takes.
-pub const PERCENT_PATTERN: &str = r"^\s*-?([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*%\s*$";
+/// What `Percent::parse` takes and `validate` keeps: 0% to 100%.
+pub const PERCENT_PATTERN: &str = r"^\s*(100(\.0*)?|[0-9]{1,2}(\.[0-9]*)?|\.[0-9]+)\s*%\s*$";
 
 impl utoipa::PartialSchema for Percent {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
