@@ -246,7 +246,8 @@ fn validate(mut paths: Vec<PathBuf>) -> ExitCode {
         paths.push(std::env::var_os("MANIFOLD_CONFIG_DIR").map_or_else(|| PathBuf::from("./compositions"), PathBuf::from));
     }
     let result = load_paths(&paths).and_then(|config| {
-        let summary = (config.routes.len(), config.compositions.len(), config.consumers.len(), config.policies.len());
+        let summary =
+            (config.routes.len(), config.compositions.len(), config.consumers.len(), config.policies.len(), config.upstreams.len());
         // Checked as a node with this environment would take it.
         let redis = std::env::var("MANIFOLD_REDIS_URL").ok().filter(|u| !u.is_empty());
         let services = crate::policy::Services::new(redis.map(|url| crate::gateway::RedisOptions { url, prefix: String::new() }));
@@ -256,8 +257,8 @@ fn validate(mut paths: Vec<PathBuf>) -> ExitCode {
         })
     });
     match result {
-        Ok((r, c, u, p)) => {
-            println!("ok: {r} routes, {c} compositions, {u} consumers, {p} policies");
+        Ok((r, c, u, p, s)) => {
+            println!("ok: {r} routes, {c} compositions, {u} consumers, {p} policies, {s} upstreams");
             ExitCode::SUCCESS
         }
         Err(errors) => {

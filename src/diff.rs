@@ -106,6 +106,7 @@ impl ConfigDiff {
         diff_list("compositions", &old.compositions, &new.compositions, |e| &e.name, &mut d);
         diff_list("consumers", &old.consumers, &new.consumers, |e| &e.name, &mut d);
         diff_list("policies", &old.policies, &new.policies, |e| &e.name, &mut d);
+        diff_list("upstreams", &old.upstreams, &new.upstreams, |e| &e.name, &mut d);
         d
     }
 

@@ -190,6 +190,10 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
         let Ok(pattern) = PathPattern::parse(&route.path) else {
             continue;
         };
+        if !route.upstream.contains("://") {
+            errors.push(err(format!("{base}.upstream"), "upstream pools are not wired into the request path yet".into()));
+            continue;
+        }
         let uri: http::Uri = match route.upstream.parse() {
             Ok(u) => u,
             Err(e) => {

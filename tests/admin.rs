@@ -181,9 +181,18 @@ async fn openapi_describes_the_api_from_the_config_types() {
         "/compositions/{name}/try",
         "/compositions/{name}/validate",
         "/compositions/{name}/yaml",
+        "/upstreams",
+        "/upstreams/{name}",
     ] {
         assert!(doc["paths"].get(path).is_some(), "{path} missing");
     }
+    let upstream = &doc["components"]["schemas"]["Upstream"];
+    for field in
+        ["name", "tags", "targets", "balance", "hash_on", "connect_timeout", "health", "retries", "circuit_breaker", "tls", "http2"]
+    {
+        assert!(upstream["properties"].get(field).is_some(), "Upstream.{field} missing: {upstream}");
+    }
+    assert!(doc["paths"]["/upstreams/{name}"]["delete"]["responses"].get("409").is_some());
     let item = &doc["paths"]["/routes/{name}"];
     for method in ["get", "put", "patch", "delete"] {
         assert!(item.get(method).is_some(), "{method} /routes/{{name}}");
@@ -229,5 +238,53 @@ async fn openapi_describes_the_api_from_the_config_types() {
         let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("unexpected ref {r}"));
         assert!(doc["components"]["schemas"].get(name).is_some(), "dangling reference {r}");
     }
+    g.shutdown();
+}
+
+/// DB-less mode: upstreams come with `POST /config` like every entity, are
+/// read at `/upstreams`, and are read-only there.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstreams_through_post_config_and_read_only_reads() {
+    let g = gateway("routes: []");
+    let admin = format!("http://{}", g.admin_addr);
+    let c = client();
+    let yaml = "upstreams:\n  - name: users\n    tags: [team-a]\n    targets:\n      - { url: \"http://10.0.0.1:8080\", weight: 10 }\n      - { url: \"http://10.0.0.2:8080\" }\n  - { name: orders, targets: [{ url: \"https://orders.internal\" }], tls: { verify: false } }\n";
+    let (status, body) = post_config(&g, yaml, "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["changes"]["created"], json!([{"kind": "upstreams", "name": "users"}, {"kind": "upstreams", "name": "orders"}]));
+
+    let page: Value = c.get(format!("{admin}/upstreams")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(page["data"].as_array().unwrap().iter().map(|u| u["name"].as_str().unwrap()).collect::<Vec<_>>(), ["users", "orders"]);
+    let tagged: Value = c.get(format!("{admin}/upstreams?tags=team-a")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(tagged["data"].as_array().unwrap().len(), 1);
+    let one: Value = c.get(format!("{admin}/upstreams/users")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(one["targets"], json!([{"url": "http://10.0.0.1:8080", "weight": 10}, {"url": "http://10.0.0.2:8080"}]));
+    let orders: Value = c.get(format!("{admin}/upstreams/orders")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(orders["tls"], json!({"verify": false}), "written out, as SPEC asks of verify: false");
+    assert_eq!(c.get(format!("{admin}/upstreams/nope")).send().await.unwrap().status(), 404);
+    for (method, path) in
+        [("POST", "/upstreams"), ("PUT", "/upstreams/users"), ("PATCH", "/upstreams/users"), ("DELETE", "/upstreams/users")]
+    {
+        let resp = c.request(method.parse().unwrap(), format!("{admin}{path}")).json(&json!({"name": "x"})).send().await.unwrap();
+        assert_eq!(resp.status(), 405, "{method} {path}");
+    }
+    let status: Value = c.get(format!("{admin}/status")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(status["entities"]["upstreams"], 2);
+
+    // What GET /config answers is a config POST /config accepts, upstreams included.
+    let text = c.get(format!("{admin}/config")).header("accept", "application/yaml").send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("upstreams:") && text.contains("weight: 10"), "{text}");
+    let (status, body) = post_config(&g, &text, "").await;
+    assert_eq!((status, &body["changes"]["updated"]), (200, &json!([])), "{body}");
+
+    // Every error of an invalid upstream, by field; the old config stays.
+    let bad = "upstreams:\n  - { name: users, targets: [{ url: \"http://10.0.0.1:8080/x\", weight: 0 }], balance: least-requests }\nroutes:\n  - { name: r, path: /r, upstream: ghost }\n";
+    let (status, body) = post_config(&g, bad, "").await;
+    assert_eq!(status, 400);
+    for key in ["upstreams.users.targets[0].url", "upstreams.users.targets[0].weight", "upstreams.users.balance", "routes.r.upstream"] {
+        assert!(body["fields"][key].is_string(), "{key} missing in {body}");
+    }
+    let page: Value = c.get(format!("{admin}/upstreams")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
     g.shutdown();
 }

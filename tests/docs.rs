@@ -273,7 +273,10 @@ fn fields<T: utoipa::PartialSchema>() -> Vec<String> {
 
 #[test]
 fn every_config_field_is_in_a_table() {
-    use manifold::config::{Call, Composition, Consumer, Policy, ResponseSpec, Route};
+    use manifold::config::{
+        ActiveHealthCheck, Call, CircuitBreaker, Composition, Consumer, PassiveHealthCheck, Policy, ResponseSpec, Route, Upstream,
+        UpstreamRetries, UpstreamTarget, UpstreamTls,
+    };
     let pages = [
         ("routes.md", fields::<Route>()),
         ("compositions.md", fields::<Composition>()),
@@ -281,6 +284,13 @@ fn every_config_field_is_in_a_table() {
         ("compositions.md", fields::<ResponseSpec>()),
         ("consumers.md", fields::<Consumer>()),
         ("policies.md", fields::<Policy>()),
+        ("upstreams.md", fields::<Upstream>()),
+        ("upstreams.md", fields::<UpstreamTarget>()),
+        ("upstreams.md", fields::<UpstreamTls>()),
+        ("upstreams.md", fields::<ActiveHealthCheck>()),
+        ("upstreams.md", fields::<PassiveHealthCheck>()),
+        ("upstreams.md", fields::<UpstreamRetries>()),
+        ("upstreams.md", fields::<CircuitBreaker>()),
     ];
     let mut missing = Vec::new();
     let mut seen = 0;

@@ -42,7 +42,7 @@ fn the_schema_is_draft_2020_12_with_every_policy_config() {
     assert!(jsonschema::meta::is_valid(&schema), "a valid 2020-12 schema");
     let text = schema.to_string();
     assert!(!text.contains("#/components/"), "every reference points into $defs");
-    for key in ["routes", "compositions", "consumers", "policies"] {
+    for key in ["routes", "compositions", "consumers", "policies", "upstreams"] {
         assert!(schema["properties"][key].is_object(), "{key}");
     }
     assert_eq!(schema["additionalProperties"], false);
@@ -190,6 +190,21 @@ policies:
   - { name: cors, type: cors, config: { origins: ["*"] } }
   - { name: office, type: ip-restriction, config: { deny: [10.0.0.1] } }
 "#,
+    // Every upstream field accepted in this version (the ones not built yet are validate's errors).
+    r#"
+upstreams:
+  - name: users
+    tags: [team-a]
+    targets:
+      - { url: "http://10.0.0.1:8080", weight: 1000 }
+      - { url: "https://users-b.internal:8443/", weight: 1 }
+      - { url: "http://users-c.internal" }
+    balance: round-robin
+    connect_timeout: 2s
+    tls: { verify: true, ca_file: /etc/manifold/ca.pem, server_name: users.internal, client_cert_file: /etc/manifold/gw.pem, client_key_file: /etc/manifold/gw-key.pem }
+    http2: true
+  - { name: plain, targets: [{ url: "http://10.0.0.2" }], tls: { server_name: 10.0.0.2 }, connect_timeout: 1 }
+"#,
 ];
 
 /// One valid route, composition, consumer and policy to break one field of.
@@ -204,6 +219,8 @@ consumers:
   - { name: u, credentials: [{ type: key-auth, key: k }] }
 policies:
   - { name: p, type: rate-limit, config: { limit: 1, window: 1s } }
+upstreams:
+  - { name: up, targets: [{ url: "http://127.0.0.1:9", weight: 5 }] }
 "#;
 
 /// Documents both must reject, each with one structural error.
@@ -214,7 +231,7 @@ fn invalid() -> Vec<(&'static str, String)> {
     };
     vec![
         ("not an object", "[1, 2]".to_string()),
-        ("unknown top-level key", format!("{BASE}upstreams: []\n")),
+        ("unknown top-level key", format!("{BASE}services: []\n")),
         ("a list that is not a list", "routes: { name: r }\n".to_string()),
         ("an entity that is not an object", "routes: [r]\n".to_string()),
         ("unknown field in a route", edit("path: /r,", "path: /r, retries: 3,")),
@@ -261,6 +278,26 @@ fn invalid() -> Vec<(&'static str, String)> {
         ("status out of range", edit("path: /c\n", "path: /c\n    response: { status: 42 }\n")),
         ("https-redirect status", format!("{BASE}  - {{ name: t, type: https-redirect, config: {{ status: 302 }} }}\n")),
         ("ip-restriction status", format!("{BASE}  - {{ name: t, type: ip-restriction, config: {{ allow: [10.0.0.1], status: 200 }} }}\n")),
+        ("unknown field in an upstream", edit("name: up,", "name: up, pool: [],")),
+        ("unknown field in a target", edit("weight: 5 }", "weight: 5, backup: true }")),
+        ("unknown field in upstream tls", edit("name: up,", "name: up, tls: { verify_depth: 2 },")),
+        ("weight 0", edit("weight: 5 }", "weight: 0 }")),
+        ("weight over 1000", edit("weight: 5 }", "weight: 1001 }")),
+        ("wrong type: weight", edit("weight: 5 }", "weight: heavy }")),
+        ("unknown balance", edit("name: up,", "name: up, balance: random,")),
+        ("missing targets", edit(", targets: [{ url: \"http://127.0.0.1:9\", weight: 5 }]", "")),
+        ("no targets", edit("targets: [{ url: \"http://127.0.0.1:9\", weight: 5 }]", "targets: []")),
+        ("missing target url", edit("url: \"http://127.0.0.1:9\", weight: 5", "weight: 5")),
+        ("bad upstream name", edit("name: up,", "name: Up,")),
+        ("bad upstream duration", edit("name: up,", "name: up, connect_timeout: soon,")),
+        ("bad percentage", edit("name: up,", "name: up, retries: { max: 1, budget: lots },")),
+        ("percentage over 100%", edit("name: up,", "name: up, health: { passive: { max_ejected: 100.5% } },")),
+        (
+            "call with url and upstream",
+            edit("{ url: \"http://127.0.0.1:9/a\" }", "{ url: \"http://127.0.0.1:9/a\", upstream: up, path: /a }"),
+        ),
+        ("call with upstream and no path", edit("{ url: \"http://127.0.0.1:9/a\" }", "{ upstream: up }")),
+        ("call with path and no upstream", edit("{ url: \"http://127.0.0.1:9/a\" }", "{ path: /a }")),
         (
             "max_items 0",
             edit("{ url: \"http://127.0.0.1:9/a\" }", "{ url: \"http://127.0.0.1:9/a\", for_each: $.request.body, max_items: 0 }"),

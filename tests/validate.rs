@@ -92,3 +92,49 @@ fn yaml_and_json_files_in_a_directory_are_merged() {
     assert_eq!(config.routes.len(), 1);
     assert_eq!(config.policies.len(), 1);
 }
+
+#[test]
+fn tls_verify_false_is_accepted_and_warned_about_at_its_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("u.yaml");
+    std::fs::write(&file, "upstreams:\n  - { name: legacy, targets: [{ url: \"https://legacy.internal\" }], tls: { verify: false } }\n")
+        .unwrap();
+    let config = load_paths(std::slice::from_ref(&file)).expect("allowed");
+    let warnings: Vec<String> = manifold::config::validate::warnings(&config).iter().map(|w| w.to_string()).collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].starts_with("upstreams.legacy.tls.verify: upstream \"legacy\": certificate verification is off"), "{warnings:?}");
+    // `manifold validate` logs it, as every load does, and still says ok.
+    let out = Command::new(env!("CARGO_BIN_EXE_manifold")).arg("validate").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("WARN") && said.contains("certificate verification is off"), "{said}");
+    assert!(said.contains("ok: 0 routes, 0 compositions, 0 consumers, 0 policies, 1 upstreams"), "{said}");
+    // Verification on (the default) says nothing.
+    std::fs::write(&file, "upstreams:\n  - { name: legacy, targets: [{ url: \"https://legacy.internal\" }], tls: { verify: true } }\n")
+        .unwrap();
+    assert!(manifold::config::validate::warnings(&load_paths(&[file]).unwrap()).is_empty());
+}
+
+/// Until pools are wired into the request path, a route or a call naming an
+/// upstream is refused when the config is compiled for a node, never served
+/// as something it is not.
+#[test]
+fn naming_an_upstream_is_refused_until_pools_are_wired() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("u.yaml");
+    std::fs::write(
+        &file,
+        "upstreams:\n  - { name: users, targets: [{ url: \"http://127.0.0.1:9\" }] }\nroutes:\n  - { name: r, path: /r, upstream: users }\ncompositions:\n  - { name: c, path: /c, calls: { me: { upstream: users, path: /me } } }\n",
+    )
+    .unwrap();
+    let config = load_paths(std::slice::from_ref(&file)).expect("the format and references are valid");
+    assert_eq!(config.compositions[0].calls["me"].path.as_deref(), Some("/me"));
+    let errors = errors_of(file.to_str().unwrap());
+    assert_eq!(
+        errors,
+        [
+            "routes.r.upstream: upstream pools are not wired into the request path yet",
+            "compositions.c.calls.me.upstream: upstream pools are not wired into the request path yet"
+        ]
+    );
+}

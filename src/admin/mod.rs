@@ -234,6 +234,7 @@ async fn status(State(state): State<AdminState>) -> Response {
             "compositions": snap.config.compositions.len(),
             "consumers": snap.config.consumers.len(),
             "policies": snap.config.policies.len(),
+            "upstreams": snap.config.upstreams.len(),
         },
     }))
     .into_response()
@@ -254,6 +255,7 @@ fn entities(config: &Config, kind: &str) -> Option<Vec<Value>> {
         "compositions" => values(&config.compositions),
         "consumers" => values(&config.consumers),
         "policies" => values(&config.policies),
+        "upstreams" => values(&config.upstreams),
         _ => return None,
     })
 }

@@ -7,7 +7,7 @@ use utoipa::openapi::schema::{ComponentsBuilder, ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{Content, InfoBuilder, OpenApi, OpenApiBuilder, Ref, RefOr, Required, ResponseBuilder, Schema};
 
-use crate::config::{Composition, Config, Consumer, Credential, Policy, Route};
+use crate::config::{Composition, Config, Consumer, Credential, Policy, Route, Upstream};
 
 fn json(schema: impl Into<RefOr<Schema>>) -> Content {
     Content::new(Some(schema))
@@ -114,7 +114,9 @@ fn try_answer() -> RefOr<Schema> {
 
 pub fn document() -> OpenApi {
     let mut paths = PathsBuilder::new();
-    for (kind, schema) in [("routes", "Route"), ("compositions", "Composition"), ("consumers", "Consumer"), ("policies", "Policy")] {
+    for (kind, schema) in
+        [("routes", "Route"), ("compositions", "Composition"), ("consumers", "Consumer"), ("policies", "Policy"), ("upstreams", "Upstream")]
+    {
         let entity = || RefOr::Ref(Ref::from_schema_name(schema));
         let body = || {
             RequestBodyBuilder::new()
@@ -157,7 +159,13 @@ pub fn document() -> OpenApi {
             .parameter(name_param("name"))
             .response("204", response("deleted", None))
             .response("404", response("not found", Some(object())))
-            .response("409", response("still in use (a policy attached somewhere)", Some(object())));
+            .response(
+                "409",
+                response(
+                    "still in use (a policy attached somewhere, an upstream named by a route or call): the users are named",
+                    Some(object()),
+                ),
+            );
         let mut item = PathItem::new(HttpMethod::Get, get);
         item.put = Some(put.build());
         item.patch = Some(patch.build());
@@ -262,6 +270,7 @@ pub fn document() -> OpenApi {
     components = with_nested::<Consumer>(components);
     components = with_nested::<Credential>(components);
     components = with_nested::<Policy>(components);
+    components = with_nested::<Upstream>(components);
     let components =
         components.security_scheme("admin_token", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build())).build();
     OpenApiBuilder::new()

@@ -138,7 +138,7 @@ fn reads_headers(comp: &Composition) -> bool {
         ["headers", "*", "..", "[?", "#", "lookup", "this", "@"].iter().any(|m| s.contains(m))
     }
     let calls = comp.calls.values().any(|c| {
-        mentions(&c.url)
+        c.url.as_deref().or(c.path.as_deref()).is_some_and(mentions)
             || c.headers.values().any(|v| mentions(v))
             || c.when.as_deref().is_some_and(mentions)
             || c.for_each.as_deref().is_some_and(mentions)
@@ -160,7 +160,11 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
 
     for (name, call) in &comp.calls {
         let cbase = format!("{base}.calls.{name}");
-        let (origin, rest) = match split_call_url(&call.url) {
+        let Some(url) = call.url.as_deref() else {
+            fail(format!("{cbase}.upstream"), "upstream pools are not wired into the request path yet".into());
+            continue;
+        };
+        let (origin, rest) = match split_call_url(url) {
             Ok(parts) => parts,
             Err(e) => {
                 fail(format!("{cbase}.url"), e);

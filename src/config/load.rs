@@ -49,6 +49,7 @@ pub struct Origins {
     pub compositions: Vec<Option<Arc<str>>>,
     pub consumers: Vec<Option<Arc<str>>>,
     pub policies: Vec<Option<Arc<str>>>,
+    pub upstreams: Vec<Option<Arc<str>>>,
     /// Entities that could not be parsed at all, whose names are still
     /// known: they are checked for duplicates and may be referred to.
     pub unparsed: Vec<Unparsed>,
@@ -72,6 +73,7 @@ impl Origins {
             "routes" => &mut self.routes,
             "compositions" => &mut self.compositions,
             "consumers" => &mut self.consumers,
+            "upstreams" => &mut self.upstreams,
             _ => &mut self.policies,
         }
     }
@@ -96,6 +98,7 @@ impl LoadedConfig {
             compositions: vec![None; config.compositions.len()],
             consumers: vec![None; config.consumers.len()],
             policies: vec![None; config.policies.len()],
+            upstreams: vec![None; config.upstreams.len()],
             ..Origins::default()
         };
         LoadedConfig { config, origins }
@@ -107,10 +110,12 @@ impl LoadedConfig {
         self.config.compositions.extend(config.compositions);
         self.config.consumers.extend(config.consumers);
         self.config.policies.extend(config.policies);
+        self.config.upstreams.extend(config.upstreams);
         self.origins.routes.extend(origins.routes);
         self.origins.compositions.extend(origins.compositions);
         self.origins.consumers.extend(origins.consumers);
         self.origins.policies.extend(origins.policies);
+        self.origins.upstreams.extend(origins.upstreams);
         self.origins.unparsed.extend(origins.unparsed);
         self.origins.partial.extend(origins.partial);
     }
@@ -128,6 +133,7 @@ impl LoadedConfig {
             return Err(ConfigErrors(errors));
         }
         validate::hash_secrets(&mut self.config, previous);
+        validate::log_warnings(&self.config);
         Ok(self.config)
     }
 }
@@ -311,6 +317,9 @@ pub fn parse_value(text: &str, format: Format) -> Result<Value, String> {
     }
 }
 
+/// The top-level keys of a config document, for messages.
+const TOP_LEVEL_KEYS: &str = "routes, compositions, consumers, policies or upstreams";
+
 pub fn parse_document(file: Option<Arc<str>>, text: &str, format: Format) -> (LoadedConfig, Vec<ConfigError>) {
     let mut loaded = LoadedConfig::default();
     let mut errors = Vec::new();
@@ -325,11 +334,7 @@ pub fn parse_document(file: Option<Arc<str>>, text: &str, format: Format) -> (Lo
         Value::Object(map) => map,
         Value::Null => return (loaded, errors),
         _ => {
-            errors.push(ConfigError {
-                file,
-                path: String::new(),
-                message: "expected an object with routes, compositions, consumers or policies".into(),
-            });
+            errors.push(ConfigError { file, path: String::new(), message: format!("expected an object with {TOP_LEVEL_KEYS}") });
             return (loaded, errors);
         }
     };
@@ -340,10 +345,11 @@ pub fn parse_document(file: Option<Arc<str>>, text: &str, format: Format) -> (Lo
             "compositions" => parse_entities("compositions", value, &file, &mut c.compositions, o, &mut errors),
             "consumers" => parse_entities("consumers", value, &file, &mut c.consumers, o, &mut errors),
             "policies" => parse_entities("policies", value, &file, &mut c.policies, o, &mut errors),
+            "upstreams" => parse_entities("upstreams", value, &file, &mut c.upstreams, o, &mut errors),
             _ => errors.push(ConfigError {
                 file: file.clone(),
                 path: key.clone(),
-                message: "unknown key: expected routes, compositions, consumers or policies".into(),
+                message: format!("unknown key: expected {TOP_LEVEL_KEYS}"),
             }),
         }
     }
@@ -457,6 +463,7 @@ pub fn name_files(paths: &[PathBuf], errors: &mut ConfigErrors) {
             "compositions" => find(config.compositions.iter().map(|c| c.name.as_str()).collect(), &origins.compositions),
             "consumers" => find(config.consumers.iter().map(|c| c.name.as_str()).collect(), &origins.consumers),
             "policies" => find(config.policies.iter().map(|p| p.name.as_str()).collect(), &origins.policies),
+            "upstreams" => find(config.upstreams.iter().map(|u| u.name.as_str()).collect(), &origins.upstreams),
             _ => None,
         };
     }

@@ -8,7 +8,7 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::units::{ByteSize, Dur};
+use super::units::{ByteSize, Dur, Percent};
 
 fn is_false(b: &bool) -> bool {
     !*b
@@ -36,6 +36,9 @@ pub struct Config {
     /// Authentication, limits, transforms and more, attached to routes and compositions by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<Policy>,
+    /// Pools of backend targets, named by a route's `upstream` or a call's `upstream`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<Upstream>,
 }
 
 /// A plain proxied route.
@@ -55,7 +58,7 @@ pub struct Route {
     pub hosts: Vec<String>,
     /// The path matched: `{param}` is one segment, `{*rest}` the remainder.
     pub path: String,
-    /// Where requests go: `http://host[:port][/base]`.
+    /// Where requests go: `http://host[:port][/base]`, or the name of an upstream.
     pub upstream: String,
     /// The forwarded path, with `{param}` placeholders; default: the request path unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -112,7 +115,15 @@ pub struct Call {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
     /// `http://host[:port]/path?query`; templates (`{{request.path.id}}`, `{{user.body.id}}`) only in the path and query.
-    pub url: String,
+    /// Exactly one of `url`, or `upstream` with `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The name of an upstream the call goes to, instead of a `url`; needs `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// With `upstream`: the path and query (`/users/{{request.path.id}}?full=1`), templated and escaped exactly like a `url`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     /// Default: the composition's deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Dur>,
@@ -219,6 +230,214 @@ pub enum Credential {
         public_key: Option<String>,
     },
 }
+
+/// A pool of backend targets (SPEC §6), named by routes and composition calls.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// Unique among upstreams: a-z, 0-9 and -, at most 64 characters.
+    pub name: String,
+    /// Free labels, for filtering in the admin API.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// The backends of the pool, at least one: `http://host[:port]` or `https://host[:port]`, no path.
+    pub targets: Vec<UpstreamTarget>,
+    /// How often a target's DNS name is resolved again (not built yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolve_every: Option<Dur>,
+    /// How a target is picked: round-robin (default; weighted, smooth), least-requests or consistent-hash (the last two are not built yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<Balance>,
+    /// consistent-hash only: what is hashed, consumer, ip, header:NAME or path (not built yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<String>,
+    /// Longest wait for a connection to a target (default 5s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<Dur>,
+    /// Active and passive health checks (not built yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<UpstreamHealth>,
+    /// Retries of failed requests on another target, within a budget (not built yet; default: no retries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<UpstreamRetries>,
+    /// A cap on the requests in flight to this upstream, per node (not built yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+    /// TLS settings for https targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+    /// Speak HTTP/2 to the targets (ALPN over TLS, prior knowledge over http); default false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub http2: bool,
+}
+
+/// One target of an upstream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTarget {
+    /// `http://host[:port]` or `https://host[:port]`: no path, query or user info.
+    pub url: String,
+    /// Share of the traffic relative to the other targets: 1 to 1000 (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+}
+
+/// How an upstream picks a target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    RoundRobin,
+    LeastRequests,
+    ConsistentHash,
+}
+
+/// Health checks of an upstream's targets.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamHealth {
+    /// Checks each node sends to every target on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<ActiveHealthCheck>,
+    /// Outlier ejection from real traffic: connect errors, timeouts and 5xx answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passive: Option<PassiveHealthCheck>,
+}
+
+/// Active health checks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveHealthCheck {
+    /// The path requested on each target, such as /health.
+    pub path: String,
+    /// Time between two checks of one target (default 5s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Dur>,
+    /// Deadline of one check (default 1s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Dur>,
+    /// Successful checks in a row that make an unhealthy target healthy (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_after: Option<u32>,
+    /// Failed checks in a row that make a healthy target unhealthy (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_after: Option<u32>,
+    /// Answers that count as healthy: codes (200) or ranges ("200-399"), within 100-599 (default ["200-399"]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statuses: Option<Vec<StatusSpec>>,
+}
+
+/// Passive health checks (outlier ejection).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealthCheck {
+    /// Failures within `window` that eject a target (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failures: Option<u32>,
+    /// The span over which failures are counted (default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Dur>,
+    /// How long an ejected target gets no traffic (default 30s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eject_for: Option<Dur>,
+    /// The largest share of the pool ejected at once (default 50%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejected: Option<Percent>,
+}
+
+/// Retries of an upstream's failed requests.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamRetries {
+    /// Tries after the first one, at least 1.
+    pub max: u32,
+    /// What is retried: connect, timeout, or a 5xx status such as 502 (default [connect, 502, 503, 504]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<Vec<StatusSpec>>,
+    /// Retries allowed as a share of the upstream's recent requests (default 20%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Percent>,
+}
+
+/// A cap on an upstream's requests in flight.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreaker {
+    /// Requests in flight per node, at least 1; over it the answer is 503 at once.
+    pub max_in_flight: u32,
+}
+
+/// TLS to an upstream's https targets.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// Verify the target's certificate (default true); false is logged as a warning at every config load.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub verify: bool,
+    /// PEM file of the CAs trusted instead of the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// The name sent as SNI and checked in the certificate (default: the target's host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// PEM certificate chain for mTLS to the targets (with client_key_file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<String>,
+    /// PEM private key for mTLS to the targets (with client_cert_file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<String>,
+}
+
+/// A status code (`502`), a range of them (`"200-399"`), or, in retries' `on`, a condition (`connect`, `timeout`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StatusSpec {
+    /// Written as a number.
+    Code(u16),
+    /// Written as a string.
+    Text(String),
+}
+
+impl Serialize for StatusSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            StatusSpec::Code(c) => s.serialize_u16(*c),
+            StatusSpec::Text(t) => s.serialize_str(t),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = StatusSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a status such as 200, a range such as \"200-399\", or a word such as connect")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<StatusSpec, E> {
+                u16::try_from(v).map(StatusSpec::Code).map_err(|_| E::custom(format!("{v} is not a status")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<StatusSpec, E> {
+                u16::try_from(v).map(StatusSpec::Code).map_err(|_| E::custom(format!("{v} is not a status")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StatusSpec, E> {
+                Ok(StatusSpec::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl utoipa::PartialSchema for StatusSpec {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .description(Some("A status code (502), a range (\"200-399\"), or in retries' `on` a condition (connect, timeout)."))
+            .item(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(100)).maximum(Some(599)))
+            .item(ObjectBuilder::new().schema_type(Type::String))
+            .into()
+    }
+}
+impl utoipa::ToSchema for StatusSpec {}
 
 /// What is applied around routes and compositions.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -163,11 +163,11 @@ fn refine(defs: &mut Map<String, Value>) {
     );
 
     // A top-level key may be `null` (`routes:` with nothing under it).
-    for kind in ["routes", "compositions", "consumers", "policies"] {
+    for kind in ["routes", "compositions", "consumers", "policies", "upstreams"] {
         property(defs, "Config", kind)["type"] = json!(["array", "null"]);
     }
 
-    for def in ["Route", "Composition", "Consumer", "Policy"] {
+    for def in ["Route", "Composition", "Consumer", "Policy", "Upstream"] {
         merge(property(defs, def, "name"), json!({ "pattern": NAME_PATTERN, "maxLength": 64 }));
         merge(
             property(defs, def, "tags"),
@@ -192,6 +192,27 @@ fn refine(defs: &mut Map<String, Value>) {
     }
     for field in ["max_concurrency", "max_items"] {
         merge(property(defs, "Call", field), json!({ "minimum": 1 }));
+    }
+
+    // Upstreams: at least one target, weights 1-1000, counts from 1.
+    merge(property(defs, "Upstream", "targets"), json!({ "minItems": 1 }));
+    merge(property(defs, "UpstreamTarget", "weight"), json!({ "minimum": 1, "maximum": 1000 }));
+    for field in ["healthy_after", "unhealthy_after"] {
+        merge(property(defs, "ActiveHealthCheck", field), json!({ "minimum": 1, "maximum": u32::MAX }));
+    }
+    merge(property(defs, "PassiveHealthCheck", "failures"), json!({ "minimum": 1, "maximum": u32::MAX }));
+    merge(property(defs, "UpstreamRetries", "max"), json!({ "minimum": 1, "maximum": u32::MAX }));
+    merge(property(defs, "CircuitBreaker", "max_in_flight"), json!({ "minimum": 1, "maximum": u32::MAX }));
+
+    // A call goes to a `url`, or to an `upstream` with a `path`: exactly one.
+    if let Some(Value::Object(call)) = defs.get_mut("Call") {
+        call.insert(
+            "oneOf".into(),
+            json!([
+                { "required": ["url"], "not": { "anyOf": [{ "required": ["upstream"] }, { "required": ["path"] }] } },
+                { "required": ["upstream", "path"], "not": { "required": ["url"] } }
+            ]),
+        );
     }
 
     // An internally tagged enum with deny_unknown_fields: every variant

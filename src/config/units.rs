@@ -144,6 +144,65 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// A share written as a number followed by `%` (`20%`, `12.5%`). The
+/// range (0 to 100%) is `validate`'s check, so its error names the field.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd, Default)]
+pub struct Percent(pub f64);
+
+impl Percent {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let value = t
+            .strip_suffix('%')
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| format!("invalid percentage {s:?}: expected a number followed by %, such as 20%"))?;
+        Ok(Percent(value))
+    }
+}
+
+impl fmt::Display for Percent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}%", self.0)
+    }
+}
+
+impl Serialize for Percent {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Percent;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a percentage such as 20%")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Percent, E> {
+                Percent::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// What `Percent::parse` takes and `validate` keeps: 0% to 100%.
+pub const PERCENT_PATTERN: &str = r"^\s*(100(\.0*)?|[0-9]{1,2}(\.[0-9]*)?|\.[0-9]+)\s*%\s*$";
+
+impl utoipa::PartialSchema for Percent {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some(PERCENT_PATTERN))
+            .examples([serde_json::Value::String("20%".to_string())])
+            .into()
+    }
+}
+impl utoipa::ToSchema for Percent {}
+
 /// Both are written as strings in the config (`30s`, `10MiB`); bare
 /// numbers are accepted too.
 fn string_schema(example: &str) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
@@ -182,6 +241,16 @@ mod tests {
         }
         assert_eq!(Dur(Duration::from_millis(1500)).to_string(), "1500ms");
         assert_eq!(Dur(Duration::from_secs(600)).to_string(), "10m");
+    }
+
+    #[test]
+    fn percentages() {
+        assert_eq!(Percent::parse("20%").unwrap().0, 20.0);
+        assert_eq!(Percent::parse(" 12.5 %").unwrap().0, 12.5);
+        for bad in ["20", "%", "twenty%", "", "inf%"] {
+            assert!(Percent::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Percent(50.0).to_string(), "50%");
     }
 
     #[test]

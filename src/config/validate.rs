@@ -198,6 +198,8 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
         config.policies.iter().map(|p| p.name.as_str()).chain(origins.unparsed_names("policies").map(|(n, _)| n)).collect();
     let consumer_names: HashSet<&str> =
         config.consumers.iter().map(|c| c.name.as_str()).chain(origins.unparsed_names("consumers").map(|(n, _)| n)).collect();
+    let upstream_names: HashSet<&str> =
+        config.upstreams.iter().map(|u| u.name.as_str()).chain(origins.unparsed_names("upstreams").map(|(n, _)| n)).collect();
 
     check_unique(
         &mut errs,
@@ -238,6 +240,16 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
             .enumerate()
             .map(|(i, r)| (r.name.as_str(), origins.policies.get(i).unwrap_or(&None)))
             .chain(origins.unparsed_names("policies")),
+    );
+    check_unique(
+        &mut errs,
+        "upstreams",
+        config
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), origins.upstreams.get(i).unwrap_or(&None)))
+            .chain(origins.unparsed_names("upstreams")),
     );
 
     // Which (host, path shape) pairs are taken, by which methods, so two
@@ -300,8 +312,12 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
                 format!("{base}.upstream"),
                 "templates are not rendered in an upstream: it is fixed text, http://host[:port][/base]; path_rewrite changes the path",
             );
-        } else if let Err(e) = check_upstream(&route.upstream) {
-            errs.push(format!("{base}.upstream"), e);
+        } else if route.upstream.contains("://") {
+            if let Err(e) = check_upstream(&route.upstream) {
+                errs.push(format!("{base}.upstream"), e);
+            }
+        } else {
+            check_upstream_ref(&mut errs, format!("{base}.upstream"), &route.upstream, &upstream_names);
         }
         check_duration(&mut errs, format!("{base}.timeout"), route.timeout);
         check_duration(&mut errs, format!("{base}.body_timeout"), route.body_timeout);
@@ -327,7 +343,7 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
         }
         check_duration(&mut errs, format!("{base}.timeout"), comp.timeout);
         check_policy_refs(&mut errs, &base, &comp.policies, &policy_names);
-        check_composition(&mut errs, &base, comp);
+        check_composition(&mut errs, &base, comp, &upstream_names);
     }
 
     let mut keys: HashMap<String, String> = HashMap::new();
@@ -419,7 +435,267 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
             }
         }
     }
+
+    for (i, upstream) in config.upstreams.iter().enumerate() {
+        errs.at(&file_of(&origins.upstreams, i));
+        check_upstream_entity(&mut errs, upstream);
+    }
     errs.list
+}
+
+/// `upstream: NAME` of a route or a call: a known upstream.
+fn check_upstream_ref(errs: &mut Errors, path: String, name: &str, upstreams: &HashSet<&str>) {
+    if !is_valid_name(name) {
+        errs.push_always(path, format!("invalid upstream {name:?}: expected http(s)://host[:port][/base] or the name of an upstream"));
+    } else if !upstreams.contains(name) {
+        errs.push_always(path, format!("unknown upstream {name:?}"));
+    }
+}
+
+/// A target of an upstream: `http(s)://host[:port]`, nothing more.
+fn check_target_url(url: &str) -> Result<(), String> {
+    if holds_template(url) {
+        return Err("templates are not rendered in a target: it is fixed text, http(s)://host[:port]".into());
+    }
+    let expected = || format!("invalid target {url:?}: expected http://host[:port] or https://host[:port]");
+    let uri: http::Uri = url.parse().map_err(|e| format!("{}: {e}", expected()))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(expected());
+    }
+    let authority = uri.authority().ok_or_else(expected)?;
+    if authority.as_str().contains('@') {
+        return Err("a target cannot hold user info (user@host)".into());
+    }
+    if authority.host().is_empty() {
+        return Err(format!("invalid target {url:?}: no host"));
+    }
+    if uri.query().is_some() || url.contains('#') || url.ends_with('?') {
+        return Err("a target cannot hold a query or fragment".into());
+    }
+    if !matches!(uri.path(), "" | "/") {
+        return Err(format!(
+            "a target cannot hold a path ({:?}): a route's path_rewrite or a call's path says what is requested",
+            uri.path()
+        ));
+    }
+    Ok(())
+}
+
+/// A status code or range of an active health check: `200`, `"200"` or `"200-399"`, within 100-599.
+fn check_status_spec(spec: &StatusSpec) -> Result<(), String> {
+    let code = |n: u16| (100..=599).contains(&n).then_some(n);
+    let ok = match spec {
+        StatusSpec::Code(n) => code(*n).is_some(),
+        StatusSpec::Text(t) => {
+            let parse = |p: &str| p.trim().parse::<u16>().ok().and_then(code);
+            match t.split_once('-') {
+                Some((lo, hi)) => matches!((parse(lo), parse(hi)), (Some(lo), Some(hi)) if lo <= hi),
+                None => parse(t).is_some(),
+            }
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid status {}: expected a code or a range such as \"200-399\", within 100-599", status_text(spec)))
+    }
+}
+
+fn status_text(spec: &StatusSpec) -> String {
+    match spec {
+        StatusSpec::Code(n) => n.to_string(),
+        StatusSpec::Text(t) => format!("{t:?}"),
+    }
+}
+
+/// What a retry may be `on`: `connect`, `timeout`, or a 5xx status.
+fn check_retry_on(spec: &StatusSpec) -> Result<(), String> {
+    let ok = match spec {
+        StatusSpec::Code(n) => (500..=599).contains(n),
+        StatusSpec::Text(t) => matches!(t.as_str(), "connect" | "timeout") || t.parse::<u16>().is_ok_and(|n| (500..=599).contains(&n)),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("unknown retry condition {}: use connect, timeout or a status from 500 to 599", status_text(spec)))
+    }
+}
+
+fn check_percent(errs: &mut Errors, path: String, p: Option<super::units::Percent>) {
+    if let Some(p) = p {
+        if !(0.0..=100.0).contains(&p.0) {
+            errs.push(path, "expected a percentage from 0% to 100%");
+        }
+    }
+}
+
+fn check_at_least_one(errs: &mut Errors, path: String, n: Option<u32>) {
+    if n == Some(0) {
+        errs.push(path, "must be at least 1");
+    }
+}
+
+fn check_upstream_entity(errs: &mut Errors, upstream: &Upstream) {
+    let base = format!("upstreams.{}", upstream.name);
+    check_name(errs, &base, &upstream.name);
+    check_tags(errs, &base, &upstream.tags);
+    if upstream.targets.is_empty() {
+        errs.push(format!("{base}.targets"), "an upstream needs at least one target");
+    }
+    let mut seen = HashSet::new();
+    for (i, target) in upstream.targets.iter().enumerate() {
+        let path = format!("{base}.targets[{i}]");
+        match check_target_url(&target.url) {
+            Err(e) => errs.push(format!("{path}.url"), e),
+            Ok(()) => {
+                if !seen.insert(target.url.trim_end_matches('/').to_ascii_lowercase()) {
+                    errs.push(format!("{path}.url"), format!("target {:?} is listed twice", target.url));
+                }
+            }
+        }
+        if let Some(w) = target.weight {
+            if !(1..=1000).contains(&w) {
+                errs.push(format!("{path}.weight"), "expected a weight from 1 to 1000");
+            }
+        }
+    }
+    check_duration(errs, format!("{base}.resolve_every"), upstream.resolve_every);
+    check_duration(errs, format!("{base}.connect_timeout"), upstream.connect_timeout);
+    if let Some(hash_on) = &upstream.hash_on {
+        if upstream.balance != Some(Balance::ConsistentHash) {
+            errs.push(format!("{base}.hash_on"), "hash_on goes with balance: consistent-hash");
+        }
+        match hash_on.as_str() {
+            "consumer" | "ip" | "path" => {}
+            other => match other.strip_prefix("header:") {
+                Some(h) => check_header_name(errs, format!("{base}.hash_on"), h),
+                None => errs.push(format!("{base}.hash_on"), format!("invalid key {other:?}: use consumer, ip, header:NAME or path")),
+            },
+        }
+    }
+    if let Some(health) = &upstream.health {
+        if let Some(active) = &health.active {
+            let abase = format!("{base}.health.active");
+            if !active.path.starts_with('/')
+                || active.path.contains('#')
+                || active.path.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                errs.push(format!("{abase}.path"), format!("invalid path {:?}: expected /path[?query]", active.path));
+            }
+            check_duration(errs, format!("{abase}.interval"), active.interval);
+            check_duration(errs, format!("{abase}.timeout"), active.timeout);
+            check_at_least_one(errs, format!("{abase}.healthy_after"), active.healthy_after);
+            check_at_least_one(errs, format!("{abase}.unhealthy_after"), active.unhealthy_after);
+            if let Some(statuses) = &active.statuses {
+                if statuses.is_empty() {
+                    errs.push(format!("{abase}.statuses"), "needs at least one status or range");
+                }
+                for (i, s) in statuses.iter().enumerate() {
+                    if let Err(e) = check_status_spec(s) {
+                        errs.push(format!("{abase}.statuses[{i}]"), e);
+                    }
+                }
+            }
+        }
+        if let Some(passive) = &health.passive {
+            let pbase = format!("{base}.health.passive");
+            check_at_least_one(errs, format!("{pbase}.failures"), passive.failures);
+            check_duration(errs, format!("{pbase}.window"), passive.window);
+            check_duration(errs, format!("{pbase}.eject_for"), passive.eject_for);
+            check_percent(errs, format!("{pbase}.max_ejected"), passive.max_ejected);
+        }
+    }
+    if let Some(retries) = &upstream.retries {
+        let rbase = format!("{base}.retries");
+        check_at_least_one(errs, format!("{rbase}.max"), Some(retries.max));
+        for (i, on) in retries.on.iter().flatten().enumerate() {
+            if let Err(e) = check_retry_on(on) {
+                errs.push(format!("{rbase}.on[{i}]"), e);
+            }
+        }
+        check_percent(errs, format!("{rbase}.budget"), retries.budget);
+    }
+    if let Some(cb) = &upstream.circuit_breaker {
+        check_at_least_one(errs, format!("{base}.circuit_breaker.max_in_flight"), Some(cb.max_in_flight));
+    }
+    if let Some(tls) = &upstream.tls {
+        let tbase = format!("{base}.tls");
+        for (field, value) in
+            [("ca_file", &tls.ca_file), ("client_cert_file", &tls.client_cert_file), ("client_key_file", &tls.client_key_file)]
+        {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                errs.push(format!("{tbase}.{field}"), "expected the path of a PEM file");
+            }
+        }
+        if let Some(name) = tls.server_name.as_deref().filter(|n| n.parse::<std::net::IpAddr>().is_err()) {
+            if name.starts_with("*.") {
+                errs.push(format!("{tbase}.server_name"), format!("invalid server name {name:?}: a host name or an IP address"));
+            } else {
+                check_host(errs, format!("{tbase}.server_name"), name);
+            }
+        }
+        match (&tls.client_cert_file, &tls.client_key_file) {
+            (Some(_), None) => errs.push(format!("{tbase}.client_key_file"), "client_cert_file needs client_key_file"),
+            (None, Some(_)) => errs.push(format!("{tbase}.client_cert_file"), "client_key_file needs client_cert_file"),
+            _ => {}
+        }
+    }
+    not_built_yet(errs, &base, upstream);
+}
+
+/// The fields of an upstream the request path does not act on yet. A config
+/// must never ask for something that silently does nothing, so each is
+/// refused at its field until its runtime lands (then its entry goes).
+fn not_built_yet(errs: &mut Errors, base: &str, upstream: &Upstream) {
+    const NOT_YET: &str = "is not built yet in this version";
+    if upstream.health.is_some() {
+        errs.push_always(format!("{base}.health"), "active and passive health checks are not built yet in this version");
+    }
+    if upstream.retries.is_some() {
+        errs.push_always(
+            format!("{base}.retries"),
+            format!("retrying on another target {NOT_YET} (a composition call's own retries: N works)"),
+        );
+    }
+    if upstream.circuit_breaker.is_some() {
+        errs.push_always(format!("{base}.circuit_breaker"), format!("the circuit breaker {NOT_YET}"));
+    }
+    if upstream.resolve_every.is_some() {
+        errs.push_always(format!("{base}.resolve_every"), format!("DNS re-resolution {NOT_YET}"));
+    }
+    match upstream.balance {
+        Some(Balance::LeastRequests) => errs.push_always(format!("{base}.balance"), format!("least-requests balancing {NOT_YET}")),
+        Some(Balance::ConsistentHash) => errs.push_always(format!("{base}.balance"), format!("consistent-hash balancing {NOT_YET}")),
+        Some(Balance::RoundRobin) | None => {}
+    }
+    if upstream.hash_on.is_some() {
+        errs.push_always(format!("{base}.hash_on"), format!("consistent hashing {NOT_YET}"));
+    }
+}
+
+/// What a valid config asks for that is allowed but unsafe, at its field:
+/// logged at every load (see [`log_warnings`]).
+pub fn warnings(config: &Config) -> Vec<ConfigError> {
+    config
+        .upstreams
+        .iter()
+        .filter(|u| u.tls.as_ref().is_some_and(|t| !t.verify))
+        .map(|u| ConfigError {
+            file: None,
+            path: format!("upstreams.{}.tls.verify", u.name),
+            message: format!(
+                "upstream {:?}: certificate verification is off (tls.verify: false): anyone on the path to its targets can read and change the traffic",
+                u.name
+            ),
+        })
+        .collect()
+}
+
+/// Logs [`warnings`], one line each.
+pub fn log_warnings(config: &Config) {
+    for w in warnings(config) {
+        tracing::warn!(field = %w.path, "{}", w.message);
+    }
 }
 
 fn check_anonymous(errs: &mut Errors, base: &str, anonymous: &Option<String>, consumers: &HashSet<&str>) {
@@ -760,14 +1036,49 @@ pub fn split_call_url(url: &str) -> Result<(&str, &str), String> {
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) || origin.contains('@') {
         return Err(format!("invalid url {url:?}: expected http(s)://host[:port]/path"));
     }
+    check_call_rest(rest, "a url")?;
+    Ok((origin, rest))
+}
+
+/// What a url's path and query, or an upstream call's `path`, may not hold
+/// literally: a fragment, an empty segment, a `.` or `..` segment. `what`
+/// names it in the message ("a url", "a path").
+fn check_call_rest(rest: &str, what: &str) -> Result<(), String> {
     let literal = strip_templates(rest);
     if literal.contains('#') {
-        return Err("a url cannot hold a fragment".into());
+        return Err(format!("{what} cannot hold a fragment"));
     }
     if literal.split('?').next().unwrap_or("").contains("//") {
-        return Err("a url path cannot hold an empty segment (//)".into());
+        return Err(format!("{} cannot hold an empty segment (//)", path_of(what)));
     }
-    Ok((origin, rest))
+    Ok(())
+}
+
+fn path_of(what: &str) -> &'static str {
+    if what == "a url" {
+        "a url path"
+    } else {
+        "a path"
+    }
+}
+
+/// A `.` or `..` segment written in a call's path (also as `%2e`): the
+/// error to report beside the path's other checks.
+fn dot_segments(rest: &str, what: &str) -> Option<String> {
+    let path_part = strip_templates(rest.split('?').next().unwrap_or(""));
+    path_part
+        .split('/')
+        .any(|seg| matches!(seg.to_ascii_lowercase().as_str(), "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."))
+        .then(|| format!("{} cannot hold . or .. segments", path_of(what)))
+}
+
+/// A call's path and query, after a url's origin or as an upstream call's
+/// `path`: the same checks, the same template rules.
+fn check_call_path(errs: &mut Errors, field: String, rest: &str, what: &str, reads: &mut Vec<Reads>) {
+    if let Some(e) = dot_segments(rest, what) {
+        errs.push(field.clone(), e);
+    }
+    reads.push(template_reads(errs, field, rest));
 }
 
 /// The text of a template with each `{{...}}` expression replaced by `x`,
@@ -789,7 +1100,7 @@ fn strip_templates(text: &str) -> String {
     out
 }
 
-fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
+fn check_composition(errs: &mut Errors, base: &str, comp: &Composition, upstreams: &HashSet<&str>) {
     if comp.calls.is_empty() {
         errs.push(format!("{base}.calls"), "a composition needs at least one call");
     }
@@ -821,18 +1132,28 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition) {
             errs.push(cbase.clone(), "max_concurrency and max_items apply only to a for_each call");
         }
         let mut reads = Vec::new();
-        match split_call_url(&call.url) {
-            Ok((_, rest)) => {
-                let path_part = strip_templates(rest.split('?').next().unwrap_or(""));
-                if path_part
-                    .split('/')
-                    .any(|seg| matches!(seg.to_ascii_lowercase().as_str(), "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."))
-                {
-                    errs.push(format!("{cbase}.url"), "a url path cannot hold . or .. segments");
+        match (&call.url, &call.upstream, &call.path) {
+            (Some(url), None, None) => match split_call_url(url) {
+                Ok((_, rest)) => check_call_path(errs, format!("{cbase}.url"), rest, "a url", &mut reads),
+                Err(e) => errs.push(format!("{cbase}.url"), e),
+            },
+            (Some(_), Some(_), _) => errs.push(cbase.clone(), "a call has url, or upstream with path, not both"),
+            (Some(_), None, Some(_)) => errs.push(format!("{cbase}.path"), "path goes with upstream: a url holds its own path and query"),
+            (None, None, None) => errs.push(cbase.clone(), "a call needs url, or upstream with path"),
+            (None, None, Some(_)) => errs.push(format!("{cbase}.path"), "path goes with upstream: name the upstream the call goes to"),
+            (None, Some(upstream), path) => {
+                check_upstream_ref(errs, format!("{cbase}.upstream"), upstream, upstreams);
+                match path {
+                    None => errs.push(format!("{cbase}.path"), "a call to an upstream needs a path, such as /users/{{request.path.id}}"),
+                    Some(p) if !p.starts_with('/') => {
+                        errs.push(format!("{cbase}.path"), format!("invalid path {p:?}: expected /path[?query]"))
+                    }
+                    Some(p) => match check_call_rest(p, "a path") {
+                        Ok(()) => check_call_path(errs, format!("{cbase}.path"), p, "a path", &mut reads),
+                        Err(e) => errs.push(format!("{cbase}.path"), e),
+                    },
                 }
-                reads.push(template_reads(errs, format!("{cbase}.url"), rest))
             }
-            Err(e) => errs.push(format!("{cbase}.url"), e),
         }
         for (h, v) in &call.headers {
             check_call_header(errs, format!("{cbase}.headers.{h}"), h);

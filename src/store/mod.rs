@@ -32,10 +32,11 @@ pub enum Kind {
     Compositions,
     Consumers,
     Policies,
+    Upstreams,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Routes, Kind::Compositions, Kind::Consumers, Kind::Policies];
+    pub const ALL: [Kind; 5] = [Kind::Routes, Kind::Compositions, Kind::Consumers, Kind::Policies, Kind::Upstreams];
 
     pub fn parse(s: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.table() == s)
@@ -48,6 +49,18 @@ impl Kind {
             Kind::Compositions => "compositions",
             Kind::Consumers => "consumers",
             Kind::Policies => "policies",
+            Kind::Upstreams => "upstreams",
+        }
+    }
+
+    /// One entity of this kind, in messages (`policy "keys"`).
+    pub fn singular(self) -> &'static str {
+        match self {
+            Kind::Routes => "route",
+            Kind::Compositions => "composition",
+            Kind::Consumers => "consumer",
+            Kind::Policies => "policy",
+            Kind::Upstreams => "upstream",
         }
     }
 }
@@ -185,6 +198,7 @@ fn entities_of(config: &Config, kind: Kind) -> Vec<(String, Value)> {
         Kind::Compositions => pairs(&config.compositions, |e| &e.name),
         Kind::Consumers => pairs(&config.consumers, |e| &e.name),
         Kind::Policies => pairs(&config.policies, |e| &e.name),
+        Kind::Upstreams => pairs(&config.upstreams, |e| &e.name),
     }
 }
 
@@ -230,6 +244,7 @@ fn set_entity(config: &mut Config, parse: &mut EntityParse, kind: Kind, name: &s
         Kind::Compositions => put(&mut config.compositions, parse, kind, name, entity, |e| &e.name),
         Kind::Consumers => put(&mut config.consumers, parse, kind, name, entity, |e| &e.name),
         Kind::Policies => put(&mut config.policies, parse, kind, name, entity, |e| &e.name),
+        Kind::Upstreams => put(&mut config.upstreams, parse, kind, name, entity, |e| &e.name),
     }
 }
 
@@ -239,14 +254,34 @@ fn remove_entity(config: &mut Config, kind: Kind, name: &str) {
         Kind::Compositions => config.compositions.retain(|e| e.name != name),
         Kind::Consumers => config.consumers.retain(|e| e.name != name),
         Kind::Policies => config.policies.retain(|e| e.name != name),
+        Kind::Upstreams => config.upstreams.retain(|e| e.name != name),
     }
 }
 
-/// Who still uses policy `name`.
-fn policy_users(config: &Config, name: &str) -> Vec<String> {
-    let routes = config.routes.iter().filter(|r| r.policies.iter().any(|p| p == name)).map(|r| format!("routes.{}", r.name));
-    let comps = config.compositions.iter().filter(|c| c.policies.iter().any(|p| p == name)).map(|c| format!("compositions.{}", c.name));
-    routes.chain(comps).collect()
+/// Who still uses the entity `kind` `name`, by the path of each field
+/// naming it (`routes.r`, `compositions.c.calls.user`): a delete of a used
+/// entity is refused with this list (409) rather than as the invalid config
+/// it would leave (400).
+fn users_of(config: &Config, kind: Kind, name: &str) -> Vec<String> {
+    match kind {
+        Kind::Policies => {
+            let routes = config.routes.iter().filter(|r| r.policies.iter().any(|p| p == name)).map(|r| format!("routes.{}", r.name));
+            let comps =
+                config.compositions.iter().filter(|c| c.policies.iter().any(|p| p == name)).map(|c| format!("compositions.{}", c.name));
+            routes.chain(comps).collect()
+        }
+        Kind::Upstreams => {
+            let routes = config.routes.iter().filter(|r| r.upstream == name).map(|r| format!("routes.{}", r.name));
+            let calls = config.compositions.iter().flat_map(|c| {
+                c.calls
+                    .iter()
+                    .filter(|(_, call)| call.upstream.as_deref() == Some(name))
+                    .map(move |(call, _)| format!("compositions.{}.calls.{call}", c.name))
+            });
+            routes.chain(calls).collect()
+        }
+        Kind::Routes | Kind::Compositions | Kind::Consumers => Vec::new(),
+    }
 }
 
 fn tags_of(entity: &Value) -> Vec<String> {
@@ -484,11 +519,9 @@ impl Store {
                         return Err(StoreError::PreconditionFailed(format!("{} {name:?} is at version {have}, not {want}", kind.table())));
                     }
                 }
-                if *kind == Kind::Policies {
-                    let users = policy_users(&current, name);
-                    if !users.is_empty() {
-                        return Err(StoreError::Conflict(format!("policy {name:?} is still used by {}", users.join(", "))));
-                    }
+                let users = users_of(&current, *kind, name);
+                if !users.is_empty() {
+                    return Err(StoreError::Conflict(format!("{} {name:?} is still used by {}", kind.singular(), users.join(", "))));
                 }
                 remove_entity(&mut next, *kind, name);
                 Some((*kind, name.clone()))

@@ -77,6 +77,7 @@ pub async fn catch_up(store: &Store, shared: &Shared, snapshot_path: &Path) -> R
         return Ok(false);
     }
     shared.replace_config_at(config.clone(), version).map_err(StoreError::Invalid)?;
+    crate::config::validate::log_warnings(&config);
     if let Ok(mut i) = shared.db_instance.lock() {
         *i = Some(instance.clone());
     }
