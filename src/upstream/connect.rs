@@ -1,10 +1,14 @@
 //! Opening a connection to a backend: TCP (no delay, keep-alive probes),
-//! then TLS for `https://` with rustls, verified against the system's roots
-//! plus a node-wide CA file, with SNI, and a client certificate when set.
+//! then TLS for `https://` with rustls, with SNI and a client certificate
+//! when set. The node's connector verifies against the system's roots plus
+//! the node-wide CA file; an upstream with a `tls` block has its own
+//! connector (its CA file instead of the system's roots, its server name,
+//! its client certificate, or no verification).
 
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,10 +36,40 @@ pub struct TlsOptions {
     pub client_key_file: Option<PathBuf>,
 }
 
-/// How connections are opened: one per node, shared by every worker's pool.
+/// How connections are opened: the node's one, shared by every worker's
+/// pool, and one per upstream with a `tls` block (built with its config).
 pub struct Connector {
+    /// Unique in the process: pooled connections are kept per connector,
+    /// so two connectors (other client certificates, other trust) never
+    /// share one to the same host and port.
+    id: u64,
     tls: Arc<rustls::ClientConfig>,
+    /// The name sent as SNI and verified, instead of the target's host.
+    server_name: Option<ServerName<'static>>,
     pub connect_timeout: Duration,
+}
+
+/// Default wait for a TCP connection and for a TLS handshake.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn next_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// An upstream's `tls` block, its files' paths as written; errors name the
+/// field under `base` (`upstreams.NAME.tls`).
+pub struct UpstreamTlsOptions<'a> {
+    pub base: &'a str,
+    pub verify: bool,
+    pub ca_file: Option<&'a str>,
+    pub server_name: Option<&'a str>,
+    pub client_cert_file: Option<&'a str>,
+    pub client_key_file: Option<&'a str>,
 }
 
 impl Connector {
@@ -53,8 +87,7 @@ impl Connector {
                 roots.add(cert).with_context(|| format!("--upstream-ca-file {}: not a usable CA certificate", path.display()))?;
             }
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .context("TLS to backends")?
             .with_root_certificates(roots);
@@ -72,21 +105,78 @@ impl Connector {
             _ => anyhow::bail!("--upstream-client-cert and --upstream-client-key must be given together"),
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Connector { tls: Arc::new(config), connect_timeout: Duration::from_secs(5) })
+        Ok(Connector { id: next_id(), tls: Arc::new(config), server_name: None, connect_timeout: DEFAULT_CONNECT_TIMEOUT })
+    }
+
+    /// An upstream's own connector: its CA file trusted instead of the
+    /// system's roots, its server name, its client certificate, or (with
+    /// `verify: false`) any certificate, the handshake's signatures still
+    /// checked. Files are read now; an error is `(field path, message)`.
+    pub fn for_upstream(opts: &UpstreamTlsOptions<'_>, connect_timeout: Duration) -> Result<Connector, (String, String)> {
+        let field = |name: &str| format!("{}.{name}", opts.base);
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| (opts.base.to_string(), format!("TLS to backends: {e}")))?;
+        let builder = if !opts.verify {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyCertificate(provider())))
+        } else {
+            let mut roots = rustls::RootCertStore::empty();
+            match opts.ca_file {
+                Some(path) => {
+                    let certs = read_certs(std::path::Path::new(path)).map_err(|e| (field("ca_file"), format!("{path}: {e:#}")))?;
+                    for cert in certs {
+                        roots.add(cert).map_err(|e| (field("ca_file"), format!("{path}: not a usable CA certificate: {e}")))?;
+                    }
+                }
+                None => {
+                    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                }
+            }
+            builder.with_root_certificates(roots)
+        };
+        let mut config = match (opts.client_cert_file, opts.client_key_file) {
+            (Some(cert), Some(key)) => {
+                let chain = read_certs(std::path::Path::new(cert)).map_err(|e| (field("client_cert_file"), format!("{cert}: {e:#}")))?;
+                let key_der =
+                    PrivateKeyDer::from_pem_file(key).map_err(|e| (field("client_key_file"), format!("{key}: no PEM private key: {e}")))?;
+                builder.with_client_auth_cert(chain, key_der).map_err(|e| {
+                    (field("client_key_file"), format!("client_cert_file and client_key_file do not make a usable pair: {e}"))
+                })?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let server_name = match opts.server_name {
+            Some(name) => Some(
+                ServerName::try_from(name.to_string())
+                    .map_err(|_| (field("server_name"), format!("{name:?} is not a name TLS can verify")))?,
+            ),
+            None => None,
+        };
+        Ok(Connector { id: next_id(), tls: Arc::new(config), server_name, connect_timeout })
+    }
+
+    /// Unique per connector in the process: what the pool keys on.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// A new connection to `authority`, over TLS when `tls`.
     pub async fn connect(&self, tls: bool, authority: &Authority) -> Result<Stream, UpstreamError> {
+        self.connect_within(tls, authority, self.connect_timeout).await
+    }
+
+    /// [`Connector::connect`] with another connect timeout (an upstream's
+    /// `connect_timeout` on the node's connector).
+    pub async fn connect_within(&self, tls: bool, authority: &Authority, connect_timeout: Duration) -> Result<Stream, UpstreamError> {
         let host = authority.host();
         let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect((bare, port))).await {
+        let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect((bare, port))).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(UpstreamError::new(Cause::Connect, format!("connect to {authority}: {e}")).unsent()),
             Err(_) => {
-                return Err(
-                    UpstreamError::new(Cause::Connect, format!("connect to {authority}: no answer in {:?}", self.connect_timeout)).unsent()
-                )
+                return Err(UpstreamError::new(Cause::Connect, format!("connect to {authority}: no answer in {connect_timeout:?}")).unsent())
             }
         };
         let _ = tcp.set_nodelay(true);
@@ -94,16 +184,58 @@ impl Connector {
         if !tls {
             return Ok(Stream::Plain(tcp));
         }
-        let name = ServerName::try_from(bare.to_string())
-            .map_err(|_| UpstreamError::new(Cause::Tls, format!("{host} is not a name TLS can verify")).unsent())?;
+        let name = match &self.server_name {
+            Some(name) => name.clone(),
+            None => ServerName::try_from(bare.to_string())
+                .map_err(|_| UpstreamError::new(Cause::Tls, format!("{host} is not a name TLS can verify")).unsent())?,
+        };
         let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
-        match tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp)).await {
+        match tokio::time::timeout(connect_timeout, connector.connect(name, tcp)).await {
             Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
             Ok(Err(e)) => Err(UpstreamError::new(Cause::Tls, format!("TLS with {authority}: {}", super::error::chain(&e))).unsent()),
-            Err(_) => {
-                Err(UpstreamError::new(Cause::Tls, format!("TLS with {authority}: no handshake in {:?}", self.connect_timeout)).unsent())
-            }
+            Err(_) => Err(UpstreamError::new(Cause::Tls, format!("TLS with {authority}: no handshake in {connect_timeout:?}")).unsent()),
         }
+    }
+}
+
+/// `tls.verify: false`: any certificate chain is accepted, but the
+/// handshake's signatures are still checked with the provider's
+/// algorithms, so the peer must hold the key of the certificate it sent.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

@@ -42,6 +42,9 @@ const READ_CHUNK: usize = 16 * 1024;
 pub struct Conn {
     io: Stream,
     buf: BytesMut,
+    /// The [`Connector::id`] that opened it: the pool never hands it to a
+    /// request of another connector.
+    pub(super) connector: u64,
     pub(super) tls: bool,
     pub(super) authority: Authority,
 }
@@ -69,9 +72,12 @@ enum Phase {
 /// head by `deadline`; the answer's body streams from the connection, each
 /// pause at most `body_timeout`. Without `keep_headers` the answer carries
 /// only its `Content-Type` (a composition call nothing reads headers of).
+/// A new connection comes from `connector` within `connect_timeout`.
+#[allow(clippy::too_many_arguments)]
 pub async fn send(
     pool: &Arc<Pool>,
     connector: &Connector,
+    connect_timeout: Duration,
     req: Request<Body>,
     deadline: Instant,
     body_timeout: Duration,
@@ -79,7 +85,9 @@ pub async fn send(
     failures: Option<FailureCount>,
 ) -> Result<Response<Body>, UpstreamError> {
     let phase = AtomicU8::new(Phase::Connecting as u8);
-    match tokio::time::timeout_at(deadline, exchange(pool, connector, req, body_timeout, keep_headers, failures, &phase)).await {
+    match tokio::time::timeout_at(deadline, exchange(pool, connector, connect_timeout, req, body_timeout, keep_headers, failures, &phase))
+        .await
+    {
         Ok(result) => result,
         Err(_) if phase.load(Ordering::Relaxed) == Phase::ClientBody as u8 => {
             Err(UpstreamError::new(Cause::ClientStalled, "the client's body stopped arriving"))
@@ -88,9 +96,11 @@ pub async fn send(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn exchange(
     pool: &Arc<Pool>,
     connector: &Connector,
+    connect_timeout: Duration,
     req: Request<Body>,
     body_timeout: Duration,
     keep_headers: bool,
@@ -109,14 +119,14 @@ async fn exchange(
     let replayable = idempotent && (inline.is_some() || matches!(body, Body::Empty));
     let mut fresh_only = false;
     loop {
-        let pooled = if fresh_only { None } else { pool.take(tls, &authority) };
+        let pooled = if fresh_only { None } else { pool.take(connector.id(), tls, &authority) };
         let reused = pooled.is_some();
         phase.store(Phase::Connecting as u8, Ordering::Relaxed);
         let mut conn = match pooled {
             Some(c) => c,
             None => {
-                let io = connector.connect(tls, &authority).await?;
-                Conn { io, buf: BytesMut::with_capacity(READ_CHUNK), tls, authority: authority.clone() }
+                let io = connector.connect_within(tls, &authority, connect_timeout).await?;
+                Conn { io, buf: BytesMut::with_capacity(READ_CHUNK), connector: connector.id(), tls, authority: authority.clone() }
             }
         };
         phase.store(Phase::Writing as u8, Ordering::Relaxed);

@@ -4,8 +4,9 @@
 //! and the body timeout, opens the client span, counts failures, and
 //! returns one error type that says what failed and whose fault it was.
 //!
-//! - `connect.rs`: TCP and TLS connections, node-wide TLS settings
-//! - `pool.rs`: one worker's idle connections
+//! - `connect.rs`: TCP and TLS connections, the node's and an upstream's
+//!   TLS settings
+//! - `pool.rs`: one worker's idle connections, per connector and origin
 //! - `h1.rs`: HTTP/1.1 on the request's own task, framing checks, the
 //!   streamed answer body
 //! - `error.rs`: [`UpstreamError`], its [`Fault`], and the answer it maps to
@@ -22,7 +23,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response};
 use tokio::time::Instant;
 
-pub use connect::{Connector, TlsOptions};
+pub use connect::{Connector, TlsOptions, UpstreamTlsOptions, DEFAULT_CONNECT_TIMEOUT};
 pub use error::{Cause, Fault, UpstreamError};
 pub use h1::ResponseBody;
 
@@ -120,7 +121,18 @@ impl Client {
             request_id: out.request_id.clone(),
         };
         let body_failures = out.metrics.is_some().then(failures);
-        match h1::send(&self.pool, &self.connector, req, out.deadline, out.body_timeout, out.keep_headers, body_failures).await {
+        match h1::send(
+            &self.pool,
+            &self.connector,
+            self.connector.connect_timeout,
+            req,
+            out.deadline,
+            out.body_timeout,
+            out.keep_headers,
+            body_failures,
+        )
+        .await
+        {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 span.finish(Some(status), None);

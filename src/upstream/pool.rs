@@ -20,7 +20,11 @@ pub const MAX_IDLE_PER_ORIGIN: usize = 64;
 /// An idle connection older than this is closed rather than reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Connections are kept per connector as well as per origin: two
+/// upstreams to the same host and port with other client certificates or
+/// other trust never share one.
 struct Origin {
+    connector: u64,
     tls: bool,
     authority: Authority,
     idle: Vec<(Conn, Instant)>,
@@ -34,11 +38,11 @@ pub struct Pool {
 impl Pool {
     /// The most recently used idle connection to the origin that still
     /// looks alive; dead and expired ones are dropped on the way.
-    pub fn take(&self, tls: bool, authority: &Authority) -> Option<Conn> {
+    pub fn take(&self, connector: u64, tls: bool, authority: &Authority) -> Option<Conn> {
         loop {
             let (mut conn, at) = {
                 let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
-                let o = origins.iter_mut().find(|o| o.tls == tls && o.authority == *authority)?;
+                let o = origins.iter_mut().find(|o| o.connector == connector && o.tls == tls && o.authority == *authority)?;
                 o.idle.pop()?
             };
             if at.elapsed() < IDLE_TIMEOUT && conn.is_reusable() {
@@ -56,10 +60,10 @@ impl Pool {
         let expired;
         {
             let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
-            let i = match origins.iter().position(|o| o.tls == conn.tls && o.authority == conn.authority) {
+            let i = match origins.iter().position(|o| o.connector == conn.connector && o.tls == conn.tls && o.authority == conn.authority) {
                 Some(i) => i,
                 None => {
-                    origins.push(Origin { tls: conn.tls, authority: conn.authority.clone(), idle: Vec::new() });
+                    origins.push(Origin { connector: conn.connector, tls: conn.tls, authority: conn.authority.clone(), idle: Vec::new() });
                     origins.len() - 1
                 }
             };
