@@ -7,13 +7,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Method};
+use http::Method;
 
 use crate::compose::CompositionPlan;
 use crate::config::pattern::{parse_rewrite, PathPattern, RewritePart, Segment};
 use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::policy::{Identities, PolicyChain, PolicyStates, Services};
+use crate::upstream::{Connector, UpstreamPlan, UpstreamTlsOptions};
+
+/// The compiled upstreams of a config, by name.
+pub type Upstreams = HashMap<String, Arc<UpstreamPlan>>;
 
 /// Route timeout when a route sets none (Kong's default too).
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,11 +37,10 @@ pub struct Snapshot {
 #[derive(Debug)]
 pub struct ProxyRoute {
     pub name: Arc<str>,
-    pub scheme: Scheme,
-    pub authority: Authority,
-    /// `Host` sent upstream unless `preserve_host`.
-    pub upstream_host: HeaderValue,
-    /// The upstream's base path without a trailing slash (may be empty).
+    /// Its targets (one for a URL) and how to reach them; the picked
+    /// target's host is the `Host` sent unless `preserve_host`.
+    pub upstream: Arc<UpstreamPlan>,
+    /// The URL's base path without a trailing slash (may be empty).
     pub base_path: String,
     pub rewrite: Option<Vec<RewritePart>>,
     pub timeout: Duration,
@@ -149,6 +151,61 @@ fn parse_methods(methods: &[String]) -> Option<Vec<Method>> {
     Some(methods.iter().filter_map(|m| Method::from_bytes(m.as_bytes()).ok()).collect())
 }
 
+/// Compiles each upstream once: its targets, balancer and, with a `tls`
+/// block, its own connector (the files read now; an unreadable one is an
+/// error at its field).
+pub fn compile_upstreams(config: &Config, errors: &mut Vec<ConfigError>) -> Upstreams {
+    let mut out = HashMap::new();
+    for u in &config.upstreams {
+        let base = format!("upstreams.{}", u.name);
+        let mut targets = Vec::with_capacity(u.targets.len());
+        for (i, t) in u.targets.iter().enumerate() {
+            let uri: http::Uri = match t.url.parse() {
+                Ok(uri) => uri,
+                Err(e) => {
+                    errors.push(err(format!("{base}.targets[{i}].url"), e.to_string()));
+                    continue;
+                }
+            };
+            let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned()) else {
+                errors.push(err(format!("{base}.targets[{i}].url"), "expected http(s)://host[:port]".into()));
+                continue;
+            };
+            targets.push(crate::upstream::Target::new(scheme, authority, t.weight.unwrap_or(100).clamp(1, 1000)));
+        }
+        if targets.len() != u.targets.len() || targets.is_empty() {
+            continue;
+        }
+        let connect_timeout = u.connect_timeout.map(|d| d.0);
+        let connector = match &u.tls {
+            Some(tls) => {
+                let tbase = format!("{base}.tls");
+                let opts = UpstreamTlsOptions {
+                    base: &tbase,
+                    verify: tls.verify,
+                    ca_file: tls.ca_file.as_deref(),
+                    server_name: tls.server_name.as_deref(),
+                    client_cert_file: tls.client_cert_file.as_deref(),
+                    client_key_file: tls.client_key_file.as_deref(),
+                };
+                match Connector::for_upstream(&opts, connect_timeout.unwrap_or(crate::upstream::DEFAULT_CONNECT_TIMEOUT)) {
+                    Ok(c) => Some(Arc::new(c)),
+                    Err((path, message)) => {
+                        errors.push(err(path, message));
+                        continue;
+                    }
+                }
+            }
+            None => None,
+        };
+        // An own connector carries the timeout; else it applies to the node's.
+        let connect_timeout = if connector.is_some() { None } else { connect_timeout };
+        let plan = UpstreamPlan::new(Some(u.name.as_str().into()), targets, connector, connect_timeout, u.http2);
+        out.insert(u.name.clone(), Arc::new(plan));
+    }
+    out
+}
+
 /// Compiles a validated config. Errors here are ones only the router can
 /// see (two patterns matchit cannot tell apart).
 pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result<Snapshot, ConfigErrors> {
@@ -158,6 +215,7 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
     let mut owners: HashMap<(String, String), String> = HashMap::new();
     let ids = Arc::new(Identities::build(&config));
     let states = PolicyStates::build(&config);
+    let upstreams = compile_upstreams(&config, &mut errors);
     let mut add =
         |base: String, hosts: &[String], pattern: &PathPattern, methods: Option<Vec<Method>>, target: Target, attached: &[String]| {
             let entity = base.split_once('.').map_or(base.as_str(), |(_, n)| n);
@@ -190,20 +248,26 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
         let Ok(pattern) = PathPattern::parse(&route.path) else {
             continue;
         };
-        if !route.upstream.contains("://") {
-            errors.push(err(format!("{base}.upstream"), "upstream pools are not wired into the request path yet".into()));
-            continue;
-        }
-        let uri: http::Uri = match route.upstream.parse() {
-            Ok(u) => u,
-            Err(e) => {
-                errors.push(err(format!("{base}.upstream"), e.to_string()));
+        let (upstream, base_path) = if route.upstream.contains("://") {
+            let uri: http::Uri = match route.upstream.parse() {
+                Ok(u) => u,
+                Err(e) => {
+                    errors.push(err(format!("{base}.upstream"), e.to_string()));
+                    continue;
+                }
+            };
+            let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned()) else {
+                errors.push(err(format!("{base}.upstream"), "expected scheme://host[:port]".into()));
                 continue;
+            };
+            (Arc::new(UpstreamPlan::single(scheme, authority)), uri.path().trim_end_matches('/').to_string())
+        } else {
+            match upstreams.get(&route.upstream) {
+                Some(u) => (u.clone(), String::new()),
+                // validate reports the unknown name; an upstream that did
+                // not compile has its own error.
+                None => continue,
             }
-        };
-        let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned()) else {
-            errors.push(err(format!("{base}.upstream"), "expected scheme://host[:port]".into()));
-            continue;
         };
         let params: Vec<&str> = pattern.param_names().collect();
         let rewrite = match &route.path_rewrite {
@@ -218,10 +282,8 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
         };
         let route_data = ProxyRoute {
             name: route.name.as_str().into(),
-            upstream_host: HeaderValue::from_str(authority.as_str()).expect("an authority is a valid header value"),
-            scheme,
-            authority,
-            base_path: uri.path().trim_end_matches('/').to_string(),
+            upstream,
+            base_path,
             rewrite,
             timeout: route.timeout.map_or(DEFAULT_ROUTE_TIMEOUT, |d| d.0),
             body_timeout: route.body_timeout.map_or(crate::upstream::DEFAULT_BODY_TIMEOUT, |d| d.0),
@@ -236,7 +298,7 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
             continue;
         };
         let method = comp.method.clone().unwrap_or_else(|| "GET".into());
-        let target = match crate::compose::plan::compile(comp) {
+        let target = match crate::compose::plan::compile(comp, &upstreams) {
             Ok(mut plan) => {
                 for call in &mut plan.calls {
                     call.duration = Some(services.metrics.call_histogram(&plan.name, &call.name));

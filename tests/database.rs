@@ -654,28 +654,23 @@ async fn upstream_crud_audit_and_a_delete_refused_while_used() {
     assert_eq!(s, 400, "{body}");
     assert_eq!(body["fields"]["upstream"], "unknown upstream \"ghost\"");
 
-    // In use: a route and a composition call name it. Until pools are wired
-    // into the request path such a config does not compile, so the admin API
-    // refuses to write it; the rows a later build would have written are put
-    // in directly, to check the delete that must not orphan them.
-    let store = Store::connect(&url).await.unwrap();
-    sqlx::query("INSERT INTO routes (name, entity) VALUES ('users-api', $1::text::json)")
-        .bind(json!({"name": "users-api", "path": "/u", "upstream": "users"}).to_string())
-        .execute(store.pool())
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO compositions (name, entity) VALUES ('dash', $1::text::json)")
-        .bind(json!({"name": "dash", "path": "/d", "calls": {"me": {"upstream": "users", "path": "/me"}}}).to_string())
-        .execute(store.pool())
-        .await
-        .unwrap();
+    // In use: a route and a composition call name it, both written through
+    // the API like any entity.
+    let (s, _, body) =
+        send("POST", &format!("{admin}/routes"), Some(json!({"name": "users-api", "path": "/u", "upstream": "users"})), &[]).await;
+    assert_eq!(s, 201, "{body}");
+    let dash = json!({"name": "dash", "path": "/d", "calls": {"me": {"upstream": "users", "path": "/me"}}});
+    let (s, _, body) = send("POST", &format!("{admin}/compositions"), Some(dash), &[]).await;
+    assert_eq!(s, 201, "{body}");
     let (s, _, body) = send("DELETE", &format!("{admin}/upstreams/users"), None, &[]).await;
     assert_eq!(s, 409, "{body}");
     assert_eq!(body["message"], "upstream \"users\" is still used by routes.users-api, compositions.dash.calls.me");
     let (s, _, _) = send("GET", &format!("{admin}/upstreams/users"), None, &[]).await;
     assert_eq!(s, 200, "still there");
-    sqlx::query("DELETE FROM routes WHERE name = 'users-api'").execute(store.pool()).await.unwrap();
-    sqlx::query("DELETE FROM compositions WHERE name = 'dash'").execute(store.pool()).await.unwrap();
+    let (s, _, _) = send("DELETE", &format!("{admin}/routes/users-api"), None, &[]).await;
+    assert_eq!(s, 204);
+    let (s, _, _) = send("DELETE", &format!("{admin}/compositions/dash"), None, &[]).await;
+    assert_eq!(s, 204);
 
     let (s, _, body) = send("DELETE", &format!("{admin}/upstreams/users"), None, &[("x-manifold-actor", "bob")]).await;
     assert_eq!((s, body), (StatusCode::NO_CONTENT, Value::Null));
@@ -699,9 +694,20 @@ async fn upstream_crud_audit_and_a_delete_refused_while_used() {
         })
         .collect();
     let want = |a: &str, n: &str| (a.to_string(), "upstreams".to_string(), n.to_string());
+    let other = |a: &str, k: &str, n: &str| (a.to_string(), k.to_string(), n.to_string());
     assert_eq!(
         entries,
-        [want("delete", "users"), want("update", "users"), want("update", "users"), want("create", "other"), want("create", "users")]
+        [
+            want("delete", "users"),
+            other("delete", "compositions", "dash"),
+            other("delete", "routes", "users-api"),
+            other("create", "compositions", "dash"),
+            other("create", "routes", "users-api"),
+            want("update", "users"),
+            want("update", "users"),
+            want("create", "other"),
+            want("create", "users")
+        ]
     );
     let deleted = &log["data"][0];
     assert_eq!((deleted["actor"].as_str(), &deleted["after"]), (Some("bob"), &Value::Null));

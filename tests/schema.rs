@@ -201,7 +201,7 @@ upstreams:
       - { url: "http://users-c.internal" }
     balance: round-robin
     connect_timeout: 2s
-    tls: { verify: true, ca_file: /etc/manifold/ca.pem, server_name: users.internal, client_cert_file: /etc/manifold/gw.pem, client_key_file: /etc/manifold/gw-key.pem }
+    tls: { verify: true, ca_file: fixtures/tls/ca.pem, server_name: users.internal, client_cert_file: fixtures/tls/gateway.pem, client_key_file: fixtures/tls/gateway-key.pem }
     http2: true
   - { name: plain, targets: [{ url: "http://10.0.0.2" }], tls: { server_name: 10.0.0.2 }, connect_timeout: 1 }
 "#,

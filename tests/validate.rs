@@ -115,26 +115,63 @@ fn tls_verify_false_is_accepted_and_warned_about_at_its_field() {
     assert!(manifold::config::validate::warnings(&load_paths(&[file]).unwrap()).is_empty());
 }
 
-/// Until pools are wired into the request path, a route or a call naming an
-/// upstream is refused when the config is compiled for a node, never served
-/// as something it is not.
+/// A route and a composition call naming an upstream validate and compile
+/// for a node; the fields whose runtime is not built yet are still refused
+/// at their field, never served as something they are not.
 #[test]
-fn naming_an_upstream_is_refused_until_pools_are_wired() {
+fn naming_an_upstream_compiles_and_unbuilt_fields_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("u.yaml");
     std::fs::write(
         &file,
-        "upstreams:\n  - { name: users, targets: [{ url: \"http://127.0.0.1:9\" }] }\nroutes:\n  - { name: r, path: /r, upstream: users }\ncompositions:\n  - { name: c, path: /c, calls: { me: { upstream: users, path: /me } } }\n",
+        "upstreams:\n  - { name: users, targets: [{ url: \"http://127.0.0.1:9\", weight: 3 }, { url: \"http://127.0.0.1:10\" }], balance: round-robin, connect_timeout: 2s }\nroutes:\n  - { name: r, path: /r, upstream: users }\ncompositions:\n  - { name: c, path: /c, calls: { me: { upstream: users, path: \"/me/{{request.query.id}}?x={{request.query.x}}\" } } }\n",
     )
     .unwrap();
     let config = load_paths(std::slice::from_ref(&file)).expect("the format and references are valid");
-    assert_eq!(config.compositions[0].calls["me"].path.as_deref(), Some("/me"));
+    assert_eq!(config.compositions[0].calls["me"].path.as_deref(), Some("/me/{{request.query.id}}?x={{request.query.x}}"));
+    assert_eq!(errors_of(file.to_str().unwrap()), Vec::<String>::new());
+
+    std::fs::write(
+        &file,
+        "upstreams:\n  - name: users\n    targets: [{ url: \"http://127.0.0.1:9\" }]\n    balance: least-requests\n    resolve_every: 30s\n    health: { passive: { failures: 5 } }\n    retries: { max: 2 }\n    circuit_breaker: { max_in_flight: 10 }\n  - { name: hashed, targets: [{ url: \"http://127.0.0.1:9\" }], balance: consistent-hash, hash_on: path }\nroutes:\n  - { name: r, path: /r, upstream: users }\n",
+    )
+    .unwrap();
     let errors = errors_of(file.to_str().unwrap());
-    assert_eq!(
-        errors,
-        [
-            "routes.r.upstream: upstream pools are not wired into the request path yet",
-            "compositions.c.calls.me.upstream: upstream pools are not wired into the request path yet"
-        ]
-    );
+    for want in [
+        "upstreams.users.balance: least-requests balancing is not built yet",
+        "upstreams.users.resolve_every: DNS re-resolution is not built yet",
+        "upstreams.users.health: active and passive health checks are not built yet",
+        "upstreams.users.retries: retrying on another target is not built yet",
+        "upstreams.users.circuit_breaker: the circuit breaker is not built yet",
+        "upstreams.hashed.balance: consistent-hash balancing is not built yet",
+        "upstreams.hashed.hash_on: consistent hashing is not built yet",
+    ] {
+        assert!(errors.iter().any(|e| e.contains(want)), "{want} in {errors:#?}");
+    }
+    assert_eq!(errors.len(), 7, "{errors:#?}");
+}
+
+/// An upstream's TLS files are read when the config is compiled: one that
+/// cannot be read is an error at its field.
+#[test]
+fn an_unreadable_upstream_tls_file_is_an_error_at_its_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("u.yaml");
+    let missing = dir.path().join("nope.pem");
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    std::fs::write(
+        &file,
+        format!(
+            "upstreams:\n  - {{ name: a, targets: [{{ url: \"https://127.0.0.1:9\" }}], tls: {{ ca_file: {:?} }} }}\n  - {{ name: b, targets: [{{ url: \"https://127.0.0.1:9\" }}], tls: {{ client_cert_file: {:?}, client_key_file: {:?} }} }}\n",
+            missing.display(),
+            junk.display(),
+            junk.display()
+        ),
+    )
+    .unwrap();
+    let errors = errors_of(file.to_str().unwrap());
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(errors[0].starts_with("upstreams.a.tls.ca_file: ") && errors[0].contains("nope.pem"), "{errors:#?}");
+    assert!(errors[1].starts_with("upstreams.b.tls.client_cert_file: ") && errors[1].contains("junk.pem"), "{errors:#?}");
 }

@@ -101,6 +101,8 @@ enum State {
 
 struct Prepared {
     uri: Uri,
+    /// The picked target's host.
+    host: HeaderValue,
     headers: HeaderMap,
     body: Option<Bytes>,
 }
@@ -144,9 +146,10 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
         pq.push('?');
         pq.push_str(&q.render(doc).map_err(bad)?);
     }
+    let target = call.upstream.pick();
     let uri = Uri::builder()
-        .scheme(call.scheme.clone())
-        .authority(call.authority.clone())
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
         .path_and_query(pq)
         .build()
         .map_err(|e| bad(format!("the rendered url is invalid: {e}")))?;
@@ -175,7 +178,7 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
         }
         None => None,
     };
-    Ok(Prepared { uri, headers, body })
+    Ok(Prepared { uri, host: target.host.clone(), headers, body })
 }
 
 /// The kind a composition reports for a failed backend request.
@@ -197,7 +200,7 @@ struct CallIds {
     call: std::sync::Arc<str>,
     request_id: HeaderValue,
     trace: TraceContext,
-    host: HeaderValue,
+    upstream: std::sync::Arc<crate::upstream::UpstreamPlan>,
     metrics: Option<std::sync::Arc<Metrics>>,
 }
 
@@ -213,7 +216,10 @@ async fn attempt(client: &Client, ids: &CallIds, limits: &CallLimits, p: &Prepar
         request_id: &ids.request_id,
         trace: &ids.trace,
         correlation: None,
-        host: &ids.host,
+        host: &p.host,
+        connector: ids.upstream.connector.as_ref(),
+        connect_timeout: ids.upstream.connect_timeout,
+        http2: ids.upstream.http2,
         deadline: limits.end,
         body_timeout: crate::upstream::DEFAULT_BODY_TIMEOUT,
         keep_headers: limits.keep_headers,
@@ -599,7 +605,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                             call: call.name.clone(),
                             request_id: ex.request_id.clone(),
                             trace: *ex.trace,
-                            host: call.host_header.clone(),
+                            upstream: call.upstream.clone(),
                             metrics: ex.metrics.cloned(),
                         };
                         let l = Launch {

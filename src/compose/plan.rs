@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 
 use super::query::{JsonTemplate, Query};
@@ -13,7 +12,8 @@ use super::template::{Escape, Template};
 use crate::config::refs::{jsonpath_root, template_refs};
 use crate::config::validate::split_call_url;
 use crate::config::{Composition, ConfigError};
-use crate::snapshot::DEFAULT_COMPOSITION_TIMEOUT;
+use crate::snapshot::{Upstreams, DEFAULT_COMPOSITION_TIMEOUT};
+use crate::upstream::UpstreamPlan;
 
 /// Largest backend body a call accepts unless it says otherwise (SPEC §2).
 pub const DEFAULT_MAX_BODY: usize = 10 << 20;
@@ -29,10 +29,12 @@ pub struct CallPlan {
     /// (`None` outside a running node: validation, unit tests).
     pub duration: Option<prometheus::Histogram>,
     pub method: Method,
-    pub scheme: Scheme,
-    pub authority: Authority,
-    pub host_header: HeaderValue,
-    /// `scheme://host[:port]`, for the `try` endpoint's report.
+    /// Where it goes: a url's one target on the node's connector, or a
+    /// named upstream's targets; each request picks one, whose host is its
+    /// `Host`.
+    pub upstream: Arc<UpstreamPlan>,
+    /// `scheme://host[:port]` of a url, or the upstream's name, for the
+    /// `try` endpoint's report.
     pub origin: String,
     pub path: Template,
     /// The url's path ends with `/` as written (its one empty segment).
@@ -150,7 +152,21 @@ fn reads_headers(comp: &Composition) -> bool {
     calls || response
 }
 
-pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> {
+/// A url's path and query, or an upstream call's `path`, compiled: the
+/// path's template (escaped per segment, `/` when empty), the query's
+/// (escaped per component), and whether the path ends with `/`.
+fn compile_rest(rest: &str) -> Result<(Template, Option<Template>, bool), String> {
+    let (path_text, query_text) = split_path_query(rest);
+    let path_text = if path_text.is_empty() { "/" } else { path_text };
+    let path = Template::compile(path_text, Escape::PathSegment)?;
+    let query = query_text.map(|q| Template::compile(q, Escape::QueryComponent)).transpose()?;
+    Ok((path, query, path_text.ends_with('/')))
+}
+
+/// Compiles one composition; its calls naming an upstream take it from
+/// `upstreams` (a name not there was reported by validate, or by the
+/// upstream's own compile).
+pub fn compile(comp: &Composition, upstreams: &Upstreams) -> Result<CompositionPlan, Vec<ConfigError>> {
     let base = format!("compositions.{}", comp.name);
     let mut errors = Vec::new();
     let mut fail = |path: String, message: String| errors.push(ConfigError { file: None, path, message });
@@ -160,36 +176,44 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
 
     for (name, call) in &comp.calls {
         let cbase = format!("{base}.calls.{name}");
-        let Some(url) = call.url.as_deref() else {
-            fail(format!("{cbase}.upstream"), "upstream pools are not wired into the request path yet".into());
-            continue;
+        let (field, upstream, origin, rest) = match (call.url.as_deref(), call.upstream.as_deref()) {
+            (Some(url), _) => {
+                let (origin, rest) = match split_call_url(url) {
+                    Ok(parts) => parts,
+                    Err(e) => {
+                        fail(format!("{cbase}.url"), e);
+                        continue;
+                    }
+                };
+                let origin_uri: http::Uri = match origin.parse() {
+                    Ok(u) => u,
+                    Err(e) => {
+                        fail(format!("{cbase}.url"), format!("{e}"));
+                        continue;
+                    }
+                };
+                let (Some(scheme), Some(authority)) = (origin_uri.scheme().cloned(), origin_uri.authority().cloned()) else {
+                    fail(format!("{cbase}.url"), "expected http(s)://host[:port]/path".into());
+                    continue;
+                };
+                ("url", Arc::new(UpstreamPlan::single(scheme, authority)), origin.to_string(), rest)
+            }
+            (None, Some(name)) => {
+                let Some(upstream) = upstreams.get(name) else {
+                    fail(format!("{cbase}.upstream"), format!("no upstream named {name:?} compiled"));
+                    continue;
+                };
+                ("path", upstream.clone(), format!("upstream {name}"), call.path.as_deref().unwrap_or("/"))
+            }
+            (None, None) => {
+                fail(format!("{cbase}.url"), "a call needs url, or upstream with path".into());
+                continue;
+            }
         };
-        let (origin, rest) = match split_call_url(url) {
+        let (path, query, path_trailing_slash) = match compile_rest(rest) {
             Ok(parts) => parts,
             Err(e) => {
-                fail(format!("{cbase}.url"), e);
-                continue;
-            }
-        };
-        let origin_uri: http::Uri = match origin.parse() {
-            Ok(u) => u,
-            Err(e) => {
-                fail(format!("{cbase}.url"), format!("{e}"));
-                continue;
-            }
-        };
-        let (Some(scheme), Some(authority)) = (origin_uri.scheme().cloned(), origin_uri.authority().cloned()) else {
-            fail(format!("{cbase}.url"), "expected http(s)://host[:port]/path".into());
-            continue;
-        };
-        let (path_text, query_text) = split_path_query(rest);
-        let path_text = if path_text.is_empty() { "/" } else { path_text };
-        let path = Template::compile(path_text, Escape::PathSegment);
-        let query = query_text.map(|q| Template::compile(q, Escape::QueryComponent)).transpose();
-        let (path, query) = match (path, query) {
-            (Ok(p), Ok(q)) => (p, q),
-            (Err(e), _) | (_, Err(e)) => {
-                fail(format!("{cbase}.url"), e);
+                fail(format!("{cbase}.{field}"), e);
                 continue;
             }
         };
@@ -233,12 +257,10 @@ pub fn compile(comp: &Composition) -> Result<CompositionPlan, Vec<ConfigError>> 
             name: name.as_str().into(),
             duration: None,
             method,
-            host_header: HeaderValue::from_str(authority.as_str()).expect("an authority is a valid header value"),
-            origin: origin.to_string(),
-            scheme,
-            authority,
+            upstream,
+            origin,
             path,
-            path_trailing_slash: path_text.ends_with('/'),
+            path_trailing_slash,
             query,
             headers,
             forward_headers: call.forward_headers.iter().filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok()).collect(),

@@ -101,10 +101,11 @@ pub async fn forward(
         parts.headers.get(header::HOST).cloned().or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
 
     let path_and_query = upstream_path_and_query(route, &fwd, parts.uri.query()).map_err(|e| (e, false))?;
+    let target = route.upstream.pick();
     parts.uri = Uri::from_parts({
         let mut u = http::uri::Parts::default();
-        u.scheme = Some(route.scheme.clone());
-        u.authority = Some(route.authority.clone());
+        u.scheme = Some(target.scheme.clone());
+        u.authority = Some(target.authority.clone());
         u.path_and_query = Some(path_and_query);
         u
     })
@@ -132,7 +133,7 @@ pub async fn forward(
     }
     let host = match (&original_host, route.preserve_host) {
         (Some(host), true) => host,
-        _ => &route.upstream_host,
+        _ => &target.host,
     };
 
     let body = match (fwd.body_limit, body) {
@@ -146,6 +147,9 @@ pub async fn forward(
         trace: fwd.trace,
         correlation: None,
         host,
+        connector: route.upstream.connector.as_ref(),
+        connect_timeout: route.upstream.connect_timeout,
+        http2: route.upstream.http2,
         deadline: started + route.timeout,
         body_timeout: route.body_timeout,
         keep_headers: true,

@@ -4,6 +4,8 @@
 //! and the body timeout, opens the client span, counts failures, and
 //! returns one error type that says what failed and whose fault it was.
 //!
+//! - `balance.rs`: an upstream compiled: its targets, smooth weighted
+//!   round-robin, its connector
 //! - `connect.rs`: TCP and TLS connections, the node's and an upstream's
 //!   TLS settings
 //! - `pool.rs`: one worker's idle connections, per connector and origin
@@ -11,6 +13,7 @@
 //!   streamed answer body
 //! - `error.rs`: [`UpstreamError`], its [`Fault`], and the answer it maps to
 
+pub mod balance;
 mod connect;
 pub mod error;
 mod h1;
@@ -23,6 +26,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response};
 use tokio::time::Instant;
 
+pub use balance::{Target, UpstreamPlan};
 pub use connect::{Connector, TlsOptions, UpstreamTlsOptions, DEFAULT_CONNECT_TIMEOUT};
 pub use error::{Cause, Fault, UpstreamError};
 pub use h1::ResponseBody;
@@ -56,6 +60,13 @@ pub struct Outbound<'a> {
     /// A correlation-id policy's header, sent on as it is.
     pub correlation: Option<(&'a HeaderName, &'a HeaderValue)>,
     pub host: &'a HeaderValue,
+    /// The upstream's own connector (its `tls` block); `None`: the node's.
+    pub connector: Option<&'a Arc<Connector>>,
+    /// The upstream's `connect_timeout`; `None`: the connector's own.
+    pub connect_timeout: Option<Duration>,
+    /// The upstream asks for HTTP/2 (`http2: true`): carried for the HTTP/2
+    /// client; this layer speaks HTTP/1.1 only so far.
+    pub http2: bool,
     /// The answer's head must have arrived by then.
     pub deadline: Instant,
     pub body_timeout: Duration,
@@ -121,18 +132,9 @@ impl Client {
             request_id: out.request_id.clone(),
         };
         let body_failures = out.metrics.is_some().then(failures);
-        match h1::send(
-            &self.pool,
-            &self.connector,
-            self.connector.connect_timeout,
-            req,
-            out.deadline,
-            out.body_timeout,
-            out.keep_headers,
-            body_failures,
-        )
-        .await
-        {
+        let connector = out.connector.unwrap_or(&self.connector);
+        let connect_timeout = out.connect_timeout.unwrap_or(connector.connect_timeout);
+        match h1::send(&self.pool, connector, connect_timeout, req, out.deadline, out.body_timeout, out.keep_headers, body_failures).await {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 span.finish(Some(status), None);
