@@ -5,24 +5,21 @@
 //! the backends are rustls (ring) + hyper on raw sockets.
 
 mod common;
+#[path = "common/tls.rs"]
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::client;
-use http_body_util::Full;
 use manifold::gateway::{Gateway, GatewayOptions};
 use manifold::upstream::TlsOptions;
 use prometheus_parse::{Scrape, Value as PValue};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::ExtendedKeyUsagePurpose;
 use serde_json::{json, Value};
-use tokio_rustls::rustls;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio_rustls::TlsAcceptor;
+use tls::{ca, leaf, Ca, Leaf, TlsBackend};
 
 // ---------------------------------------------------------------------------
 // certificates
@@ -31,47 +28,6 @@ use tokio_rustls::TlsAcceptor;
 const CA_NAME: &str = "Manifold Test Root CA 4d1f";
 const OTHER_CA_NAME: &str = "Unrelated Test Root CA 9b27";
 const CLIENT_CA_NAME: &str = "Manifold Test Client CA 62ae";
-
-struct Ca {
-    pem: String,
-    der: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-fn ca(name: &str) -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let key = KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    Ca { pem: cert.pem(), der: cert.der().clone(), issuer: Issuer::new(params, key) }
-}
-
-/// An end-entity certificate signed by `ca`, with its private key.
-struct Leaf {
-    cert_pem: String,
-    cert_der: CertificateDer<'static>,
-    key_pem: String,
-    key_der: Vec<u8>,
-}
-
-impl Leaf {
-    fn key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
-    }
-}
-
-fn leaf(ca: &Ca, common_name: &str, names: &[&str], purpose: ExtendedKeyUsagePurpose) -> Leaf {
-    let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, common_name);
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![purpose];
-    params.use_authority_key_identifier_extension = true;
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca.issuer).unwrap();
-    Leaf { cert_pem: cert.pem(), cert_der: cert.der().clone(), key_pem: key.serialize_pem(), key_der: key.serialize_der() }
-}
 
 /// Every certificate a test needs, and their PEM files in a temporary
 /// directory.
@@ -119,67 +75,11 @@ impl Pki {
 // ---------------------------------------------------------------------------
 // the TLS backend
 
-struct TlsBackend {
-    port: u16,
-    /// TCP connections accepted.
-    conns: Arc<AtomicUsize>,
-    /// Requests answered (over completed handshakes).
-    answered: Arc<AtomicUsize>,
-}
-
-impl TlsBackend {
-    fn url(&self) -> String {
-        format!("https://localhost:{}", self.port)
-    }
-}
-
 /// An https backend answering `{"tls": true}` with the certificate of
 /// `pki.server`; it requires a client certificate signed by the client CA
 /// when `require_client_cert`.
 async fn tls_backend(pki: &Pki, require_client_cert: bool) -> TlsBackend {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().unwrap();
-    let builder = if require_client_cert {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pki.client_ca.der.clone()).unwrap();
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
-        builder.with_client_cert_verifier(verifier)
-    } else {
-        builder.with_no_client_auth()
-    };
-    let config = builder.with_single_cert(vec![pki.server.cert_der.clone()], pki.server.key()).unwrap();
-    let acceptor = TlsAcceptor::from(Arc::new(config));
-
-    let v4 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = v4.local_addr().unwrap().port();
-    // `localhost` may resolve to ::1 first elsewhere: listen there too when
-    // the same port is free.
-    let v6 = tokio::net::TcpListener::bind(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))).await.ok();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let answered = Arc::new(AtomicUsize::new(0));
-    for listener in std::iter::once(v4).chain(v6) {
-        let (acceptor, conns, answered) = (acceptor.clone(), conns.clone(), answered.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                conns.fetch_add(1, Ordering::SeqCst);
-                let (acceptor, answered) = (acceptor.clone(), answered.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(stream).await else { return };
-                    let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
-                        answered.fetch_add(1, Ordering::SeqCst);
-                        async move {
-                            let mut resp = http::Response::new(Full::new(Bytes::from(json!({"tls": true}).to_string())));
-                            resp.headers_mut().insert("content-type", "application/json".parse().unwrap());
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), svc).await;
-                });
-            }
-        });
-    }
-    TlsBackend { port, conns, answered }
+    tls::tls_backend(&pki.server, require_client_cert.then_some(&pki.client_ca), Vec::new()).await
 }
 
 // ---------------------------------------------------------------------------
