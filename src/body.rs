@@ -32,6 +32,8 @@ pub enum Body {
     /// A backend's answer body still streaming from its connection (one
     /// that arrived whole with its head is `Full`).
     Upstream(Box<crate::upstream::ResponseBody>),
+    /// A backend's HTTP/2 answer body (an upstream with `http2: true`).
+    Upstream2(Box<crate::upstream::H2ResponseBody>),
 }
 
 impl std::fmt::Debug for Body {
@@ -44,6 +46,7 @@ impl std::fmt::Debug for Body {
             Body::Tee(_) => f.write_str("Tee"),
             Body::Counted(_) => f.write_str("Counted"),
             Body::Upstream(_) => f.write_str("Upstream"),
+            Body::Upstream2(_) => f.write_str("Upstream2"),
         }
     }
 }
@@ -154,6 +157,7 @@ impl http_body::Body for Body {
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
             Body::Upstream(inner) => Pin::new(inner.as_mut()).poll_frame(cx),
+            Body::Upstream2(inner) => Pin::new(inner.as_mut()).poll_frame(cx),
             Body::Capped { inner, left } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     let len = frame.data_ref().map_or(0, |d| d.len() as u64);
@@ -216,6 +220,7 @@ impl http_body::Body for Body {
             Body::Tee(tee) => tee.done.is_none() && tee.inner.is_end_stream(),
             Body::Counted(c) => c.done.is_none() && c.inner.is_end_stream(),
             Body::Upstream(inner) => inner.is_end_stream(),
+            Body::Upstream2(inner) => http_body::Body::is_end_stream(inner.as_ref()),
         }
     }
 
@@ -227,6 +232,7 @@ impl http_body::Body for Body {
             Body::Tee(tee) => tee.inner.size_hint(),
             Body::Counted(c) => c.inner.size_hint(),
             Body::Upstream(inner) => inner.size_hint(),
+            Body::Upstream2(inner) => http_body::Body::size_hint(inner.as_ref()),
         }
     }
 }

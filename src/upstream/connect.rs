@@ -44,6 +44,8 @@ pub struct Connector {
     /// share one to the same host and port.
     id: u64,
     tls: Arc<rustls::ClientConfig>,
+    /// The same, offering only `h2` (ALPN): upstreams with `http2: true`.
+    tls_h2: Arc<rustls::ClientConfig>,
     /// The name sent as SNI and verified, instead of the target's host.
     server_name: Option<ServerName<'static>>,
     pub connect_timeout: Duration,
@@ -91,7 +93,7 @@ impl Connector {
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .context("TLS to backends")?
             .with_root_certificates(roots);
-        let mut config = match (&opts.client_cert_file, &opts.client_key_file) {
+        let config = match (&opts.client_cert_file, &opts.client_key_file) {
             (Some(cert), Some(key)) => {
                 let chain = read_certs(cert).with_context(|| format!("--upstream-client-cert {}", cert.display()))?;
                 let key_der = PrivateKeyDer::from_pem_file(key)
@@ -104,8 +106,8 @@ impl Connector {
             (None, None) => builder.with_no_client_auth(),
             _ => anyhow::bail!("--upstream-client-cert and --upstream-client-key must be given together"),
         };
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Connector { id: next_id(), tls: Arc::new(config), server_name: None, connect_timeout: DEFAULT_CONNECT_TIMEOUT })
+        let (tls, tls_h2) = with_alpn(config);
+        Ok(Connector { id: next_id(), tls, tls_h2, server_name: None, connect_timeout: DEFAULT_CONNECT_TIMEOUT })
     }
 
     /// An upstream's own connector: its CA file trusted instead of the
@@ -134,7 +136,7 @@ impl Connector {
             }
             builder.with_root_certificates(roots)
         };
-        let mut config = match (opts.client_cert_file, opts.client_key_file) {
+        let config = match (opts.client_cert_file, opts.client_key_file) {
             (Some(cert), Some(key)) => {
                 let chain = read_certs(std::path::Path::new(cert)).map_err(|e| (field("client_cert_file"), format!("{cert}: {e:#}")))?;
                 let key_der =
@@ -145,7 +147,7 @@ impl Connector {
             }
             _ => builder.with_no_client_auth(),
         };
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let (tls, tls_h2) = with_alpn(config);
         let server_name = match opts.server_name {
             Some(name) => Some(
                 ServerName::try_from(name.to_string())
@@ -153,7 +155,7 @@ impl Connector {
             ),
             None => None,
         };
-        Ok(Connector { id: next_id(), tls: Arc::new(config), server_name, connect_timeout })
+        Ok(Connector { id: next_id(), tls, tls_h2, server_name, connect_timeout })
     }
 
     /// Unique per connector in the process: what the pool keys on.
@@ -169,6 +171,28 @@ impl Connector {
     /// [`Connector::connect`] with another connect timeout (an upstream's
     /// `connect_timeout` on the node's connector).
     pub async fn connect_within(&self, tls: bool, authority: &Authority, connect_timeout: Duration) -> Result<Stream, UpstreamError> {
+        self.open(tls, authority, connect_timeout, &self.tls).await
+    }
+
+    /// A new connection for HTTP/2: over TLS the backend must choose `h2`
+    /// (ALPN); over plain TCP HTTP/2 is spoken with prior knowledge.
+    pub async fn connect_h2(&self, tls: bool, authority: &Authority, connect_timeout: Duration) -> Result<Stream, UpstreamError> {
+        let stream = self.open(tls, authority, connect_timeout, &self.tls_h2).await?;
+        if let Stream::Tls(s) = &stream {
+            if s.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Err(UpstreamError::new(Cause::Protocol, format!("{authority} does not offer HTTP/2 over TLS (ALPN h2)")).unsent());
+            }
+        }
+        Ok(stream)
+    }
+
+    async fn open(
+        &self,
+        tls: bool,
+        authority: &Authority,
+        connect_timeout: Duration,
+        config: &Arc<rustls::ClientConfig>,
+    ) -> Result<Stream, UpstreamError> {
         let host = authority.host();
         let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let bare = host.trim_start_matches('[').trim_end_matches(']');
@@ -189,7 +213,7 @@ impl Connector {
             None => ServerName::try_from(bare.to_string())
                 .map_err(|_| UpstreamError::new(Cause::Tls, format!("{host} is not a name TLS can verify")).unsent())?,
         };
-        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let connector = tokio_rustls::TlsConnector::from(config.clone());
         match tokio::time::timeout(connect_timeout, connector.connect(name, tcp)).await {
             Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
             Ok(Err(e)) => Err(UpstreamError::new(Cause::Tls, format!("TLS with {authority}: {}", super::error::chain(&e))).unsent()),
@@ -237,6 +261,15 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
+}
+
+/// The config as HTTP/1.1 connections use it (ALPN `http/1.1`), and a copy
+/// offering only `h2`.
+fn with_alpn(mut config: rustls::ClientConfig) -> (Arc<rustls::ClientConfig>, Arc<rustls::ClientConfig>) {
+    let mut h2 = config.clone();
+    h2.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    (Arc::new(config), Arc::new(h2))
 }
 
 fn read_certs(path: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {

@@ -84,7 +84,7 @@ impl Cause {
 
 /// A failed backend request. `detail` is for logs only: it may name
 /// addresses and certificate problems, which never reach a client.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct UpstreamError {
     pub cause: Cause,
     pub detail: String,

@@ -17,6 +17,7 @@ pub mod balance;
 mod connect;
 pub mod error;
 mod h1;
+mod h2;
 mod pool;
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub use balance::{Target, UpstreamPlan};
 pub use connect::{Connector, TlsOptions, UpstreamTlsOptions, DEFAULT_CONNECT_TIMEOUT};
 pub use error::{Cause, Fault, UpstreamError};
 pub use h1::ResponseBody;
+pub use h2::ResponseBody as H2ResponseBody;
 
 use crate::body::Body;
 use crate::ids::{TraceContext, REQUEST_ID_HEADER, TRACEPARENT};
@@ -40,11 +42,13 @@ use crate::otel::CallSpan;
 /// route says otherwise.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A worker's backend client: its own pool, the node's connector. Cheap to
-/// clone (two `Arc`s); never used from another worker's runtime.
+/// A worker's backend client: its own pools (idle HTTP/1.1 connections,
+/// open HTTP/2 ones), the node's connector. Cheap to clone (three `Arc`s);
+/// never used from another worker's runtime.
 #[derive(Clone)]
 pub struct Client {
     pool: Arc<pool::Pool>,
+    h2: Arc<h2::Pool>,
     connector: Arc<Connector>,
 }
 
@@ -64,8 +68,7 @@ pub struct Outbound<'a> {
     pub connector: Option<&'a Arc<Connector>>,
     /// The upstream's `connect_timeout`; `None`: the connector's own.
     pub connect_timeout: Option<Duration>,
-    /// The upstream asks for HTTP/2 (`http2: true`): carried for the HTTP/2
-    /// client; this layer speaks HTTP/1.1 only so far.
+    /// HTTP/2 to the backend (the upstream's `http2: true`); else HTTP/1.1.
     pub http2: bool,
     /// The answer's head must have arrived by then.
     pub deadline: Instant,
@@ -109,7 +112,7 @@ impl FailureCount {
 
 impl Client {
     pub fn new(connector: Arc<Connector>) -> Client {
-        Client { pool: Arc::default(), connector }
+        Client { pool: Arc::default(), h2: Arc::default(), connector }
     }
 
     /// Sends `req` (its URI absolute: scheme, authority, path) and returns
@@ -134,7 +137,13 @@ impl Client {
         let body_failures = out.metrics.is_some().then(failures);
         let connector = out.connector.unwrap_or(&self.connector);
         let connect_timeout = out.connect_timeout.unwrap_or(connector.connect_timeout);
-        match h1::send(&self.pool, connector, connect_timeout, req, out.deadline, out.body_timeout, out.keep_headers, body_failures).await {
+        let result = if out.http2 {
+            let to = h2::Target { connector, connect_timeout };
+            h2::send(&self.h2, to, req, out.deadline, out.body_timeout, body_failures).await
+        } else {
+            h1::send(&self.pool, connector, connect_timeout, req, out.deadline, out.body_timeout, out.keep_headers, body_failures).await
+        };
+        match result {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 span.finish(Some(status), None);
