@@ -3,7 +3,7 @@
 //! worker carries every request to it at once (multiplexed); it is hyper's
 //! HTTP/2 client, whose connection task runs on the worker's own runtime.
 //! A connection that went away is dropped from the worker's list and the
-//! request, not sent yet, goes on a new one.
+//! request, not sent yet, goes on a new one; one unused for 60 s is let go.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -38,9 +38,15 @@ pub struct Pool {
 type Connecting = Shared<Pin<Box<dyn Future<Output = Result<SendRequest<Body>, UpstreamError>> + Send>>>;
 
 enum Slot {
-    Open(SendRequest<Body>),
+    /// An open connection and when a request last took it.
+    Open(SendRequest<Body>, Instant),
     Connecting(Connecting),
 }
+
+/// An open connection no request took for this long is let go (as the
+/// HTTP/1.1 pool's idle limit): a target dropped from the config does not
+/// keep its connection.
+const IDLE_TIMEOUT: Duration = super::pool::IDLE_TIMEOUT;
 
 #[derive(Clone, PartialEq, Eq)]
 struct Key {
@@ -54,10 +60,16 @@ impl Pool {
     /// request (`false`: it was open already, and may have died since).
     async fn sender(&self, to: &Target<'_>, key: &Key, fresh_only: bool) -> Result<(SendRequest<Body>, bool), UpstreamError> {
         let connecting = {
+            let now = Instant::now();
             let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-            conns.retain(|(k, slot)| !matches!(slot, Slot::Open(s) if s.is_closed() || (fresh_only && k == key)));
-            match conns.iter().find(|(k, _)| k == key) {
-                Some((_, Slot::Open(s))) => return Ok((s.clone(), false)),
+            conns.retain(
+                |(k, slot)| !matches!(slot, Slot::Open(s, used) if s.is_closed() || now - *used > IDLE_TIMEOUT || (fresh_only && k == key)),
+            );
+            match conns.iter_mut().find(|(k, _)| k == key) {
+                Some((_, Slot::Open(s, used))) => {
+                    *used = now;
+                    return Ok((s.clone(), false));
+                }
                 Some((_, Slot::Connecting(c))) => c.clone(),
                 None => {
                     let c = connect(to.connector.clone(), key.clone(), to.connect_timeout).boxed().shared();
@@ -71,7 +83,7 @@ impl Pool {
         // The first waiter to see the connect end settles the slot.
         if let Some(i) = conns.iter().position(|(k, slot)| k == key && matches!(slot, Slot::Connecting(c) if c.ptr_eq(&connecting))) {
             match &result {
-                Ok(s) => conns[i].1 = Slot::Open(s.clone()),
+                Ok(s) => conns[i].1 = Slot::Open(s.clone(), Instant::now()),
                 Err(_) => {
                     conns.remove(i);
                 }
@@ -85,7 +97,7 @@ async fn connect(connector: Arc<Connector>, key: Key, connect_timeout: Duration)
     let io = connector.connect_h2(key.tls, &key.authority, connect_timeout).await?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        // A dead peer is noticed between requests too.
+        // A peer that went away while requests are in flight is noticed.
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
         .handshake(TokioIo::new(io))
