@@ -16,8 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{backend, client, gateway};
-use prometheus_parse::{Scrape, Value as PValue};
+use common::{backend, client, gateway, metric, metric_until, within};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -27,11 +26,6 @@ const FAILURES: &str = "manifold_upstream_failures_total";
 
 // ---------------------------------------------------------------------------
 // helpers
-
-/// Fails with `what` instead of hanging when `fut` takes longer than `secs`.
-async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), fut).await.unwrap_or_else(|_| panic!("{what}: no answer within {secs} s"))
-}
 
 /// One accepted backend connection, read as HTTP/1.1 requests.
 struct Conn {
@@ -259,40 +253,6 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
         raw = &raw[(eol + 4 + size).min(raw.len())..];
     }
     out
-}
-
-async fn scrape(admin: SocketAddr) -> Scrape {
-    let resp = within(10, "/metrics", client().get(format!("http://{admin}/metrics")).send()).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let text = resp.text().await.unwrap();
-    Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid Prometheus text format")
-}
-
-/// The sum of every sample of `name` whose labels include `labels`; 0 when
-/// there is none (a counter never touched is absent).
-async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let m = scrape(admin).await;
-    m.samples
-        .iter()
-        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match &s.value {
-            PValue::Counter(v) | PValue::Gauge(v) | PValue::Untyped(v) => *v,
-            other => panic!("{name} is a counter, got {other:?}"),
-        })
-        .fold(0.0, |a, b| a + b)
-}
-
-/// Waits (at most 5 s) until the metric satisfies `ok`; returns its value.
-async fn metric_until(admin: SocketAddr, name: &str, labels: &[(&str, &str)], ok: impl Fn(f64) -> bool, what: &str) -> f64 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let v = metric(admin, name, labels).await;
-        if ok(v) {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{what}: {name}{labels:?} is {v} after 5 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A port on 127.0.0.1 that nothing listens on.

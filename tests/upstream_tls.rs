@@ -11,12 +11,10 @@ mod tls;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
-use common::client;
+use common::{client, metric_until, within};
 use manifold::gateway::{Gateway, GatewayOptions};
 use manifold::upstream::TlsOptions;
-use prometheus_parse::{Scrape, Value as PValue};
 use rcgen::ExtendedKeyUsagePurpose;
 use serde_json::{json, Value};
 use tls::{ca, leaf, Ca, Leaf, TlsBackend};
@@ -85,10 +83,6 @@ async fn tls_backend(pki: &Pki, require_client_cert: bool) -> TlsBackend {
 // ---------------------------------------------------------------------------
 // helpers
 
-async fn within<T>(secs: u64, what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), fut).await.unwrap_or_else(|_| panic!("{what}: no answer within {secs} s"))
-}
-
 /// GET through the gateway: status, body as text, body as JSON (null when
 /// it is not).
 async fn get(g: &Gateway, path: &str) -> (u16, String, Value) {
@@ -102,39 +96,9 @@ async fn get(g: &Gateway, path: &str) -> (u16, String, Value) {
     .await
 }
 
-async fn scrape(admin: SocketAddr) -> Scrape {
-    let resp = within(10, "/metrics", client().get(format!("http://{admin}/metrics")).send()).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let text = resp.text().await.unwrap();
-    Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid Prometheus text format")
-}
-
-/// The sum of every sample of `name` whose labels include `labels`; 0 when
-/// there is none.
-async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape(admin)
-        .await
-        .samples
-        .iter()
-        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match &s.value {
-            PValue::Counter(v) | PValue::Gauge(v) | PValue::Untyped(v) => *v,
-            other => panic!("{name} is a counter, got {other:?}"),
-        })
-        .fold(0.0, |a, b| a + b)
-}
-
 /// Waits (at most 5 s) for the metric to equal `want`.
 async fn metric_becomes(admin: SocketAddr, name: &str, labels: &[(&str, &str)], want: f64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let v = metric(admin, name, labels).await;
-        if v == want {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{name}{labels:?} is {v}, expected {want}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    metric_until(admin, name, labels, |v| v == want, "metric").await;
 }
 
 fn route_and_composition(b: &TlsBackend) -> String {

@@ -184,18 +184,12 @@ fn request_head(parts: &http::request::Parts, body: &mut Body) -> (Vec<u8>, Opti
         }
         Body::Full(bytes) => {
             let b = bytes.take().unwrap_or_default();
-            head.extend_from_slice(b"content-length: ");
-            head.extend_from_slice(itoa(b.len() as u64).as_bytes());
-            head.extend_from_slice(b"\r\n");
+            content_length(&mut head, b.len() as u64);
             *body = Body::Empty;
             inline = Some(b);
         }
         other => match other.size_hint().exact() {
-            Some(n) => {
-                head.extend_from_slice(b"content-length: ");
-                head.extend_from_slice(itoa(n).as_bytes());
-                head.extend_from_slice(b"\r\n");
-            }
+            Some(n) => content_length(&mut head, n),
             None => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         },
     }
@@ -203,8 +197,10 @@ fn request_head(parts: &http::request::Parts, body: &mut Body) -> (Vec<u8>, Opti
     (head, inline)
 }
 
-fn itoa(n: u64) -> String {
-    n.to_string()
+/// A `content-length` line, written into the head without an allocation.
+fn content_length(head: &mut Vec<u8>, n: u64) {
+    use std::io::Write as _;
+    let _ = write!(head, "content-length: {n}\r\n");
 }
 
 fn closed(e: std::io::Error, unsent: bool) -> UpstreamError {

@@ -417,3 +417,45 @@ pub async fn send(
     };
     (status, headers, body)
 }
+
+/// Fails with `what` instead of hanging when `fut` takes longer than `secs`.
+pub async fn within<T>(secs: u64, what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), fut).await.unwrap_or_else(|_| panic!("{what}: no answer within {secs} s"))
+}
+
+/// The admin listener's `/metrics`, parsed.
+pub async fn scrape(admin: SocketAddr) -> prometheus_parse::Scrape {
+    let resp = within(10, "/metrics", client().get(format!("http://{admin}/metrics")).send()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid Prometheus text format")
+}
+
+/// The sum of every sample of `name` whose labels include `labels`; 0 when
+/// there is none (a counter never touched is absent).
+pub async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use prometheus_parse::Value as PValue;
+    scrape(admin)
+        .await
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            PValue::Counter(v) | PValue::Gauge(v) | PValue::Untyped(v) => *v,
+            other => panic!("{name} is a counter, got {other:?}"),
+        })
+        .fold(0.0, |a, b| a + b)
+}
+
+/// Waits (at most 5 s) until the metric satisfies `ok`; returns its value.
+pub async fn metric_until(admin: SocketAddr, name: &str, labels: &[(&str, &str)], ok: impl Fn(f64) -> bool, what: &str) -> f64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = metric(admin, name, labels).await;
+        if ok(v) {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {name}{labels:?} is {v} after 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
