@@ -27,7 +27,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response};
 use tokio::time::Instant;
 
-pub use balance::{Target, UpstreamPlan};
+pub use balance::{Balancer, HashOn, InFlight, PickInput, Picked, Target, UpstreamPlan};
 pub use connect::{Connector, TlsOptions, UpstreamTlsOptions, DEFAULT_CONNECT_TIMEOUT};
 pub use error::{Cause, Fault, UpstreamError};
 pub use h1::ResponseBody;
