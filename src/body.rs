@@ -34,6 +34,9 @@ pub enum Body {
     Upstream(Box<crate::upstream::ResponseBody>),
     /// A backend's HTTP/2 answer body (an upstream with `http2: true`).
     Upstream2(Box<crate::upstream::H2ResponseBody>),
+    /// A streamed answer that holds its least-requests count until it
+    /// ends, fails or is dropped; boxed, like `Tee`.
+    Held(Box<Held>),
 }
 
 impl std::fmt::Debug for Body {
@@ -47,6 +50,7 @@ impl std::fmt::Debug for Body {
             Body::Counted(_) => f.write_str("Counted"),
             Body::Upstream(_) => f.write_str("Upstream"),
             Body::Upstream2(_) => f.write_str("Upstream2"),
+            Body::Held(_) => f.write_str("Held"),
         }
     }
 }
@@ -96,7 +100,22 @@ impl Drop for Counted {
     }
 }
 
+/// A body and the request-in-flight guard it releases at its end.
+pub struct Held {
+    inner: Body,
+    guard: Option<crate::upstream::InFlight>,
+}
+
 impl Body {
+    /// `inner`, holding `guard` until it ends, fails or is dropped. A body
+    /// that is already whole (or empty) has ended: the guard goes at once.
+    pub fn held(inner: Body, guard: Option<crate::upstream::InFlight>) -> Body {
+        match (inner, guard) {
+            (inner @ (Body::Empty | Body::Full(_)), _) | (inner, None) => inner,
+            (inner, guard) => Body::Held(Box::new(Held { inner, guard })),
+        }
+    }
+
     pub fn counted(inner: Body, done: CountDone) -> Body {
         Body::Counted(Box::new(Counted { inner, bytes: 0, done: Some(done) }))
     }
@@ -208,6 +227,16 @@ impl http_body::Body for Body {
                 }
                 polled
             }
+            Body::Held(h) => {
+                let polled = Pin::new(&mut h.inner).poll_frame(cx);
+                match &polled {
+                    // As for Tee: a sized body's end is seen here.
+                    Poll::Ready(Some(Ok(_))) if h.inner.is_end_stream() => h.guard = None,
+                    Poll::Ready(Some(Err(_)) | None) => h.guard = None,
+                    _ => {}
+                }
+                polled
+            }
         }
     }
 
@@ -221,6 +250,7 @@ impl http_body::Body for Body {
             Body::Counted(c) => c.done.is_none() && c.inner.is_end_stream(),
             Body::Upstream(inner) => inner.is_end_stream(),
             Body::Upstream2(inner) => http_body::Body::is_end_stream(inner.as_ref()),
+            Body::Held(h) => h.inner.is_end_stream(),
         }
     }
 
@@ -233,6 +263,7 @@ impl http_body::Body for Body {
             Body::Counted(c) => c.inner.size_hint(),
             Body::Upstream(inner) => inner.size_hint(),
             Body::Upstream2(inner) => http_body::Body::size_hint(inner.as_ref()),
+            Body::Held(h) => h.inner.size_hint(),
         }
     }
 }

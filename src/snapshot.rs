@@ -10,10 +10,11 @@ use std::time::Duration;
 use http::Method;
 
 use crate::compose::CompositionPlan;
+use crate::config::model::Balance;
 use crate::config::pattern::{parse_rewrite, PathPattern, RewritePart, Segment};
 use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::policy::{Identities, PolicyChain, PolicyStates, Services};
-use crate::upstream::{Connector, UpstreamPlan, UpstreamTlsOptions};
+use crate::upstream::{Balancer, Connector, UpstreamPlan, UpstreamTlsOptions};
 
 /// The compiled upstreams of a config, by name.
 pub type Upstreams = HashMap<String, Arc<UpstreamPlan>>;
@@ -200,7 +201,19 @@ pub fn compile_upstreams(config: &Config, errors: &mut Vec<ConfigError>) -> Upst
         };
         // An own connector carries the timeout; else it applies to the node's.
         let connect_timeout = if connector.is_some() { None } else { connect_timeout };
-        let plan = UpstreamPlan::new(Some(u.name.as_str().into()), targets, connector, connect_timeout, u.http2);
+        let balancer = match u.balance {
+            Some(Balance::LeastRequests) => Balancer::LeastRequests,
+            // validate requires a well-formed hash_on with consistent-hash.
+            Some(Balance::ConsistentHash) => match u.hash_on.as_deref().and_then(crate::upstream::HashOn::parse) {
+                Some(on) => Balancer::ConsistentHash(on),
+                None => {
+                    errors.push(err(format!("{base}.hash_on"), "balance: consistent-hash needs hash_on".into()));
+                    continue;
+                }
+            },
+            Some(Balance::RoundRobin) | None => Balancer::RoundRobin,
+        };
+        let plan = UpstreamPlan::with_balancer(Some(u.name.as_str().into()), targets, balancer, connector, connect_timeout, u.http2);
         out.insert(u.name.clone(), Arc::new(plan));
     }
     out

@@ -394,6 +394,13 @@ async fn try_composition(State(state): State<AdminState>, Path(name): Path<Strin
         record: true,
         correlation: None,
         metrics: None,
+        // A try has no client connection: it hashes as the loopback.
+        pick: crate::upstream::PickInput {
+            headers: &headers,
+            peer: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            trusted_proxies: &[],
+            path: &path,
+        },
     };
     let outcome = crate::compose::run(ex, plan, request).await;
     let (parts, body) = outcome.response.into_parts();

@@ -35,6 +35,9 @@ pub struct Exchange<'a> {
     pub correlation: Option<HeaderName>,
     /// Where per-call durations and failures are counted (not for `try`).
     pub metrics: Option<&'a std::sync::Arc<Metrics>>,
+    /// What an upstream's balancer may read of the client's request (its
+    /// consistent-hash key).
+    pub pick: crate::upstream::PickInput<'a>,
 }
 
 /// One call (or `for_each` item) as the `try` endpoint reports it.
@@ -105,6 +108,9 @@ struct Prepared {
     host: HeaderValue,
     headers: HeaderMap,
     body: Option<Bytes>,
+    /// least-requests: the target's count, held until this request (with
+    /// its retries, which go to the same target) has read its answer whole.
+    _in_flight: Option<crate::upstream::InFlight>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -146,7 +152,7 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
         pq.push('?');
         pq.push_str(&q.render(doc).map_err(bad)?);
     }
-    let target = call.upstream.pick();
+    let crate::upstream::Picked { target, in_flight } = call.upstream.pick_for(&ex.pick);
     let uri = Uri::builder()
         .scheme(target.scheme.clone())
         .authority(target.authority.clone())
@@ -178,7 +184,7 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
         }
         None => None,
     };
-    Ok(Prepared { uri, host: target.host.clone(), headers, body })
+    Ok(Prepared { uri, host: target.host.clone(), headers, body, _in_flight: in_flight })
 }
 
 /// The kind a composition reports for a failed backend request.

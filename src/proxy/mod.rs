@@ -12,7 +12,7 @@ use crate::config::pattern::RewritePart;
 use crate::errors::{ErrorCode, GatewayError};
 use crate::ids::TraceContext;
 use crate::snapshot::ProxyRoute;
-use crate::upstream::{Client, Outbound};
+use crate::upstream::{Client, Outbound, PickInput, Picked};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -56,6 +56,8 @@ pub struct Forwarding<'a> {
     /// request-size-limit: cut the body past this many bytes (413).
     pub body_limit: Option<u64>,
     pub metrics: Option<&'a std::sync::Arc<crate::metrics::Metrics>>,
+    /// The node's trusted proxies (consistent hashing on the client's ip).
+    pub trusted_proxies: &'a [ipnet::IpNet],
 }
 
 fn upstream_path_and_query(route: &ProxyRoute, fwd: &Forwarding, query: Option<&str>) -> Result<PathAndQuery, GatewayError> {
@@ -101,7 +103,11 @@ pub async fn forward(
         parts.headers.get(header::HOST).cloned().or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
 
     let path_and_query = upstream_path_and_query(route, &fwd, parts.uri.query()).map_err(|e| (e, false))?;
-    let target = route.upstream.pick();
+    let input = PickInput { headers: &parts.headers, peer: fwd.client_ip, trusted_proxies: fwd.trusted_proxies, path: fwd.path };
+    // least-requests: counted until the answer has ended (the guard goes
+    // into its body) or this future ends another way (an error, a
+    // cancelled request).
+    let Picked { target, in_flight } = route.upstream.pick_for(&input);
     parts.uri = Uri::from_parts({
         let mut u = http::uri::Parts::default();
         u.scheme = Some(target.scheme.clone());
@@ -158,5 +164,5 @@ pub async fn forward(
     let resp = client.send(out, Request::from_parts(parts, body)).await.map_err(|e| (e.gateway_error(), e.closes_client()))?;
     let (mut parts, body) = resp.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, body))
+    Ok(Response::from_parts(parts, Body::held(body, in_flight)))
 }

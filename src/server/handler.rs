@@ -336,6 +336,7 @@ async fn route_and_run(
                 params: &params,
                 body_limit: admission.body_limit,
                 metrics: Some(&worker.shared.services.metrics),
+                trusted_proxies: &shared.trusted_proxies,
             };
             proxy::forward(&worker.client, &route, fwd, req).await
         }
@@ -364,6 +365,12 @@ async fn route_and_run(
                 record: false,
                 correlation: admission.correlation.clone(),
                 metrics: Some(&worker.shared.services.metrics),
+                pick: crate::upstream::PickInput {
+                    headers: &parts.headers,
+                    peer: peer.ip(),
+                    trusted_proxies: &shared.trusted_proxies,
+                    path: &path,
+                },
             };
             Ok(compose::run(ex, &plan, request).await.response)
         }
