@@ -278,10 +278,10 @@ async fn upstreams_through_post_config_and_read_only_reads() {
     assert_eq!((status, &body["changes"]["updated"]), (200, &json!([])), "{body}");
 
     // Every error of an invalid upstream, by field; the old config stays.
-    let bad = "upstreams:\n  - { name: users, targets: [{ url: \"http://10.0.0.1:8080/x\", weight: 0 }], balance: least-requests }\nroutes:\n  - { name: r, path: /r, upstream: ghost }\n";
+    let bad = "upstreams:\n  - { name: users, targets: [{ url: \"http://10.0.0.1:8080/x\", weight: 0 }], balance: least-requests, hash_on: path }\nroutes:\n  - { name: r, path: /r, upstream: ghost }\n";
     let (status, body) = post_config(&g, bad, "").await;
     assert_eq!(status, 400);
-    for key in ["upstreams.users.targets[0].url", "upstreams.users.targets[0].weight", "upstreams.users.balance", "routes.r.upstream"] {
+    for key in ["upstreams.users.targets[0].url", "upstreams.users.targets[0].weight", "upstreams.users.hash_on", "routes.r.upstream"] {
         assert!(body["fields"][key].is_string(), "{key} missing in {body}");
     }
     let page: Value = c.get(format!("{admin}/upstreams")).send().await.unwrap().json().await.unwrap();

@@ -204,6 +204,9 @@ upstreams:
     tls: { verify: true, ca_file: fixtures/tls/ca.pem, server_name: users.internal, client_cert_file: fixtures/tls/gateway.pem, client_key_file: fixtures/tls/gateway-key.pem }
     http2: true
   - { name: plain, targets: [{ url: "http://10.0.0.2" }], tls: { server_name: 10.0.0.2 }, connect_timeout: 1 }
+  - { name: least, targets: [{ url: "http://10.0.0.3" }, { url: "http://10.0.0.4", weight: 200 }], balance: least-requests }
+  - { name: by-user, targets: [{ url: "http://10.0.0.3" }, { url: "http://10.0.0.4" }], balance: consistent-hash, hash_on: "header:X-User" }
+  - { name: by-consumer, targets: [{ url: "http://10.0.0.3" }], balance: consistent-hash, hash_on: consumer }
 "#,
 ];
 

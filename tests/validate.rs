@@ -138,17 +138,27 @@ fn naming_an_upstream_compiles_and_unbuilt_fields_are_refused() {
     .unwrap();
     let errors = errors_of(file.to_str().unwrap());
     for want in [
-        "upstreams.users.balance: least-requests balancing is not built yet",
         "upstreams.users.resolve_every: DNS re-resolution is not built yet",
         "upstreams.users.health: active and passive health checks are not built yet",
         "upstreams.users.retries: retrying on another target is not built yet",
         "upstreams.users.circuit_breaker: the circuit breaker is not built yet",
-        "upstreams.hashed.balance: consistent-hash balancing is not built yet",
-        "upstreams.hashed.hash_on: consistent hashing is not built yet",
     ] {
         assert!(errors.iter().any(|e| e.contains(want)), "{want} in {errors:#?}");
     }
-    assert_eq!(errors.len(), 7, "{errors:#?}");
+    // least-requests and consistent-hash (with its hash_on) are built.
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+
+    std::fs::write(
+        &file,
+        "upstreams:\n  - { name: least, targets: [{ url: \"http://127.0.0.1:9\" }, { url: \"http://127.0.0.1:10\", weight: 300 }], balance: least-requests }\n  - { name: h1, targets: [{ url: \"http://127.0.0.1:9\" }], balance: consistent-hash, hash_on: consumer }\n  - { name: h2, targets: [{ url: \"http://127.0.0.1:9\" }], balance: consistent-hash, hash_on: ip }\n  - { name: h3, targets: [{ url: \"http://127.0.0.1:9\" }], balance: consistent-hash, hash_on: \"header:X-User\" }\n  - { name: h4, targets: [{ url: \"http://127.0.0.1:9\" }], balance: consistent-hash, hash_on: path }\n  - { name: unkeyed, targets: [{ url: \"http://127.0.0.1:9\" }], balance: consistent-hash }\nroutes:\n  - { name: r, path: /r, upstream: least }\n",
+    )
+    .unwrap();
+    let errors = errors_of(file.to_str().unwrap());
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].contains("upstreams.unkeyed.hash_on: balance: consistent-hash needs hash_on: consumer, ip, header:NAME or path"),
+        "{errors:#?}"
+    );
 }
 
 /// An upstream's TLS files are read when the config is compiled: one that

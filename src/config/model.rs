@@ -245,10 +245,10 @@ pub struct Upstream {
     /// How often a target's DNS name is resolved again (not built yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolve_every: Option<Dur>,
-    /// How a target is picked: round-robin (default; weighted, smooth), least-requests or consistent-hash (the last two are not built yet).
+    /// How a target is picked: round-robin (default; weighted, smooth), least-requests (fewest in flight per weight) or consistent-hash (by hash_on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balance: Option<Balance>,
-    /// consistent-hash only: what is hashed, consumer, ip, header:NAME or path (not built yet).
+    /// consistent-hash only, and required with it: what is hashed, consumer, ip, header:NAME or path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_on: Option<String>,
     /// Longest wait for a connection to a target (default 5s).

@@ -572,6 +572,9 @@ fn check_upstream_entity(errs: &mut Errors, upstream: &Upstream) {
                 None => errs.push(format!("{base}.hash_on"), format!("invalid key {other:?}: use consumer, ip, header:NAME or path")),
             },
         }
+    } else if upstream.balance == Some(Balance::ConsistentHash) {
+        // No default: what a pool is sticky on is the author's choice.
+        errs.push(format!("{base}.hash_on"), "balance: consistent-hash needs hash_on: consumer, ip, header:NAME or path");
     }
     if let Some(health) = &upstream.health {
         if let Some(active) = &health.active {
@@ -662,14 +665,6 @@ fn not_built_yet(errs: &mut Errors, base: &str, upstream: &Upstream) {
     }
     if upstream.resolve_every.is_some() {
         errs.push_always(format!("{base}.resolve_every"), format!("DNS re-resolution {NOT_YET}"));
-    }
-    match upstream.balance {
-        Some(Balance::LeastRequests) => errs.push_always(format!("{base}.balance"), format!("least-requests balancing {NOT_YET}")),
-        Some(Balance::ConsistentHash) => errs.push_always(format!("{base}.balance"), format!("consistent-hash balancing {NOT_YET}")),
-        Some(Balance::RoundRobin) | None => {}
-    }
-    if upstream.hash_on.is_some() {
-        errs.push_always(format!("{base}.hash_on"), format!("consistent hashing {NOT_YET}"));
     }
 }
 
