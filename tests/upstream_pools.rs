@@ -526,3 +526,42 @@ async fn consistent_hash_by_consumer_follows_the_authenticated_consumer() {
     assert_eq!(distinct.len(), 3, "{seen:?}");
     g.shutdown();
 }
+
+/// By ip: the client address as the policies see it, here given by a
+/// trusted proxy in `X-Forwarded-For`; without trust the peer (one address)
+/// is the key, and every request goes to one target.
+#[tokio::test(flavor = "multi_thread")]
+async fn consistent_hash_by_client_ip() {
+    let (a, b, c) = (backend().run().await, backend().run().await, backend().run().await);
+    let yaml = format!(
+        "upstreams:\n  - {{ name: by-ip, balance: consistent-hash, hash_on: ip, targets: [{{ url: \"{}\" }}, {{ url: \"{}\" }}, {{ url: \"{}\" }}] }}\nroutes:\n  - {{ name: r, path: /r, upstream: by-ip }}\n",
+        a.url(),
+        b.url(),
+        c.url()
+    );
+    let opts = manifold::gateway::GatewayOptions { trusted_proxies: vec!["127.0.0.1/32".parse().unwrap()], ..Default::default() };
+    let g = common::gateway_with(&yaml, opts);
+    let mut first = Vec::new();
+    for i in 0..60 {
+        let ip = format!("198.51.100.{i}");
+        let (status, body) = get_with(&g, "/r", &[("x-forwarded-for", &ip)]).await;
+        assert_eq!(status, 200, "{body}");
+        first.push(host_of(&body));
+    }
+    for (i, want) in first.iter().enumerate() {
+        let ip = format!("198.51.100.{i}");
+        assert_eq!(&host_of(&get_with(&g, "/r", &[("x-forwarded-for", &ip)]).await.1), want, "{ip}");
+    }
+    let used: std::collections::HashSet<&String> = first.iter().collect();
+    assert_eq!(used.len(), 3, "{first:?}");
+    g.shutdown();
+
+    // Not trusted: the peer is the client, whatever X-Forwarded-For says.
+    let g = gateway(&yaml);
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..20 {
+        seen.insert(host_of(&get_with(&g, "/r", &[("x-forwarded-for", &format!("198.51.100.{i}"))]).await.1));
+    }
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    g.shutdown();
+}
