@@ -136,11 +136,13 @@ pub struct ServeArgs {
     #[arg(long, env = "MANIFOLD_ACCESS_LOG_SAMPLE", default_value = "1", value_parser = parse_share)]
     pub access_log_sample: f64,
     /// PEM CA certificates trusted for https backends, beside the system's
-    /// roots (which SSL_CERT_FILE and SSL_CERT_DIR can also point at)
+    /// roots (which SSL_CERT_FILE and SSL_CERT_DIR can also point at); an
+    /// upstream with its own `tls` block uses that instead
     #[arg(long, env = "MANIFOLD_UPSTREAM_CA_FILE")]
     pub upstream_ca_file: Option<std::path::PathBuf>,
     /// PEM certificate chain shown to https backends that ask for a client
-    /// certificate (mTLS); needs --upstream-client-key
+    /// certificate (mTLS); needs --upstream-client-key; not for upstreams
+    /// with their own `tls` block
     #[arg(long, env = "MANIFOLD_UPSTREAM_CLIENT_CERT", requires = "upstream_client_key")]
     pub upstream_client_cert: Option<std::path::PathBuf>,
     /// PEM private key of --upstream-client-cert

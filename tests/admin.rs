@@ -85,6 +85,19 @@ async fn an_invalid_config_is_refused_whole_with_every_error() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_refuses_what_the_write_would_refuse_even_a_missing_tls_file() {
+    let g = gateway("routes:\n  - { name: a, path: /a, upstream: \"http://127.0.0.1:1\" }\n");
+    let next = "upstreams:\n  - { name: u, targets: [{ url: \"https://127.0.0.1:1\" }], tls: { ca_file: /nonexistent/ca.pem } }\nroutes:\n  - { name: a, path: /a, upstream: u }\n";
+    for query in ["?dry_run=true", ""] {
+        let (status, body) = post_config(&g, next, query).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        let message = body["fields"]["upstreams.u.tls.ca_file"].as_str().unwrap_or_else(|| panic!("{query}: {body}"));
+        assert!(message.contains("/nonexistent/ca.pem"), "{message}");
+    }
+    g.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn dry_run_answers_the_diff_and_changes_nothing() {
     let g = gateway("routes:\n  - { name: a, path: /a, upstream: \"http://127.0.0.1:1\" }\n  - { name: b, path: /b, upstream: \"http://127.0.0.1:1\" }\n");
     let next = "routes:\n  - { name: a, path: /a, upstream: \"http://127.0.0.1:2\" }\n  - { name: c, path: /c, upstream: \"http://127.0.0.1:1\" }\n";

@@ -22,6 +22,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 
+const FAILURES: &str = "manifold_upstream_failures_total";
+
 /// An HTTP/2-only backend (prior knowledge): answers with what it saw,
 /// counts the TCP connections it accepted. `/stream` answers in three
 /// pieces, 50 ms apart.
@@ -213,6 +215,9 @@ routes:
     let (status, _, body) = send("GET", &format!("http://{}/old", g.proxy_addr), None, &[]).await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["error"]["code"], "upstream_error", "{body}");
+    // Counted as what it is: the target does not speak the protocol.
+    let labels = [("route", "r"), ("cause", "protocol")];
+    common::metric_until(g.admin_addr, FAILURES, &labels, |v| v == 1.0, "an HTTP/1.1 target behind http2: true").await;
     g.shutdown();
 }
 
@@ -272,5 +277,7 @@ routes:
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["error"]["code"], "upstream_error", "{body}");
     assert_eq!(h1.answered.load(Ordering::SeqCst), 0, "nothing was sent over HTTP/1.1 instead");
+    let labels = [("route", "b"), ("cause", "protocol")];
+    common::metric_until(g.admin_addr, FAILURES, &labels, |v| v == 1.0, "a TLS target without h2").await;
     g.shutdown();
 }

@@ -187,6 +187,15 @@ async fn post_config(State(state): State<AdminState>, Query(q): Query<ConfigQuer
         Ok(Err(errors)) => return invalid(&errors),
         Err(_) => return message(StatusCode::INTERNAL_SERVER_ERROR, "validation did not finish"),
     };
+    // A dry run answers what the real write would: the upstreams' TLS
+    // files are read when a config compiles, so compile those here too.
+    if q.dry_run {
+        let mut errors = Vec::new();
+        crate::snapshot::compile_upstreams(&config, &mut errors);
+        if !errors.is_empty() {
+            return invalid(&ConfigErrors(errors));
+        }
+    }
     if state.shared.store.is_some() {
         return entities::replace_all(&state, &headers, config, q.dry_run).await;
     }

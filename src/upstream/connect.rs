@@ -216,6 +216,14 @@ impl Connector {
         let connector = tokio_rustls::TlsConnector::from(config.clone());
         match tokio::time::timeout(connect_timeout, connector.connect(name, tcp)).await {
             Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
+            // The target offers none of our protocols (ALPN): it does not
+            // speak what its upstream says (`http2: true` to an HTTP/1.1
+            // server), a protocol mismatch rather than a TLS problem.
+            Ok(Err(e)) if no_common_protocol(&e) => Err(UpstreamError::new(
+                Cause::Protocol,
+                format!("TLS with {authority}: the target offers none of {:?} (ALPN)", alpn_names(config)),
+            )
+            .unsent()),
             Ok(Err(e)) => Err(UpstreamError::new(Cause::Tls, format!("TLS with {authority}: {}", super::error::chain(&e))).unsent()),
             Err(_) => Err(UpstreamError::new(Cause::Tls, format!("TLS with {authority}: no handshake in {connect_timeout:?}")).unsent()),
         }
@@ -261,6 +269,18 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
+}
+
+/// Whether a handshake failed because the server takes none of the ALPN
+/// protocols offered (its `no_application_protocol` alert).
+fn no_common_protocol(e: &io::Error) -> bool {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).is_some_and(|r| {
+        matches!(r, rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol) | rustls::Error::NoApplicationProtocol)
+    })
+}
+
+fn alpn_names(config: &rustls::ClientConfig) -> Vec<String> {
+    config.alpn_protocols.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect()
 }
 
 /// The config as HTTP/1.1 connections use it (ALPN `http/1.1`), and a copy

@@ -173,7 +173,11 @@ pub async fn send(
                     fresh_only = true;
                     continue;
                 }
-                return Err(UpstreamError::new(cause_of(&e), format!("HTTP/2: {}", super::error::chain(&e))));
+                let cause = match cause_of(&e) {
+                    Cause::Closed => Cause::Protocol,
+                    c => c,
+                };
+                return Err(UpstreamError::new(cause, format!("HTTP/2: {}", super::error::chain(&e))));
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
@@ -185,7 +189,15 @@ pub async fn send(
                 }
                 Err(e) => {
                     let e = e.into_error();
-                    return Err(UpstreamError::new(cause_of(&e), format!("HTTP/2: {}", super::error::chain(&e))));
+                    // On a connection opened for this request, a failure before
+                    // any answer (other than time running out) means the
+                    // target does not speak HTTP/2: an HTTP/1.1 server answers
+                    // the preface with bytes that are no HTTP/2 frame.
+                    let cause = match cause_of(&e) {
+                        Cause::Closed if fresh => Cause::Protocol,
+                        c => c,
+                    };
+                    return Err(UpstreamError::new(cause, format!("HTTP/2: {}", super::error::chain(&e))));
                 }
             }
         }
