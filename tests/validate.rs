@@ -112,7 +112,13 @@ fn tls_verify_false_is_accepted_and_warned_about_at_its_field() {
     // Verification on (the default) says nothing.
     std::fs::write(&file, "upstreams:\n  - { name: legacy, targets: [{ url: \"https://legacy.internal\" }], tls: { verify: true } }\n")
         .unwrap();
-    assert!(manifold::config::validate::warnings(&load_paths(&[file]).unwrap()).is_empty());
+    assert!(manifold::config::validate::warnings(&load_paths(std::slice::from_ref(&file)).unwrap()).is_empty());
+    // A tls block with only http:// targets is not used: said, not refused.
+    std::fs::write(&file, "upstreams:\n  - { name: plain, targets: [{ url: \"http://10.0.0.1\" }], tls: { server_name: x.internal } }\n")
+        .unwrap();
+    let warnings: Vec<String> = manifold::config::validate::warnings(&load_paths(&[file]).unwrap()).iter().map(|w| w.to_string()).collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].starts_with("upstreams.plain.tls: upstream \"plain\": a tls block, but every target is http://"), "{warnings:?}");
 }
 
 /// A route and a composition call naming an upstream validate and compile

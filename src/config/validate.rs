@@ -671,19 +671,30 @@ fn not_built_yet(errs: &mut Errors, base: &str, upstream: &Upstream) {
 /// What a valid config asks for that is allowed but unsafe, at its field:
 /// logged at every load (see [`log_warnings`]).
 pub fn warnings(config: &Config) -> Vec<ConfigError> {
-    config
-        .upstreams
-        .iter()
-        .filter(|u| u.tls.as_ref().is_some_and(|t| !t.verify))
-        .map(|u| ConfigError {
-            file: None,
-            path: format!("upstreams.{}.tls.verify", u.name),
-            message: format!(
-                "upstream {:?}: certificate verification is off (tls.verify: false): anyone on the path to its targets can read and change the traffic",
-                u.name
-            ),
-        })
-        .collect()
+    let mut out = Vec::new();
+    for u in &config.upstreams {
+        let Some(tls) = &u.tls else { continue };
+        if !tls.verify {
+            out.push(ConfigError {
+                file: None,
+                path: format!("upstreams.{}.tls.verify", u.name),
+                message: format!(
+                    "upstream {:?}: certificate verification is off (tls.verify: false): anyone on the path to its targets can read and change the traffic",
+                    u.name
+                ),
+            });
+        }
+        // A `tls` block applies to https:// targets only: with none, it was
+        // most likely meant for targets written as http:// by mistake.
+        if !u.targets.is_empty() && u.targets.iter().all(|t| t.url.starts_with("http://")) {
+            out.push(ConfigError {
+                file: None,
+                path: format!("upstreams.{}.tls", u.name),
+                message: format!("upstream {:?}: a tls block, but every target is http:// (plain text): the block is not used", u.name),
+            });
+        }
+    }
+    out
 }
 
 /// Logs [`warnings`], one line each.
