@@ -448,7 +448,7 @@ fn check_upstream_ref(errs: &mut Errors, path: String, name: &str, upstreams: &H
     if !is_valid_name(name) {
         errs.push_always(path, format!("invalid upstream {name:?}: expected http(s)://host[:port][/base] or the name of an upstream"));
     } else if !upstreams.contains(name) {
-        errs.push_always(path, format!("unknown upstream {name:?}"));
+        errs.push_always(path, unknown("upstream", name, upstreams.iter().copied()));
     }
 }
 
@@ -990,6 +990,12 @@ fn check_response_header(errs: &mut Errors, path: String, name: &str) {
 /// `unknown call "usr"`, with the closest name when one is a likely typo
 /// (at most two edits away).
 fn unknown_call<'a>(name: &str, calls: impl Iterator<Item = &'a String>) -> String {
+    unknown("call", name, calls.map(String::as_str).chain(["request"]))
+}
+
+/// `unknown KIND "NAME"`, with the closest of `known` when one is a likely
+/// typo (at most two edits away).
+fn unknown<'a>(kind: &str, name: &str, known: impl Iterator<Item = &'a str>) -> String {
     fn distance(a: &str, b: &str) -> usize {
         let b: Vec<char> = b.chars().collect();
         let mut row: Vec<usize> = (0..=b.len()).collect();
@@ -1004,15 +1010,10 @@ fn unknown_call<'a>(name: &str, calls: impl Iterator<Item = &'a String>) -> Stri
         }
         row[b.len()]
     }
-    let best = calls
-        .map(String::as_str)
-        .chain(["request"])
-        .map(|c| (distance(name, c), c))
-        .filter(|(d, c)| *d <= 2 && *d < c.chars().count().min(name.chars().count()))
-        .min();
+    let best = known.map(|c| (distance(name, c), c)).filter(|(d, c)| *d <= 2 && *d < c.chars().count().min(name.chars().count())).min();
     match best {
-        Some((_, c)) => format!("unknown call {name:?} (did you mean {c:?}?)"),
-        None => format!("unknown call {name:?}"),
+        Some((_, c)) => format!("unknown {kind} {name:?} (did you mean {c:?}?)"),
+        None => format!("unknown {kind} {name:?}"),
     }
 }
 
@@ -1345,13 +1346,15 @@ pub fn hash_secrets(config: &mut Config, previous: Option<&Config>) {
 
 #[cfg(test)]
 mod unknown_call_tests {
-    use super::unknown_call;
+    use super::{unknown, unknown_call};
 
     #[test]
     fn suggests_a_close_call_name_only() {
         let calls = ["user".to_string(), "orders".to_string()];
         assert_eq!(unknown_call("usr", calls.iter()), "unknown call \"usr\" (did you mean \"user\"?)");
         assert_eq!(unknown_call("reqest", calls.iter()), "unknown call \"reqest\" (did you mean \"request\"?)");
+        assert_eq!(unknown("upstream", "userz", ["users", "orders"].into_iter()), "unknown upstream \"userz\" (did you mean \"users\"?)");
+        assert_eq!(unknown("upstream", "billing", ["users"].into_iter()), "unknown upstream \"billing\"");
         assert_eq!(unknown_call("reviews", calls.iter()), "unknown call \"reviews\"");
         assert_eq!(unknown_call("ab", calls.iter()), "unknown call \"ab\"");
     }
