@@ -104,12 +104,14 @@ enum State {
 
 struct Prepared {
     uri: Uri,
-    /// The picked target's host.
+    /// The picked target's host and index.
     host: HeaderValue,
+    index: u32,
     headers: HeaderMap,
     body: Option<Bytes>,
     /// least-requests: the target's count, held until this request (with
-    /// its retries, which go to the same target) has read its answer whole.
+    /// the call's own retries, which go to the same target) has read its
+    /// answer whole.
     _in_flight: Option<crate::upstream::InFlight>,
 }
 
@@ -152,7 +154,7 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
         pq.push('?');
         pq.push_str(&q.render(doc).map_err(bad)?);
     }
-    let crate::upstream::Picked { target, in_flight } = call.upstream.pick_for(&ex.pick);
+    let crate::upstream::Picked { target, index, in_flight } = call.upstream.pick_for(&ex.pick);
     let uri = Uri::builder()
         .scheme(target.scheme.clone())
         .authority(target.authority.clone())
@@ -184,7 +186,7 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
         }
         None => None,
     };
-    Ok(Prepared { uri, host: target.host.clone(), headers, body, _in_flight: in_flight })
+    Ok(Prepared { uri, host: target.host.clone(), index, headers, body, _in_flight: in_flight })
 }
 
 /// The kind a composition reports for a failed backend request.
@@ -210,28 +212,95 @@ struct CallIds {
     metrics: Option<std::sync::Arc<Metrics>>,
 }
 
-async fn attempt(client: &Client, ids: &CallIds, limits: &CallLimits, p: &Prepared) -> Result<Success, Failure> {
+/// One try of a call's request, its answer read whole; with the
+/// upstream's `retries`, the backend requests sent again on other targets
+/// are counted into `retried`.
+async fn attempt(client: &Client, ids: &CallIds, limits: &CallLimits, p: &Prepared, retried: &mut u32) -> Result<Success, Failure> {
     let max_body = limits.max_body;
-    let mut req = Request::new(p.body.clone().map_or(Body::Empty, Body::full));
-    *req.method_mut() = limits.method.clone();
-    *req.uri_mut() = p.uri.clone();
-    *req.headers_mut() = p.headers.clone();
-    let out = Outbound {
-        route: &ids.composition,
-        call: Some(&ids.call),
-        request_id: &ids.request_id,
-        trace: &ids.trace,
-        correlation: None,
-        host: &p.host,
-        connector: ids.upstream.connector.as_ref(),
-        connect_timeout: ids.upstream.connect_timeout,
-        http2: ids.upstream.http2,
-        deadline: limits.end,
-        body_timeout: crate::upstream::DEFAULT_BODY_TIMEOUT,
-        keep_headers: limits.keep_headers,
-        metrics: ids.metrics.as_ref(),
+    let plan = &ids.upstream;
+    let call = &*ids.call;
+    // Held until the answer is read whole (the end of this function).
+    let _admitted = match plan.admit() {
+        Ok(guard) => guard,
+        Err(crate::upstream::Overloaded) => {
+            if let Some(m) = &ids.metrics {
+                m.upstream_circuit_open(plan.name.as_deref().unwrap_or(""), &ids.composition, call);
+            }
+            return Err(Failure::new("unavailable", "the upstream has too many requests in flight"));
+        }
     };
-    let resp = client.send(out, req).await.map_err(|e| failure_of(&e))?;
+    // The call's body is always held whole: only the method decides.
+    let retry = plan.retry.as_ref().filter(|_| crate::upstream::idempotent(&limits.method));
+    let mut tried: Vec<u32> = Vec::new();
+    let mut next: Option<(Uri, HeaderValue, u32, Option<crate::upstream::InFlight>)> = None;
+    let mut _retry_guard = None;
+    let resp = loop {
+        let (uri, host, index) = match &next {
+            Some((uri, host, index, _)) => (uri, host, *index),
+            None => (&p.uri, &p.host, p.index),
+        };
+        let mut req = Request::new(p.body.clone().map_or(Body::Empty, Body::full));
+        *req.method_mut() = limits.method.clone();
+        *req.uri_mut() = uri.clone();
+        *req.headers_mut() = p.headers.clone();
+        let out = Outbound {
+            route: &ids.composition,
+            call: Some(&ids.call),
+            request_id: &ids.request_id,
+            trace: &ids.trace,
+            correlation: None,
+            host,
+            connector: plan.connector.as_ref(),
+            connect_timeout: plan.connect_timeout,
+            http2: plan.http2,
+            deadline: limits.end,
+            body_timeout: crate::upstream::DEFAULT_BODY_TIMEOUT,
+            keep_headers: limits.keep_headers,
+            metrics: ids.metrics.as_ref(),
+        };
+        let result = client.send(out, req).await;
+        let reason = match (retry, &result) {
+            (Some(r), _) if tried.len() >= r.max as usize || Instant::now() >= limits.end => None,
+            (Some(r), Ok(resp)) if r.on_status(resp.status().as_u16()) => Some(resp.status().as_str().to_string()),
+            (Some(r), Err(e)) if e.fault() == crate::upstream::Fault::Upstream && r.on_cause(e.cause) => Some(e.cause.as_str().to_string()),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            let upstream = plan.name.as_deref().unwrap_or("");
+            match plan.admit_retry() {
+                Some(guard) => {
+                    if let Some(m) = &ids.metrics {
+                        m.upstream_retried(upstream, &ids.composition, call, &reason);
+                    }
+                    // A status retried: its answer (and body) is discarded.
+                    drop(result);
+                    tried.push(index);
+                    _retry_guard = Some(guard);
+                    *retried += 1;
+                    let empty = HeaderMap::new();
+                    let input = crate::upstream::PickInput {
+                        headers: &empty,
+                        peer: std::net::IpAddr::from([0, 0, 0, 0]),
+                        trusted_proxies: &[],
+                        path: p.uri.path(),
+                    };
+                    let picked = plan.pick_retry(&input, &tried);
+                    let mut parts = p.uri.clone().into_parts();
+                    parts.scheme = Some(picked.target.scheme.clone());
+                    parts.authority = Some(picked.target.authority.clone());
+                    let uri = Uri::from_parts(parts).map_err(|e| Failure::new("bad_value", format!("the retried url is invalid: {e}")))?;
+                    next = Some((uri, picked.target.host.clone(), picked.index, picked.in_flight));
+                    continue;
+                }
+                None => {
+                    if let Some(m) = &ids.metrics {
+                        m.upstream_retry_refused(upstream, &ids.composition, call);
+                    }
+                }
+            }
+        }
+        break result.map_err(|e| failure_of(&e))?;
+    };
     let (parts, body) = resp.into_parts();
     let too_large = || Failure {
         status: Some(parts.status.as_u16()),
@@ -295,7 +364,7 @@ async fn request_with_retries(client: &Client, ids: &CallIds, p: &Prepared, limi
     let work = async {
         let mut left = limits.retries;
         loop {
-            let result = attempt(client, ids, limits, p).await;
+            let result = attempt(client, ids, limits, p, &mut retried).await;
             let retryable = match &result {
                 Err(f) => matches!(f.kind, "connect" | "upstream" | "protocol") || matches!(f.status, Some(502..=504)),
                 Ok(_) => false,
@@ -421,6 +490,9 @@ fn failure_response(f: &Failure, call: &str, request_id: &HeaderValue) -> Respon
     }
     match f.kind {
         "timeout" => error_response(ErrorCode::UpstreamTimeout, &format!("call {call:?} did not answer in time"), id),
+        "unavailable" => {
+            error_response(ErrorCode::UpstreamUnavailable, &format!("call {call:?}: its upstream has too many requests in flight"), id)
+        }
         "bad_request" => error_response(ErrorCode::BadRequest, &format!("call {call:?}: {}", f.message), id),
         _ => error_response(ErrorCode::UpstreamError, &format!("call {call:?} failed"), id),
     }
