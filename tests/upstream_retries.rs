@@ -304,13 +304,21 @@ async fn a_composition_call_retries_through_its_upstream() {
         "upstreams:\n  - name: pool\n    targets: [{{ url: \"{dead}\" }}, {{ url: \"{}\" }}]\n    retries: {{ max: 1, on: [connect] }}\ncompositions:\n  - {{ name: c, path: /c, calls: {{ me: {{ upstream: pool, path: /me }} }} }}\n",
         live.url()
     ));
+    let mut timed_retries = 0;
     for _ in 0..10 {
-        let (status, body) = send(&g, "GET", "/c").await;
-        assert_eq!(status, 200, "{body}");
+        let (status, headers, body) = within(15, "/c", common::send("GET", &format!("http://{}/c", g.proxy_addr), None, &[])).await;
+        assert_eq!(status.as_u16(), 200, "{body}");
+        // Server-Timing tells a call that sent requests again.
+        let timing = headers["server-timing"].to_str().unwrap().to_string();
+        assert!(timing.starts_with("me;dur="), "{timing}");
+        if timing.contains(";retries=1,") {
+            timed_retries += 1;
+        }
     }
     assert_eq!(live.hits.load(Ordering::SeqCst), 10);
     let retried = metric(g.admin_addr, RETRIES, &[("upstream", "pool"), ("route", "c"), ("call", "me")]).await;
     assert!(retried >= 1.0);
+    assert_eq!(timed_retries as f64, retried);
     // `try` counts the retries of each call.
     let mut seen = 0;
     for _ in 0..4 {

@@ -89,6 +89,9 @@ struct Finished {
     result: Result<Success, Failure>,
     duration: Duration,
     records: Vec<CallRecord>,
+    /// Backend requests sent again (the call's own retries and its
+    /// upstream's), over all its items.
+    retries: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -420,10 +423,12 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
     Box::pin(async move {
         let offset = |t: Instant| ms(t - l.composition_start);
         let mut records = Vec::new();
+        let mut sent_again = 0;
         let result = if !l.for_each {
             match requests.into_iter().next() {
                 Some(p) => {
                     let (r, retries) = request_with_retries(&client, &l.ids, &p, &l.limits).await;
+                    sent_again = retries;
                     if l.record {
                         let at = Some(offset(l.started));
                         records.push(record_of(name.to_string(), p.uri.to_string(), at, &r, l.started.elapsed(), retries));
@@ -450,6 +455,7 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
             let mut total = 0usize;
             let mut failure = None;
             while let Some((i, uri, t, r, retries)) = items.next().await {
+                sent_again += retries;
                 if l.record {
                     records.push(record_of(format!("{name}[{i}]"), uri.to_string(), Some(offset(t)), &r, t.elapsed(), retries));
                 }
@@ -474,7 +480,7 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
                 None => Ok(Success { status: 200, headers: HeaderMap::new(), body: Value::Array(bodies), bytes: total }),
             }
         };
-        Finished { index: l.index, result, duration: l.started.elapsed(), records }
+        Finished { index: l.index, result, duration: l.started.elapsed(), records, retries: sent_again }
     })
 }
 
@@ -506,6 +512,8 @@ struct Run<'p> {
     states: Vec<State>,
     started: Vec<Option<Instant>>,
     durations: Vec<Duration>,
+    /// Requests each call sent again, for `Server-Timing`.
+    retries: Vec<u32>,
     failures: Vec<Option<Failure>>,
     call_headers: Vec<Option<HeaderMap>>,
     records: Vec<CallRecord>,
@@ -564,11 +572,19 @@ impl Run<'_> {
         let mut out = String::with_capacity(32 * (self.plan.calls.len() + 1));
         for (i, call) in self.plan.calls.iter().enumerate() {
             let name = &*call.name;
+            // `retries=N` (a Server-Timing extension parameter) when the
+            // call sent requests again.
+            let retries = self.retries[i];
             let _ = match self.states[i] {
+                State::Done if retries > 0 => write!(out, "{name};dur={};retries={retries}, ", ms(self.durations[i])),
                 State::Done => write!(out, "{name};dur={}, ", ms(self.durations[i])),
                 State::Failed => {
                     let kind = self.failures[i].as_ref().map_or("failed", |f| f.kind);
-                    write!(out, "{name};dur={};desc=\"{kind}\", ", ms(self.durations[i]))
+                    if retries > 0 {
+                        write!(out, "{name};dur={};desc=\"{kind}\";retries={retries}, ", ms(self.durations[i]))
+                    } else {
+                        write!(out, "{name};dur={};desc=\"{kind}\", ", ms(self.durations[i]))
+                    }
                 }
                 State::Running => {
                     let d = self.started[i].map_or(Duration::ZERO, |t| t.elapsed());
@@ -633,6 +649,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         states: vec![State::Waiting; n],
         started: vec![None; n],
         durations: vec![Duration::ZERO; n],
+        retries: vec![0; n],
         failures: vec![None; n],
         call_headers: (0..n).map(|_| None).collect(),
         records: Vec::new(),
@@ -708,6 +725,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         let Some(done) = running.next().await else { break };
         let i = done.index;
         run.durations[i] = done.duration;
+        run.retries[i] = done.retries;
         run.records.extend(done.records);
         match done.result {
             Ok(s) => {
