@@ -284,6 +284,26 @@ async fn the_circuit_breaker_answers_503_at_once_over_max_in_flight_and_never_le
         within(10, "a chunk", resp.chunk()).await.unwrap();
         drop(resp);
     }
+    // Two clients that drop their streamed request bodies mid-way, once
+    // the backend has the request: their counts go with the failed
+    // requests (a downstream fault).
+    for _ in 0..2 {
+        let before = b.hits.load(Ordering::SeqCst);
+        let mut conn = tokio::net::TcpStream::connect(g.proxy_addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut conn,
+            b"PUT /fast HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await
+        .unwrap();
+        within(10, "the upload reaching the backend", async {
+            while b.hits.load(Ordering::SeqCst) == before {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        drop(conn);
+    }
     within(15, "the dropped streams' counts released", async {
         loop {
             let (a, b) = tokio::join!(send(&g, "GET", "/fast"), send(&g, "GET", "/fast"));
