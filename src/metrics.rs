@@ -34,6 +34,9 @@ pub struct Metrics {
     calls: HistogramVec,
     call_failures: IntCounterVec,
     upstream_failures: IntCounterVec,
+    retries: IntCounterVec,
+    retries_refused: IntCounterVec,
+    overloaded: IntCounterVec,
     pub config_version: IntGauge,
     pub config_reloads: TotalCounter,
     pub last_reload: IntGauge,
@@ -176,8 +179,35 @@ impl Metrics {
             &["route", "call", "cause"],
         )
         .expect("a valid metric");
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "manifold_upstream_retries_total",
+                "Backend requests sent again by an upstream's retries, by upstream, route or composition, call (empty for a route) and reason",
+            ),
+            &["upstream", "route", "call", "reason"],
+        )
+        .expect("a valid metric");
+        let retries_refused = IntCounterVec::new(
+            Opts::new(
+                "manifold_upstream_retries_refused_total",
+                "Retries an upstream's retry budget refused (the failure was answered instead), by upstream, route or composition and call",
+            ),
+            &["upstream", "route", "call"],
+        )
+        .expect("a valid metric");
+        let overloaded = IntCounterVec::new(
+            Opts::new(
+                "manifold_upstream_circuit_open_total",
+                "Requests answered 503 at once because an upstream's circuit_breaker.max_in_flight were in flight, by upstream, route or composition and call",
+            ),
+            &["upstream", "route", "call"],
+        )
+        .expect("a valid metric");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(retries.clone()),
+            Box::new(retries_refused.clone()),
+            Box::new(overloaded.clone()),
             Box::new(upstream_failures.clone()),
             Box::new(duration.clone()),
             Box::new(refusals.clone()),
@@ -212,6 +242,9 @@ impl Metrics {
             calls,
             call_failures,
             upstream_failures,
+            retries,
+            retries_refused,
+            overloaded,
             in_flight: AtomicI64::new(0),
             connections: AtomicI64::new(0),
         })
@@ -242,6 +275,23 @@ impl Metrics {
     /// up when it happens).
     pub fn upstream_failed(&self, route: &str, call: &str, cause: &str) {
         self.upstream_failures.with_label_values(&[route, call, cause]).inc();
+    }
+
+    /// A backend request sent again by an upstream's retries; `reason` is
+    /// the cause (`connect`, `timeout`) or the status retried on (rare:
+    /// looked up when it happens).
+    pub fn upstream_retried(&self, upstream: &str, route: &str, call: &str, reason: &str) {
+        self.retries.with_label_values(&[upstream, route, call, reason]).inc();
+    }
+
+    /// A retry the upstream's budget refused.
+    pub fn upstream_retry_refused(&self, upstream: &str, route: &str, call: &str) {
+        self.retries_refused.with_label_values(&[upstream, route, call]).inc();
+    }
+
+    /// A request the upstream's circuit breaker answered 503 at once.
+    pub fn upstream_circuit_open(&self, upstream: &str, route: &str, call: &str) {
+        self.overloaded.with_label_values(&[upstream, route, call]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

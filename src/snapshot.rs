@@ -213,7 +213,22 @@ pub fn compile_upstreams(config: &Config, errors: &mut Vec<ConfigError>) -> Upst
             },
             Some(Balance::RoundRobin) | None => Balancer::RoundRobin,
         };
-        let plan = UpstreamPlan::with_balancer(Some(u.name.as_str().into()), targets, balancer, connector, connect_timeout, u.http2);
+        let retry = u.retries.as_ref().map(|r| {
+            let on: Vec<String> = match &r.on {
+                Some(on) => on
+                    .iter()
+                    .map(|s| match s {
+                        crate::config::model::StatusSpec::Code(c) => c.to_string(),
+                        crate::config::model::StatusSpec::Text(t) => t.clone(),
+                    })
+                    .collect(),
+                None => ["connect", "502", "503", "504"].map(String::from).to_vec(),
+            };
+            crate::upstream::RetryPolicy::new(r.max, on.iter().map(String::as_str), r.budget.map_or(20.0, |b| b.0))
+        });
+        let max_in_flight = u.circuit_breaker.as_ref().map(|c| c.max_in_flight as usize);
+        let plan = UpstreamPlan::with_balancer(Some(u.name.as_str().into()), targets, balancer, connector, connect_timeout, u.http2)
+            .with_resilience(retry, max_in_flight);
         out.insert(u.name.clone(), Arc::new(plan));
     }
     out

@@ -89,6 +89,9 @@ struct Finished {
     result: Result<Success, Failure>,
     duration: Duration,
     records: Vec<CallRecord>,
+    /// Backend requests sent again (the call's own retries and its
+    /// upstream's), over all its items.
+    retries: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -104,12 +107,14 @@ enum State {
 
 struct Prepared {
     uri: Uri,
-    /// The picked target's host.
+    /// The picked target's host and index.
     host: HeaderValue,
+    index: u32,
     headers: HeaderMap,
     body: Option<Bytes>,
     /// least-requests: the target's count, held until this request (with
-    /// its retries, which go to the same target) has read its answer whole.
+    /// the call's own retries, which go to the same target) has read its
+    /// answer whole.
     _in_flight: Option<crate::upstream::InFlight>,
 }
 
@@ -152,7 +157,7 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
         pq.push('?');
         pq.push_str(&q.render(doc).map_err(bad)?);
     }
-    let crate::upstream::Picked { target, in_flight } = call.upstream.pick_for(&ex.pick);
+    let crate::upstream::Picked { target, index, in_flight } = call.upstream.pick_for(&ex.pick);
     let uri = Uri::builder()
         .scheme(target.scheme.clone())
         .authority(target.authority.clone())
@@ -184,7 +189,7 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
         }
         None => None,
     };
-    Ok(Prepared { uri, host: target.host.clone(), headers, body, _in_flight: in_flight })
+    Ok(Prepared { uri, host: target.host.clone(), index, headers, body, _in_flight: in_flight })
 }
 
 /// The kind a composition reports for a failed backend request.
@@ -210,28 +215,95 @@ struct CallIds {
     metrics: Option<std::sync::Arc<Metrics>>,
 }
 
-async fn attempt(client: &Client, ids: &CallIds, limits: &CallLimits, p: &Prepared) -> Result<Success, Failure> {
+/// One try of a call's request, its answer read whole; with the
+/// upstream's `retries`, the backend requests sent again on other targets
+/// are counted into `retried`.
+async fn attempt(client: &Client, ids: &CallIds, limits: &CallLimits, p: &Prepared, retried: &mut u32) -> Result<Success, Failure> {
     let max_body = limits.max_body;
-    let mut req = Request::new(p.body.clone().map_or(Body::Empty, Body::full));
-    *req.method_mut() = limits.method.clone();
-    *req.uri_mut() = p.uri.clone();
-    *req.headers_mut() = p.headers.clone();
-    let out = Outbound {
-        route: &ids.composition,
-        call: Some(&ids.call),
-        request_id: &ids.request_id,
-        trace: &ids.trace,
-        correlation: None,
-        host: &p.host,
-        connector: ids.upstream.connector.as_ref(),
-        connect_timeout: ids.upstream.connect_timeout,
-        http2: ids.upstream.http2,
-        deadline: limits.end,
-        body_timeout: crate::upstream::DEFAULT_BODY_TIMEOUT,
-        keep_headers: limits.keep_headers,
-        metrics: ids.metrics.as_ref(),
+    let plan = &ids.upstream;
+    let call = &*ids.call;
+    // Held until the answer is read whole (the end of this function).
+    let _admitted = match plan.admit() {
+        Ok(guard) => guard,
+        Err(crate::upstream::Overloaded) => {
+            if let Some(m) = &ids.metrics {
+                m.upstream_circuit_open(plan.name.as_deref().unwrap_or(""), &ids.composition, call);
+            }
+            return Err(Failure::new("unavailable", "the upstream has too many requests in flight"));
+        }
     };
-    let resp = client.send(out, req).await.map_err(|e| failure_of(&e))?;
+    // The call's body is always held whole: only the method decides.
+    let retry = plan.retry.as_ref().filter(|_| crate::upstream::idempotent(&limits.method));
+    let mut tried: Vec<u32> = Vec::new();
+    let mut next: Option<(Uri, HeaderValue, u32, Option<crate::upstream::InFlight>)> = None;
+    let mut _retry_guard = None;
+    let resp = loop {
+        let (uri, host, index) = match &next {
+            Some((uri, host, index, _)) => (uri, host, *index),
+            None => (&p.uri, &p.host, p.index),
+        };
+        let mut req = Request::new(p.body.clone().map_or(Body::Empty, Body::full));
+        *req.method_mut() = limits.method.clone();
+        *req.uri_mut() = uri.clone();
+        *req.headers_mut() = p.headers.clone();
+        let out = Outbound {
+            route: &ids.composition,
+            call: Some(&ids.call),
+            request_id: &ids.request_id,
+            trace: &ids.trace,
+            correlation: None,
+            host,
+            connector: plan.connector.as_ref(),
+            connect_timeout: plan.connect_timeout,
+            http2: plan.http2,
+            deadline: limits.end,
+            body_timeout: crate::upstream::DEFAULT_BODY_TIMEOUT,
+            keep_headers: limits.keep_headers,
+            metrics: ids.metrics.as_ref(),
+        };
+        let result = client.send(out, req).await;
+        let reason = match (retry, &result) {
+            (Some(r), _) if tried.len() >= r.max as usize || Instant::now() >= limits.end => None,
+            (Some(r), Ok(resp)) if r.on_status(resp.status().as_u16()) => Some(resp.status().as_str().to_string()),
+            (Some(r), Err(e)) if e.fault() == crate::upstream::Fault::Upstream && r.on_cause(e.cause) => Some(e.cause.as_str().to_string()),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            let upstream = plan.name.as_deref().unwrap_or("");
+            match plan.admit_retry() {
+                Some(guard) => {
+                    if let Some(m) = &ids.metrics {
+                        m.upstream_retried(upstream, &ids.composition, call, &reason);
+                    }
+                    // A status retried: its answer (and body) is discarded.
+                    drop(result);
+                    tried.push(index);
+                    _retry_guard = Some(guard);
+                    *retried += 1;
+                    let empty = HeaderMap::new();
+                    let input = crate::upstream::PickInput {
+                        headers: &empty,
+                        peer: std::net::IpAddr::from([0, 0, 0, 0]),
+                        trusted_proxies: &[],
+                        path: p.uri.path(),
+                    };
+                    let picked = plan.pick_retry(&input, &tried);
+                    let mut parts = p.uri.clone().into_parts();
+                    parts.scheme = Some(picked.target.scheme.clone());
+                    parts.authority = Some(picked.target.authority.clone());
+                    let uri = Uri::from_parts(parts).map_err(|e| Failure::new("bad_value", format!("the retried url is invalid: {e}")))?;
+                    next = Some((uri, picked.target.host.clone(), picked.index, picked.in_flight));
+                    continue;
+                }
+                None => {
+                    if let Some(m) = &ids.metrics {
+                        m.upstream_retry_refused(upstream, &ids.composition, call);
+                    }
+                }
+            }
+        }
+        break result.map_err(|e| failure_of(&e))?;
+    };
     let (parts, body) = resp.into_parts();
     let too_large = || Failure {
         status: Some(parts.status.as_u16()),
@@ -295,7 +367,7 @@ async fn request_with_retries(client: &Client, ids: &CallIds, p: &Prepared, limi
     let work = async {
         let mut left = limits.retries;
         loop {
-            let result = attempt(client, ids, limits, p).await;
+            let result = attempt(client, ids, limits, p, &mut retried).await;
             let retryable = match &result {
                 Err(f) => matches!(f.kind, "connect" | "upstream" | "protocol") || matches!(f.status, Some(502..=504)),
                 Ok(_) => false,
@@ -351,10 +423,12 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
     Box::pin(async move {
         let offset = |t: Instant| ms(t - l.composition_start);
         let mut records = Vec::new();
+        let mut sent_again = 0;
         let result = if !l.for_each {
             match requests.into_iter().next() {
                 Some(p) => {
                     let (r, retries) = request_with_retries(&client, &l.ids, &p, &l.limits).await;
+                    sent_again = retries;
                     if l.record {
                         let at = Some(offset(l.started));
                         records.push(record_of(name.to_string(), p.uri.to_string(), at, &r, l.started.elapsed(), retries));
@@ -381,6 +455,7 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
             let mut total = 0usize;
             let mut failure = None;
             while let Some((i, uri, t, r, retries)) = items.next().await {
+                sent_again += retries;
                 if l.record {
                     records.push(record_of(format!("{name}[{i}]"), uri.to_string(), Some(offset(t)), &r, t.elapsed(), retries));
                 }
@@ -405,7 +480,7 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
                 None => Ok(Success { status: 200, headers: HeaderMap::new(), body: Value::Array(bodies), bytes: total }),
             }
         };
-        Finished { index: l.index, result, duration: l.started.elapsed(), records }
+        Finished { index: l.index, result, duration: l.started.elapsed(), records, retries: sent_again }
     })
 }
 
@@ -421,6 +496,9 @@ fn failure_response(f: &Failure, call: &str, request_id: &HeaderValue) -> Respon
     }
     match f.kind {
         "timeout" => error_response(ErrorCode::UpstreamTimeout, &format!("call {call:?} did not answer in time"), id),
+        "unavailable" => {
+            error_response(ErrorCode::UpstreamUnavailable, &format!("call {call:?}: its upstream has too many requests in flight"), id)
+        }
         "bad_request" => error_response(ErrorCode::BadRequest, &format!("call {call:?}: {}", f.message), id),
         _ => error_response(ErrorCode::UpstreamError, &format!("call {call:?} failed"), id),
     }
@@ -434,6 +512,8 @@ struct Run<'p> {
     states: Vec<State>,
     started: Vec<Option<Instant>>,
     durations: Vec<Duration>,
+    /// Requests each call sent again, for `Server-Timing`.
+    retries: Vec<u32>,
     failures: Vec<Option<Failure>>,
     call_headers: Vec<Option<HeaderMap>>,
     records: Vec<CallRecord>,
@@ -492,11 +572,19 @@ impl Run<'_> {
         let mut out = String::with_capacity(32 * (self.plan.calls.len() + 1));
         for (i, call) in self.plan.calls.iter().enumerate() {
             let name = &*call.name;
+            // `retries=N` (a Server-Timing extension parameter) when the
+            // call sent requests again.
+            let retries = self.retries[i];
             let _ = match self.states[i] {
+                State::Done if retries > 0 => write!(out, "{name};dur={};retries={retries}, ", ms(self.durations[i])),
                 State::Done => write!(out, "{name};dur={}, ", ms(self.durations[i])),
                 State::Failed => {
                     let kind = self.failures[i].as_ref().map_or("failed", |f| f.kind);
-                    write!(out, "{name};dur={};desc=\"{kind}\", ", ms(self.durations[i]))
+                    if retries > 0 {
+                        write!(out, "{name};dur={};desc=\"{kind}\";retries={retries}, ", ms(self.durations[i]))
+                    } else {
+                        write!(out, "{name};dur={};desc=\"{kind}\", ", ms(self.durations[i]))
+                    }
                 }
                 State::Running => {
                     let d = self.started[i].map_or(Duration::ZERO, |t| t.elapsed());
@@ -561,6 +649,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         states: vec![State::Waiting; n],
         started: vec![None; n],
         durations: vec![Duration::ZERO; n],
+        retries: vec![0; n],
         failures: vec![None; n],
         call_headers: (0..n).map(|_| None).collect(),
         records: Vec::new(),
@@ -636,6 +725,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         let Some(done) = running.next().await else { break };
         let i = done.index;
         run.durations[i] = done.duration;
+        run.retries[i] = done.retries;
         run.records.extend(done.records);
         match done.result {
             Ok(s) => {

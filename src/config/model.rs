@@ -257,10 +257,10 @@ pub struct Upstream {
     /// Active and passive health checks (not built yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<UpstreamHealth>,
-    /// Retries of failed requests on another target, within a budget (not built yet; default: no retries).
+    /// Retries of failed idempotent requests on another target, within a budget (default: no retries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<UpstreamRetries>,
-    /// A cap on the requests in flight to this upstream, per node (not built yet).
+    /// A cap on the requests in flight to this upstream, per node: over it, 503 at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
     /// TLS settings for https targets.
@@ -348,12 +348,12 @@ pub struct PassiveHealthCheck {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamRetries {
-    /// Tries after the first one, at least 1.
+    /// Tries after the first one, at least 1 (another target first).
     pub max: u32,
     /// What is retried: connect, timeout, or a 5xx status such as 502 (default [connect, 502, 503, 504]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on: Option<Vec<StatusSpec>>,
-    /// Retries allowed as a share of the upstream's recent requests (default 20%).
+    /// Retries in flight allowed as a share of the upstream's requests in flight on this node, 3 always allowed (default 20%).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Percent>,
 }

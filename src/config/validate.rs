@@ -654,15 +654,6 @@ fn not_built_yet(errs: &mut Errors, base: &str, upstream: &Upstream) {
     if upstream.health.is_some() {
         errs.push_always(format!("{base}.health"), "active and passive health checks are not built yet in this version");
     }
-    if upstream.retries.is_some() {
-        errs.push_always(
-            format!("{base}.retries"),
-            format!("retrying on another target {NOT_YET} (a composition call's own retries: N works)"),
-        );
-    }
-    if upstream.circuit_breaker.is_some() {
-        errs.push_always(format!("{base}.circuit_breaker"), format!("the circuit breaker {NOT_YET}"));
-    }
     if upstream.resolve_every.is_some() {
         errs.push_always(format!("{base}.resolve_every"), format!("DNS re-resolution {NOT_YET}"));
     }

@@ -103,19 +103,26 @@ pub async fn forward(
         parts.headers.get(header::HOST).cloned().or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
 
     let path_and_query = upstream_path_and_query(route, &fwd, parts.uri.query()).map_err(|e| (e, false))?;
+    let plan = &route.upstream;
+    // The circuit breaker (and the retry budget's count of requests): held
+    // until the answer has ended, like least-requests' count. A URL's
+    // upstream counts nothing.
+    let admitted = match plan.admit() {
+        Ok(guard) => guard,
+        Err(crate::upstream::Overloaded) => {
+            if let Some(m) = fwd.metrics {
+                m.upstream_circuit_open(plan.name.as_deref().unwrap_or(""), &route.name, "");
+            }
+            let unread = !http_body::Body::is_end_stream(&body);
+            return Err((GatewayError::new(ErrorCode::UpstreamUnavailable, "the upstream has too many requests in flight"), unread));
+        }
+    };
     let input = PickInput { headers: &parts.headers, peer: fwd.client_ip, trusted_proxies: fwd.trusted_proxies, path: fwd.path };
     // least-requests: counted until the answer has ended (the guard goes
     // into its body) or this future ends another way (an error, a
     // cancelled request).
-    let Picked { target, in_flight } = route.upstream.pick_for(&input);
-    parts.uri = Uri::from_parts({
-        let mut u = http::uri::Parts::default();
-        u.scheme = Some(target.scheme.clone());
-        u.authority = Some(target.authority.clone());
-        u.path_and_query = Some(path_and_query);
-        u
-    })
-    .map_err(|_| (GatewayError::new(ErrorCode::Internal, "cannot build the upstream URI"), false))?;
+    let Picked { target, index, in_flight } = plan.pick_for(&input);
+    let first = (target, index, in_flight);
     parts.version = Version::HTTP_11;
 
     let h = &mut parts.headers;
@@ -137,32 +144,102 @@ pub async fn forward(
             None => h.remove(&X_FORWARDED_HOST),
         };
     }
-    let host = match (&original_host, route.preserve_host) {
-        (Some(host), true) => host,
-        _ => &target.host,
-    };
 
+    // Retried only when idempotent and the gateway holds the body whole
+    // (none, or read whole by a body transform): a streamed client body
+    // is sent once.
+    let retry = plan.retry.as_ref().filter(|_| crate::upstream::idempotent(&parts.method));
     let body = match (fwd.body_limit, body) {
+        (_, Body::Stream(inner)) if retry.is_some() && http_body::Body::is_end_stream(&inner) => Body::Empty,
         (Some(left), Body::Stream(inner)) => Body::Capped { inner, left },
         (_, body) => body,
     };
-    let out = Outbound {
-        route: &route.name,
-        call: None,
-        request_id: fwd.request_id,
-        trace: fwd.trace,
-        correlation: None,
-        host,
-        connector: route.upstream.connector.as_ref(),
-        connect_timeout: route.upstream.connect_timeout,
-        http2: route.upstream.http2,
-        deadline: started + route.timeout,
-        body_timeout: route.body_timeout,
-        keep_headers: true,
-        metrics: fwd.metrics,
-    };
-    let resp = client.send(out, Request::from_parts(parts, body)).await.map_err(|e| (e.gateway_error(), e.closes_client()))?;
-    let (mut parts, body) = resp.into_parts();
-    remove_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, Body::held(body, in_flight)))
+    let retry = retry.filter(|_| matches!(body, Body::Empty | Body::Full(_)));
+    let deadline = started + route.timeout;
+    let mut tried: Vec<u32> = Vec::new();
+    let mut retry_guard = None;
+    let (mut target, mut index, mut in_flight) = first;
+    let mut whole = Some((parts, body, path_and_query));
+    loop {
+        let (mut parts, body, path_and_query) = match (&retry, &whole) {
+            // Kept for the next try.
+            (Some(r), Some((p, b, pq))) if tried.len() < r.max as usize => {
+                let b = match b {
+                    Body::Full(bytes) => Body::Full(bytes.clone()),
+                    _ => Body::Empty,
+                };
+                (p.clone(), b, pq.clone())
+            }
+            _ => whole.take().expect("the request is sent once unless it is kept for a retry"),
+        };
+        parts.uri = Uri::from_parts({
+            let mut u = http::uri::Parts::default();
+            u.scheme = Some(target.scheme.clone());
+            u.authority = Some(target.authority.clone());
+            u.path_and_query = Some(path_and_query);
+            u
+        })
+        .map_err(|_| (GatewayError::new(ErrorCode::Internal, "cannot build the upstream URI"), false))?;
+        let host = match (&original_host, route.preserve_host) {
+            (Some(host), true) => host,
+            _ => &target.host,
+        };
+        let out = Outbound {
+            route: &route.name,
+            call: None,
+            request_id: fwd.request_id,
+            trace: fwd.trace,
+            correlation: None,
+            host,
+            connector: plan.connector.as_ref(),
+            connect_timeout: plan.connect_timeout,
+            http2: plan.http2,
+            deadline,
+            body_timeout: route.body_timeout,
+            keep_headers: true,
+            metrics: fwd.metrics,
+        };
+        let result = client.send(out, Request::from_parts(parts, body)).await;
+        // Whether this answer or failure is tried again, and why.
+        let reason = match (&retry, &result) {
+            (Some(r), _) if tried.len() >= r.max as usize || tokio::time::Instant::now() >= deadline => None,
+            (Some(r), Ok(resp)) if r.on_status(resp.status().as_u16()) => Some(resp.status().as_str().to_string()),
+            (Some(r), Err(e)) if e.fault() == crate::upstream::Fault::Upstream && r.on_cause(e.cause) => Some(e.cause.as_str().to_string()),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            let upstream = plan.name.as_deref().unwrap_or("");
+            match plan.admit_retry() {
+                Some(guard) => {
+                    if let Some(m) = fwd.metrics {
+                        m.upstream_retried(upstream, &route.name, "", &reason);
+                    }
+                    // A status retried: its answer (and body) is discarded.
+                    drop(result);
+                    tried.push(index);
+                    retry_guard = Some(guard);
+                    let next = plan.pick_retry(&input_of(&whole, &fwd), &tried);
+                    (target, index, in_flight) = (next.target, next.index, next.in_flight);
+                    continue;
+                }
+                None => {
+                    if let Some(m) = fwd.metrics {
+                        m.upstream_retry_refused(upstream, &route.name, "");
+                    }
+                }
+            }
+        }
+        let resp = result.map_err(|e| (e.gateway_error(), e.closes_client()))?;
+        let (mut parts, body) = resp.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        let guard = crate::upstream::InFlight::join(crate::upstream::InFlight::join(admitted, in_flight), retry_guard);
+        return Ok(Response::from_parts(parts, Body::held(body, guard)));
+    }
+}
+
+/// What a retry's pick may read: the kept request's headers.
+fn input_of<'a>(whole: &'a Option<(http::request::Parts, Body, PathAndQuery)>, fwd: &'a Forwarding<'_>) -> PickInput<'a> {
+    static NONE: std::sync::OnceLock<HeaderMap> = std::sync::OnceLock::new();
+    let headers = whole.as_ref().map_or_else(|| NONE.get_or_init(HeaderMap::new), |(p, _, _)| &p.headers);
+    PickInput { headers, peer: fwd.client_ip, trusted_proxies: fwd.trusted_proxies, path: fwd.path }
 }

@@ -8,6 +8,10 @@
 //! [`InFlight`] guard from the pick until the answer has ended) and
 //! consistent hashing (a ketama-style ring built at compile time, looked up
 //! by binary search).
+//!
+//! An upstream with `retries` or a `circuit_breaker` also counts its
+//! requests and retries in flight on this node (two more atomics, held by
+//! the same [`InFlight`] guard); a URL's upstream counts nothing.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -105,7 +109,83 @@ pub struct UpstreamPlan {
     pub connect_timeout: Option<Duration>,
     /// HTTP/2 to the targets.
     pub http2: bool,
+    /// `retries`: what is retried and the budget (`None`: no retries).
+    pub retry: Option<RetryPolicy>,
+    /// `circuit_breaker.max_in_flight` (`usize::MAX`: none).
+    max_in_flight: usize,
+    /// Whether requests and retries in flight are counted (a retry policy
+    /// or a circuit breaker): else [`UpstreamPlan::admit`] costs nothing.
+    counted: bool,
+    /// Requests in flight to this upstream on this node, from admission
+    /// until the answer has ended (only when `counted`).
+    requests: AtomicUsize,
+    /// Retries in flight on this node, from the retry's admission by the
+    /// budget until its answer has ended.
+    retries: AtomicUsize,
 }
+
+/// An upstream's `retries`, compiled.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Tries after the first one.
+    pub max: u32,
+    connect: bool,
+    timeout: bool,
+    /// Bit `s - 500` for each status 500-599 retried.
+    statuses: u128,
+    /// The budget as a fraction (20% is 0.2).
+    budget: f64,
+}
+
+/// Retries in flight always allowed, whatever the budget (Envoy's
+/// `min_retry_concurrency`): a quiet pool still retries.
+pub const MIN_RETRIES_IN_FLIGHT: usize = 3;
+
+impl RetryPolicy {
+    /// From validated `on` words (`connect`, `timeout`, a status 500-599 as
+    /// a number or a string) and a budget in percent.
+    pub fn new<'a>(max: u32, on: impl IntoIterator<Item = &'a str>, budget_percent: f64) -> RetryPolicy {
+        let mut p = RetryPolicy { max, connect: false, timeout: false, statuses: 0, budget: (budget_percent / 100.0).clamp(0.0, 1.0) };
+        for word in on {
+            match word {
+                "connect" => p.connect = true,
+                "timeout" => p.timeout = true,
+                n => {
+                    if let Some(s) = n.parse::<u16>().ok().filter(|s| (500..=599).contains(s)) {
+                        p.statuses |= 1u128 << (s - 500);
+                    }
+                }
+            }
+        }
+        p
+    }
+
+    /// Whether a failure of this cause is retried (`connect`: no
+    /// connection; `timeout`: no answer head in time).
+    pub fn on_cause(&self, cause: super::Cause) -> bool {
+        match cause {
+            super::Cause::Connect => self.connect,
+            super::Cause::Timeout => self.timeout,
+            _ => false,
+        }
+    }
+
+    /// Whether an answer of this status is retried.
+    pub fn on_status(&self, status: u16) -> bool {
+        (500..=599).contains(&status) && self.statuses & (1u128 << (status - 500)) != 0
+    }
+}
+
+/// The methods a retry may send again (RFC 9110's idempotent ones but TRACE).
+pub fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE)
+}
+
+/// An upstream's circuit breaker refused a request: `max_in_flight` are
+/// in flight on this node already.
+#[derive(Debug, Clone, Copy)]
+pub struct Overloaded;
 
 impl std::fmt::Debug for UpstreamPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -125,28 +205,83 @@ impl Target {
     }
 }
 
-/// A least-requests target's request in flight: counted from the pick
-/// until this is dropped (the answer ended, failed, or was dropped).
+const NO_TARGET: u32 = u32::MAX;
+
+/// What one request holds in flight, released when this is dropped (the
+/// answer ended, failed, or was dropped): a least-requests target's count,
+/// the upstream's request count (circuit breaker, retry budget) and a
+/// retry's count. One guard for all three, so an answer body holds one.
 pub struct InFlight {
     plan: Arc<UpstreamPlan>,
-    index: u32,
+    /// The least-requests target counted, or `NO_TARGET`.
+    target: u32,
+    request: bool,
+    retry: bool,
+}
+
+impl InFlight {
+    fn new(plan: &Arc<UpstreamPlan>, target: u32, request: bool, retry: bool) -> InFlight {
+        InFlight { plan: plan.clone(), target, request, retry }
+    }
+
+    /// One guard holding what both hold (both of the same upstream, as
+    /// one request's guards are).
+    pub fn join(a: Option<InFlight>, b: Option<InFlight>) -> Option<InFlight> {
+        match (a, b) {
+            (Some(mut a), Some(mut b)) => {
+                debug_assert!(Arc::ptr_eq(&a.plan, &b.plan));
+                if b.target != NO_TARGET {
+                    if a.target != NO_TARGET {
+                        a.plan.in_flight[a.target as usize].fetch_sub(1, Ordering::Relaxed);
+                    }
+                    a.target = std::mem::replace(&mut b.target, NO_TARGET);
+                }
+                if b.request {
+                    if a.request {
+                        a.plan.requests.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    a.request = true;
+                    b.request = false;
+                }
+                if b.retry {
+                    if a.retry {
+                        a.plan.retries.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    a.retry = true;
+                    b.retry = false;
+                }
+                Some(a)
+            }
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.plan.in_flight[self.index as usize].fetch_sub(1, Ordering::Relaxed);
+        if self.target != NO_TARGET {
+            self.plan.in_flight[self.target as usize].fetch_sub(1, Ordering::Relaxed);
+        }
+        if self.request {
+            self.plan.requests.fetch_sub(1, Ordering::Relaxed);
+        }
+        if self.retry {
+            self.plan.retries.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
 impl std::fmt::Debug for InFlight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InFlight").field("target", &self.index).finish()
+        f.debug_struct("InFlight").field("target", &self.target).field("request", &self.request).field("retry", &self.retry).finish()
     }
 }
 
-/// A picked target and, for least-requests, the guard that counts it.
+/// A picked target, its index, and for least-requests the guard that
+/// counts it.
 pub struct Picked<'a> {
     pub target: &'a Target,
+    pub index: u32,
     pub in_flight: Option<InFlight>,
 }
 
@@ -202,7 +337,80 @@ impl UpstreamPlan {
             connector,
             connect_timeout,
             http2,
+            retry: None,
+            max_in_flight: usize::MAX,
+            counted: false,
+            requests: AtomicUsize::new(0),
+            retries: AtomicUsize::new(0),
         }
+    }
+
+    /// The same plan with `retries` and a `circuit_breaker`.
+    pub fn with_resilience(mut self, retry: Option<RetryPolicy>, max_in_flight: Option<usize>) -> UpstreamPlan {
+        self.counted = retry.is_some() || max_in_flight.is_some();
+        self.retry = retry;
+        self.max_in_flight = max_in_flight.unwrap_or(usize::MAX);
+        self
+    }
+
+    /// Admits one request (before its first pick): `Err` when the circuit
+    /// breaker's `max_in_flight` are in flight already. The guard counts
+    /// it until the answer has ended; `None` when this upstream counts
+    /// nothing (no retries, no circuit breaker): one branch, no atomic.
+    #[inline]
+    pub fn admit(self: &Arc<Self>) -> Result<Option<InFlight>, Overloaded> {
+        if !self.counted {
+            return Ok(None);
+        }
+        if self.requests.fetch_add(1, Ordering::Relaxed) >= self.max_in_flight {
+            self.requests.fetch_sub(1, Ordering::Relaxed);
+            return Err(Overloaded);
+        }
+        Ok(Some(InFlight::new(self, NO_TARGET, true, false)))
+    }
+
+    /// Admits one retry by the budget: retries in flight on this node stay
+    /// within `max(3, budget × requests in flight)`. `None`: refused.
+    pub fn admit_retry(self: &Arc<Self>) -> Option<InFlight> {
+        let budget = self.retry.as_ref()?.budget;
+        let allowed = ((budget * self.requests.load(Ordering::Relaxed) as f64) as usize).max(MIN_RETRIES_IN_FLIGHT);
+        if self.retries.fetch_add(1, Ordering::Relaxed) >= allowed {
+            self.retries.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(InFlight::new(self, NO_TARGET, false, true))
+    }
+
+    /// Requests and retries in flight to this upstream on this node (with
+    /// `retries` or a circuit breaker; else 0).
+    pub fn requests_in_flight(&self) -> (usize, usize) {
+        (self.requests.load(Ordering::Relaxed), self.retries.load(Ordering::Relaxed))
+    }
+
+    /// Picks a target for a retry: the next in round-robin order that was
+    /// not tried yet, when there is one (else the balancer's pick again).
+    pub fn pick_retry<'a>(self: &'a Arc<Self>, input: &PickInput<'_>, tried: &[u32]) -> Picked<'a> {
+        let n = self.targets.len();
+        if n > 1 && tried.len() < n {
+            for _ in 0..self.order.len().max(n) {
+                let index = self.next_index();
+                if !tried.contains(&(index as u32)) {
+                    return self.picked(index);
+                }
+            }
+            if let Some(index) = (0..n).find(|i| !tried.contains(&(*i as u32))) {
+                return self.picked(index);
+            }
+        }
+        self.pick_for(input)
+    }
+
+    fn picked(self: &Arc<Self>, index: usize) -> Picked<'_> {
+        let in_flight = (!self.in_flight.is_empty()).then(|| {
+            self.in_flight[index].fetch_add(1, Ordering::Relaxed);
+            InFlight::new(self, index as u32, false, false)
+        });
+        Picked { target: &self.targets[index], index: index as u32, in_flight }
     }
 
     /// The next target in smooth weighted round-robin order.
@@ -223,21 +431,20 @@ impl UpstreamPlan {
     /// the answer has ended.
     pub fn pick_for<'a>(self: &'a Arc<Self>, input: &PickInput<'_>) -> Picked<'a> {
         if self.targets.len() == 1 {
-            return Picked { target: &self.targets[0], in_flight: None };
+            return Picked { target: &self.targets[0], index: 0, in_flight: None };
         }
         match &self.balancer {
-            Balancer::RoundRobin => Picked { target: self.pick(), in_flight: None },
-            Balancer::LeastRequests => {
-                let index = self.least_requests();
-                self.in_flight[index].fetch_add(1, Ordering::Relaxed);
-                Picked { target: &self.targets[index], in_flight: Some(InFlight { plan: self.clone(), index: index as u32 }) }
+            Balancer::RoundRobin => {
+                let index = self.next_index();
+                Picked { target: &self.targets[index], index: index as u32, in_flight: None }
             }
+            Balancer::LeastRequests => self.picked(self.least_requests()),
             Balancer::ConsistentHash(on) => {
                 let index = match hash_key(on, input) {
                     Some(h) => self.ring_lookup(h),
                     None => self.next_index(),
                 };
-                Picked { target: &self.targets[index], in_flight: None }
+                Picked { target: &self.targets[index], index: index as u32, in_flight: None }
             }
         }
     }
@@ -550,6 +757,52 @@ mod tests {
         assert_eq!(spread.len(), 3);
         let a = index_of(&by_path, by_path.pick_for(&input(&none, "/p/7")).target);
         assert_eq!(index_of(&by_path, by_path.pick_for(&input(&h, "/p/7")).target), a);
+    }
+
+    #[test]
+    fn the_circuit_breaker_and_the_retry_budget_count_in_one_guard() {
+        let t = |i: usize| Target::new(Scheme::HTTP, format!("10.0.0.{}:80", i + 1).parse().unwrap(), 100);
+        let retry = RetryPolicy::new(2, ["connect", "503"], 50.0);
+        assert!(retry.on_cause(crate::upstream::Cause::Connect) && !retry.on_cause(crate::upstream::Cause::Timeout));
+        assert!(retry.on_status(503) && !retry.on_status(502) && !retry.on_status(200));
+        let plan = Arc::new(
+            UpstreamPlan::with_balancer(None, vec![t(0), t(1)], Balancer::LeastRequests, None, None, false)
+                .with_resilience(Some(retry), Some(10)),
+        );
+        // Ten admitted, the eleventh refused, and a release lets one in.
+        let mut admitted: Vec<InFlight> = (0..10).map(|_| plan.admit().unwrap().unwrap()).collect();
+        assert!(plan.admit().is_err());
+        assert_eq!(plan.requests_in_flight(), (10, 0));
+        admitted.pop();
+        admitted.push(plan.admit().unwrap().unwrap());
+        assert!(plan.admit().is_err());
+        // Budget: 50% of 10 in flight is 5 retries.
+        let retries: Vec<InFlight> = (0..5).map(|_| plan.admit_retry().unwrap()).collect();
+        assert!(plan.admit_retry().is_none());
+        drop(retries);
+        // A retry goes to the target not tried; joined guards release all.
+        let h = HeaderMap::new();
+        let first = plan.pick_for(&input(&h, "/"));
+        let next = plan.pick_retry(&input(&h, "/"), &[first.index]);
+        assert_ne!(next.index, first.index);
+        drop(first);
+        let guard = InFlight::join(InFlight::join(admitted.pop(), next.in_flight), plan.admit_retry());
+        assert_eq!(plan.in_flight(0) + plan.in_flight(1), 1);
+        assert_eq!(plan.requests_in_flight(), (10, 1));
+        drop((guard, admitted));
+        assert_eq!(plan.in_flight(0) + plan.in_flight(1), 0);
+        assert_eq!(plan.requests_in_flight(), (0, 0));
+        // Below 3 requests the minimum of 3 retries applies.
+        let plan = Arc::new(
+            UpstreamPlan::new(None, vec![t(0)], None, None, false).with_resilience(Some(RetryPolicy::new(1, ["connect"], 0.0)), None),
+        );
+        let r: Vec<_> = (0..3).map(|_| plan.admit_retry().unwrap()).collect();
+        assert!(plan.admit_retry().is_none());
+        drop(r);
+        // No retries and no breaker: nothing is counted.
+        let plain = Arc::new(UpstreamPlan::new(None, vec![t(0)], None, None, false));
+        assert!(plain.admit().unwrap().is_none());
+        assert_eq!(plain.requests_in_flight(), (0, 0));
     }
 
     #[test]

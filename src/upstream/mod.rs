@@ -4,8 +4,9 @@
 //! and the body timeout, opens the client span, counts failures, and
 //! returns one error type that says what failed and whose fault it was.
 //!
-//! - `balance.rs`: an upstream compiled: its targets, smooth weighted
-//!   round-robin, its connector
+//! - `balance.rs`: an upstream compiled: its targets, its balancer, its
+//!   connector, its retry policy and budget, its circuit breaker, and the
+//!   in-flight guard they share
 //! - `connect.rs`: TCP and TLS connections, the node's and an upstream's
 //!   TLS settings
 //! - `pool.rs`: one worker's idle connections, per connector and origin
@@ -27,7 +28,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response};
 use tokio::time::Instant;
 
-pub use balance::{Balancer, HashOn, InFlight, PickInput, Picked, Target, UpstreamPlan};
+pub use balance::{idempotent, Balancer, HashOn, InFlight, Overloaded, PickInput, Picked, RetryPolicy, Target, UpstreamPlan};
 pub use connect::{Connector, TlsOptions, UpstreamTlsOptions, DEFAULT_CONNECT_TIMEOUT};
 pub use error::{Cause, Fault, UpstreamError};
 pub use h1::ResponseBody;
