@@ -51,8 +51,13 @@ async fn in_flight_requests_finish_on_the_old_config() {
     let slow = backend().delay(Duration::from_millis(700)).run().await;
     let g = gateway(&route_config("api", &slow.url()));
     let url = format!("http://{}/api/x", g.proxy_addr);
+    // Waiting for the backend is registered before the request goes out:
+    // `notify_waiters` wakes only waiters that exist already.
+    let arrived = slow.arrived.notified();
+    tokio::pin!(arrived);
+    arrived.as_mut().enable();
     let in_flight = tokio::spawn(async move { client().get(&url).send().await.unwrap().status().as_u16() });
-    slow.arrived.notified().await;
+    arrived.await;
     let (status, _) = post_config(&g, "routes: []\n", "").await;
     assert_eq!(status, 200);
     assert_eq!(in_flight.await.unwrap(), 200);

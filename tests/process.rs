@@ -62,11 +62,16 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     let dir = config_dir(&format!("routes: [{{ name: slow, path: /slow, upstream: \"{}\" }}]", slow.url()));
     let mut gw = GatewayProcess::start(dir.path(), &["--drain-timeout", "10s"]);
     let url = format!("http://{}/slow", gw.proxy);
+    // Waiting for the backend is registered before the request goes out:
+    // `notify_waiters` wakes only waiters that exist already.
+    let arrived = slow.arrived.notified();
+    tokio::pin!(arrived);
+    arrived.as_mut().enable();
     let in_flight = tokio::spawn(async move {
         let resp = client().get(&url).send().await.unwrap();
         (resp.status().as_u16(), resp.text().await.unwrap())
     });
-    slow.arrived.notified().await;
+    arrived.await;
     gw.signal("TERM");
     // New connections are refused once the listeners close.
     let proxy = gw.proxy;
