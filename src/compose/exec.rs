@@ -262,12 +262,7 @@ async fn attempt(client: &Client, ids: &CallIds, limits: &CallLimits, p: &Prepar
             metrics: ids.metrics.as_ref(),
         };
         let result = client.send(out, req).await;
-        let reason = match (retry, &result) {
-            (Some(r), _) if tried.len() >= r.max as usize || Instant::now() >= limits.end => None,
-            (Some(r), Ok(resp)) if r.on_status(resp.status().as_u16()) => Some(resp.status().as_str().to_string()),
-            (Some(r), Err(e)) if e.fault() == crate::upstream::Fault::Upstream && r.on_cause(e.cause) => Some(e.cause.as_str().to_string()),
-            _ => None,
-        };
+        let reason = retry.and_then(|r| r.reason(tried.len(), limits.end, &result));
         if let Some(reason) = reason {
             let upstream = plan.name.as_deref().unwrap_or("");
             match plan.admit_retry() {

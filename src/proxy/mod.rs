@@ -201,12 +201,7 @@ pub async fn forward(
         };
         let result = client.send(out, Request::from_parts(parts, body)).await;
         // Whether this answer or failure is tried again, and why.
-        let reason = match (&retry, &result) {
-            (Some(r), _) if tried.len() >= r.max as usize || tokio::time::Instant::now() >= deadline => None,
-            (Some(r), Ok(resp)) if r.on_status(resp.status().as_u16()) => Some(resp.status().as_str().to_string()),
-            (Some(r), Err(e)) if e.fault() == crate::upstream::Fault::Upstream && r.on_cause(e.cause) => Some(e.cause.as_str().to_string()),
-            _ => None,
-        };
+        let reason = retry.and_then(|r| r.reason(tried.len(), deadline, &result));
         if let Some(reason) = reason {
             let upstream = plan.name.as_deref().unwrap_or("");
             match plan.admit_retry() {

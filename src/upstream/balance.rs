@@ -174,6 +174,26 @@ impl RetryPolicy {
     pub fn on_status(&self, status: u16) -> bool {
         (500..=599).contains(&status) && self.statuses & (1u128 << (status - 500)) != 0
     }
+
+    /// Why the outcome of a try is tried again (its status, or its failure's
+    /// cause, for the metric's `reason`), or `None`: `retried` tries were
+    /// sent again already, or the deadline passed, or the outcome is not
+    /// one `on` names. The client's own faults are never retried.
+    pub fn reason<B>(
+        &self,
+        retried: usize,
+        deadline: tokio::time::Instant,
+        outcome: &Result<http::Response<B>, super::UpstreamError>,
+    ) -> Option<String> {
+        if retried >= self.max as usize || tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        match outcome {
+            Ok(resp) if self.on_status(resp.status().as_u16()) => Some(resp.status().as_str().to_string()),
+            Err(e) if e.fault() == super::Fault::Upstream && self.on_cause(e.cause) => Some(e.cause.as_str().to_string()),
+            _ => None,
+        }
+    }
 }
 
 /// The methods a retry may send again (RFC 9110's idempotent ones but TRACE).
