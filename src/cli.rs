@@ -148,6 +148,11 @@ pub struct ServeArgs {
     /// PEM private key of --upstream-client-cert
     #[arg(long, env = "MANIFOLD_UPSTREAM_CLIENT_KEY", requires = "upstream_client_cert")]
     pub upstream_client_key: Option<std::path::PathBuf>,
+    /// A hosts(5) file (`ADDRESS NAME...` lines) in which the names of
+    /// upstream targets with `resolve_every` are looked up first, before
+    /// the system's resolver; read again at every resolution
+    #[arg(long, env = "MANIFOLD_HOSTS_FILE")]
+    pub hosts_file: Option<std::path::PathBuf>,
     /// Label request counts by consumer too (manifold_consumer_requests_total):
     /// one series per consumer, route and status class, so off by default
     #[arg(long, env = "MANIFOLD_METRICS_CONSUMER_LABELS")]
@@ -374,6 +379,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             client_cert_file: args.upstream_client_cert,
             client_key_file: args.upstream_client_key,
         },
+        hosts_file: args.hosts_file,
         ..GatewayOptions::default()
     };
     let gateway = Gateway::start(opts, config)?;

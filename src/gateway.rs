@@ -43,6 +43,9 @@ pub struct GatewayOptions {
     pub metrics: crate::metrics::MetricsOptions,
     /// TLS to https backends: extra CA roots, a client certificate.
     pub upstream_tls: crate::upstream::TlsOptions,
+    /// Where upstream target names are looked up before the system's
+    /// resolver (`--hosts-file`).
+    pub hosts_file: Option<PathBuf>,
 }
 
 impl Default for GatewayOptions {
@@ -57,6 +60,7 @@ impl Default for GatewayOptions {
             redis: None,
             metrics: Default::default(),
             upstream_tls: Default::default(),
+            hosts_file: None,
         }
     }
 }
@@ -135,6 +139,9 @@ impl Gateway {
         ));
 
         let services = crate::policy::Services::with_metrics(opts.redis.clone(), opts.metrics);
+        if let Some(path) = &opts.hosts_file {
+            services.health.set_hosts_file(path.clone());
+        }
         let (store, config, version, instance, reachable) = match &opts.database {
             Some(db) => {
                 let (store, config, version, instance, reachable) = block_on(&control, initial_config(db))?;
@@ -152,6 +159,8 @@ impl Gateway {
             let _ = block_on(&control, async move { tokio::time::timeout(Duration::from_secs(2), redis.ping()).await });
         }
         services.spawn_background(control.handle());
+        services.health.bind(control.handle().clone(), shared.connector.clone(), services.metrics.clone());
+        shared.start_health_checks();
         shared.db_reachable.store(reachable, Ordering::Relaxed);
         if let Ok(mut i) = shared.db_instance.lock() {
             *i = instance;

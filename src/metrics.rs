@@ -37,6 +37,11 @@ pub struct Metrics {
     retries: IntCounterVec,
     retries_refused: IntCounterVec,
     overloaded: IntCounterVec,
+    no_target: IntCounterVec,
+    ejections: IntCounterVec,
+    health_checks: IntCounterVec,
+    /// Rewritten at each scrape from the running config's targets.
+    pub target_healthy: prometheus::IntGaugeVec,
     pub config_version: IntGauge,
     pub config_reloads: TotalCounter,
     pub last_reload: IntGauge,
@@ -203,8 +208,38 @@ impl Metrics {
             &["upstream", "route", "call"],
         )
         .expect("a valid metric");
+        let no_target = IntCounterVec::new(
+            Opts::new(
+                "manifold_upstream_unavailable_total",
+                "Requests answered 503 at once because no target of the upstream was healthy, by upstream, route or composition and call",
+            ),
+            &["upstream", "route", "call"],
+        )
+        .expect("a valid metric");
+        let ejections = IntCounterVec::new(
+            Opts::new("manifold_upstream_ejections_total", "Targets ejected by passive health checks, by upstream and target"),
+            &["upstream", "target"],
+        )
+        .expect("a valid metric");
+        let health_checks = IntCounterVec::new(
+            Opts::new("manifold_upstream_health_checks_total", "Active health checks, by upstream, target and result (passed, failed)"),
+            &["upstream", "target", "result"],
+        )
+        .expect("a valid metric");
+        let target_healthy = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "manifold_upstream_target_healthy",
+                "1 when a target of an upstream with health checks takes traffic, 0 when it is unhealthy or ejected, by upstream, target and state",
+            ),
+            &["upstream", "target", "state"],
+        )
+        .expect("a valid metric");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(no_target.clone()),
+            Box::new(ejections.clone()),
+            Box::new(health_checks.clone()),
+            Box::new(target_healthy.clone()),
             Box::new(retries.clone()),
             Box::new(retries_refused.clone()),
             Box::new(overloaded.clone()),
@@ -245,6 +280,10 @@ impl Metrics {
             retries,
             retries_refused,
             overloaded,
+            no_target,
+            ejections,
+            health_checks,
+            target_healthy,
             in_flight: AtomicI64::new(0),
             connections: AtomicI64::new(0),
         })
@@ -292,6 +331,21 @@ impl Metrics {
     /// A request the upstream's circuit breaker answered 503 at once.
     pub fn upstream_circuit_open(&self, upstream: &str, route: &str, call: &str) {
         self.overloaded.with_label_values(&[upstream, route, call]).inc();
+    }
+
+    /// A request answered 503 because no target of its upstream was usable.
+    pub fn upstream_no_target(&self, upstream: &str, route: &str, call: &str) {
+        self.no_target.with_label_values(&[upstream, route, call]).inc();
+    }
+
+    /// A target ejected by passive health checks (rare).
+    pub fn upstream_ejected(&self, upstream: &str, target: &str) {
+        self.ejections.with_label_values(&[upstream, target]).inc();
+    }
+
+    /// One active health check.
+    pub fn upstream_health_checked(&self, upstream: &str, target: &str, passed: bool) {
+        self.health_checks.with_label_values(&[upstream, target, if passed { "passed" } else { "failed" }]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -14,6 +14,7 @@ use crate::config::model::Balance;
 use crate::config::pattern::{parse_rewrite, PathPattern, RewritePart, Segment};
 use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::policy::{Identities, PolicyChain, PolicyStates, Services};
+use crate::upstream::health::{HealthPolicy, Registry as HealthRegistry};
 use crate::upstream::{Balancer, Connector, UpstreamPlan, UpstreamTlsOptions};
 
 /// The compiled upstreams of a config, by name.
@@ -32,6 +33,8 @@ pub struct Snapshot {
     /// Compositions by name, with their path patterns, for the admin API's
     /// `try` endpoint.
     pub compositions: HashMap<String, (PathPattern, Arc<CompositionPlan>)>,
+    /// The named upstreams, for their health report and checkers.
+    pub upstreams: Upstreams,
 }
 
 /// A plain route, resolved: where to send, and how to rewrite.
@@ -155,10 +158,15 @@ fn parse_methods(methods: &[String]) -> Option<Vec<Method>> {
 /// Compiles each upstream once: its targets, balancer and, with a `tls`
 /// block, its own connector (the files read now; an unreadable one is an
 /// error at its field).
-pub fn compile_upstreams(config: &Config, errors: &mut Vec<ConfigError>) -> Upstreams {
+///
+/// With a health registry (a node's), each target's state is the one an
+/// earlier config of the node had for the same upstream, target and health
+/// settings; without (a dry run), every state is new.
+pub fn compile_upstreams(config: &Config, errors: &mut Vec<ConfigError>, registry: Option<&HealthRegistry>) -> Upstreams {
     let mut out = HashMap::new();
     for u in &config.upstreams {
         let base = format!("upstreams.{}", u.name);
+        let health = u.health.as_ref().map(|h| Arc::new(HealthPolicy::compile(h)));
         let mut targets = Vec::with_capacity(u.targets.len());
         for (i, t) in u.targets.iter().enumerate() {
             let uri: http::Uri = match t.url.parse() {
@@ -172,7 +180,12 @@ pub fn compile_upstreams(config: &Config, errors: &mut Vec<ConfigError>) -> Upst
                 errors.push(err(format!("{base}.targets[{i}].url"), "expected http(s)://host[:port]".into()));
                 continue;
             };
-            targets.push(crate::upstream::Target::new(scheme, authority, t.weight.unwrap_or(100).clamp(1, 1000)));
+            let label = format!("{scheme}://{authority}");
+            let state = match registry {
+                Some(r) => r.state(&u.name, &label, health.as_deref()),
+                None => Arc::default(),
+            };
+            targets.push(crate::upstream::Target::with_state(scheme, authority, t.weight.unwrap_or(100).clamp(1, 1000), state));
         }
         if targets.len() != u.targets.len() || targets.is_empty() {
             continue;
@@ -227,8 +240,28 @@ pub fn compile_upstreams(config: &Config, errors: &mut Vec<ConfigError>) -> Upst
             crate::upstream::RetryPolicy::new(r.max, on.iter().map(String::as_str), r.budget.map_or(20.0, |b| b.0))
         });
         let max_in_flight = u.circuit_breaker.as_ref().map(|c| c.max_in_flight as usize);
-        let plan = UpstreamPlan::with_balancer(Some(u.name.as_str().into()), targets, balancer, connector, connect_timeout, u.http2)
-            .with_resilience(retry, max_in_flight);
+        // resolve_every: each name stands for its addresses, the last ones
+        // the node resolved (none yet: the name itself, until the resolver
+        // has run).
+        let resolution = u.resolve_every.map(|every| crate::upstream::dns::Resolution {
+            sources: targets.iter().map(|t| crate::upstream::dns::Source::new(t.scheme.clone(), &t.authority, t.weight)).collect(),
+            every: every.0,
+        });
+        let targets = match &resolution {
+            Some(res) => {
+                let own_name = connector.as_ref().is_some_and(|c| c.has_server_name());
+                let base = connector.as_ref().or_else(|| registry.and_then(|r| r.node_connector()));
+                let cached = |s: &crate::upstream::dns::Source| registry.and_then(|r| r.cached(&u.name, &s.authority()));
+                crate::upstream::dns::targets(&u.name, &res.sources, &cached, registry, health.as_deref(), base, own_name)
+            }
+            None => targets,
+        };
+        let mut plan = UpstreamPlan::with_balancer(Some(u.name.as_str().into()), targets, balancer, connector, connect_timeout, u.http2)
+            .with_resilience(retry, max_in_flight)
+            .with_health(health);
+        if let Some(res) = resolution {
+            plan = plan.resolved(res);
+        }
         out.insert(u.name.clone(), Arc::new(plan));
     }
     out
@@ -243,7 +276,7 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
     let mut owners: HashMap<(String, String), String> = HashMap::new();
     let ids = Arc::new(Identities::build(&config));
     let states = PolicyStates::build(&config);
-    let upstreams = compile_upstreams(&config, &mut errors);
+    let upstreams = compile_upstreams(&config, &mut errors, Some(&services.health));
     let mut add =
         |base: String, hosts: &[String], pattern: &PathPattern, methods: Option<Vec<Method>>, target: Target, attached: &[String]| {
             let entity = base.split_once('.').map_or(base.as_str(), |(_, n)| n);
@@ -365,7 +398,7 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    Ok(Snapshot { config: Arc::new(config), version, router, compositions })
+    Ok(Snapshot { config: Arc::new(config), version, router, compositions, upstreams })
 }
 
 #[cfg(test)]

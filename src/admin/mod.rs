@@ -52,6 +52,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/ui/app.css", get(ui::app_css))
         .route("/audit", get(entities::audit))
         .route("/openapi.json", get(openapi_json))
+        .route("/upstreams/{name}/health", get(upstream_health))
         .route("/consumers/{name}/credentials", get(entities::list_credentials).post(entities::add_credential))
         .route("/{kind}", get(entities::list).post(entities::create))
         .route("/{kind}/{name}", get(entities::get).put(entities::put).patch(entities::patch).delete(entities::delete))
@@ -72,7 +73,29 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         m.redis_reachable.set(i64::from(r.reachable.load(Ordering::Relaxed)));
         m.rate_limit_fallbacks.set(r.fallbacks.load(Ordering::Relaxed) as i64);
     }
+    // Each target of an upstream with health checks: 1 when it takes
+    // traffic; series of targets no longer configured go.
+    m.target_healthy.reset();
+    let now = crate::upstream::health::now_ms();
+    for plan in shared.snapshot.load().upstreams.values().filter(|p| p.health.is_some()) {
+        let upstream = plan.name.as_deref().unwrap_or("");
+        for t in plan.set().targets.iter() {
+            let health = t.state.health(now);
+            let up = health == crate::upstream::health::Health::Healthy;
+            m.target_healthy.with_label_values(&[upstream, &t.label, health.as_str()]).set(i64::from(up));
+        }
+    }
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], m.render()).into_response()
+}
+
+/// `GET /upstreams/{name}/health`: this node's view of each target of a
+/// running upstream.
+async fn upstream_health(State(state): State<AdminState>, axum::extract::Path(name): axum::extract::Path<String>) -> Response {
+    let snap = state.shared.snapshot.load();
+    match snap.upstreams.get(&name) {
+        Some(plan) => Json(crate::upstream::health::report(plan)).into_response(),
+        None => message(StatusCode::NOT_FOUND, &format!("no upstream {name:?} in the running config")),
+    }
 }
 
 fn message(status: StatusCode, text: &str) -> Response {
@@ -191,7 +214,7 @@ async fn post_config(State(state): State<AdminState>, Query(q): Query<ConfigQuer
     // files are read when a config compiles, so compile those here too.
     if q.dry_run {
         let mut errors = Vec::new();
-        crate::snapshot::compile_upstreams(&config, &mut errors);
+        crate::snapshot::compile_upstreams(&config, &mut errors, None);
         if !errors.is_empty() {
             return invalid(&ConfigErrors(errors));
         }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 use serde_json::{json, Map, Value};
@@ -106,16 +107,13 @@ enum State {
 }
 
 struct Prepared {
-    uri: Uri,
-    /// The picked target's host and index.
-    host: HeaderValue,
-    index: u32,
+    /// The rendered path and query; the target is picked per try.
+    pq: PathAndQuery,
+    /// The request's consistent-hash key (read from the client's request
+    /// when the call was prepared).
+    key: Option<u64>,
     headers: HeaderMap,
     body: Option<Bytes>,
-    /// least-requests: the target's count, held until this request (with
-    /// the call's own retries, which go to the same target) has read its
-    /// answer whole.
-    _in_flight: Option<crate::upstream::InFlight>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -157,13 +155,8 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
         pq.push('?');
         pq.push_str(&q.render(doc).map_err(bad)?);
     }
-    let crate::upstream::Picked { target, index, in_flight } = call.upstream.pick_for(&ex.pick);
-    let uri = Uri::builder()
-        .scheme(target.scheme.clone())
-        .authority(target.authority.clone())
-        .path_and_query(pq)
-        .build()
-        .map_err(|e| bad(format!("the rendered url is invalid: {e}")))?;
+    let pq = PathAndQuery::try_from(pq).map_err(|e| bad(format!("the rendered url is invalid: {e}")))?;
+    let key = call.upstream.key(&ex.pick);
     let mut headers = HeaderMap::new();
     for name in &call.forward_headers {
         for v in ex.client_headers.get_all(name) {
@@ -189,7 +182,7 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
         }
         None => None,
     };
-    Ok(Prepared { uri, host: target.host.clone(), index, headers, body, _in_flight: in_flight })
+    Ok(Prepared { pq, key, headers, body })
 }
 
 /// The kind a composition reports for a failed backend request.
@@ -217,34 +210,40 @@ struct CallIds {
 
 /// One try of a call's request, its answer read whole; with the
 /// upstream's `retries`, the backend requests sent again on other targets
-/// are counted into `retried`.
-async fn attempt(client: &Client, ids: &CallIds, limits: &CallLimits, p: &Prepared, retried: &mut u32) -> Result<Success, Failure> {
+/// are counted into `retried`. `sent` is the URL of the last request sent.
+async fn attempt(
+    client: &Client,
+    ids: &CallIds,
+    limits: &CallLimits,
+    p: &Prepared,
+    retried: &mut u32,
+    sent: &mut Option<Uri>,
+) -> Result<Success, Failure> {
     let max_body = limits.max_body;
     let plan = &ids.upstream;
-    let call = &*ids.call;
-    // Held until the answer is read whole (the end of this function).
-    let _admitted = match plan.admit() {
-        Ok(guard) => guard,
-        Err(crate::upstream::Overloaded) => {
-            if let Some(m) = &ids.metrics {
-                m.upstream_circuit_open(plan.name.as_deref().unwrap_or(""), &ids.composition, call);
-            }
-            return Err(Failure::new("unavailable", "the upstream has too many requests in flight"));
-        }
+    let labels = crate::upstream::Labels { route: &ids.composition, call: &ids.call, metrics: ids.metrics.as_ref() };
+    // The call's body is always held whole: only the method decides. The
+    // guard (circuit breaker, least-requests' count) is held until the
+    // answer is read whole (the end of this function).
+    let retryable = crate::upstream::idempotent(&limits.method);
+    let mut tries = match crate::upstream::Tries::start(plan, p.key, retryable, limits.end, labels) {
+        Ok(t) => t,
+        Err(refused) => return Err(Failure::new("unavailable", refused.message())),
     };
-    // The call's body is always held whole: only the method decides.
-    let retry = plan.retry.as_ref().filter(|_| crate::upstream::idempotent(&limits.method));
-    let mut tried: Vec<u32> = Vec::new();
-    let mut next: Option<(Uri, HeaderValue, u32, Option<crate::upstream::InFlight>)> = None;
-    let mut _retry_guard = None;
     let resp = loop {
-        let (uri, host, index) = match &next {
-            Some((uri, host, index, _)) => (uri, host, *index),
-            None => (&p.uri, &p.host, p.index),
-        };
+        let target = tries.target();
+        let uri = Uri::from_parts({
+            let mut u = http::uri::Parts::default();
+            u.scheme = Some(target.scheme.clone());
+            u.authority = Some(target.authority.clone());
+            u.path_and_query = Some(p.pq.clone());
+            u
+        })
+        .map_err(|e| Failure::new("bad_value", format!("the rendered url is invalid: {e}")))?;
+        *sent = Some(uri.clone());
         let mut req = Request::new(p.body.clone().map_or(Body::Empty, Body::full));
         *req.method_mut() = limits.method.clone();
-        *req.uri_mut() = uri.clone();
+        *req.uri_mut() = uri;
         *req.headers_mut() = p.headers.clone();
         let out = Outbound {
             route: &ids.composition,
@@ -252,8 +251,8 @@ async fn attempt(client: &Client, ids: &CallIds, limits: &CallLimits, p: &Prepar
             request_id: &ids.request_id,
             trace: &ids.trace,
             correlation: None,
-            host,
-            connector: plan.connector.as_ref(),
+            host: &target.host,
+            connector: target.connector.as_ref().or(plan.connector.as_ref()),
             connect_timeout: plan.connect_timeout,
             http2: plan.http2,
             deadline: limits.end,
@@ -262,43 +261,15 @@ async fn attempt(client: &Client, ids: &CallIds, limits: &CallLimits, p: &Prepar
             metrics: ids.metrics.as_ref(),
         };
         let result = client.send(out, req).await;
-        let reason = retry.and_then(|r| r.reason(tried.len(), limits.end, &result));
-        if let Some(reason) = reason {
-            let upstream = plan.name.as_deref().unwrap_or("");
-            match plan.admit_retry() {
-                Some(guard) => {
-                    if let Some(m) = &ids.metrics {
-                        m.upstream_retried(upstream, &ids.composition, call, &reason);
-                    }
-                    // A status retried: its answer (and body) is discarded.
-                    drop(result);
-                    tried.push(index);
-                    _retry_guard = Some(guard);
-                    *retried += 1;
-                    let empty = HeaderMap::new();
-                    let input = crate::upstream::PickInput {
-                        headers: &empty,
-                        peer: std::net::IpAddr::from([0, 0, 0, 0]),
-                        trusted_proxies: &[],
-                        path: p.uri.path(),
-                    };
-                    let picked = plan.pick_retry(&input, &tried);
-                    let mut parts = p.uri.clone().into_parts();
-                    parts.scheme = Some(picked.target.scheme.clone());
-                    parts.authority = Some(picked.target.authority.clone());
-                    let uri = Uri::from_parts(parts).map_err(|e| Failure::new("bad_value", format!("the retried url is invalid: {e}")))?;
-                    next = Some((uri, picked.target.host.clone(), picked.index, picked.in_flight));
-                    continue;
-                }
-                None => {
-                    if let Some(m) = &ids.metrics {
-                        m.upstream_retry_refused(upstream, &ids.composition, call);
-                    }
-                }
-            }
+        if tries.again(&result) {
+            // A status retried: its answer (and body) is discarded.
+            drop(result);
+            *retried += 1;
+            continue;
         }
         break result.map_err(|e| failure_of(&e))?;
     };
+    let _held = tries.finish();
     let (parts, body) = resp.into_parts();
     let too_large = || Failure {
         status: Some(parts.status.as_u16()),
@@ -357,12 +328,18 @@ struct CallLimits {
 
 /// One backend request with its retries, ending at `limits.end` at the
 /// latest; also how many retries were sent.
-async fn request_with_retries(client: &Client, ids: &CallIds, p: &Prepared, limits: &CallLimits) -> (Result<Success, Failure>, u32) {
+async fn request_with_retries(
+    client: &Client,
+    ids: &CallIds,
+    p: &Prepared,
+    limits: &CallLimits,
+) -> (Result<Success, Failure>, u32, Option<Uri>) {
     let mut retried = 0;
+    let mut sent = None;
     let work = async {
         let mut left = limits.retries;
         loop {
-            let result = attempt(client, ids, limits, p, &mut retried).await;
+            let result = attempt(client, ids, limits, p, &mut retried, &mut sent).await;
             let retryable = match &result {
                 Err(f) => matches!(f.kind, "connect" | "upstream" | "protocol") || matches!(f.status, Some(502..=504)),
                 Ok(_) => false,
@@ -378,7 +355,7 @@ async fn request_with_retries(client: &Client, ids: &CallIds, p: &Prepared, limi
         Ok(result) => result,
         Err(_) => Err(Failure::new("timeout", "no answer in time")),
     };
-    (result, retried)
+    (result, retried, sent)
 }
 
 type CallFuture = Pin<Box<dyn Future<Output = Finished> + Send>>;
@@ -422,11 +399,12 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
         let result = if !l.for_each {
             match requests.into_iter().next() {
                 Some(p) => {
-                    let (r, retries) = request_with_retries(&client, &l.ids, &p, &l.limits).await;
+                    let (r, retries, sent) = request_with_retries(&client, &l.ids, &p, &l.limits).await;
                     sent_again = retries;
                     if l.record {
                         let at = Some(offset(l.started));
-                        records.push(record_of(name.to_string(), p.uri.to_string(), at, &r, l.started.elapsed(), retries));
+                        let url = sent.map_or_else(|| p.pq.to_string(), |u| u.to_string());
+                        records.push(record_of(name.to_string(), url, at, &r, l.started.elapsed(), retries));
                     }
                     r
                 }
@@ -441,18 +419,19 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
                     let (client, limits, ids) = (&client, &l.limits, &l.ids);
                     async move {
                         let t = Instant::now();
-                        let (r, retries) = request_with_retries(client, ids, &p, limits).await;
-                        (i, p.uri, t, r, retries)
+                        let (r, retries, sent) = request_with_retries(client, ids, &p, limits).await;
+                        let url = sent.map_or_else(|| p.pq.to_string(), |u| u.to_string());
+                        (i, url, t, r, retries)
                     }
                 })
                 .buffered(l.concurrency);
             let mut bodies = Vec::new();
             let mut total = 0usize;
             let mut failure = None;
-            while let Some((i, uri, t, r, retries)) = items.next().await {
+            while let Some((i, url, t, r, retries)) = items.next().await {
                 sent_again += retries;
                 if l.record {
-                    records.push(record_of(format!("{name}[{i}]"), uri.to_string(), Some(offset(t)), &r, t.elapsed(), retries));
+                    records.push(record_of(format!("{name}[{i}]"), url, Some(offset(t)), &r, t.elapsed(), retries));
                 }
                 match r {
                     Ok(s) => {
@@ -492,7 +471,7 @@ fn failure_response(f: &Failure, call: &str, request_id: &HeaderValue) -> Respon
     match f.kind {
         "timeout" => error_response(ErrorCode::UpstreamTimeout, &format!("call {call:?} did not answer in time"), id),
         "unavailable" => {
-            error_response(ErrorCode::UpstreamUnavailable, &format!("call {call:?}: its upstream has too many requests in flight"), id)
+            error_response(ErrorCode::UpstreamUnavailable, &format!("call {call:?}: {}", f.message), id)
         }
         "bad_request" => error_response(ErrorCode::BadRequest, &format!("call {call:?}: {}", f.message), id),
         _ => error_response(ErrorCode::UpstreamError, &format!("call {call:?} failed"), id),

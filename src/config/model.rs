@@ -242,7 +242,7 @@ pub struct Upstream {
     pub tags: Vec<String>,
     /// The backends of the pool, at least one: `http://host[:port]` or `https://host[:port]`, no path.
     pub targets: Vec<UpstreamTarget>,
-    /// How often a target's DNS name is resolved again (not built yet).
+    /// Resolve each target whose host is a DNS name to every address it has, again on this period (at least 1s) and soon after a connect failure; without it, a name is one target resolved at connect time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolve_every: Option<Dur>,
     /// How a target is picked: round-robin (default; weighted, smooth), least-requests (fewest in flight per weight) or consistent-hash (by hash_on).
@@ -254,7 +254,7 @@ pub struct Upstream {
     /// Longest wait for a connection to a target (default 5s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<Dur>,
-    /// Active and passive health checks (not built yet).
+    /// Active and passive health checks: an unhealthy or ejected target gets no traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<UpstreamHealth>,
     /// Retries of failed idempotent requests on another target, within a budget (default: no retries).

@@ -560,6 +560,9 @@ fn check_upstream_entity(errs: &mut Errors, upstream: &Upstream) {
         }
     }
     check_duration(errs, format!("{base}.resolve_every"), upstream.resolve_every);
+    if upstream.resolve_every.is_some_and(|d| d.0 < std::time::Duration::from_secs(1)) {
+        errs.push(format!("{base}.resolve_every"), "at least 1s: a resolver is not to be asked many times a second");
+    }
     check_duration(errs, format!("{base}.connect_timeout"), upstream.connect_timeout);
     if let Some(hash_on) = &upstream.hash_on {
         if upstream.balance != Some(Balance::ConsistentHash) {
@@ -642,20 +645,6 @@ fn check_upstream_entity(errs: &mut Errors, upstream: &Upstream) {
             (None, Some(_)) => errs.push(format!("{tbase}.client_cert_file"), "client_key_file needs client_cert_file"),
             _ => {}
         }
-    }
-    not_built_yet(errs, &base, upstream);
-}
-
-/// The fields of an upstream the request path does not act on yet. A config
-/// must never ask for something that silently does nothing, so each is
-/// refused at its field until its runtime lands (then its entry goes).
-fn not_built_yet(errs: &mut Errors, base: &str, upstream: &Upstream) {
-    const NOT_YET: &str = "is not built yet in this version";
-    if upstream.health.is_some() {
-        errs.push_always(format!("{base}.health"), "active and passive health checks are not built yet in this version");
-    }
-    if upstream.resolve_every.is_some() {
-        errs.push_always(format!("{base}.resolve_every"), format!("DNS re-resolution {NOT_YET}"));
     }
 }
 

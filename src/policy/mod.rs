@@ -58,6 +58,9 @@ pub struct Services {
     /// argon2 is slow on purpose, and a client sends its password each time.
     verified: moka::sync::Cache<[u8; 32], ()>,
     argon2_permits: tokio::sync::Semaphore,
+    /// Each upstream target's health, across configs, and the active
+    /// checkers.
+    pub health: Arc<crate::upstream::health::Registry>,
 }
 
 impl std::fmt::Debug for Services {
@@ -78,6 +81,7 @@ impl Services {
             metrics: crate::metrics::Metrics::new(metrics),
             verified: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(300)).build(),
             argon2_permits: tokio::sync::Semaphore::new(ARGON2_AT_ONCE),
+            health: Default::default(),
         })
     }
 

@@ -12,7 +12,7 @@ use crate::config::pattern::RewritePart;
 use crate::errors::{ErrorCode, GatewayError};
 use crate::ids::TraceContext;
 use crate::snapshot::ProxyRoute;
-use crate::upstream::{Client, Outbound, PickInput, Picked};
+use crate::upstream::{Client, Labels, Outbound, PickInput, Tries};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -104,25 +104,29 @@ pub async fn forward(
 
     let path_and_query = upstream_path_and_query(route, &fwd, parts.uri.query()).map_err(|e| (e, false))?;
     let plan = &route.upstream;
-    // The circuit breaker (and the retry budget's count of requests): held
-    // until the answer has ended, like least-requests' count. A URL's
-    // upstream counts nothing.
-    let admitted = match plan.admit() {
-        Ok(guard) => guard,
-        Err(crate::upstream::Overloaded) => {
-            if let Some(m) = fwd.metrics {
-                m.upstream_circuit_open(plan.name.as_deref().unwrap_or(""), &route.name, "");
-            }
+    // Retried only when idempotent and the gateway holds the body whole
+    // (none, or read whole by a body transform): a streamed client body
+    // is sent once.
+    let retries = plan.retry.is_some() && crate::upstream::idempotent(&parts.method);
+    let body = match (fwd.body_limit, body) {
+        (_, Body::Stream(inner)) if retries && http_body::Body::is_end_stream(&inner) => Body::Empty,
+        (Some(left), Body::Stream(inner)) => Body::Capped { inner, left },
+        (_, body) => body,
+    };
+    let retryable = retries && matches!(body, Body::Empty | Body::Full(_));
+    let deadline = started + route.timeout;
+    // A consistent-hash pick reads the request as the policies left it.
+    let input = PickInput { headers: &parts.headers, peer: fwd.client_ip, trusted_proxies: fwd.trusted_proxies, path: fwd.path };
+    let labels = Labels { route: &route.name, call: "", metrics: fwd.metrics };
+    // The circuit breaker, the first pick among usable targets, and the
+    // counts held until the answer has ended (least-requests' count too).
+    let mut tries = match Tries::start(plan, plan.key(&input), retryable, deadline, labels) {
+        Ok(t) => t,
+        Err(refused) => {
             let unread = !http_body::Body::is_end_stream(&body);
-            return Err((GatewayError::new(ErrorCode::UpstreamUnavailable, "the upstream has too many requests in flight"), unread));
+            return Err((GatewayError::new(ErrorCode::UpstreamUnavailable, refused.message()), unread));
         }
     };
-    let input = PickInput { headers: &parts.headers, peer: fwd.client_ip, trusted_proxies: fwd.trusted_proxies, path: fwd.path };
-    // least-requests: counted until the answer has ended (the guard goes
-    // into its body) or this future ends another way (an error, a
-    // cancelled request).
-    let Picked { target, index, in_flight } = plan.pick_for(&input);
-    let first = (target, index, in_flight);
     parts.version = Version::HTTP_11;
 
     let h = &mut parts.headers;
@@ -145,38 +149,26 @@ pub async fn forward(
         };
     }
 
-    // Retried only when idempotent and the gateway holds the body whole
-    // (none, or read whole by a body transform): a streamed client body
-    // is sent once.
-    let retry = plan.retry.as_ref().filter(|_| crate::upstream::idempotent(&parts.method));
-    let body = match (fwd.body_limit, body) {
-        (_, Body::Stream(inner)) if retry.is_some() && http_body::Body::is_end_stream(&inner) => Body::Empty,
-        (Some(left), Body::Stream(inner)) => Body::Capped { inner, left },
-        (_, body) => body,
-    };
-    let retry = retry.filter(|_| matches!(body, Body::Empty | Body::Full(_)));
-    let deadline = started + route.timeout;
-    let mut tried: Vec<u32> = Vec::new();
-    let mut retry_guard = None;
-    let (mut target, mut index, mut in_flight) = first;
-    let mut whole = Some((parts, body, path_and_query));
+    let kept = tries.may_retry().then(|| parts.clone());
+    let mut whole = Some((parts, body));
     loop {
-        let (mut parts, body, path_and_query) = match (&retry, &whole) {
+        let (mut parts, body) = match (&kept, &whole) {
             // Kept for the next try.
-            (Some(r), Some((p, b, pq))) if tried.len() < r.max as usize => {
+            (Some(p), Some((_, b))) if tries.may_retry() => {
                 let b = match b {
                     Body::Full(bytes) => Body::Full(bytes.clone()),
                     _ => Body::Empty,
                 };
-                (p.clone(), b, pq.clone())
+                (p.clone(), b)
             }
             _ => whole.take().expect("the request is sent once unless it is kept for a retry"),
         };
+        let target = tries.target();
         parts.uri = Uri::from_parts({
             let mut u = http::uri::Parts::default();
             u.scheme = Some(target.scheme.clone());
             u.authority = Some(target.authority.clone());
-            u.path_and_query = Some(path_and_query);
+            u.path_and_query = Some(path_and_query.clone());
             u
         })
         .map_err(|_| (GatewayError::new(ErrorCode::Internal, "cannot build the upstream URI"), false))?;
@@ -191,7 +183,7 @@ pub async fn forward(
             trace: fwd.trace,
             correlation: None,
             host,
-            connector: plan.connector.as_ref(),
+            connector: target.connector.as_ref().or(plan.connector.as_ref()),
             connect_timeout: plan.connect_timeout,
             http2: plan.http2,
             deadline,
@@ -200,41 +192,14 @@ pub async fn forward(
             metrics: fwd.metrics,
         };
         let result = client.send(out, Request::from_parts(parts, body)).await;
-        // Whether this answer or failure is tried again, and why.
-        let reason = retry.and_then(|r| r.reason(tried.len(), deadline, &result));
-        if let Some(reason) = reason {
-            let upstream = plan.name.as_deref().unwrap_or("");
-            match plan.admit_retry() {
-                Some(guard) => {
-                    if let Some(m) = fwd.metrics {
-                        m.upstream_retried(upstream, &route.name, "", &reason);
-                    }
-                    // A status retried: its answer (and body) is discarded.
-                    drop(result);
-                    tried.push(index);
-                    retry_guard = Some(guard);
-                    let next = plan.pick_retry(&input_of(&whole, &fwd), &tried);
-                    (target, index, in_flight) = (next.target, next.index, next.in_flight);
-                    continue;
-                }
-                None => {
-                    if let Some(m) = fwd.metrics {
-                        m.upstream_retry_refused(upstream, &route.name, "");
-                    }
-                }
-            }
+        if tries.again(&result) {
+            // A status retried: its answer (and body) is discarded.
+            drop(result);
+            continue;
         }
         let resp = result.map_err(|e| (e.gateway_error(), e.closes_client()))?;
         let (mut parts, body) = resp.into_parts();
         remove_hop_by_hop(&mut parts.headers);
-        let guard = crate::upstream::InFlight::join(crate::upstream::InFlight::join(admitted, in_flight), retry_guard);
-        return Ok(Response::from_parts(parts, Body::held(body, guard)));
+        return Ok(Response::from_parts(parts, Body::held(body, tries.finish())));
     }
-}
-
-/// What a retry's pick may read: the kept request's headers.
-fn input_of<'a>(whole: &'a Option<(http::request::Parts, Body, PathAndQuery)>, fwd: &'a Forwarding<'_>) -> PickInput<'a> {
-    static NONE: std::sync::OnceLock<HeaderMap> = std::sync::OnceLock::new();
-    let headers = whole.as_ref().map_or_else(|| NONE.get_or_init(HeaderMap::new), |(p, _, _)| &p.headers);
-    PickInput { headers, peer: fwd.client_ip, trusted_proxies: fwd.trusted_proxies, path: fwd.path }
 }

@@ -96,6 +96,17 @@ impl Shared {
         self.services.metrics.last_reload.set(now);
         self.snapshot.store(Arc::new(snap));
         self.reloads.fetch_add(1, Ordering::Relaxed);
+        self.start_health_checks();
+    }
+
+    /// Starts the active checkers of the running config's targets that
+    /// have none yet (a target kept from the last config keeps its own),
+    /// and the resolvers of its upstreams with `resolve_every`.
+    pub fn start_health_checks(&self) {
+        let snap = self.snapshot.load();
+        for plan in snap.upstreams.values() {
+            self.services.health.start_background(plan);
+        }
     }
 }
 

@@ -22,6 +22,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
+use super::health::{HealthPolicy, TargetState};
 use super::Connector;
 
 /// One target: where it connects and the `Host` it is sent.
@@ -33,6 +34,13 @@ pub struct Target {
     /// preserves the client's.
     pub host: HeaderValue,
     pub weight: u32,
+    /// `scheme://authority`, for logs, metrics and the health report.
+    pub label: Arc<str>,
+    /// Its health and requests in flight, node-wide.
+    pub state: Arc<TargetState>,
+    /// A connector of its own: a resolved address of an https name, whose
+    /// certificate is checked for the name.
+    pub connector: Option<Arc<Connector>>,
 }
 
 /// What a consistent-hash upstream hashes (`hash_on`).
@@ -84,24 +92,66 @@ pub struct PickInput<'a> {
     pub path: &'a str,
 }
 
+/// An upstream's targets at one time, with what the balancers precompute
+/// over them: fixed for the life of a config, or replaced whole when a
+/// DNS name of the upstream resolves to other addresses.
+#[derive(Debug)]
+pub struct TargetSet {
+    pub targets: Box<[Target]>,
+    /// One period of smooth weighted round-robin (nginx's algorithm) as
+    /// target indexes: picking is one relaxed `fetch_add` on the plan's
+    /// counter, shared by the workers, no lock. Also the fallback of
+    /// consistent hashing without a key, and how least-requests breaks ties.
+    order: Box<[u32]>,
+    /// consistent-hash: the ring, sorted by point (empty otherwise).
+    ring: Box<[(u64, u32)]>,
+}
+
+impl TargetSet {
+    pub fn new(targets: Vec<Target>, balancer: &Balancer) -> TargetSet {
+        let weights: Vec<u32> = targets.iter().map(|t| t.weight).collect();
+        let ring = match balancer {
+            Balancer::ConsistentHash(_) if targets.len() > 1 => {
+                let ids: Vec<(String, u32)> = targets.iter().map(|t| (t.label.to_string(), t.weight)).collect();
+                hash_ring(&ids).into()
+            }
+            _ => Box::default(),
+        };
+        TargetSet { order: smooth_wrr(&weights).into(), targets: targets.into(), ring }
+    }
+}
+
+/// Where a plan's targets are: fixed, or swapped by its resolver.
+enum Targets {
+    Fixed(TargetSet),
+    Resolved(arc_swap::ArcSwap<TargetSet>),
+}
+
+/// The targets one request picks among: borrowed from the plan, or the
+/// resolver's set at the time of the pick.
+pub enum SetRef<'a> {
+    Fixed(&'a TargetSet),
+    Resolved(Arc<TargetSet>),
+}
+
+impl std::ops::Deref for SetRef<'_> {
+    type Target = TargetSet;
+    fn deref(&self) -> &TargetSet {
+        match self {
+            SetRef::Fixed(s) => s,
+            SetRef::Resolved(s) => s,
+        }
+    }
+}
+
 /// A compiled upstream: its targets, the balancer that picks them, and how
 /// connections to them are made.
 pub struct UpstreamPlan {
     /// The upstream's name (`None`: a route's or call's URL).
     pub name: Option<Arc<str>>,
-    pub targets: Box<[Target]>,
+    targets: Targets,
     pub balancer: Balancer,
-    /// One period of smooth weighted round-robin (nginx's algorithm) as
-    /// target indexes, computed at compile time: picking is one relaxed
-    /// `fetch_add` shared by the workers, no lock. Also the fallback of
-    /// consistent hashing without a key, and how least-requests breaks ties.
-    order: Box<[u32]>,
     next: AtomicUsize,
-    /// least-requests: the requests in flight per target on this node,
-    /// shared by the workers (empty for the other balancers).
-    in_flight: Box<[AtomicUsize]>,
-    /// consistent-hash: the ring, sorted by point (empty otherwise).
-    ring: Box<[(u64, u32)]>,
     /// Its own TLS settings (a `tls` block); `None`: the node's connector.
     pub connector: Option<Arc<Connector>>,
     /// `connect_timeout`, when set and there is no own connector (which
@@ -111,6 +161,9 @@ pub struct UpstreamPlan {
     pub http2: bool,
     /// `retries`: what is retried and the budget (`None`: no retries).
     pub retry: Option<RetryPolicy>,
+    /// `health`: `None` when the upstream has none, and then picks never
+    /// look at a target's health.
+    pub health: Option<Arc<HealthPolicy>>,
     /// `circuit_breaker.max_in_flight` (`usize::MAX`: none).
     max_in_flight: usize,
     /// Whether requests and retries in flight are counted (a retry policy
@@ -122,6 +175,15 @@ pub struct UpstreamPlan {
     /// Retries in flight on this node, from the retry's admission by the
     /// budget until its answer has ended.
     retries: AtomicUsize,
+    /// Wakes the resolver early (a connect failure to a resolved target).
+    pub(super) resolve_now: Arc<tokio::sync::Notify>,
+    /// `resolve_every`: the targets as written and the period (`None`:
+    /// the targets are fixed).
+    pub resolution: Option<super::dns::Resolution>,
+    /// The upstream's `tls.server_name` is set: resolved addresses keep it.
+    pub own_server_name: bool,
+    /// A resolver task runs for this plan.
+    pub(super) resolving: std::sync::atomic::AtomicBool,
 }
 
 /// An upstream's `retries`, compiled.
@@ -211,7 +273,7 @@ impl std::fmt::Debug for UpstreamPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamPlan")
             .field("name", &self.name)
-            .field("targets", &self.targets)
+            .field("targets", &*self.set())
             .field("balancer", &self.balancer)
             .field("http2", &self.http2)
             .finish()
@@ -219,13 +281,19 @@ impl std::fmt::Debug for UpstreamPlan {
 }
 
 impl Target {
+    /// A target with a state of its own (a URL's, or a test's).
     pub fn new(scheme: Scheme, authority: Authority, weight: u32) -> Target {
+        Target::with_state(scheme, authority, weight, Arc::default())
+    }
+
+    /// A target whose health and in-flight count are `state` (shared with
+    /// earlier configs through the health registry).
+    pub fn with_state(scheme: Scheme, authority: Authority, weight: u32, state: Arc<TargetState>) -> Target {
         let host = HeaderValue::from_str(authority.as_str()).expect("an authority is a valid header value");
-        Target { scheme, authority, host, weight }
+        let label = format!("{scheme}://{authority}").into();
+        Target { scheme, authority, host, weight, label, state, connector: None }
     }
 }
-
-const NO_TARGET: u32 = u32::MAX;
 
 /// What one request holds in flight, released when this is dropped (the
 /// answer ended, failed, or was dropped): a least-requests target's count,
@@ -233,14 +301,14 @@ const NO_TARGET: u32 = u32::MAX;
 /// retry's count. One guard for all three, so an answer body holds one.
 pub struct InFlight {
     plan: Arc<UpstreamPlan>,
-    /// The least-requests target counted, or `NO_TARGET`.
-    target: u32,
+    /// The least-requests target counted.
+    target: Option<Arc<TargetState>>,
     request: bool,
     retry: bool,
 }
 
 impl InFlight {
-    fn new(plan: &Arc<UpstreamPlan>, target: u32, request: bool, retry: bool) -> InFlight {
+    fn new(plan: &Arc<UpstreamPlan>, target: Option<Arc<TargetState>>, request: bool, retry: bool) -> InFlight {
         InFlight { plan: plan.clone(), target, request, retry }
     }
 
@@ -250,11 +318,10 @@ impl InFlight {
         match (a, b) {
             (Some(mut a), Some(mut b)) => {
                 debug_assert!(Arc::ptr_eq(&a.plan, &b.plan));
-                if b.target != NO_TARGET {
-                    if a.target != NO_TARGET {
-                        a.plan.in_flight[a.target as usize].fetch_sub(1, Ordering::Relaxed);
+                if let Some(t) = b.target.take() {
+                    if let Some(old) = a.target.replace(t) {
+                        old.in_flight.fetch_sub(1, Ordering::Relaxed);
                     }
-                    a.target = std::mem::replace(&mut b.target, NO_TARGET);
                 }
                 if b.request {
                     if a.request {
@@ -279,8 +346,8 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.target != NO_TARGET {
-            self.plan.in_flight[self.target as usize].fetch_sub(1, Ordering::Relaxed);
+        if let Some(t) = &self.target {
+            t.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         if self.request {
             self.plan.requests.fetch_sub(1, Ordering::Relaxed);
@@ -293,16 +360,22 @@ impl Drop for InFlight {
 
 impl std::fmt::Debug for InFlight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InFlight").field("target", &self.target).field("request", &self.request).field("retry", &self.retry).finish()
+        f.debug_struct("InFlight").field("target", &self.target.is_some()).field("request", &self.request).field("retry", &self.retry).finish()
     }
 }
 
-/// A picked target, its index, and for least-requests the guard that
-/// counts it.
+/// A picked target, its index in the set, and for least-requests the
+/// guard that counts it.
 pub struct Picked<'a> {
-    pub target: &'a Target,
+    pub set: SetRef<'a>,
     pub index: u32,
     pub in_flight: Option<InFlight>,
+}
+
+impl Picked<'_> {
+    pub fn target(&self) -> &Target {
+        &self.set.targets[self.index as usize]
+    }
 }
 
 /// Ring points per unit of weight: a target of the default weight 100 has
@@ -334,34 +407,24 @@ impl UpstreamPlan {
         connect_timeout: Option<Duration>,
         http2: bool,
     ) -> UpstreamPlan {
-        let weights: Vec<u32> = targets.iter().map(|t| t.weight).collect();
-        let in_flight = match balancer {
-            Balancer::LeastRequests if targets.len() > 1 => targets.iter().map(|_| AtomicUsize::new(0)).collect(),
-            _ => Box::default(),
-        };
-        let ring = match balancer {
-            Balancer::ConsistentHash(_) if targets.len() > 1 => {
-                let ids: Vec<(String, u32)> = targets.iter().map(|t| (format!("{}://{}", t.scheme, t.authority), t.weight)).collect();
-                hash_ring(&ids).into()
-            }
-            _ => Box::default(),
-        };
         UpstreamPlan {
             name,
-            order: smooth_wrr(&weights).into(),
-            targets: targets.into(),
+            targets: Targets::Fixed(TargetSet::new(targets, &balancer)),
             balancer,
             next: AtomicUsize::new(0),
-            in_flight,
-            ring,
             connector,
             connect_timeout,
             http2,
             retry: None,
+            health: None,
             max_in_flight: usize::MAX,
             counted: false,
             requests: AtomicUsize::new(0),
             retries: AtomicUsize::new(0),
+            resolve_now: Arc::default(),
+            resolution: None,
+            own_server_name: false,
+            resolving: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -371,6 +434,42 @@ impl UpstreamPlan {
         self.retry = retry;
         self.max_in_flight = max_in_flight.unwrap_or(usize::MAX);
         self
+    }
+
+    /// The same plan with `health`.
+    pub fn with_health(mut self, health: Option<Arc<HealthPolicy>>) -> UpstreamPlan {
+        self.health = health;
+        self
+    }
+
+    /// The same plan with targets its resolver replaces (`resolve_every`).
+    pub fn resolved(mut self, resolution: super::dns::Resolution) -> UpstreamPlan {
+        if let Targets::Fixed(set) = self.targets {
+            self.targets = Targets::Resolved(arc_swap::ArcSwap::from_pointee(set));
+        }
+        self.own_server_name = self.connector.as_ref().is_some_and(|c| c.has_server_name());
+        self.resolution = Some(resolution);
+        self
+    }
+
+    /// Whether the targets come from a resolver.
+    pub fn is_resolved(&self) -> bool {
+        matches!(self.targets, Targets::Resolved(_))
+    }
+
+    /// Replaces the targets (the resolver found other addresses).
+    pub fn replace_targets(&self, targets: Vec<Target>) {
+        if let Targets::Resolved(cell) = &self.targets {
+            cell.store(Arc::new(TargetSet::new(targets, &self.balancer)));
+        }
+    }
+
+    /// The targets now.
+    pub fn set(&self) -> SetRef<'_> {
+        match &self.targets {
+            Targets::Fixed(set) => SetRef::Fixed(set),
+            Targets::Resolved(cell) => SetRef::Resolved(cell.load_full()),
+        }
     }
 
     /// Admits one request (before its first pick): `Err` when the circuit
@@ -386,7 +485,7 @@ impl UpstreamPlan {
             self.requests.fetch_sub(1, Ordering::Relaxed);
             return Err(Overloaded);
         }
-        Ok(Some(InFlight::new(self, NO_TARGET, true, false)))
+        Ok(Some(InFlight::new(self, None, true, false)))
     }
 
     /// Admits one retry by the budget: retries in flight on this node stay
@@ -398,7 +497,7 @@ impl UpstreamPlan {
             self.retries.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        Some(InFlight::new(self, NO_TARGET, false, true))
+        Some(InFlight::new(self, None, false, true))
     }
 
     /// Requests and retries in flight to this upstream on this node (with
@@ -407,98 +506,200 @@ impl UpstreamPlan {
         (self.requests.load(Ordering::Relaxed), self.retries.load(Ordering::Relaxed))
     }
 
-    /// Picks a target for a retry: the next in round-robin order that was
-    /// not tried yet, when there is one (else the balancer's pick again).
-    pub fn pick_retry<'a>(self: &'a Arc<Self>, input: &PickInput<'_>, tried: &[u32]) -> Picked<'a> {
-        let n = self.targets.len();
+    /// Picks a target for a retry: the next usable one in round-robin
+    /// order that was not tried yet, when there is one (else the
+    /// balancer's pick again). `None`: no target is usable.
+    pub fn pick_retry<'a>(self: &'a Arc<Self>, key: Option<u64>, tried: &[u32]) -> Option<Picked<'a>> {
+        let set = self.set();
+        let n = set.targets.len();
         if n > 1 && tried.len() < n {
-            for _ in 0..self.order.len().max(n) {
-                let index = self.next_index();
-                if !tried.contains(&(index as u32)) {
-                    return self.picked(index);
+            let now = self.health_clock();
+            let fresh = |i: usize| !tried.contains(&(i as u32)) && usable(&set, i, now);
+            for _ in 0..set.order.len().max(n) {
+                let index = self.next_index(&set);
+                if fresh(index) {
+                    return Some(self.picked(set, index));
                 }
             }
-            if let Some(index) = (0..n).find(|i| !tried.contains(&(*i as u32))) {
-                return self.picked(index);
+            if let Some(index) = (0..n).find(|i| fresh(*i)) {
+                return Some(self.picked(set, index));
             }
         }
-        self.pick_for(input)
+        self.pick_in(set, key)
     }
 
-    fn picked(self: &Arc<Self>, index: usize) -> Picked<'_> {
-        let in_flight = (!self.in_flight.is_empty()).then(|| {
-            self.in_flight[index].fetch_add(1, Ordering::Relaxed);
-            InFlight::new(self, index as u32, false, false)
+    fn picked<'a>(self: &'a Arc<Self>, set: SetRef<'a>, index: usize) -> Picked<'a> {
+        let in_flight = (self.balancer == Balancer::LeastRequests && set.targets.len() > 1).then(|| {
+            let state = &set.targets[index].state;
+            state.in_flight.fetch_add(1, Ordering::Relaxed);
+            InFlight::new(self, Some(state.clone()), false, false)
         });
-        Picked { target: &self.targets[index], index: index as u32, in_flight }
+        Picked { set, index: index as u32, in_flight }
     }
 
-    /// The next target in smooth weighted round-robin order.
-    pub fn pick(&self) -> &Target {
-        &self.targets[self.next_index()]
+    /// The index of the next target in smooth weighted round-robin order,
+    /// whatever its health.
+    pub fn pick_index(&self) -> usize {
+        self.next_index(&self.set())
     }
 
-    fn next_index(&self) -> usize {
-        if self.targets.len() == 1 {
+    fn next_index(&self, set: &TargetSet) -> usize {
+        if set.targets.len() == 1 {
             return 0;
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.order[n % self.order.len()] as usize
+        set.order[n % set.order.len()] as usize
     }
 
-    /// Picks a target for one request by the upstream's balancer. With
-    /// least-requests the answer holds an [`InFlight`] guard: keep it until
-    /// the answer has ended.
-    pub fn pick_for<'a>(self: &'a Arc<Self>, input: &PickInput<'_>) -> Picked<'a> {
-        if self.targets.len() == 1 {
-            return Picked { target: &self.targets[0], index: 0, in_flight: None };
+    /// The health clock when the plan has health settings, else 0 (and
+    /// then every target is usable whatever its state).
+    #[inline]
+    fn health_clock(&self) -> u64 {
+        if self.health.is_some() {
+            super::health::now_ms()
+        } else {
+            0
         }
+    }
+
+    /// Picks a target for one request by the upstream's balancer, among
+    /// the usable ones. With least-requests the answer holds an
+    /// [`InFlight`] guard: keep it until the answer has ended. `None`: no
+    /// target is usable (every one unhealthy or ejected).
+    /// `key`: the request's [`UpstreamPlan::key`].
+    #[inline]
+    pub fn pick_for<'a>(self: &'a Arc<Self>, key: Option<u64>) -> Option<Picked<'a>> {
+        let set = self.set();
+        if set.targets.len() == 1 && self.health.is_none() {
+            return Some(Picked { set, index: 0, in_flight: None });
+        }
+        self.pick_in(set, key)
+    }
+
+    /// What a consistent-hash upstream hashes of the request (`None`:
+    /// another balancer, or the request has no such key, and then the
+    /// pick is round-robin). Computed once per request: a retry's pick
+    /// uses the same key.
+    #[inline]
+    pub fn key(&self, input: &PickInput<'_>) -> Option<u64> {
         match &self.balancer {
-            Balancer::RoundRobin => {
-                let index = self.next_index();
-                Picked { target: &self.targets[index], index: index as u32, in_flight: None }
-            }
-            Balancer::LeastRequests => self.picked(self.least_requests()),
-            Balancer::ConsistentHash(on) => {
-                let index = match hash_key(on, input) {
-                    Some(h) => self.ring_lookup(h),
-                    None => self.next_index(),
-                };
-                Picked { target: &self.targets[index], index: index as u32, in_flight: None }
-            }
+            Balancer::ConsistentHash(on) => hash_key(on, input),
+            _ => None,
         }
     }
 
-    /// The target with the fewest requests in flight relative to its
-    /// weight (`in_flight / weight`, compared by cross-multiplying). The
-    /// scan starts at the next round-robin pick and keeps the first of
+    fn pick_in<'a>(self: &'a Arc<Self>, set: SetRef<'a>, key: Option<u64>) -> Option<Picked<'a>> {
+        let now = self.health_clock();
+        let n = set.targets.len();
+        let index = match &self.balancer {
+            Balancer::LeastRequests if n > 1 => return self.least_requests(&set, now).map(|i| self.picked(set, i)),
+            Balancer::ConsistentHash(_) if n > 1 => match key {
+                Some(h) => ring_lookup(&set, h, now)?,
+                None => self.round_robin(&set, now)?,
+            },
+            _ => self.round_robin(&set, now)?,
+        };
+        Some(Picked { set, index: index as u32, in_flight: None })
+    }
+
+    /// The next usable target in round-robin order.
+    fn round_robin(&self, set: &TargetSet, now: u64) -> Option<usize> {
+        let first = self.next_index(set);
+        if usable(set, first, now) {
+            return Some(first);
+        }
+        for _ in 0..set.order.len() {
+            let i = self.next_index(set);
+            if usable(set, i, now) {
+                return Some(i);
+            }
+        }
+        (0..set.targets.len()).find(|i| usable(set, *i, now))
+    }
+
+    /// The usable target with the fewest requests in flight relative to
+    /// its weight (`in_flight / weight`, compared by cross-multiplying).
+    /// The scan starts at the next round-robin pick and keeps the first of
     /// equals, so tied targets share the load by their weights.
-    fn least_requests(&self) -> usize {
-        let n = self.targets.len();
-        let start = self.next_index();
-        let mut best = start;
-        let mut best_load = self.in_flight[start].load(Ordering::Relaxed) as u64;
-        for k in 1..n {
+    fn least_requests(&self, set: &TargetSet, now: u64) -> Option<usize> {
+        let n = set.targets.len();
+        let start = self.next_index(set);
+        let mut best: Option<(usize, u64)> = None;
+        for k in 0..n {
             let i = (start + k) % n;
-            let load = self.in_flight[i].load(Ordering::Relaxed) as u64;
+            if !usable(set, i, now) {
+                continue;
+            }
+            let load = set.targets[i].state.in_flight.load(Ordering::Relaxed) as u64;
             // load / w_i < best_load / w_best
-            if load * u64::from(self.targets[best].weight) < best_load * u64::from(self.targets[i].weight) {
-                best = i;
-                best_load = load;
+            match best {
+                Some((b, best_load)) if load * u64::from(set.targets[b].weight) >= best_load * u64::from(set.targets[i].weight) => {}
+                _ => best = Some((i, load)),
             }
         }
-        best
-    }
-
-    fn ring_lookup(&self, h: u64) -> usize {
-        let at = self.ring.partition_point(|(p, _)| *p < h);
-        self.ring[if at == self.ring.len() { 0 } else { at }].1 as usize
+        best.map(|(i, _)| i)
     }
 
     /// Requests in flight to target `index` on this node (least-requests).
     pub fn in_flight(&self, index: usize) -> usize {
-        self.in_flight.get(index).map_or(0, |c| c.load(Ordering::Relaxed))
+        self.set().targets.get(index).map_or(0, |t| t.state.in_flight.load(Ordering::Relaxed))
     }
+
+    /// Observes the outcome of one request to target `index` of `set`
+    /// (passive health): a failure the target caused counts against it.
+    /// `true` when this ejected the target.
+    pub fn observe<B>(&self, set: &TargetSet, index: u32, outcome: &Result<http::Response<B>, super::UpstreamError>) -> bool {
+        let failed = match outcome {
+            Ok(resp) => resp.status().is_server_error(),
+            Err(e) => e.fault() == super::Fault::Upstream,
+        };
+        if let Err(e) = outcome {
+            if e.cause == super::Cause::Connect && self.is_resolved() {
+                self.resolve_now.notify_one();
+            }
+        }
+        let Some(passive) = self.health.as_ref().and_then(|h| h.passive.as_ref()) else { return false };
+        if !failed {
+            return false;
+        }
+        let Some(target) = set.targets.get(index as usize) else { return false };
+        let upstream = self.name.as_deref().unwrap_or("");
+        super::health::observe(passive, &target.state, &mut set.targets.iter().map(|t| &*t.state), upstream, &target.label)
+    }
+}
+
+/// Whether target `i` may take a request (`now` 0: health not watched).
+#[inline]
+fn usable(set: &TargetSet, i: usize, now: u64) -> bool {
+    now == 0 || set.targets[i].state.usable(now)
+}
+
+/// The usable target owning the first ring point at or after `h`: a key
+/// whose target is out goes to the next target on the ring, as it would
+/// if that target had left the pool.
+fn ring_lookup(set: &TargetSet, h: u64, now: u64) -> Option<usize> {
+    let ring = &set.ring;
+    let at = ring.partition_point(|(p, _)| *p < h);
+    let mut seen = 0u128;
+    let n = set.targets.len();
+    for k in 0..ring.len() {
+        let t = ring[(at + k) % ring.len()].1 as usize;
+        if usable(set, t, now) {
+            return Some(t);
+        }
+        if t < 128 {
+            seen |= 1 << t;
+            if seen.count_ones() as usize >= n {
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// The same hash the ring uses, of a string (checkers spread their start).
+pub fn hash_str(s: &str) -> u64 {
+    hash64(s.as_bytes())
 }
 
 /// The hash of a request's key, or `None` when it has none (no consumer,
@@ -643,7 +844,7 @@ mod tests {
         let plan = UpstreamPlan::new(None, vec![t(1, 1), t(2, 2), t(3, 3)], None, None, false);
         let mut counts = [0; 3];
         for _ in 0..60 {
-            let port = plan.pick().authority.port_u16().unwrap();
+            let port = plan.set().targets[plan.pick_index()].authority.port_u16().unwrap();
             counts[port as usize - 1] += 1;
         }
         assert_eq!(counts, [10, 20, 30]);
@@ -655,12 +856,16 @@ mod tests {
         Arc::new(UpstreamPlan::with_balancer(None, targets, balancer, None, None, false))
     }
 
+    fn pick<'a>(plan: &'a Arc<UpstreamPlan>, input: &PickInput<'_>) -> Picked<'a> {
+        plan.pick_for(plan.key(input)).expect("a usable target")
+    }
+
     fn input<'a>(headers: &'a HeaderMap, path: &'a str) -> PickInput<'a> {
         PickInput { headers, peer: IpAddr::from([127, 0, 0, 1]), trusted_proxies: &[], path }
     }
 
     fn index_of(plan: &UpstreamPlan, t: &Target) -> usize {
-        plan.targets.iter().position(|x| std::ptr::eq(x, t)).unwrap()
+        plan.set().targets.iter().position(|x| x.label == t.label).unwrap()
     }
 
     #[test]
@@ -670,22 +875,22 @@ mod tests {
         // Idle, ties go round-robin by weight: 4 picks released at once.
         let mut counts = [0; 3];
         for _ in 0..40 {
-            let p = plan.pick_for(&input(&h, "/"));
-            counts[index_of(&plan, p.target)] += 1;
+            let p = pick(&plan, &input(&h, "/"));
+            counts[index_of(&plan, p.target())] += 1;
         }
         assert_eq!(counts, [10, 10, 20]);
         assert!((0..3).all(|i| plan.in_flight(i) == 0));
         // Held: the heavy target takes two for each one of the others.
-        let held: Vec<Picked> = (0..40).map(|_| plan.pick_for(&input(&h, "/"))).collect();
-        let on = |i| held.iter().filter(|p| index_of(&plan, p.target) == i).count();
+        let held: Vec<Picked> = (0..40).map(|_| pick(&plan, &input(&h, "/"))).collect();
+        let on = |i| held.iter().filter(|p| index_of(&plan, p.target()) == i).count();
         assert_eq!((on(0), on(1), on(2)), (10, 10, 20));
         assert_eq!((plan.in_flight(0), plan.in_flight(1), plan.in_flight(2)), (10, 10, 20));
         // Releasing target 0's requests sends the next ones there.
-        let (zero, rest): (Vec<Picked>, Vec<Picked>) = held.into_iter().partition(|p| index_of(&plan, p.target) == 0);
+        let (zero, rest): (Vec<Picked>, Vec<Picked>) = held.into_iter().partition(|p| index_of(&plan, p.target()) == 0);
         drop(zero);
         assert_eq!(plan.in_flight(0), 0);
-        let next: Vec<Picked> = (0..10).map(|_| plan.pick_for(&input(&h, "/"))).collect();
-        assert!(next.iter().all(|p| index_of(&plan, p.target) == 0));
+        let next: Vec<Picked> = (0..10).map(|_| pick(&plan, &input(&h, "/"))).collect();
+        assert!(next.iter().all(|p| index_of(&plan, p.target()) == 0));
         drop((next, rest));
         assert!((0..3).all(|i| plan.in_flight(i) == 0));
     }
@@ -757,26 +962,26 @@ mod tests {
         let plan = plan(&[100, 100, 100], Balancer::ConsistentHash(HashOn::Header(HeaderName::from_static("x-user"))));
         let mut h = HeaderMap::new();
         h.insert("x-user", HeaderValue::from_static("alice"));
-        let first = index_of(&plan, plan.pick_for(&input(&h, "/")).target);
+        let first = index_of(&plan, pick(&plan, &input(&h, "/")).target());
         for _ in 0..20 {
-            let p = plan.pick_for(&input(&h, "/"));
+            let p = pick(&plan, &input(&h, "/"));
             assert!(p.in_flight.is_none());
-            assert_eq!(index_of(&plan, p.target), first);
+            assert_eq!(index_of(&plan, p.target()), first);
         }
         // No header: round-robin over all three.
         let none = HeaderMap::new();
         let mut seen = [0; 3];
         for _ in 0..30 {
-            seen[index_of(&plan, plan.pick_for(&input(&none, "/")).target)] += 1;
+            seen[index_of(&plan, pick(&plan, &input(&none, "/")).target())] += 1;
         }
         assert_eq!(seen, [10, 10, 10]);
         // By path.
         let by_path = self::plan(&[100, 100, 100], Balancer::ConsistentHash(HashOn::Path));
         let spread: std::collections::HashSet<usize> =
-            (0..60).map(|i| index_of(&by_path, by_path.pick_for(&input(&none, &format!("/p/{i}"))).target)).collect();
+            (0..60).map(|i| index_of(&by_path, pick(&by_path, &input(&none, &format!("/p/{i}"))).target())).collect();
         assert_eq!(spread.len(), 3);
-        let a = index_of(&by_path, by_path.pick_for(&input(&none, "/p/7")).target);
-        assert_eq!(index_of(&by_path, by_path.pick_for(&input(&h, "/p/7")).target), a);
+        let a = index_of(&by_path, pick(&by_path, &input(&none, "/p/7")).target());
+        assert_eq!(index_of(&by_path, pick(&by_path, &input(&h, "/p/7")).target()), a);
     }
 
     #[test]
@@ -802,8 +1007,8 @@ mod tests {
         drop(retries);
         // A retry goes to the target not tried; joined guards release all.
         let h = HeaderMap::new();
-        let first = plan.pick_for(&input(&h, "/"));
-        let next = plan.pick_retry(&input(&h, "/"), &[first.index]);
+        let first = pick(&plan, &input(&h, "/"));
+        let next = plan.pick_retry(None, &[first.index]).unwrap();
         assert_ne!(next.index, first.index);
         drop(first);
         let guard = InFlight::join(InFlight::join(admitted.pop(), next.in_flight), plan.admit_retry());

@@ -51,6 +51,12 @@ pub struct Connector {
     pub connect_timeout: Duration,
 }
 
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector").field("id", &self.id).field("server_name", &self.server_name).finish_non_exhaustive()
+    }
+}
+
 /// Default wait for a TCP connection and for a TLS handshake.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -156,6 +162,26 @@ impl Connector {
             None => None,
         };
         Ok(Connector { id: next_id(), tls, tls_h2, server_name, connect_timeout })
+    }
+
+    /// The same trust and client certificate, sending and verifying `name`
+    /// (a resolved address of an https target whose name it is); `None`
+    /// when `name` is not one TLS can verify. A connector of its own, so
+    /// its pooled connections are kept apart.
+    pub fn with_server_name(&self, name: &str) -> Option<Connector> {
+        let server_name = ServerName::try_from(name.trim_start_matches('[').trim_end_matches(']').to_string()).ok()?;
+        Some(Connector {
+            id: next_id(),
+            tls: self.tls.clone(),
+            tls_h2: self.tls_h2.clone(),
+            server_name: Some(server_name),
+            connect_timeout: self.connect_timeout,
+        })
+    }
+
+    /// Whether this connector sends a server name of its own (`tls.server_name`).
+    pub fn has_server_name(&self) -> bool {
+        self.server_name.is_some()
     }
 
     /// Unique per connector in the process: what the pool keys on.

@@ -9,6 +9,12 @@
 //!   in-flight guard they share
 //! - `connect.rs`: TCP and TLS connections, the node's and an upstream's
 //!   TLS settings
+//! - `health.rs`: each target's health, kept across configs; the active
+//!   checkers and passive ejection
+//! - `tries.rs`: one request's tries: admission, the pick among usable
+//!   targets, passive health, retries
+//! - `dns.rs`: `resolve_every`: names resolved to every address, off the
+//!   request path, into the targets of a plan
 //! - `pool.rs`: one worker's idle connections, per connector and origin
 //! - `h1.rs`: HTTP/1.1 on the request's own task, framing checks, the
 //!   streamed answer body
@@ -16,10 +22,13 @@
 
 pub mod balance;
 mod connect;
+pub mod dns;
 pub mod error;
 mod h1;
 mod h2;
+pub mod health;
 mod pool;
+pub mod tries;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +37,10 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response};
 use tokio::time::Instant;
 
-pub use balance::{idempotent, Balancer, HashOn, InFlight, Overloaded, PickInput, Picked, RetryPolicy, Target, UpstreamPlan};
+pub use balance::{
+    idempotent, Balancer, HashOn, InFlight, Overloaded, PickInput, Picked, RetryPolicy, Target, TargetSet, UpstreamPlan,
+};
+pub use tries::{Labels, Refused, Tries};
 pub use connect::{Connector, TlsOptions, UpstreamTlsOptions, DEFAULT_CONNECT_TIMEOUT};
 pub use error::{Cause, Fault, UpstreamError};
 pub use h1::ResponseBody;
@@ -160,6 +172,26 @@ impl Client {
                 failures().count(e.cause, &e.detail);
                 Err(e)
             }
+        }
+    }
+
+    /// Sends `req` as it is: no stamped headers, no span, no counts, no
+    /// logs (an active health check, which keeps its own).
+    pub async fn send_plain(
+        &self,
+        req: Request<Body>,
+        connector: Option<&Arc<Connector>>,
+        connect_timeout: Option<Duration>,
+        http2: bool,
+        deadline: Instant,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let connector = connector.unwrap_or(&self.connector);
+        let connect_timeout = connect_timeout.unwrap_or(connector.connect_timeout);
+        if http2 {
+            let to = h2::Target { connector, connect_timeout };
+            h2::send(&self.h2, to, req, deadline, DEFAULT_BODY_TIMEOUT, None).await
+        } else {
+            h1::send(&self.pool, connector, connect_timeout, req, deadline, DEFAULT_BODY_TIMEOUT, false, None).await
         }
     }
 
