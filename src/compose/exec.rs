@@ -470,9 +470,7 @@ fn failure_response(f: &Failure, call: &str, request_id: &HeaderValue) -> Respon
     }
     match f.kind {
         "timeout" => error_response(ErrorCode::UpstreamTimeout, &format!("call {call:?} did not answer in time"), id),
-        "unavailable" => {
-            error_response(ErrorCode::UpstreamUnavailable, &format!("call {call:?}: {}", f.message), id)
-        }
+        "unavailable" => error_response(ErrorCode::UpstreamUnavailable, &format!("call {call:?}: {}", f.message), id),
         "bad_request" => error_response(ErrorCode::BadRequest, &format!("call {call:?}: {}", f.message), id),
         _ => error_response(ErrorCode::UpstreamError, &format!("call {call:?} failed"), id),
     }

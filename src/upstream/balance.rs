@@ -12,6 +12,11 @@
 //! An upstream with `retries` or a `circuit_breaker` also counts its
 //! requests and retries in flight on this node (two more atomics, held by
 //! the same [`InFlight`] guard); a URL's upstream counts nothing.
+//!
+//! An upstream with `health` picks only usable targets (a target's health
+//! is atomics in its [`TargetState`], which the health registry keeps
+//! across configs); one without never looks. An upstream with
+//! `resolve_every` has its [`TargetSet`] replaced whole by its resolver.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -360,7 +365,11 @@ impl Drop for InFlight {
 
 impl std::fmt::Debug for InFlight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InFlight").field("target", &self.target.is_some()).field("request", &self.request).field("retry", &self.retry).finish()
+        f.debug_struct("InFlight")
+            .field("target", &self.target.is_some())
+            .field("request", &self.request)
+            .field("retry", &self.retry)
+            .finish()
     }
 }
 

@@ -91,7 +91,6 @@ pub fn from_hosts(text: &str, host: &str) -> Vec<IpAddr> {
 /// resolved yet, and then the name is one target the system resolves at
 /// connect time). States come from the registry, keyed by name and address,
 /// so an address that stays keeps its health.
-#[allow(clippy::too_many_arguments)]
 pub fn targets(
     upstream: &str,
     sources: &[Source],
@@ -231,7 +230,8 @@ mod tests {
         ];
         let ips = |s: &Source| (s.host == "users.internal").then(|| vec!["10.0.0.1".parse().unwrap(), "::1".parse().unwrap()]);
         let t = targets("u", &sources, &ips, None, None, Some(&connector), false);
-        let shown: Vec<(String, String, u32)> = t.iter().map(|t| (t.authority.to_string(), t.host.to_str().unwrap().to_string(), t.weight)).collect();
+        let shown: Vec<(String, String, u32)> =
+            t.iter().map(|t| (t.authority.to_string(), t.host.to_str().unwrap().to_string(), t.weight)).collect();
         assert_eq!(
             shown,
             [

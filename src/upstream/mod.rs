@@ -37,14 +37,12 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response};
 use tokio::time::Instant;
 
-pub use balance::{
-    idempotent, Balancer, HashOn, InFlight, Overloaded, PickInput, Picked, RetryPolicy, Target, TargetSet, UpstreamPlan,
-};
-pub use tries::{Labels, Refused, Tries};
+pub use balance::{idempotent, Balancer, HashOn, InFlight, Overloaded, PickInput, Picked, RetryPolicy, Target, TargetSet, UpstreamPlan};
 pub use connect::{Connector, TlsOptions, UpstreamTlsOptions, DEFAULT_CONNECT_TIMEOUT};
 pub use error::{Cause, Fault, UpstreamError};
 pub use h1::ResponseBody;
 pub use h2::ResponseBody as H2ResponseBody;
+pub use tries::{Labels, Refused, Tries};
 
 use crate::body::Body;
 use crate::ids::{TraceContext, REQUEST_ID_HEADER, TRACEPARENT};
