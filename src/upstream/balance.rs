@@ -228,10 +228,11 @@ impl RetryPolicy {
     }
 
     /// Whether a failure of this cause is retried (`connect`: no
-    /// connection; `timeout`: no answer head in time).
+    /// connection, or the connection closed before the answer's head, as
+    /// nginx's `error`; `timeout`: no answer head in time).
     pub fn on_cause(&self, cause: super::Cause) -> bool {
         match cause {
-            super::Cause::Connect => self.connect,
+            super::Cause::Connect | super::Cause::Closed => self.connect,
             super::Cause::Timeout => self.timeout,
             _ => false,
         }
