@@ -40,7 +40,8 @@
 # in no slice's counts. The second is checked: the gateway's own count of
 # 5xx answers on the route (its /metrics, read after each variant) is
 # printed beside wrk's non-2xx sum, so an error that fell between slices
-# would show as a difference.
+# would show as a difference. bash reports the backend it killed ("line N:
+# PID Killed  setsid nginx ..."): that line is the kill, not a failure.
 #
 # Needs wrk and nginx (installed when missing), util-linux's setsid (each
 # backend runs in its own process group, so one `kill -KILL -- -PGID` takes

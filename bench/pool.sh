@@ -32,7 +32,7 @@
 # CPU (user+sys of its one process, /proc/PID/stat) per request wrk
 # completed. Ratios: the median of the per-round ratios.
 #
-# Needs wrk and nginx (installed when missing). Loopback ports 18200-18204;
+# Needs wrk and nginx (installed when missing). Loopback ports 18200-18205;
 # everything stops when the script ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
