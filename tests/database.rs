@@ -760,3 +760,85 @@ async fn post_config_with_upstreams_and_export_carries_them() {
     g.shutdown();
     drop_db(&url).await;
 }
+
+/// An upstream written through one node is served by every node within
+/// moments; two nodes put every consistent-hash key on the same target;
+/// and health is each node's own: a target ejected by one node's traffic
+/// is still healthy on the other.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_write_reaches_every_node_and_health_is_per_node() {
+    let (b1, b2, b3) = (backend().run().await, backend().run().await, backend().run().await);
+    let dead = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        format!("http://{addr}")
+    };
+    let url = fresh_db(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(&url, &dir.path().join("a.json")).unwrap();
+    let other = node(&url, &dir.path().join("b.json")).unwrap();
+    let pool = json!({
+        "name": "pool",
+        "targets": [{"url": b1.url()}, {"url": b2.url()}, {"url": b3.url()}, {"url": dead}],
+        "balance": "consistent-hash",
+        "hash_on": "header:x-user",
+        "health": {"passive": {"failures": 1, "window": "1m", "eject_for": "10m", "max_ejected": "50%"}},
+    });
+    let (s, _, body) = send("POST", &format!("http://{}/upstreams", a.admin_addr), Some(pool), &[]).await;
+    assert_eq!(s, 201, "{body}");
+    let route = json!({"name": "h", "path": "/h/{*rest}", "upstream": "pool"});
+    let (s, _, body) = send("POST", &format!("http://{}/routes", a.admin_addr), Some(route), &[]).await;
+    assert_eq!(s, 201, "{body}");
+    // The other node has both writes once it serves a's version (asked
+    // without sending a request through the pool).
+    let (_, _, status) = send("GET", &format!("http://{}/status", a.admin_addr), None, &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, _, theirs) = send("GET", &format!("http://{}/status", other.admin_addr), None, &[]).await;
+        if theirs["config_version"] == status["config_version"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the other node never served the new upstream: {theirs}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Both nodes place every key alike: on a live target (200, its host)
+    // or on the dead one (502) — until node `a` ejects it.
+    let place = |g: std::net::SocketAddr, key: String| async move {
+        let resp = client().get(format!("http://{g}/h/x")).header("x-user", &key).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        (status, body["headers"]["host"][0].as_str().map(str::to_string))
+    };
+    let keys: Vec<String> = (0..40).map(|i| format!("user-{i}")).collect();
+    let mut on_other = Vec::new();
+    for k in &keys {
+        on_other.push(place(other.proxy_addr, k.clone()).await);
+    }
+    let (_, _, report) = send("GET", &format!("http://{}/upstreams/pool/health", other.admin_addr), None, &[]).await;
+    let dead_on_other = report["targets"].as_array().unwrap().iter().find(|t| t["target"] == dead).unwrap().clone();
+    // `other` ejected the dead target at its first failure (failures: 1)
+    // if a key landed there; `a` has sent nothing yet.
+    let (_, _, report_a) = send("GET", &format!("http://{}/upstreams/pool/health", a.admin_addr), None, &[]).await;
+    let dead_on_a = report_a["targets"].as_array().unwrap().iter().find(|t| t["target"] == dead).unwrap().clone();
+    assert_eq!(dead_on_a["state"], "healthy", "{report_a}");
+    assert_eq!(dead_on_a["passive"]["ejections"], 0, "{report_a}");
+    let landed_dead = on_other.iter().filter(|(s, _)| *s == 502).count();
+    assert!(landed_dead >= 1, "no key of 40 on the dead target of 4: {on_other:?}");
+    assert_eq!(dead_on_other["state"], "ejected", "{report}");
+    assert_eq!(dead_on_other["passive"]["ejections"], 1, "{report}");
+    // Once ejected on `other`, its keys go to the next live target there,
+    // and every other key is where `a` puts it (a ejects on its own too).
+    for (k, (status, host)) in keys.iter().zip(&on_other) {
+        let on_a = place(a.proxy_addr, k.clone()).await;
+        if *status == 200 {
+            assert_eq!(&on_a, &(200, host.clone()), "{k}: the nodes disagree");
+        }
+    }
+    let (_, _, report_a) = send("GET", &format!("http://{}/upstreams/pool/health", a.admin_addr), None, &[]).await;
+    let dead_on_a = report_a["targets"].as_array().unwrap().iter().find(|t| t["target"] == dead).unwrap().clone();
+    assert_eq!(dead_on_a["state"], "ejected", "{report_a}");
+    a.shutdown();
+    other.shutdown();
+    drop_db(&url).await;
+}
