@@ -100,6 +100,12 @@ impl BackendBuilder {
 
     pub async fn run(self) -> Backend {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.serve(listener)
+    }
+
+    /// Serves on a listener the test bound (another address than
+    /// 127.0.0.1, a port chosen by the test).
+    pub fn serve(self, listener: tokio::net::TcpListener) -> Backend {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let arrived = Arc::new(Notify::new());
@@ -382,6 +388,11 @@ impl Load {
         Load { stop, ok, failed, tasks }
     }
 
+    /// Requests that succeeded so far.
+    pub fn ok(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+    }
+
     /// Stops the clients; returns (succeeded, failed).
     pub async fn stop(self) -> (usize, usize) {
         self.stop.store(true, Ordering::Relaxed);
@@ -456,6 +467,35 @@ pub async fn metric_until(admin: SocketAddr, name: &str, labels: &[(&str, &str)]
             return v;
         }
         assert!(tokio::time::Instant::now() < deadline, "{what}: {name}{labels:?} is {v} after 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `GET /upstreams/{name}/health` on the admin listener (200 expected).
+pub async fn upstream_health(admin: SocketAddr, name: &str) -> Value {
+    let resp = within(10, "upstream health", client().get(format!("http://{admin}/upstreams/{name}/health")).send()).await.unwrap();
+    assert_eq!(resp.status(), 200, "GET /upstreams/{name}/health");
+    resp.json().await.unwrap()
+}
+
+/// The health report's entry for `target` (its label).
+pub fn target_report<'a>(report: &'a Value, target: &str) -> &'a Value {
+    report["targets"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["target"] == target))
+        .unwrap_or_else(|| panic!("no target {target} in {report}"))
+}
+
+/// Polls the health report of `name` (at most `secs`) until `ok` holds;
+/// returns that report.
+pub async fn health_until(admin: SocketAddr, name: &str, secs: u64, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let report = upstream_health(admin, name).await;
+        if ok(&report) {
+            return report;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not so after {secs} s: {report:#}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
