@@ -251,7 +251,7 @@ pub fn compile_upstreams(config: &Config, errors: &mut Vec<ConfigError>, registr
             Some(res) => {
                 let own_name = connector.as_ref().is_some_and(|c| c.has_server_name());
                 let base = connector.as_ref().or_else(|| registry.and_then(|r| r.node_connector()));
-                let cached = |s: &crate::upstream::dns::Source| registry.and_then(|r| r.cached(&u.name, &s.authority()));
+                let cached = |s: &crate::upstream::dns::Source| registry.and_then(|r| r.cached(&u.name, &s.authority(), &s.host));
                 crate::upstream::dns::targets(&u.name, &res.sources, &cached, registry, health.as_deref(), base, own_name)
             }
             None => targets,

@@ -171,15 +171,11 @@ async fn a_name_without_resolve_every_is_one_target() {
     g.shutdown();
 }
 
-/// FAILS TODAY (reported, not fixed). Right after the gateway starts, a
-/// name of an upstream with `resolve_every` is still one target resolved
-/// by the system at connect time: the hosts file is not read until the
-/// resolver task's first run on the control runtime, so a request that
-/// comes first gets 502 for a name only the hosts file knows. The
-/// compiled plan could resolve (or at least read the hosts file) before
-/// the config is served.
+/// Right after the gateway starts, before its resolver task first ran, a
+/// name of an upstream with `resolve_every` already has the hosts file's
+/// addresses (read when the config compiles): a name only the hosts file
+/// knows is never sent to the system's resolver.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fails today: requests before the first resolution bypass the hosts file"]
 async fn the_first_request_after_start_already_uses_the_hosts_file() {
     let b = backend().run().await;
     let port = b.addr.port();

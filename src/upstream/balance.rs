@@ -525,8 +525,11 @@ impl UpstreamPlan {
         if n > 1 && tried.len() < n {
             let now = self.health_clock();
             let fresh = |i: usize| !tried.contains(&(i as u32)) && usable(&set, i, now);
-            for _ in 0..set.order.len().max(n) {
-                let index = self.next_index(&set);
+            // From where round-robin is now, without moving it: a retry
+            // does not shift the order the first tries of others follow.
+            let at = self.next.load(Ordering::Relaxed);
+            for k in 0..set.order.len() {
+                let index = set.order[(at + k) % set.order.len()] as usize;
                 if fresh(index) {
                     return Some(self.picked(set, index));
                 }

@@ -404,9 +404,16 @@ impl Registry {
         }
     }
 
-    /// The addresses `host:port` of `upstream` resolved to last.
-    pub fn cached(&self, upstream: &str, authority: &str) -> Option<Vec<std::net::IpAddr>> {
-        self.resolved.lock().ok()?.get(&format!("{upstream}/{authority}")).cloned()
+    /// The addresses `host:port` of `upstream` resolved to last; before its
+    /// first resolution, what the hosts file says of `host` (a file read,
+    /// no network), so a name only the hosts file knows is never sent to
+    /// the system's resolver.
+    pub fn cached(&self, upstream: &str, authority: &str, host: &str) -> Option<Vec<std::net::IpAddr>> {
+        if let Some(ips) = self.resolved.lock().ok()?.get(&format!("{upstream}/{authority}")) {
+            return Some(ips.clone());
+        }
+        let text = std::fs::read_to_string(self.hosts_file.get()?).ok()?;
+        Some(super::dns::from_hosts(&text, host)).filter(|ips| !ips.is_empty())
     }
 
     /// Starts what runs for `plan` off the request path: its resolver
