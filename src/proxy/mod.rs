@@ -191,7 +191,9 @@ pub async fn forward(
             keep_headers: true,
             metrics: fwd.metrics,
         };
-        let result = client.send(out, Request::from_parts(parts, body)).await;
+        // Boxed: the send future is most of this one's size, and held
+        // inline it is copied (memcpy) each time the enclosing futures move.
+        let result = Box::pin(client.send(out, Request::from_parts(parts, body))).await;
         if tries.again(&result) {
             // A status retried: its answer (and body) is discarded.
             drop(result);
