@@ -124,11 +124,21 @@ impl<'p> Tries<'p> {
         let Some(reason) = self.retry.and_then(|r| r.reason(self.tried.len(), self.deadline, outcome)) else {
             return false;
         };
-        let Some(guard) = self.plan.admit_retry() else {
-            if let Some(m) = self.labels.metrics {
-                m.upstream_retry_refused(upstream, self.labels.route, self.labels.call);
-            }
-            return false;
+        // A request no target received (no connection was made) cost no
+        // backend anything: sending it elsewhere adds no work to the pool,
+        // so the budget, which caps the extra work retries make, does not
+        // count it.
+        let unreceived = matches!(outcome, Err(e) if e.unsent && e.cause == super::Cause::Connect);
+        let guard = if unreceived {
+            None
+        } else {
+            let Some(guard) = self.plan.admit_retry() else {
+                if let Some(m) = self.labels.metrics {
+                    m.upstream_retry_refused(upstream, self.labels.route, self.labels.call);
+                }
+                return false;
+            };
+            Some(guard)
         };
         self.tried.push(self.picked.index);
         let Some(next) = self.plan.pick_retry(self.key, &self.tried) else {
@@ -139,7 +149,9 @@ impl<'p> Tries<'p> {
         if let Some(m) = self.labels.metrics {
             m.upstream_retried(upstream, self.labels.route, self.labels.call, &reason);
         }
-        self.retry_guard = Some(guard);
+        if guard.is_some() {
+            self.retry_guard = guard;
+        }
         self.picked = next;
         true
     }
