@@ -106,11 +106,6 @@ impl<'p> Tries<'p> {
         self.retry.is_some_and(|r| self.tried.len() < r.max as usize)
     }
 
-    /// Tries sent again so far.
-    pub fn retried(&self) -> u32 {
-        self.tried.len() as u32
-    }
-
     /// Takes in the outcome of the current try (passive health counts it)
     /// and says whether to send the request again: then [`Tries::target`]
     /// is the next target and `outcome` is to be dropped.
