@@ -303,7 +303,8 @@ pub fn observe(
             failures = policy.failures,
             "target failing, but not ejected: {ejected} of {pool} targets are ejected already (max_ejected)"
         );
-        state.window_failures.store(0, Ordering::Relaxed);
+        // The count stays past `failures`: said once per window, and the
+        // target is ejected in a later window if it still fails.
         return false;
     }
     if !state.eject(now, policy.eject_for.as_millis() as u64) {
