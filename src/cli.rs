@@ -383,8 +383,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..GatewayOptions::default()
     };
     let gateway = Gateway::start(opts, config)?;
-    let snap = gateway.shared.snapshot.load_full();
-    let (routes, compositions, version) = (snap.config.routes.len(), snap.config.compositions.len(), snap.version);
+    // Read and let go: a snapshot held here would keep the first config's
+    // plans (and its targets' health checkers) alive after every change.
+    let (routes, compositions, version) = {
+        let snap = gateway.shared.snapshot.load();
+        (snap.config.routes.len(), snap.config.compositions.len(), snap.version)
+    };
     tracing::info!(proxy = %gateway.proxy_addr, admin = %gateway.admin_addr, routes, compositions, version, mode, "manifold is serving");
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("a tokio runtime")?;

@@ -765,3 +765,56 @@ async fn an_unknown_upstreams_health_is_404() {
     assert!(report["targets"][0]["active"].is_null() && report["targets"][0]["passive"].is_null());
     g.shutdown();
 }
+
+// ---------------------------------------------------------------------------
+// checkers stop with their targets, in a `manifold serve` process
+
+/// A `manifold serve` process whose config changes (the active check's
+/// interval, then the upstream gone) sends no more checks on the old
+/// interval: the checkers of targets in no running config stop. (The
+/// process once held its first config for its whole life, so the first
+/// config's checkers ran on beside every later one's.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_serve_process_stops_the_checkers_of_a_config_it_left() {
+    let b = backend().run().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |interval: &str| {
+        format!(
+            "upstreams:\n  - name: pool\n    targets: [{{ url: \"{}\" }}]\n    health: {{ active: {{ path: /health, interval: {interval} }} }}\nroutes:\n  - {{ name: r, path: /r, upstream: pool }}\n",
+            b.url()
+        )
+    };
+    std::fs::write(dir.path().join("gw.yaml"), config("50ms")).unwrap();
+    let gw = common::GatewayProcess::start(dir.path(), &[]);
+    let checks = || b.seen.lock().unwrap().iter().filter(|e| e["path"] == "/health").count();
+    within(15, "the first checks", async {
+        while checks() < 5 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let post = |yaml: String| async move {
+        let resp = client()
+            .post(format!("http://{}/config", gw.admin))
+            .header("content-type", "application/yaml")
+            .body(yaml)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    };
+    // A new interval is a new health block: its checker replaces the old.
+    post(config("1h")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = checks();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The 50 ms checker would have sent about 12 more.
+    assert!(checks() <= before + 1, "{} checks in 600 ms after the interval became 1h", checks() - before);
+    // The upstream gone: no checker at all.
+    post(format!("routes:\n  - {{ name: r, path: /r, upstream: \"{}\" }}\n", b.url())).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = checks();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(checks(), before, "checks went on with no upstream configured");
+    drop(gw);
+}
