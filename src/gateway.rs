@@ -140,6 +140,9 @@ impl Gateway {
 
         let services = crate::policy::Services::with_metrics(opts.redis.clone(), opts.metrics);
         if let Some(path) = &opts.hosts_file {
+            // Read once now so that a wrong path is an error at start, not
+            // names that silently never resolve.
+            std::fs::read_to_string(path).with_context(|| format!("cannot read the hosts file {} (--hosts-file)", path.display()))?;
             services.health.set_hosts_file(path.clone());
         }
         let (store, config, version, instance, reachable) = match &opts.database {

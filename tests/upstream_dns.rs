@@ -193,3 +193,25 @@ async fn the_first_request_after_start_already_uses_the_hosts_file() {
     assert_eq!(status, 200, "the first request: {body} (the pool then: {report})");
     g.shutdown();
 }
+
+/// A hosts file that cannot be read is an error when the node starts,
+/// naming the file: never names that silently do not resolve.
+#[test]
+fn an_unreadable_hosts_file_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-hosts");
+    let config = manifold::config::load::config_from_text(
+        "upstreams:\n  - { name: svc, targets: [{ url: \"http://svc.test:1\" }], resolve_every: 1s }\nroutes:\n  - { name: r, path: /r, upstream: svc }\n",
+        manifold::config::Format::Yaml,
+    )
+    .unwrap();
+    let opts = GatewayOptions { hosts_file: Some(missing.clone()), ..Default::default() };
+    let err = match Gateway::start(opts, config) {
+        Ok(g) => {
+            g.shutdown();
+            panic!("a gateway started with a hosts file that does not exist");
+        }
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("cannot read the hosts file") && err.contains("no-such-hosts"), "{err}");
+}

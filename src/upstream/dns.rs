@@ -63,10 +63,12 @@ pub struct Resolution {
 /// the system resolver's. Sorted, without duplicates.
 pub async fn resolve(hosts_file: Option<&Path>, host: &str, port: u16) -> std::io::Result<Vec<IpAddr>> {
     if let Some(path) = hosts_file {
-        let text = tokio::fs::read_to_string(path).await?;
-        let found = from_hosts(&text, host);
-        if !found.is_empty() {
-            return Ok(found);
+        // Unreadable (being rewritten, removed): the system's resolver.
+        if let Ok(text) = tokio::fs::read_to_string(path).await {
+            let found = from_hosts(&text, host);
+            if !found.is_empty() {
+                return Ok(found);
+            }
         }
     }
     let addrs: BTreeSet<IpAddr> = tokio::net::lookup_host((host, port)).await?.map(|a| a.ip()).collect();
@@ -152,6 +154,9 @@ pub async fn run(plan: Weak<UpstreamPlan>, cx: ResolverContext) {
     // At most one early resolution (after connect failures) per this long.
     const EARLY_AT_MOST_EVERY: Duration = Duration::from_secs(1);
     let mut last: Option<Vec<(String, Vec<IpAddr>)>> = None;
+    // Names whose last resolution failed: said once when it starts failing
+    // and once when it resolves again, not every period.
+    let mut failing: std::collections::HashSet<String> = Default::default();
     let Some(early) = plan.upgrade().map(|p| p.resolve_now.clone()) else { return };
     loop {
         let Some(p) = plan.upgrade() else { return };
@@ -162,13 +167,31 @@ pub async fn run(plan: Weak<UpstreamPlan>, cx: ResolverContext) {
         let mut now: Vec<(String, Vec<IpAddr>)> = Vec::new();
         for s in &names {
             let key = s.authority();
+            let upstream = || plan.upgrade().and_then(|p| p.name.clone()).unwrap_or_else(|| "".into());
             match resolve(cx.hosts_file.as_deref(), &s.host, s.port).await {
-                Ok(ips) if !ips.is_empty() => now.push((key, ips)),
-                Ok(_) | Err(_) => {
+                Ok(ips) if !ips.is_empty() => {
+                    if failing.remove(&key) {
+                        tracing::info!(upstream = %upstream(), host = %s.host, "a target's name resolves again");
+                    }
+                    now.push((key, ips));
+                }
+                outcome => {
                     // Keep the last good addresses of this name.
                     let kept = last.as_ref().and_then(|l| l.iter().find(|(k, _)| *k == key).cloned());
-                    let upstream = plan.upgrade().and_then(|p| p.name.clone());
-                    tracing::warn!(upstream = ?upstream.as_deref(), host = %s.host, kept = kept.as_ref().map_or(0, |k| k.1.len()), "cannot resolve a target's name: keeping the last addresses");
+                    if failing.insert(key.clone()) {
+                        let why = match &outcome {
+                            Ok(_) => "no addresses".to_string(),
+                            Err(e) => e.to_string(),
+                        };
+                        match &kept {
+                            Some(k) => {
+                                tracing::warn!(upstream = %upstream(), host = %s.host, error = %why, "cannot resolve a target's name: keeping its last {} addresses", k.1.len())
+                            }
+                            None => {
+                                tracing::warn!(upstream = %upstream(), host = %s.host, error = %why, "cannot resolve a target's name: it stays one target, resolved when a connection is opened")
+                            }
+                        }
+                    }
                     if let Some(k) = kept {
                         now.push(k);
                     }

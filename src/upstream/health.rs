@@ -299,7 +299,7 @@ pub fn observe(
     if ejected >= allowed {
         tracing::warn!(
             upstream,
-            target,
+            upstream_target = target,
             failures = policy.failures,
             "target failing, but not ejected: {ejected} of {pool} targets are ejected already (max_ejected)"
         );
@@ -312,7 +312,7 @@ pub fn observe(
     }
     tracing::warn!(
         upstream,
-        target,
+        upstream_target = target,
         failures = policy.failures,
         window = ?policy.window,
         eject_for = ?policy.eject_for,
@@ -520,13 +520,13 @@ async fn check_loop(
         match s.checked(&active, outcome, passes) {
             Some(true) => tracing::info!(
                 upstream = %target.upstream,
-                target = %target.label,
+                upstream_target = %target.label,
                 "target healthy again: {} checks passed in a row",
                 active.healthy_after
             ),
             Some(false) => tracing::warn!(
                 upstream = %target.upstream,
-                target = %target.label,
+                upstream_target = %target.label,
                 last = %describe,
                 "target unhealthy: {} checks failed in a row",
                 active.unhealthy_after
