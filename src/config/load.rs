@@ -193,6 +193,32 @@ fn remove_field(value: &mut Value, steps: &[Step]) -> bool {
 }
 
 /// The name in serde's "unknown field `x`, expected ..." or "missing field `x`".
+/// serde's words for what was expected, in the config's: a Rust type's
+/// name (`expected struct UpstreamRetries`, `expected u32`) means nothing
+/// to someone writing YAML.
+fn readable(message: String) -> String {
+    let mut out = message;
+    if let Some(at) = out.find("expected struct ") {
+        let end = out[at + 16..].find(|c: char| !c.is_alphanumeric() && c != '_').map_or(out.len(), |e| at + 16 + e);
+        out.replace_range(at..end, "expected a map of fields");
+    }
+    for (rust, words) in [
+        ("expected u8", "expected a whole number from 0 to 255"),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        ("expected u32", "expected a whole number, 0 or more"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected i64", "expected a whole number"),
+        ("expected f64", "expected a number"),
+    ] {
+        if let Some(rest) = out.strip_suffix(rust).map(str::to_string) {
+            return rest + words;
+        }
+        out = out.replace(&format!("{rust} "), &format!("{words} "));
+    }
+    out
+}
+
 fn quoted_field<'m>(message: &'m str, prefix: &str) -> Option<&'m str> {
     message.strip_prefix(prefix)?.strip_prefix('`')?.split('`').next()
 }
@@ -236,7 +262,7 @@ pub fn parse_entity<T: DeserializeOwned>(label: &str, value: Value, file: &Optio
             Err(e) => e,
         };
         let mut steps = steps_of(e.path());
-        let message = e.into_inner().to_string();
+        let message = readable(e.into_inner().to_string());
         if let Some(field) = quoted_field(&message, "unknown field ") {
             // Structs name the unknown field in the path; an internally
             // tagged enum (a credential) names only the object holding it.
@@ -499,6 +525,23 @@ mod tests {
         let got = errors("consumers:\n  - name: app\n    credentials:\n      - { type: key-auth, key: k, extra: 1 }\n");
         assert_eq!(got.len(), 1, "{got:?}");
         assert!(got[0].starts_with("consumers.app.credentials[0].extra: unknown field `extra`"), "{got:?}");
+    }
+
+    #[test]
+    fn rust_type_names_become_the_configs_words() {
+        assert_eq!(
+            readable("invalid type: integer `2`, expected struct UpstreamRetries".into()),
+            "invalid type: integer `2`, expected a map of fields"
+        );
+        assert_eq!(
+            readable("invalid type: string \"x\", expected u32".into()),
+            "invalid type: string \"x\", expected a whole number, 0 or more"
+        );
+        assert_eq!(
+            readable("invalid value: integer `-1`, expected u32 at line 3".into()),
+            "invalid value: integer `-1`, expected a whole number, 0 or more at line 3"
+        );
+        assert_eq!(readable("unknown field `x`, expected one of `a`, `b`".into()), "unknown field `x`, expected one of `a`, `b`");
     }
 
     #[test]
