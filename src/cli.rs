@@ -47,6 +47,10 @@ pub enum Command {
     Validate {
         /// Files or directories; default: MANIFOLD_CONFIG_DIR or ./compositions
         paths: Vec<PathBuf>,
+        /// A directory to check as `serve --config-dir` reads it (the same
+        /// as giving it as a path)
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
     },
     /// Print the JSON Schema (draft 2020-12) of the config files, for editors
     ///
@@ -232,7 +236,10 @@ pub fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
-        Command::Validate { paths } => return validate(paths),
+        Command::Validate { mut paths, config_dir } => {
+            paths.extend(config_dir);
+            return validate(paths);
+        }
         Command::Schema => schema(),
         Command::Migrate { database_url } => migrate(&database_url),
         Command::Export { admin, admin_token, database_url } => export(admin, admin_token, database_url),

@@ -58,6 +58,10 @@ fn the_cli_prints_every_error_and_exits_1() {
     let out = Command::new(env!("CARGO_BIN_EXE_manifold")).args(["validate", "compositions"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: "));
+    // `--config-dir`, as `serve` spells it, is a path like the others.
+    let out = Command::new(env!("CARGO_BIN_EXE_manifold")).args(["validate", "--config-dir", "fixtures/invalid"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fixtures/invalid/cycle.yaml: compositions.loop.calls"));
 }
 
 #[test]
