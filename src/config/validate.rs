@@ -580,6 +580,9 @@ fn check_upstream_entity(errs: &mut Errors, upstream: &Upstream) {
         errs.push(format!("{base}.hash_on"), "balance: consistent-hash needs hash_on: consumer, ip, header:NAME or path");
     }
     if let Some(health) = &upstream.health {
+        if health.active.is_none() && health.passive.is_none() {
+            errs.push(format!("{base}.health"), "needs active, passive or both");
+        }
         if let Some(active) = &health.active {
             let abase = format!("{base}.health.active");
             if !active.path.starts_with('/')
