@@ -261,6 +261,51 @@ compositions:
     g.shutdown();
 }
 
+/// An optional call's `fallback` is its body when it fails and when it is
+/// skipped; the calls that read it run on it (a skipped call's fallback
+/// feeds its own dependents too), and both stay in `Manifold-Partial`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fallback_is_the_body_of_a_failed_or_skipped_optional_call() {
+    let echo = backend().run().await;
+    let down = backend().status(503).run().await;
+    let g = gateway(&format!(
+        r#"
+compositions:
+  - name: fb
+    path: /fb
+    calls:
+      recs: {{ url: "{d}/recs", required: false, fallback: {{ items: [], source: fallback }} }}
+      detail: {{ url: "{u}/detail?source={{{{recs.body.source}}}}" }}
+      orders: {{ url: "{d}/orders", required: false }}
+      products: {{ url: "{u}/products/{{{{orders.body.first}}}}", required: false, fallback: [] }}
+      review: {{ url: "{u}/review", when: $.products.error }}
+    response:
+      body:
+        recs: $.recs.body
+        recs_error: $.recs.error.kind
+        detail_query: $.detail.body.query
+        products: $.products.body
+        products_error: $.products.error.kind
+        review_error: $.review.error
+"#,
+        u = echo.url(),
+        d = down.url()
+    ));
+    let (status, headers, body) = get(&format!("http://{}/fb", g.proxy_addr)).await;
+    assert_eq!(status, 200, "{body}");
+    // recs failed: its fallback is its body, and `detail` ran on it.
+    assert_eq!(body["recs"], json!({"items": [], "source": "fallback"}), "{body}");
+    assert_eq!(body["recs_error"], "status");
+    assert_eq!(body["detail_query"], "source=fallback");
+    // products was skipped (orders failed, no fallback): its fallback is
+    // its body, and `review`, which reads it, ran.
+    assert_eq!(body["products"], json!([]));
+    assert_eq!(body["products_error"], "skipped");
+    assert_eq!(body["review_error"], Value::Null);
+    assert_eq!(header(&headers, "manifold-partial"), Some("recs, orders, products"));
+    g.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn optional_failures_skip_dependents_and_are_listed() {
     let users = backend().json(json!({"id": 1, "seller_id": 5, "vip": false})).run().await;

@@ -501,9 +501,22 @@ impl Run<'_> {
         }
     }
 
+    /// The body of an optional call that failed or was skipped: its
+    /// `fallback`, else null.
+    fn failed_body(&self, i: usize) -> Value {
+        self.plan.calls[i].fallback.clone().unwrap_or(Value::Null)
+    }
+
+    /// Whether call `d`'s outcome keeps the calls reading it from running:
+    /// it failed or was skipped, and has no fallback to run on.
+    fn blocks(&self, d: usize) -> bool {
+        matches!(self.states[d], State::Failed | State::Skipped) && self.plan.calls[d].fallback.is_none()
+    }
+
     /// A call settled without sending anything (skipped, not run, refused).
     fn settle_unsent(&mut self, i: usize, state: State, failure: Option<Failure>) {
-        self.set(i, call_entry(None, json!({}), Value::Null, failure.as_ref(), Duration::ZERO));
+        let body = if failure.is_some() { self.failed_body(i) } else { Value::Null };
+        self.set(i, call_entry(None, json!({}), body, failure.as_ref(), Duration::ZERO));
         if self.record {
             self.records.push(CallRecord {
                 name: self.plan.calls[i].name.to_string(),
@@ -645,7 +658,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                     continue;
                 }
                 progress = true;
-                if let Some(&d) = call.deps.iter().find(|&&d| matches!(run.states[d], State::Failed | State::Skipped)) {
+                if let Some(&d) = call.deps.iter().find(|&&d| run.blocks(d)) {
                     let f = Failure::new("skipped", format!("skipped because {:?} failed", plan.calls[d].name));
                     run.settle_unsent(i, State::Skipped, Some(f));
                     continue;
@@ -711,7 +724,8 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
             // Dropping `running` on return cancels the calls still in flight.
             Err(f) if plan.calls[i].required => return run.fail(i, f, ex.request_id),
             Err(f) => {
-                run.set(i, call_entry(f.status, json!({}), Value::Null, Some(&f), done.duration));
+                let body = run.failed_body(i);
+                run.set(i, call_entry(f.status, json!({}), body, Some(&f), done.duration));
                 run.failures[i] = Some(f);
                 run.states[i] = State::Failed;
             }

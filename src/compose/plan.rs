@@ -51,6 +51,9 @@ pub struct CallPlan {
     pub max_body: usize,
     pub max_items: usize,
     pub max_concurrency: usize,
+    /// `fallback`: the body of this optional call when it fails or is
+    /// skipped (its dependents then run).
+    pub fallback: Option<serde_json::Value>,
     /// Indexes of the calls this one reads; it starts when they are done.
     pub deps: Vec<usize>,
     /// Whether the answer's headers are read (a template or query, or the
@@ -273,6 +276,7 @@ pub fn compile(comp: &Composition, upstreams: &Upstreams) -> Result<CompositionP
             max_body: call.max_body_bytes.map_or(DEFAULT_MAX_BODY, |b| b.0 as usize),
             max_items: call.max_items.map_or(DEFAULT_MAX_ITEMS, |n| n as usize),
             max_concurrency: call.max_concurrency.map_or(DEFAULT_MAX_CONCURRENCY, |n| n as usize).max(1),
+            fallback: call.fallback.clone().filter(|_| !call.required),
             deps,
             keep_headers: false,
         });

@@ -157,6 +157,9 @@ pub struct Call {
     /// Most items a `for_each` may expand to (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_items: Option<u32>,
+    /// With `required: false`: the body the call has when it fails or is skipped, instead of null (a literal JSON value; strings are text, never queries); the calls that read it run on it, and it is still listed in Manifold-Partial.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Value>,
 }
 
 /// How a composition's answer is built.

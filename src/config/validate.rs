@@ -1118,6 +1118,11 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition, upstream
         if call.max_body_bytes.is_some_and(|b| b.0 == 0) {
             errs.push(format!("{cbase}.max_body_bytes"), "must be more than 0");
         }
+        if call.fallback.is_some() && call.required {
+            // A required call's failure fails the composition: a fallback
+            // would never be used.
+            errs.push(format!("{cbase}.fallback"), "fallback goes with required: false (a required call that fails fails the composition)");
+        }
         if call.for_each.is_none() && (call.max_concurrency.is_some() || call.max_items.is_some()) {
             errs.push(cbase.clone(), "max_concurrency and max_items apply only to a for_each call");
         }
