@@ -351,6 +351,42 @@ compositions:
     g.shutdown();
 }
 
+/// A `for_each` whose values repeat sends each distinct request once; every
+/// item still gets its body, in item order (issue 15's in-request
+/// de-duplication).
+#[tokio::test(flavor = "multi_thread")]
+async fn for_each_sends_a_repeated_value_once() {
+    let orders = backend().json(json!({"ids": ["p1", "p2", "p1", "p3", "p1", "p2"]})).run().await;
+    let catalog = backend()
+        .respond(|req| {
+            let id = req["path"].as_str().unwrap().trim_start_matches("/products/").to_string();
+            (200, json!({"id": id}))
+        })
+        .run()
+        .await;
+    let g = gateway(&format!(
+        r#"
+compositions:
+  - name: dedup
+    path: /dedup
+    calls:
+      orders: {{ url: "{o}/orders" }}
+      products: {{ for_each: $.orders.body.ids, url: "{c}/products/{{{{item}}}}", max_concurrency: 2 }}
+    response:
+      body: {{ ids: "$.products.body[*].id" }}
+"#,
+        o = orders.url(),
+        c = catalog.url()
+    ));
+    let (status, _, body) = get(&format!("http://{}/dedup", g.proxy_addr)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ids"], json!(["p1", "p2", "p1", "p3", "p1", "p2"]));
+    let mut paths: Vec<String> = catalog.seen.lock().unwrap().iter().map(|e| e["path"].as_str().unwrap().to_string()).collect();
+    paths.sort();
+    assert_eq!(paths, ["/products/p1", "/products/p2", "/products/p3"], "each distinct request once");
+    g.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn for_each_runs_one_request_per_item_in_order_and_bounded() {
     let orders = backend().json(json!({"items": [{"product_id": "p3"}, {"product_id": "p1"}, {"product_id": "p2"}]})).run().await;

@@ -411,8 +411,15 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
                 None => Err(Failure::new("upstream", "no request was made")),
             }
         } else {
-            // Items run `concurrency` at a time and settle in item order; the
-            // first failure stops the call and drops the items still running.
+            // Items whose requests are the same (a repeated value) are sent
+            // once: `of[k]` is item k's request among the distinct ones.
+            let (requests, of) = distinct(requests);
+            let mut uses = vec![0usize; requests.len()];
+            for &d in &of {
+                uses[d] += 1;
+            }
+            // Requests run `concurrency` at a time and settle in order; the
+            // first failure stops the call and drops the ones still running.
             // Their bodies together stay within the call's body limit.
             let mut items = futures_util::stream::iter(requests.into_iter().enumerate())
                 .map(|(i, p)| {
@@ -435,7 +442,8 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
                 }
                 match r {
                     Ok(s) => {
-                        total += s.bytes;
+                        // Each item holds its copy: counted once per item.
+                        total += s.bytes * uses[i];
                         if total > l.limits.max_body {
                             failure =
                                 Some(Failure::new("body_too_large", format!("the items' bodies are over {} bytes", l.limits.max_body)));
@@ -451,11 +459,46 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
             }
             match failure {
                 Some(f) => Err(f),
-                None => Ok(Success { status: 200, headers: HeaderMap::new(), body: Value::Array(bodies), bytes: total }),
+                None => {
+                    // Every item gets its request's body, in item order (a
+                    // repeated one a copy).
+                    let mut bodies: Vec<Option<Value>> = bodies.into_iter().map(Some).collect();
+                    let mut left = uses;
+                    let items: Vec<Value> = of
+                        .iter()
+                        .map(|&d| {
+                            left[d] -= 1;
+                            if left[d] == 0 {
+                                bodies[d].take().unwrap_or(Value::Null)
+                            } else {
+                                bodies[d].clone().unwrap_or(Value::Null)
+                            }
+                        })
+                        .collect();
+                    Ok(Success { status: 200, headers: HeaderMap::new(), body: Value::Array(items), bytes: total })
+                }
             }
         };
         Finished { index: l.index, result, duration: l.started.elapsed(), records, retries: sent_again }
     })
+}
+
+/// The distinct requests of a `for_each` call, in first-seen order, and for
+/// each item the index of its request among them: two items whose values
+/// render the same request (path and query, headers, body) share one.
+fn distinct(requests: Vec<Prepared>) -> (Vec<Prepared>, Vec<usize>) {
+    let mut out: Vec<Prepared> = Vec::with_capacity(requests.len());
+    let mut of = Vec::with_capacity(requests.len());
+    for p in requests {
+        match out.iter().position(|q| q.pq == p.pq && q.body == p.body && q.headers == p.headers) {
+            Some(d) => of.push(d),
+            None => {
+                of.push(out.len());
+                out.push(p);
+            }
+        }
+    }
+    (out, of)
 }
 
 fn failure_response(f: &Failure, call: &str, request_id: &HeaderValue) -> Response<Body> {
