@@ -158,9 +158,44 @@ pub struct ProxyServer {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// What a bind that found the address taken says, so the error names the
+/// likely cause instead of `Address in use (os error 98)`.
+pub fn address_in_use(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        std::io::Error::new(e.kind(), "the address is in use by another process (is another gateway running?)")
+    } else {
+        e
+    }
+}
+
+/// Fails with `AddrInUse` when another socket listens on `addr`.
+///
+/// The workers' listeners set `SO_REUSEPORT`, so a second gateway started
+/// on the same port (as the same user) would silently share it, and
+/// requests would alternate between two configs. The probe binds without
+/// `SO_REUSEPORT`, which any listener on the port refuses. It does set
+/// `SO_REUSEADDR`: on Linux that never lets a bind share a live listener,
+/// and without it the TIME_WAIT connections of a gateway just restarted
+/// would refuse the new one. The probe is closed before the workers bind
+/// (its socket would refuse them): a process that takes the port in that
+/// instant is not seen, a race accepted for a start-up check.
+///
+/// Port 0 is not probed: the kernel never picks, for a bind to port 0, a
+/// port that a `SO_REUSEPORT` listener holds, and the first worker's bind
+/// is what picks it.
+fn probe_unused(addr: SocketAddr) -> std::io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())
+}
+
 /// Binds one listener per worker on the same address. Port 0 is resolved by
 /// the first bind, so tests can ask for any free port.
 fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<StdTcpListener>> {
+    probe_unused(addr)?;
     let mut listeners = Vec::with_capacity(count);
     let mut addr = addr;
     for _ in 0..count {
@@ -179,7 +214,7 @@ fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<StdTcpL
 
 impl ProxyServer {
     pub fn start(opts: &ServerOptions, shared: Arc<Shared>) -> std::io::Result<ProxyServer> {
-        let listeners = bind_reuseport(opts.proxy_listen, opts.workers.max(1))?;
+        let listeners = bind_reuseport(opts.proxy_listen, opts.workers.max(1)).map_err(address_in_use)?;
         let addr = listeners[0].local_addr()?;
         let (tx, rx) = watch::channel(false);
         let mut threads = Vec::new();
