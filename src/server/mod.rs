@@ -8,7 +8,7 @@ pub mod handler;
 pub mod hygiene;
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -231,7 +231,9 @@ impl ProxyServer {
         Ok(ProxyServer { addr, shutdown: tx, threads })
     }
 
-    /// Stops accepting; in-flight requests get the drain time to finish.
+    /// Stops accepting and closes connections with no request in flight
+    /// (idle, or part-way through a head); in-flight requests get the
+    /// drain time to finish.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);
     }
@@ -299,6 +301,7 @@ async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptio
     builder.http2().timer(TokioTimer::new()).max_header_list_size(96 << 10);
     let timeouts = ConnTimeouts { header_read: opts.header_read_timeout, idle: opts.idle_timeout };
     let graceful = GracefulShutdown::new();
+    let closing = Arc::new(AtomicBool::new(false));
     loop {
         tokio::select! {
             biased;
@@ -308,7 +311,7 @@ async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptio
                     let _ = stream.set_nodelay(true);
                     let activity = Arc::new(ConnActivity::default());
                     let svc = client.service(peer, activity.clone());
-                    let io = TimedIo::new(stream, activity, timeouts);
+                    let io = TimedIo::new(stream, activity, timeouts, closing.clone());
                     let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
                     let conn = graceful.watch(conn);
                     let open = OpenConnection::new(&shared_metrics);
@@ -328,6 +331,10 @@ async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptio
         }
     }
     drop(listener);
+    // Before hyper's graceful shutdown, which polls every connection once
+    // more: a connection that never got a request reads the flag then and
+    // ends (conn_io.rs); one between requests hyper closes itself.
+    closing.store(true, Ordering::Release);
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(opts.drain_timeout) => {
