@@ -169,7 +169,9 @@ impl Gateway {
             *i = instance;
         }
 
+        // A plain bind (no SO_REUSEPORT): another process listening there refuses it.
         let admin_listener = std::net::TcpListener::bind(opts.admin_listen)
+            .map_err(crate::server::address_in_use)
             .with_context(|| format!("cannot listen on {} for the admin API", opts.admin_listen))?;
         admin_listener.set_nonblocking(true)?;
         let admin_addr = admin_listener.local_addr()?;

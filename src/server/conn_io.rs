@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -88,6 +88,9 @@ pub struct TimedIo<T> {
     inner: T,
     activity: Arc<ConnActivity>,
     timeouts: ConnTimeouts,
+    /// Set by the worker when shutdown starts, before it asks hyper to
+    /// close gracefully (which polls every connection once more).
+    closing: Arc<AtomicBool>,
     last_activity: Instant,
     /// When the first byte of a request head arrived, and how many requests
     /// had been dispatched then (a change means the head was complete).
@@ -99,12 +102,13 @@ pub struct TimedIo<T> {
 }
 
 impl<T> TimedIo<T> {
-    pub fn new(inner: T, activity: Arc<ConnActivity>, timeouts: ConnTimeouts) -> Self {
+    pub fn new(inner: T, activity: Arc<ConnActivity>, timeouts: ConnTimeouts, closing: Arc<AtomicBool>) -> Self {
         let now = Instant::now();
         TimedIo {
             inner,
             activity,
             timeouts,
+            closing,
             last_activity: now,
             head_started: None,
             http2: None,
@@ -140,6 +144,18 @@ impl<T> TimedIo<T> {
             }
         }
         let dispatched = self.activity.dispatched.load(Ordering::Relaxed);
+        if dispatched == 0 && self.http2 != Some(true) && self.closing.load(Ordering::Acquire) {
+            // Shutting down and no request ever reached the service: the
+            // connection is idle or part-way through its first head. hyper's
+            // graceful shutdown closes a keep-alive connection between
+            // requests (a later head part-way included) but waits for a
+            // first request, which may take the whole header timeout.
+            // Only a read that would block gets here, so a head already
+            // received in full is parsed and served first. HTTP/2 is left
+            // to hyper's GOAWAY: frames read in one go may hold a request
+            // the service has not been handed yet.
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the gateway is shutting down")));
+        }
         let head = self.head_started.filter(|(_, d)| *d == dispatched);
         let deadline = match head {
             Some((started, _)) => started + self.timeouts.header_read,

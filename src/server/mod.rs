@@ -8,7 +8,7 @@ pub mod handler;
 pub mod hygiene;
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -158,9 +158,44 @@ pub struct ProxyServer {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// What a bind that found the address taken says, so the error names the
+/// likely cause instead of `Address in use (os error 98)`.
+pub fn address_in_use(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        std::io::Error::new(e.kind(), "the address is in use by another process (is another gateway running?)")
+    } else {
+        e
+    }
+}
+
+/// Fails with `AddrInUse` when another socket listens on `addr`.
+///
+/// The workers' listeners set `SO_REUSEPORT`, so a second gateway started
+/// on the same port (as the same user) would silently share it, and
+/// requests would alternate between two configs. The probe binds without
+/// `SO_REUSEPORT`, which any listener on the port refuses. It does set
+/// `SO_REUSEADDR`: on Linux that never lets a bind share a live listener,
+/// and without it the TIME_WAIT connections of a gateway just restarted
+/// would refuse the new one. The probe is closed before the workers bind
+/// (its socket would refuse them): a process that takes the port in that
+/// instant is not seen, a race accepted for a start-up check.
+///
+/// Port 0 is not probed: the kernel never picks, for a bind to port 0, a
+/// port that a `SO_REUSEPORT` listener holds, and the first worker's bind
+/// is what picks it.
+fn probe_unused(addr: SocketAddr) -> std::io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())
+}
+
 /// Binds one listener per worker on the same address. Port 0 is resolved by
 /// the first bind, so tests can ask for any free port.
 fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<StdTcpListener>> {
+    probe_unused(addr)?;
     let mut listeners = Vec::with_capacity(count);
     let mut addr = addr;
     for _ in 0..count {
@@ -179,7 +214,7 @@ fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<StdTcpL
 
 impl ProxyServer {
     pub fn start(opts: &ServerOptions, shared: Arc<Shared>) -> std::io::Result<ProxyServer> {
-        let listeners = bind_reuseport(opts.proxy_listen, opts.workers.max(1))?;
+        let listeners = bind_reuseport(opts.proxy_listen, opts.workers.max(1)).map_err(address_in_use)?;
         let addr = listeners[0].local_addr()?;
         let (tx, rx) = watch::channel(false);
         let mut threads = Vec::new();
@@ -196,7 +231,9 @@ impl ProxyServer {
         Ok(ProxyServer { addr, shutdown: tx, threads })
     }
 
-    /// Stops accepting; in-flight requests get the drain time to finish.
+    /// Stops accepting and closes connections with no request in flight
+    /// (idle, or part-way through a head); in-flight requests get the
+    /// drain time to finish.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);
     }
@@ -264,6 +301,7 @@ async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptio
     builder.http2().timer(TokioTimer::new()).max_header_list_size(96 << 10);
     let timeouts = ConnTimeouts { header_read: opts.header_read_timeout, idle: opts.idle_timeout };
     let graceful = GracefulShutdown::new();
+    let closing = Arc::new(AtomicBool::new(false));
     loop {
         tokio::select! {
             biased;
@@ -273,7 +311,7 @@ async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptio
                     let _ = stream.set_nodelay(true);
                     let activity = Arc::new(ConnActivity::default());
                     let svc = client.service(peer, activity.clone());
-                    let io = TimedIo::new(stream, activity, timeouts);
+                    let io = TimedIo::new(stream, activity, timeouts, closing.clone());
                     let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
                     let conn = graceful.watch(conn);
                     let open = OpenConnection::new(&shared_metrics);
@@ -293,6 +331,10 @@ async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptio
         }
     }
     drop(listener);
+    // Before hyper's graceful shutdown, which polls every connection once
+    // more: a connection that never got a request reads the flag then and
+    // ends (conn_io.rs); one between requests hyper closes itself.
+    closing.store(true, Ordering::Release);
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(opts.drain_timeout) => {
