@@ -387,6 +387,49 @@ compositions:
     g.shutdown();
 }
 
+/// Two calls whose GET requests are the same are sent once, whether they
+/// start together or one starts after the other answered; every call gets
+/// the answer. A POST is always sent as written.
+#[tokio::test(flavor = "multi_thread")]
+async fn identical_get_calls_are_sent_once() {
+    let echo = backend().run().await;
+    let g = gateway(&format!(
+        r#"
+compositions:
+  - name: same
+    path: /same
+    calls:
+      a: {{ url: "{e}/items/1" }}
+      b: {{ url: "{e}/items/{{{{request.query.id}}}}" }}
+      later: {{ url: "{e}/items/1?x={{{{a.body.query}}}}" }}
+      again: {{ url: "{e}/items/1", when: $.a.body.path }}
+      other: {{ url: "{e}/items/2" }}
+      post_a: {{ method: POST, url: "{e}/events", body: {{ kind: view }} }}
+      post_b: {{ method: POST, url: "{e}/events", body: {{ kind: view }} }}
+    response:
+      body:
+        a: $.a.body.path
+        b: $.b.body.path
+        again: $.again.body.path
+        other: $.other.body.path
+"#,
+        e = echo.url()
+    ));
+    let (status, headers, body) = get(&format!("http://{}/same?id=1", g.proxy_addr)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"a": "/items/1", "b": "/items/1", "again": "/items/1", "other": "/items/2"}));
+    let paths: Vec<String> = echo.seen.lock().unwrap().iter().map(|e| e["path"].as_str().unwrap().to_string()).collect();
+    let count = |p: &str| paths.iter().filter(|x| *x == p).count();
+    // a and b at once, `again` after a answered: one request. `later`
+    // has another query: its own. Both POSTs are sent.
+    assert_eq!((count("/items/1"), count("/items/2"), count("/events")), (2, 1, 2), "{paths:?}");
+    let timing = header(&headers, "server-timing").unwrap();
+    for call in ["a;", "b;", "again;", "later;", "other;"] {
+        assert!(timing.contains(call), "{call} in {timing}");
+    }
+    g.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn for_each_runs_one_request_per_item_in_order_and_bounded() {
     let orders = backend().json(json!({"items": [{"product_id": "p3"}, {"product_id": "p1"}, {"product_id": "p2"}]})).run().await;

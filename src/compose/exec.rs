@@ -78,6 +78,7 @@ impl Failure {
     }
 }
 
+#[derive(Clone)]
 struct Success {
     status: u16,
     headers: HeaderMap,
@@ -106,6 +107,7 @@ enum State {
     NotRun,
 }
 
+#[derive(Clone)]
 struct Prepared {
     /// The rendered path and query; the target is picked per try.
     pq: PathAndQuery,
@@ -535,12 +537,82 @@ struct Run<'p> {
     record: bool,
     doc: Value,
     metrics: Option<&'p std::sync::Arc<Metrics>>,
+    /// GET and HEAD calls of one request sent so far, with their request:
+    /// a later call whose request is the same is not sent again
+    /// (in-request de-duplication).
+    sent: Vec<(usize, Prepared)>,
+    /// Calls waiting on another call's identical request: (that call, the
+    /// waiting one).
+    followers: Vec<(usize, usize)>,
 }
 
 impl Run<'_> {
+    /// The call already sending (or that sent) the same request as call
+    /// `i` would: same upstream, method, path and query, headers and body.
+    fn same_as(&self, i: usize, p: &Prepared) -> Option<usize> {
+        let call = &self.plan.calls[i];
+        self.sent
+            .iter()
+            .find(|(j, q)| {
+                let other = &self.plan.calls[*j];
+                other.origin == call.origin && other.method == call.method && q.pq == p.pq && q.body == p.body && q.headers == p.headers
+            })
+            .map(|(j, _)| *j)
+    }
+
     fn set(&mut self, i: usize, entry: Value) {
         if let Value::Object(m) = &mut self.doc {
             m.insert(self.plan.calls[i].name.to_string(), entry);
+        }
+    }
+
+    /// Settles call `i` with the answer to its request (`from`: the call
+    /// whose identical request it was). `Err`: a required call failed, and
+    /// the composition fails with it.
+    fn settle_sent(&mut self, i: usize, result: Result<Success, Failure>, duration: Duration, from: Option<usize>) -> Result<(), Failure> {
+        if let Some(j) = from {
+            self.durations[i] = duration;
+            if self.record {
+                let url = format!("the request of {:?}", &*self.plan.calls[j].name);
+                let at = self.started[i].map(|t| ms(t - self.start));
+                self.records.push(record_of(self.plan.calls[i].name.to_string(), url, at, &result, duration, 0));
+            }
+        }
+        match result {
+            Ok(s) => {
+                // Backend headers go into the document only when something reads them.
+                let headers = if self.plan.reads_headers { headers_json(&s.headers) } else { Value::Object(Map::new()) };
+                let entry = call_entry(Some(s.status), headers, s.body, None, duration);
+                self.set(i, entry);
+                self.call_headers[i] = Some(s.headers);
+                self.states[i] = State::Done;
+                Ok(())
+            }
+            Err(f) if self.plan.calls[i].required => Err(f),
+            Err(f) => {
+                let body = self.failed_body(i);
+                self.set(i, call_entry(f.status, json!({}), body, Some(&f), duration));
+                self.failures[i] = Some(f);
+                self.states[i] = State::Failed;
+                Ok(())
+            }
+        }
+    }
+
+    /// The answer call `j` (settled) had, for a call whose request was the
+    /// same.
+    fn result_of(&self, j: usize) -> Result<Success, Failure> {
+        match (&self.failures[j], self.states[j]) {
+            (Some(f), State::Failed) => Err(f.clone()),
+            _ => {
+                let entry = self.doc.get(&*self.plan.calls[j].name);
+                Ok(Success {
+                    status: entry.and_then(|e| e["status"].as_u64()).unwrap_or(200) as u16,
+                    headers: self.call_headers[j].clone().unwrap_or_default(),
+                    body: entry.map_or(Value::Null, |e| e["body"].clone()),
+                    bytes: 0,
+                })
+            }
         }
     }
 
@@ -684,6 +756,8 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         record: ex.record,
         doc: Value::Object(doc),
         metrics: ex.metrics,
+        sent: Vec::new(),
+        followers: Vec::new(),
     };
     let mut running: FuturesUnordered<CallFuture> = FuturesUnordered::new();
 
@@ -713,6 +787,26 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                 }
                 match run.prepare_all(i, &ex) {
                     Ok(requests) => {
+                        // A GET or HEAD the same as one sent before is not
+                        // sent again: this call takes that one's answer.
+                        if call.may_share {
+                            if let Some(j) = requests.first().and_then(|p| run.same_as(i, p)) {
+                                run.started[i] = Some(Instant::now());
+                                if run.states[j] == State::Running {
+                                    run.followers.push((j, i));
+                                    run.states[i] = State::Running;
+                                } else {
+                                    let result = run.result_of(j);
+                                    if let Err(f) = run.settle_sent(i, result, Duration::ZERO, Some(j)) {
+                                        return run.fail(i, f, ex.request_id);
+                                    }
+                                }
+                                continue;
+                            }
+                            if let Some(p) = requests.first() {
+                                run.sent.push((i, p.clone()));
+                            }
+                        }
                         let now = Instant::now();
                         let end = call.timeout.map_or(run.deadline, |t| (now + t).min(run.deadline));
                         let limits = CallLimits {
@@ -755,22 +849,19 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         run.durations[i] = done.duration;
         run.retries[i] = done.retries;
         run.records.extend(done.records);
-        match done.result {
-            Ok(s) => {
-                // Backend headers go into the document only when something reads them.
-                let headers = if plan.reads_headers { headers_json(&s.headers) } else { Value::Object(Map::new()) };
-                let entry = call_entry(Some(s.status), headers, s.body, None, done.duration);
-                run.set(i, entry);
-                run.call_headers[i] = Some(s.headers);
-                run.states[i] = State::Done;
-            }
-            // Dropping `running` on return cancels the calls still in flight.
-            Err(f) if plan.calls[i].required => return run.fail(i, f, ex.request_id),
-            Err(f) => {
-                let body = run.failed_body(i);
-                run.set(i, call_entry(f.status, json!({}), body, Some(&f), done.duration));
-                run.failures[i] = Some(f);
-                run.states[i] = State::Failed;
+        let followers: Vec<usize> = run.followers.iter().filter(|(l, _)| *l == i).map(|(_, f)| *f).collect();
+        let shared = (!followers.is_empty()).then(|| done.result.clone());
+        // Dropping `running` on return cancels the calls still in flight.
+        if let Err(f) = run.settle_sent(i, done.result, done.duration, None) {
+            return run.fail(i, f, ex.request_id);
+        }
+        // The calls that wait on this one's request get its answer.
+        if let Some(result) = shared {
+            for j in followers {
+                let d = run.started[j].map_or(Duration::ZERO, |t| t.elapsed());
+                if let Err(f) = run.settle_sent(j, result.clone(), d, Some(i)) {
+                    return run.fail(j, f, ex.request_id);
+                }
             }
         }
     }

@@ -54,6 +54,10 @@ pub struct CallPlan {
     /// `fallback`: the body of this optional call when it fails or is
     /// skipped (its dependents then run).
     pub fallback: Option<serde_json::Value>,
+    /// A GET or HEAD of one request, and another such call of the
+    /// composition goes to the same origin: their requests are compared
+    /// per request, and one the same as another's is not sent twice.
+    pub may_share: bool,
     /// Indexes of the calls this one reads; it starts when they are done.
     pub deps: Vec<usize>,
     /// Whether the answer's headers are read (a template or query, or the
@@ -277,6 +281,7 @@ pub fn compile(comp: &Composition, upstreams: &Upstreams) -> Result<CompositionP
             max_items: call.max_items.map_or(DEFAULT_MAX_ITEMS, |n| n as usize),
             max_concurrency: call.max_concurrency.map_or(DEFAULT_MAX_CONCURRENCY, |n| n as usize).max(1),
             fallback: call.fallback.clone().filter(|_| !call.required),
+            may_share: false,
             deps,
             keep_headers: false,
         });
@@ -331,6 +336,18 @@ pub fn compile(comp: &Composition, upstreams: &Upstreams) -> Result<CompositionP
     let reads_headers = reads_headers(comp);
     for call in &mut calls {
         call.keep_headers = reads_headers || spec.forward_headers.contains_key(&*call.name);
+    }
+    let single_safe = |c: &CallPlan| c.for_each.is_none() && matches!(c.method, Method::GET | Method::HEAD);
+    let shared: Vec<bool> = calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            single_safe(c)
+                && calls.iter().enumerate().any(|(j, o)| j != i && single_safe(o) && o.origin == c.origin && o.method == c.method)
+        })
+        .collect();
+    for (call, s) in calls.iter_mut().zip(shared) {
+        call.may_share = s;
     }
     Ok(CompositionPlan {
         reads_headers,
