@@ -354,3 +354,57 @@ async fn h2c_prior_knowledge_is_proxied() {
     assert_eq!(body["headers"]["x-forwarded-host"][0], g.proxy_addr.to_string());
     g.shutdown();
 }
+
+/// Request targets that are not a path (RFC 9112 §3.2): an absolute-form
+/// target is routed and forwarded by its own authority whatever `Host`
+/// says; `CONNECT` is refused (405, the connection closed); `OPTIONS *` is
+/// answered by the gateway; `*` with another method and user info in a
+/// target are 400. Every refusal is SPEC §4 JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn request_targets_other_than_a_path() {
+    let (a, b) = (backend().run().await, backend().run().await);
+    let g = gateway(&format!(
+        "routes:\n  - {{ name: a, hosts: [a.test], path: \"/{{*rest}}\", upstream: \"{}\" }}\n  - {{ name: b, hosts: [b.test], path: \"/{{*rest}}\", upstream: \"{}\" }}\n",
+        a.url(),
+        b.url()
+    ));
+    let addr = g.proxy_addr;
+    let body = |answer: &str| -> Value { serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or("")).unwrap_or(Value::Null) };
+
+    // Absolute form: b.test's route, and b.test as the forwarded host.
+    let answer =
+        tokio::task::spawn_blocking(move || raw(addr, b"GET http://b.test/x?q=1 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"))
+            .await
+            .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = body(&answer);
+    assert_eq!(seen["path"], "/x", "{seen}");
+    assert_eq!(seen["headers"]["x-forwarded-host"][0], "b.test", "{seen}");
+    assert_eq!((a.hits.load(std::sync::atomic::Ordering::SeqCst), b.hits.load(std::sync::atomic::Ordering::SeqCst)), (0, 1));
+
+    let answer = tokio::task::spawn_blocking(move || raw(addr, b"CONNECT b.test:443 HTTP/1.1\r\nHost: b.test:443\r\n\r\n")).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+    assert_eq!(body(&answer)["error"]["code"], "method_not_allowed", "{answer}");
+
+    let answer =
+        tokio::task::spawn_blocking(move || raw(addr, b"OPTIONS * HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("allow: get, head, post, put, patch, delete, options"), "{answer}");
+
+    for (what, request) in [
+        ("GET *", &b"GET * HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"[..]),
+        ("user info", &b"GET http://u:p@b.test/x HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n"[..]),
+    ] {
+        let answer = tokio::task::spawn_blocking(move || raw(addr, request)).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
+        assert_eq!(body(&answer)["error"]["code"], "bad_request", "{what}: {answer}");
+        assert!(body(&answer)["error"]["request_id"].is_string(), "{what}: {answer}");
+    }
+    assert_eq!(
+        a.hits.load(std::sync::atomic::Ordering::SeqCst) + b.hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "nothing else reached a backend"
+    );
+    g.shutdown();
+}

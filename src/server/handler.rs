@@ -161,6 +161,36 @@ async fn route_and_run(
 ) -> Result<Response<Body>, (GatewayError, bool)> {
     let shared = &worker.shared;
     check_head(&req, &shared.limits).map_err(|e| (e, true))?;
+    let mut req = req;
+    // Request targets other than a path (RFC 9112 §3.2).
+    if req.method() == Method::CONNECT {
+        // A tunnel request: the client may send tunnel bytes next, so the
+        // connection closes after the answer.
+        let e = GatewayError::new(ErrorCode::MethodNotAllowed, "CONNECT is not supported: this is a reverse proxy, not a forward proxy");
+        return Err((e, true));
+    }
+    if req.uri().path() == "*" && req.uri().authority().is_none() {
+        if req.method() != Method::OPTIONS {
+            return Err((GatewayError::new(ErrorCode::BadRequest, "the request target * is only for OPTIONS"), false));
+        }
+        // OPTIONS * asks what the server supports, not any resource.
+        let mut resp = Response::new(Body::Empty);
+        resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
+        return Ok(resp);
+    }
+    // An absolute-form target (`GET http://host/path`) names its own host:
+    // it is the one routed and forwarded, whatever Host says (RFC 9112
+    // §3.2.2: the Host header is then ignored). HTTP/2's :authority is
+    // the URI's authority too, and takes precedence over Host likewise.
+    if let Some(authority) = req.uri().authority().map(|a| a.as_str().to_string()) {
+        if authority.contains('@') {
+            // RFC 9110 §4.2.4: user info in an http(s) target is an error.
+            return Err((GatewayError::new(ErrorCode::BadRequest, "the request target must not hold user information"), false));
+        }
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
     // A Uri clone shares its bytes, so the normalized path borrows for free.
     let uri = req.uri().clone();
     let path = normalize_path(uri.path()).map_err(|e| (e, false))?;
