@@ -75,20 +75,8 @@ chmod -R a+rX "$work"
 # static JSON on every path. Sets backend_pgid (= the master's pid).
 start_backend() {
   local name=$1 port=$2
-  cat > "$work/$name.conf" <<CONF
-worker_processes 1;
-pid $work/$name.pid;
-error_log $work/logs/$name-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$port reuseport; location / { root $work/www; default_type application/json; try_files /user.json =404; } }
-}
-CONF
-  setsid nginx -p "$work" -c "$work/$name.conf" -g 'daemon off;' &
-  backend_pgid=$!
-  pids+=("$backend_pgid")
+  start_nginx "$name" "server { listen 127.0.0.1:$port reuseport; location / { root $work/www; default_type application/json; try_files /user.json =404; } }" 1 setsid
+  backend_pgid=$nginx_pid
 }
 
 # kill_backend PGID: SIGKILL to the backend's whole process group (master and

@@ -56,9 +56,11 @@ base_bin() {
   [[ -x "$MANIFOLD_BASE_BIN" ]] || { echo "MANIFOLD_BASE_BIN=$MANIFOLD_BASE_BIN is not an executable file"; exit 1; }
 }
 
-# start_nginx NAME CONF_BODY: runs nginx in the foreground with that http{} body.
+# start_nginx NAME CONF_BODY [WORKERS [LAUNCHER]]: runs nginx in the
+# foreground with that http{} body; LAUNCHER (e.g. setsid: its own process
+# group, so one kill takes master and workers) runs it.
 start_nginx() {
-  local name=$1 body=$2 workers=${3:-1}
+  local name=$1 body=$2 workers=${3:-1} launcher=${4:-}
   cat > "$work/$name.conf" <<CONF
 worker_processes $workers;
 pid $work/$name.pid;
@@ -70,7 +72,7 @@ http {
   $body
 }
 CONF
-  nginx -p "$work" -c "$work/$name.conf" -g 'daemon off;' &
+  $launcher nginx -p "$work" -c "$work/$name.conf" -g 'daemon off;' &
   nginx_pid=$!
   pids+=("$nginx_pid")
 }
