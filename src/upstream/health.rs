@@ -456,10 +456,14 @@ pub fn report(plan: &super::UpstreamPlan) -> Value {
         .targets
         .iter()
         .map(|t| {
-            let mut v = t.state.report(now, policy);
-            v["target"] = json!(t.label.as_ref());
-            v["weight"] = json!(t.weight);
-            v
+            // The target first, as a reader looks for it.
+            let mut v = serde_json::Map::new();
+            v.insert("target".into(), json!(t.label.as_ref()));
+            v.insert("weight".into(), json!(t.weight));
+            if let Value::Object(rest) = t.state.report(now, policy) {
+                v.extend(rest);
+            }
+            Value::Object(v)
         })
         .collect();
     let usable = set.targets.iter().filter(|t| policy.is_none() || t.state.usable(now)).count();
