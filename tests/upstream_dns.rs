@@ -13,18 +13,12 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{backend, client, gateway, gateway_with, health_until, upstream_health, within, Backend};
+use common::{backend, gateway, gateway_with, health_until, upstream_health, Backend};
 use manifold::gateway::{Gateway, GatewayOptions};
 use serde_json::{json, Value};
 
 async fn get(g: &Gateway, path: &str) -> (u16, Value) {
-    let fut = async {
-        let resp = client().get(format!("http://{}{path}", g.proxy_addr)).send().await.unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-    };
-    within(15, path, fut).await
+    common::proxy_get(g, path, &[]).await
 }
 
 /// Two listeners on the same port, at 127.0.0.2 and 127.0.0.3.

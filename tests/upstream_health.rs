@@ -29,19 +29,7 @@ const UNAVAILABLE: &str = "manifold_upstream_unavailable_total";
 const FAILURES: &str = "manifold_upstream_failures_total";
 const RETRIES: &str = "manifold_upstream_retries_total";
 
-async fn get(g: &Gateway, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
-    let fut = async {
-        let mut req = client().get(format!("http://{}{path}", g.proxy_addr));
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-    };
-    within(15, path, fut).await
-}
+use common::proxy_get as get;
 
 /// Requests a backend saw whose path starts with `prefix` (its health
 /// checks apart).

@@ -21,13 +21,7 @@ use serde_json::{json, Value};
 use tls::{ca, leaf, self_signed, tls_backend};
 
 async fn get(g: &Gateway, path: &str) -> (u16, Value) {
-    let fut = async {
-        let resp = client().get(format!("http://{}{path}", g.proxy_addr)).send().await.unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-    };
-    tokio::time::timeout(Duration::from_secs(15), fut).await.unwrap_or_else(|_| panic!("{path}: no answer within 15 s"))
+    common::proxy_get(g, path, &[]).await
 }
 
 /// Writes `text` as `name` in `dir` and gives its path as YAML text.
@@ -401,16 +395,7 @@ fn host_of(body: &Value) -> String {
     body["headers"]["host"][0].as_str().unwrap_or_else(|| panic!("no host in {body}")).to_string()
 }
 
-async fn get_with(g: &Gateway, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
-    let mut req = client().get(format!("http://{}{path}", g.proxy_addr));
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = tokio::time::timeout(Duration::from_secs(15), req.send()).await.expect("an answer").unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
+use common::proxy_get as get_with;
 
 fn hashed_config(targets: &[&common::Backend]) -> String {
     let list = targets.iter().map(|b| format!("{{ url: \"{}\" }}", b.url())).collect::<Vec<_>>().join(", ");

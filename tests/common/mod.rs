@@ -429,6 +429,22 @@ pub async fn send(
     (status, headers, body)
 }
 
+/// A GET through `g`'s proxy with extra headers, answered within 15 s:
+/// the status and the body as JSON (else as a JSON string).
+pub async fn proxy_get(g: &Gateway, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+    let fut = async {
+        let mut req = client().get(format!("http://{}{path}", g.proxy_addr));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    };
+    within(15, path, fut).await
+}
+
 /// Fails with `what` instead of hanging when `fut` takes longer than `secs`.
 pub async fn within<T>(secs: u64, what: &str, fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(secs), fut).await.unwrap_or_else(|_| panic!("{what}: no answer within {secs} s"))
