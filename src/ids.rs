@@ -14,6 +14,14 @@ fn push_hex(out: &mut String, bytes: &[u8]) {
     }
 }
 
+/// `bytes` as lower-case hex into `out` (twice their length).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[(b >> 4) as usize];
+        pair[1] = HEX[(b & 15) as usize];
+    }
+}
+
 /// A random (version 4) UUID in its usual text form.
 pub fn new_uuid() -> String {
     let mut b = fastrand::u128(..).to_be_bytes();
@@ -107,14 +115,15 @@ impl TraceContext {
     /// A `traceparent` naming `span_id` as the parent: a backend call's own
     /// span, when traces are exported.
     pub fn traceparent(&self, span_id: u64) -> HeaderValue {
-        let mut s = String::with_capacity(55);
-        s.push_str("00-");
-        push_hex(&mut s, &self.trace_id.to_be_bytes());
-        s.push('-');
-        push_hex(&mut s, &span_id.to_be_bytes());
-        s.push('-');
-        push_hex(&mut s, &[self.flags]);
-        HeaderValue::from_str(&s).expect("hex is a valid header value")
+        // Written into one fixed buffer: every backend request carries one.
+        let mut out = [0u8; 55];
+        out[..3].copy_from_slice(b"00-");
+        hex_into(&mut out[3..35], &self.trace_id.to_be_bytes());
+        out[35] = b'-';
+        hex_into(&mut out[36..52], &span_id.to_be_bytes());
+        out[52] = b'-';
+        hex_into(&mut out[53..55], &[self.flags]);
+        HeaderValue::from_bytes(&out).expect("hex is a valid header value")
     }
 
     /// The flags as a byte.

@@ -18,29 +18,115 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// Which hop-by-hop headers a message holds, found in one pass over its
+/// names (bits of [`hop_by_hop_kind`]).
+fn hop_by_hop_present(headers: &HeaderMap) -> u8 {
+    headers.keys().fold(0, |found, name| found | hop_by_hop_kind(name))
+}
+
+const HOP_CONNECTION: u8 = 1;
+const HOP_FIXED: u8 = 2;
+const HOP_PROXY: u8 = 4;
+
+fn hop_by_hop_kind(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        HOP_CONNECTION
+    } else if name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name.as_str() == "keep-alive"
+    {
+        HOP_FIXED
+    } else if name.as_str().starts_with("proxy-") {
+        HOP_PROXY
+    } else {
+        0
+    }
+}
+
 /// Removes hop-by-hop headers: every header `Connection` names first, then
 /// the fixed list and every `Proxy-*` header. Runs before the gateway adds
 /// its own headers, so a client cannot make it drop them (`Connection:
 /// X-Forwarded-For`).
+///
+/// One pass over the names first: most requests hold none of them, and
+/// most answers only `Connection: keep-alive`, so the common case removes
+/// what is there instead of looking up every name of the list.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Parsed as bytes: a value that is not visible ASCII still names headers.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    let present = hop_by_hop_present(headers);
+    if present == 0 {
+        return;
     }
-    for name in [header::CONNECTION, header::TE, header::TRAILER, header::TRANSFER_ENCODING, header::UPGRADE] {
-        headers.remove(name);
+    if present & HOP_CONNECTION != 0 {
+        // Parsed as bytes: a value that is not visible ASCII still names
+        // headers. `keep-alive` is removed below anyway.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|name| !name.eq_ignore_ascii_case(b"keep-alive"))
+            .filter_map(|name| HeaderName::from_bytes(name).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
     }
-    headers.remove("keep-alive");
-    let proxy: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
-    for name in proxy {
-        headers.remove(name);
+    // Recomputed: `Connection` may have named (and so removed) some.
+    let present = hop_by_hop_present(headers);
+    if present & HOP_FIXED != 0 {
+        for name in [header::TE, header::TRAILER, header::TRANSFER_ENCODING, header::UPGRADE] {
+            headers.remove(name);
+        }
+        headers.remove("keep-alive");
     }
+    if present & HOP_PROXY != 0 {
+        let proxy: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
+        for name in proxy {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Appends an address as text; IPv4 (nearly every client) without the
+/// formatting machinery, which cost more than the rest of the header work.
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// `X-Forwarded-For`: the values the request came with (empty ones
+/// dropped), then the client's address.
+fn forwarded_for(headers: &HeaderMap, client_ip: IpAddr) -> Option<HeaderValue> {
+    let mut xff = String::with_capacity(48);
+    for v in headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()) {
+        for part in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            xff.push_str(part);
+            xff.push_str(", ");
+        }
+    }
+    push_ip(&mut xff, client_ip);
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)).ok()
 }
 
 /// What the proxy needs to know about the request besides the request.
@@ -131,14 +217,11 @@ pub async fn forward(
 
     let h = &mut parts.headers;
     remove_hop_by_hop(h);
-    let client_ip = fwd.client_ip.to_string();
-    let prev: Vec<&str> =
-        h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty()).collect();
-    let xff = if prev.is_empty() { client_ip } else { format!("{}, {client_ip}", prev.join(", ")) };
-    h.remove(&X_FORWARDED_FOR);
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert(X_FORWARDED_FOR.clone(), v);
-    }
+    match forwarded_for(h, fwd.client_ip) {
+        // `insert` replaces every value the client sent.
+        Some(v) => h.insert(X_FORWARDED_FOR.clone(), v),
+        None => h.remove(&X_FORWARDED_FOR),
+    };
     if !(fwd.trusted_peer && h.contains_key(&X_FORWARDED_PROTO)) {
         h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
@@ -203,5 +286,56 @@ pub async fn forward(
         let (mut parts, body) = resp.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         return Ok(Response::from_parts(parts, Body::held(body, tries.finish())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret, close"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic abc"),
+            ("proxy-x", "y"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
+        // Named by Connection only: removed too.
+        let mut h = map(&[("connection", "x-a"), ("x-a", "1"), ("x-b", "2")]);
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-b"]);
+        // Without Connection, the fixed list still goes.
+        let mut h = map(&[("transfer-encoding", "chunked"), ("trailer", "x"), ("x-b", "2")]);
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-b"]);
+        let mut h = map(&[("x-b", "2")]);
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn forwarded_for_values() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (octets, text) in [("0.0.0.0", "0.0.0.0"), ("10.9.99.100", "10.9.99.100"), ("255.250.1.109", "255.250.1.109")] {
+            assert_eq!(forwarded_for(&HeaderMap::new(), ip(octets)).unwrap(), text);
+        }
+        assert_eq!(forwarded_for(&HeaderMap::new(), ip("::1")).unwrap(), "::1");
+        let h = map(&[("x-forwarded-for", "203.0.113.9, 198.51.100.2"), ("x-forwarded-for", " "), ("x-forwarded-for", "192.0.2.1")]);
+        assert_eq!(forwarded_for(&h, ip("127.0.0.1")).unwrap(), "203.0.113.9, 198.51.100.2, 192.0.2.1, 127.0.0.1");
     }
 }

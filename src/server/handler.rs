@@ -101,12 +101,10 @@ async fn read_body(body: Incoming, limit: usize) -> Result<bytes::Bytes, Gateway
 fn request_host<B>(req: &Request<B>) -> String {
     let raw =
         req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().authority().map(|a| a.as_str())).unwrap_or("");
-    let host = if raw.starts_with('[') {
-        raw.split(']').next().map(|h| format!("{h}]")).unwrap_or_default()
-    } else {
-        raw.split(':').next().unwrap_or("").to_string()
-    };
-    host.to_ascii_lowercase()
+    let host = if raw.starts_with('[') { raw.split_inclusive(']').next().unwrap_or("") } else { raw.split(':').next().unwrap_or("") };
+    let mut host = host.to_string();
+    host.make_ascii_lowercase();
+    host
 }
 
 /// What the request path learnt about a request, for metrics, the access
