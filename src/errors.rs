@@ -121,6 +121,7 @@ impl ErrorCode {
 /// expect instead of a JSON body.
 pub fn grpc_error_response(code: ErrorCode, message: &str, request_id: &str) -> Response<Body> {
     let mut resp = Response::new(Body::Empty);
+    resp.extensions_mut().insert(ErrorStatus(code.status()));
     let headers = resp.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert("grpc-status", HeaderValue::from(u16::from(code.grpc_status())));
@@ -132,6 +133,11 @@ pub fn grpc_error_response(code: ErrorCode, message: &str, request_id: &str) -> 
     }
     resp
 }
+
+/// The HTTP status a gRPC error answer (itself a 200) stands for: what
+/// metrics and the trace span count.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorStatus(pub StatusCode);
 
 /// `grpc-message` encoding: printable ASCII but `%` as is, the rest `%XX`.
 fn grpc_percent_encode(message: &str) -> String {

@@ -237,6 +237,9 @@ async fn the_gateways_own_errors_are_grpc_statuses() {
     let e = unary_at(&mut c, "/down/echo.Echo/Unary", request("hello", 0)).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(!e.message().is_empty());
+    // Counted as the 502 it stands for, not as the HTTP 200 it travels in.
+    let labels = [("route", "down"), ("status", "5xx")];
+    common::metric_until(g.admin_addr, "manifold_requests_total", &labels, |n| n == 1.0, "the 502 counted").await;
 
     // key-auth refuses: UNAUTHENTICATED, and the backend saw nothing.
     let e = unary_at(&mut c, "/keyed/echo.Echo/Unary", request("hello", 0)).await.unwrap_err();

@@ -215,13 +215,18 @@ pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>, i
     resp.headers_mut().insert(REQUEST_ID_HEADER, request_id);
     // Requests no route matched are not counted by route: their paths are
     // the client's choice, and labels must stay bounded.
+    // A gRPC error is an HTTP 200: counted as the error it stands for.
+    let status = match matched.grpc {
+        true => resp.extensions().get::<crate::errors::ErrorStatus>().map_or(resp.status(), |s| s.0),
+        false => resp.status(),
+    };
     if let Some(m) = &matched.metrics {
-        m.record(resp.status().as_u16(), started.elapsed(), matched.consumer.as_deref());
+        m.record(status.as_u16(), started.elapsed(), matched.consumer.as_deref());
     }
     if let Some(log) = log {
         log.finish(&mut resp, matched.metrics.as_ref(), matched.consumer.as_deref());
     }
-    matched.span.finish(resp.status().as_u16(), matched.consumer.as_deref());
+    matched.span.finish(status.as_u16(), matched.consumer.as_deref());
     metrics.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     resp
 }
