@@ -326,3 +326,43 @@ routes:
     assert!(closed);
     within(30, "the drain ends", stopped).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tunnel_is_out_of_the_connections_head_and_idle_timers() {
+    let echo = echo_server().await;
+    let mut opts = manifold::gateway::GatewayOptions::default();
+    opts.server.header_read_timeout = std::time::Duration::from_millis(100);
+    opts.server.idle_timeout = std::time::Duration::from_millis(100);
+    let g = common::gateway_with(
+        &format!(
+            r#"
+routes:
+  - {{ name: ws, path: /ws, upstream: "http://{addr}", websocket: true }}
+"#,
+            addr = echo.addr
+        ),
+        opts,
+    );
+    let mut ws = ws_connect(g.proxy_addr, "/ws", &[]).await.expect("the handshake succeeds");
+    // Quiet for many times the connection's idle and head timeouts, and
+    // half a frame sent (a head part-way, to a timer that still ran): the
+    // tunnel still carries both ways.
+    let frame = client_frame(b"after a pause");
+    ws.get_mut().write_all(&frame[..3]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    ws.get_mut().write_all(&frame[3..]).await.unwrap();
+    let back = within(10, "echo after the pause", ws.next()).await.unwrap().unwrap();
+    assert_eq!(back.to_text().unwrap(), "after a pause");
+    g.shutdown();
+}
+
+/// A masked client text frame (RFC 6455 §5.2), written by hand so a test
+/// can send part of one.
+fn client_frame(payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
