@@ -172,6 +172,8 @@ consumers:
     credentials: [{{ type: key-auth, key: grpc-secret }}]
 policies:
   - {{ name: keys, type: key-auth }}
+  - {{ name: admins-only, type: acl, config: {{ allow: [admins] }} }}
+  - {{ name: one-a-minute, type: rate-limit, config: {{ limits: [{{ limit: 1, window: 1m }}] }} }}
 upstreams:
   - name: echo
     targets: [{{ url: "http://{backend}" }}]
@@ -182,6 +184,8 @@ upstreams:
 routes:
   - {{ name: echo, path: "/echo.Echo/{{method}}", upstream: echo }}
   - {{ name: keyed, path: "/keyed/echo.Echo/{{method}}", upstream: echo, path_rewrite: "/echo.Echo/{{method}}", policies: [keys] }}
+  - {{ name: admins, path: "/admins/echo.Echo/{{method}}", upstream: echo, path_rewrite: "/echo.Echo/{{method}}", policies: [keys, admins-only] }}
+  - {{ name: limited, path: "/limited/echo.Echo/{{method}}", upstream: echo, path_rewrite: "/echo.Echo/{{method}}", policies: [one-a-minute] }}
   - {{ name: down, path: "/down/echo.Echo/{{method}}", upstream: gone, path_rewrite: "/echo.Echo/{{method}}" }}
 {extra_route}
 "#
@@ -249,6 +253,18 @@ async fn the_gateways_own_errors_are_grpc_statuses() {
     keyed.metadata_mut().insert("apikey", "grpc-secret".parse().unwrap());
     assert_eq!(unary_at(&mut c, "/keyed/echo.Echo/Unary", keyed).await.unwrap().message, "hello");
     assert_eq!(seen.lock().unwrap()[0].get("x-consumer-name").unwrap(), "app");
+
+    // acl: a consumer outside the allowed groups is PERMISSION_DENIED.
+    let mut keyed = request("hello", 0);
+    keyed.metadata_mut().insert("apikey", "grpc-secret".parse().unwrap());
+    let e = unary_at(&mut c, "/admins/echo.Echo/Unary", keyed).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // rate-limit: the second call in the window is RESOURCE_EXHAUSTED.
+    assert_eq!(unary_at(&mut c, "/limited/echo.Echo/Unary", request("first", 0)).await.unwrap().message, "first");
+    let e = unary_at(&mut c, "/limited/echo.Echo/Unary", request("second", 0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert_eq!(seen.lock().unwrap().len(), 2, "refused calls never reached the backend");
     g.shutdown();
 }
 
