@@ -4,8 +4,9 @@
 //! handshake and the backend answered 101; every other route refuses the
 //! upgrade before the backend sees it; a quiet tunnel closes at its idle
 //! timeout; a 101 the client did not ask for is a 502; HTTP/2 extended
-//! CONNECT (RFC 8441) reaches the same HTTP/1.1 backend; a drain closes
-//! tunnels last.
+//! CONNECT (RFC 8441) reaches the same HTTP/1.1 backend; a tunnelled
+//! connection is out of the head and idle timers; a drain closes tunnels
+//! last.
 
 mod common;
 

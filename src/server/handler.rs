@@ -63,7 +63,7 @@ impl Worker {
             if idle && self.tunnels.open() > 0 {
                 self.tunnels.close_all(std::time::Duration::from_secs(5)).await;
             }
-            if ended && idle {
+            if ended && (idle || self.tunnels.open() == 0) {
                 return;
             }
         }
