@@ -79,6 +79,11 @@ impl GatewayError {
     pub fn into_response(self, request_id: &str) -> Response<Body> {
         error_response(self.code, &self.message, request_id)
     }
+
+    /// The answer on a gRPC call: [`grpc_error_response`].
+    pub fn into_grpc_response(self, request_id: &str) -> Response<Body> {
+        grpc_error_response(self.code, &self.message, request_id)
+    }
 }
 
 pub fn error_response(code: ErrorCode, message: &str, request_id: &str) -> Response<Body> {
@@ -93,4 +98,56 @@ pub fn error_response(code: ErrorCode, message: &str, request_id: &str) -> Respo
         headers.insert(crate::ids::REQUEST_ID_HEADER, v);
     }
     resp
+}
+
+impl ErrorCode {
+    /// The gRPC status a gateway-made error is on a gRPC route (docs/errors.md).
+    pub fn grpc_status(self) -> u8 {
+        match self {
+            ErrorCode::BadRequest | ErrorCode::UriTooLong | ErrorCode::HeadersTooLarge => 3, // INVALID_ARGUMENT
+            ErrorCode::UpstreamTimeout | ErrorCode::RequestTimeout => 4,                     // DEADLINE_EXCEEDED
+            ErrorCode::Forbidden => 7,                                                       // PERMISSION_DENIED
+            ErrorCode::RateLimited | ErrorCode::PayloadTooLarge => 8,                        // RESOURCE_EXHAUSTED
+            ErrorCode::NotFound | ErrorCode::MethodNotAllowed => 12,                         // UNIMPLEMENTED
+            ErrorCode::Internal => 13,                                                       // INTERNAL
+            ErrorCode::UpstreamError | ErrorCode::UpstreamUnavailable => 14,                 // UNAVAILABLE
+            ErrorCode::Unauthorized => 16,                                                   // UNAUTHENTICATED
+        }
+    }
+}
+
+/// A gateway-made error on a gRPC call: a trailers-only answer (HTTP 200,
+/// no body, `grpc-status` and `grpc-message` in the head), as gRPC clients
+/// expect instead of a JSON body.
+pub fn grpc_error_response(code: ErrorCode, message: &str, request_id: &str) -> Response<Body> {
+    let mut resp = Response::new(Body::Empty);
+    resp.extensions_mut().insert(ErrorStatus(code.status()));
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", HeaderValue::from(u16::from(code.grpc_status())));
+    if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(message)) {
+        headers.insert("grpc-message", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(crate::ids::REQUEST_ID_HEADER, v);
+    }
+    resp
+}
+
+/// The HTTP status a gRPC error answer (itself a 200) stands for: what
+/// metrics and the trace span count.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorStatus(pub StatusCode);
+
+/// `grpc-message` encoding: printable ASCII but `%` as is, the rest `%XX`.
+fn grpc_percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

@@ -51,7 +51,16 @@ pub struct ProxyRoute {
     /// The longest pause between two reads of the answer's body.
     pub body_timeout: Duration,
     pub preserve_host: bool,
+    /// `websocket: true`: upgrades are tunnelled, idle at most this long.
+    pub websocket: Option<Duration>,
+    /// The upstream speaks HTTP/2 (`http2: true`): gRPC requests get gRPC
+    /// errors and their `grpc-timeout` honoured.
+    pub grpc: bool,
 }
+
+/// A WebSocket tunnel idle this long is closed unless the route says
+/// otherwise (SPEC §7: 1h).
+pub const DEFAULT_WEBSOCKET_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[derive(Clone, Debug)]
 pub enum Target {
@@ -341,6 +350,7 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
             },
             None => None,
         };
+        let grpc = upstream.http2;
         let route_data = ProxyRoute {
             name: route.name.as_str().into(),
             upstream,
@@ -349,6 +359,8 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
             timeout: route.timeout.map_or(DEFAULT_ROUTE_TIMEOUT, |d| d.0),
             body_timeout: route.body_timeout.map_or(crate::upstream::DEFAULT_BODY_TIMEOUT, |d| d.0),
             preserve_host: route.preserve_host,
+            websocket: route.websocket.then(|| route.websocket_idle_timeout.map_or(DEFAULT_WEBSOCKET_IDLE_TIMEOUT, |d| d.0)),
+            grpc,
         };
         add(base, &route.hosts, &pattern, parse_methods(&route.methods), Target::Proxy(Arc::new(route_data)), &route.policies);
     }

@@ -75,6 +75,12 @@ pub struct Route {
     /// Names of the policies applied to this route.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<String>,
+    /// Tunnel WebSocket upgrades (HTTP/1.1 `Upgrade: websocket`, HTTP/2 extended CONNECT) to the upstream once its policies admitted the handshake and the upstream answered 101. Default false: an upgrade request is refused (400).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub websocket: bool,
+    /// How long a WebSocket tunnel may carry no byte either way before the gateway closes it. Default 1h; only with `websocket: true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub websocket_idle_timeout: Option<Dur>,
 }
 
 /// One endpoint answered by backend calls, merged and reshaped.

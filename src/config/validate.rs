@@ -322,6 +322,7 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
         check_duration(&mut errs, format!("{base}.timeout"), route.timeout);
         check_duration(&mut errs, format!("{base}.body_timeout"), route.body_timeout);
         check_policy_refs(&mut errs, &base, &route.policies, &policy_names);
+        check_websocket(&mut errs, &base, route, config);
     }
 
     for (i, comp) in config.compositions.iter().enumerate() {
@@ -444,6 +445,24 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
 }
 
 /// `upstream: NAME` of a route or a call: a known upstream.
+/// `websocket` and its idle timeout: a tunnel is HTTP/1.1 to the backend
+/// (the upstream layer's h1 client hands the connection over after a 101).
+fn check_websocket(errs: &mut Errors, base: &str, route: &Route, config: &Config) {
+    check_duration(errs, format!("{base}.websocket_idle_timeout"), route.websocket_idle_timeout);
+    if !route.websocket {
+        if route.websocket_idle_timeout.is_some() {
+            errs.push(format!("{base}.websocket_idle_timeout"), "only applies with websocket: true");
+        }
+        return;
+    }
+    if config.upstreams.iter().any(|u| u.name == route.upstream && u.http2) {
+        errs.push(
+            format!("{base}.websocket"),
+            format!("upstream {:?} has http2: true; WebSocket tunnels go to the backend over HTTP/1.1", route.upstream),
+        );
+    }
+}
+
 fn check_upstream_ref(errs: &mut Errors, path: String, name: &str, upstreams: &HashSet<&str>) {
     if !is_valid_name(name) {
         errs.push_always(path, format!("invalid upstream {name:?}: expected http(s)://host[:port][/base] or the name of an upstream"));

@@ -1,5 +1,7 @@
 //! Plain proxying: one request in, the same request out to the route's
-//! upstream, bodies streamed both ways.
+//! upstream, bodies streamed both ways. `tunnel.rs`: WebSocket tunnels.
+
+pub mod tunnel;
 
 use std::net::IpAddr;
 
@@ -144,6 +146,41 @@ pub struct Forwarding<'a> {
     pub metrics: Option<&'a std::sync::Arc<crate::metrics::Metrics>>,
     /// The node's trusted proxies (consistent hashing on the client's ip).
     pub trusted_proxies: &'a [ipnet::IpNet],
+    /// A WebSocket handshake on a route with `websocket: true`: sent with
+    /// `Connection: Upgrade` and `Upgrade: websocket`, and a 101 accepted.
+    pub upgrade: bool,
+    /// A gRPC call on a route to an HTTP/2 upstream: its `grpc-timeout`
+    /// (`Some(None)`: none sent). `TE: trailers` is sent on, and the
+    /// smaller of the deadline and the route's timeout applies.
+    pub grpc: Option<Option<std::time::Duration>>,
+}
+
+static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
+/// A `grpc-timeout` value: at most 8 digits and a unit (gRPC over HTTP/2).
+pub fn parse_grpc_timeout(v: &HeaderValue) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let v = v.as_bytes();
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(n * 3600),
+        b"M" => Duration::from_secs(n * 60),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// `d` as a `grpc-timeout` value, in milliseconds (rounded up).
+fn grpc_timeout_value(d: std::time::Duration) -> HeaderValue {
+    let ms = d.as_nanos().div_ceil(1_000_000).min(99_999_999);
+    HeaderValue::from_str(&format!("{ms}m")).unwrap_or(HeaderValue::from_static("1m"))
 }
 
 fn upstream_path_and_query(route: &ProxyRoute, fwd: &Forwarding, query: Option<&str>) -> Result<PathAndQuery, GatewayError> {
@@ -200,7 +237,11 @@ pub async fn forward(
         (_, body) => body,
     };
     let retryable = retries && matches!(body, Body::Empty | Body::Full(_));
-    let deadline = started + route.timeout;
+    let timeout = match fwd.grpc {
+        Some(Some(asked)) => asked.min(route.timeout),
+        _ => route.timeout,
+    };
+    let deadline = started + timeout;
     // A consistent-hash pick reads the request as the policies left it.
     let input = PickInput { headers: &parts.headers, peer: fwd.client_ip, trusted_proxies: fwd.trusted_proxies, path: fwd.path };
     let labels = Labels { route: &route.name, call: "", metrics: fwd.metrics };
@@ -217,6 +258,17 @@ pub async fn forward(
 
     let h = &mut parts.headers;
     remove_hop_by_hop(h);
+    if fwd.upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    if let Some(asked) = fwd.grpc {
+        // gRPC servers may insist on it (RFC 9113 §8.2.2 allows only this TE).
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        if asked.is_some() {
+            h.insert(GRPC_TIMEOUT.clone(), grpc_timeout_value(timeout));
+        }
+    }
     match forwarded_for(h, fwd.client_ip) {
         // `insert` replaces every value the client sent.
         Some(v) => h.insert(X_FORWARDED_FOR.clone(), v),

@@ -44,6 +44,15 @@ impl ConnActivity {
 
 pub struct InFlight(Arc<ConnActivity>);
 
+impl InFlight {
+    /// One more hold on the connection, for what outlives the answer (a
+    /// WebSocket tunnel): while held, no idle or head timer runs.
+    pub fn hold(&self) -> InFlight {
+        self.0.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.0.clone())
+    }
+}
+
 /// A response body that keeps its request counted as in flight until the
 /// body has been sent (or dropped): a long stream is not an idle connection.
 pub struct Guarded<B> {

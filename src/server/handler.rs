@@ -10,7 +10,7 @@ use std::sync::Arc;
 use http::{header, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 
-use super::conn_io::{ConnActivity, Guarded};
+use super::conn_io::{ConnActivity, Guarded, InFlight};
 use super::hygiene::{check_head, normalize_path};
 use super::Shared;
 use crate::body::Body;
@@ -29,12 +29,44 @@ use crate::snapshot::{RouteMatch, Target};
 pub struct Worker {
     shared: Arc<Shared>,
     client: crate::upstream::Client,
+    /// This worker's WebSocket tunnels, closed last when the node drains.
+    tunnels: crate::proxy::tunnel::Tunnels,
 }
 
 impl Worker {
     pub fn new(shared: Arc<Shared>) -> Arc<Self> {
         let client = crate::upstream::Client::new(shared.connector.clone());
-        Arc::new(Worker { shared, client })
+        Arc::new(Worker { shared, client, tunnels: Default::default() })
+    }
+
+    /// Closes this worker's WebSocket tunnels and waits at most `wait` for
+    /// them to end (the last step of a drain).
+    pub async fn close_tunnels(&self, wait: std::time::Duration) {
+        self.tunnels.close_all(wait).await;
+    }
+
+    /// Waits for `connections` (hyper's graceful shutdown) to end and for
+    /// the node to have no request in flight, then closes this worker's
+    /// tunnels: tunnels go last, but an HTTP/2 connection carrying one
+    /// (extended CONNECT) does not hold the drain until its time is up.
+    pub async fn drain(&self, connections: impl Future<Output = ()>) {
+        tokio::pin!(connections);
+        let mut ended = false;
+        let mut every = tokio::time::interval(std::time::Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = &mut connections, if !ended => ended = true,
+                _ = every.tick() => {}
+            }
+            // Node-wide: another worker's request may still be in flight.
+            let idle = self.shared.services.metrics.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0;
+            if idle && self.tunnels.open() > 0 {
+                self.tunnels.close_all(std::time::Duration::from_secs(5)).await;
+            }
+            if ended && (idle || self.tunnels.open() == 0) {
+                return;
+            }
+        }
     }
 
     pub fn service(self: &Arc<Self>, peer: SocketAddr, activity: Arc<ConnActivity>) -> ConnService {
@@ -60,7 +92,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let peer = self.peer;
         let in_flight = self.activity.start();
         Box::pin(async move {
-            let resp = handle(&worker, peer, req).await;
+            let resp = handle(&worker, peer, req, &in_flight).await;
             Ok(resp.map(|body| Guarded::new(body, in_flight)))
         })
     }
@@ -114,9 +146,48 @@ struct Matched {
     metrics: Option<crate::metrics::RouteMetrics>,
     consumer: Option<Arc<str>>,
     span: ServerSpan,
+    /// A gRPC call on a route to an HTTP/2 upstream: gateway-made errors
+    /// are gRPC statuses.
+    grpc: bool,
 }
 
-pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+/// A protocol upgrade the request asks for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Upgrade {
+    None,
+    /// HTTP/1.1 `Upgrade: websocket`.
+    WebSocket,
+    /// HTTP/2 extended CONNECT with `:protocol websocket` (RFC 8441).
+    Http2WebSocket,
+    /// Any other protocol (`h2c` alone is ignored, as RFC 9110 allows).
+    Other,
+}
+
+fn requested_upgrade<B>(req: &Request<B>) -> Upgrade {
+    if req.method() == Method::CONNECT {
+        return match req.extensions().get::<hyper::ext::Protocol>() {
+            Some(p) if p.as_str().eq_ignore_ascii_case("websocket") => Upgrade::Http2WebSocket,
+            Some(_) => Upgrade::Other,
+            None => Upgrade::None,
+        };
+    }
+    let Some(value) = req.headers().get(header::UPGRADE) else { return Upgrade::None };
+    let mut tokens = value.as_bytes().split(|b| *b == b',').map(|t| t.trim_ascii());
+    if tokens.clone().any(|t| t.split(|b| *b == b'/').next().is_some_and(|p| p.eq_ignore_ascii_case(b"websocket"))) {
+        Upgrade::WebSocket
+    } else if tokens.all(|t| t.eq_ignore_ascii_case(b"h2c")) {
+        Upgrade::None
+    } else {
+        Upgrade::Other
+    }
+}
+
+/// Whether a request is a gRPC call (`application/grpc`, `+proto`...).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>, in_flight: &InFlight) -> Response<Body> {
     let started = std::time::Instant::now();
     let metrics = &worker.shared.services.metrics;
     metrics.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -125,10 +196,14 @@ pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>) -
     let span = ServerSpan::start(&mut trace, req.method(), &request_id);
     let log = crate::access_log::wanted().then(|| crate::access_log::Start::new(&req, peer, started));
     let mut matched = Matched { span, ..Matched::default() };
-    let mut resp = match route_and_run(worker, peer, &request_id, &trace, req, &mut matched).await {
+    let mut resp = match route_and_run(worker, peer, &request_id, &trace, req, &mut matched, in_flight).await {
         Ok(resp) => resp,
         Err((e, close)) => {
-            let mut resp = e.into_response(request_id.to_str().unwrap_or(""));
+            let mut resp = if matched.grpc {
+                e.into_grpc_response(request_id.to_str().unwrap_or(""))
+            } else {
+                e.into_response(request_id.to_str().unwrap_or(""))
+            };
             if close {
                 resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
@@ -138,13 +213,18 @@ pub async fn handle(worker: &Worker, peer: SocketAddr, req: Request<Incoming>) -
     resp.headers_mut().insert(REQUEST_ID_HEADER, request_id);
     // Requests no route matched are not counted by route: their paths are
     // the client's choice, and labels must stay bounded.
+    // A gRPC error is an HTTP 200: counted as the error it stands for.
+    let status = match matched.grpc {
+        true => resp.extensions().get::<crate::errors::ErrorStatus>().map_or(resp.status(), |s| s.0),
+        false => resp.status(),
+    };
     if let Some(m) = &matched.metrics {
-        m.record(resp.status().as_u16(), started.elapsed(), matched.consumer.as_deref());
+        m.record(status.as_u16(), started.elapsed(), matched.consumer.as_deref());
     }
     if let Some(log) = log {
         log.finish(&mut resp, matched.metrics.as_ref(), matched.consumer.as_deref());
     }
-    matched.span.finish(resp.status().as_u16(), matched.consumer.as_deref());
+    matched.span.finish(status.as_u16(), matched.consumer.as_deref());
     metrics.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     resp
 }
@@ -156,10 +236,16 @@ async fn route_and_run(
     trace: &TraceContext,
     req: Request<Incoming>,
     matched: &mut Matched,
+    in_flight: &InFlight,
 ) -> Result<Response<Body>, (GatewayError, bool)> {
     let shared = &worker.shared;
     check_head(&req, &shared.limits).map_err(|e| (e, true))?;
     let mut req = req;
+    let upgrade = requested_upgrade(&req);
+    if upgrade == Upgrade::Http2WebSocket {
+        // Routed, authorized and sent on as the HTTP/1.1 handshake it stands for.
+        *req.method_mut() = Method::GET;
+    }
     // Request targets other than a path (RFC 9112 §3.2).
     if req.method() == Method::CONNECT {
         // A tunnel request: the client may send tunnel bytes next, so the
@@ -230,6 +316,9 @@ async fn route_and_run(
             RouteMatch::Found { target, params, policies, metrics, pattern } => {
                 matched.span.routed(req.method(), pattern, metrics.kind(), metrics.route());
                 matched.metrics = Some(metrics.clone());
+                if let Target::Proxy(route) = target {
+                    matched.grpc = route.grpc && is_grpc(req.headers());
+                }
                 (target.clone(), params, policies.clone())
             }
             RouteMatch::NotFound => return Err((GatewayError::new(ErrorCode::NotFound, "no route matches the request"), false)),
@@ -242,6 +331,26 @@ async fn route_and_run(
                 }
                 return Ok(resp);
             }
+        }
+    };
+
+    // An upgrade is tunnelled only where the route allows it (SPEC §2):
+    // refused before anything reaches the backend or the policies.
+    let tunnel_idle = match &target {
+        Target::Proxy(route) => route.websocket,
+        Target::Composition(_) => None,
+    };
+    let upgrading = match (upgrade, tunnel_idle) {
+        (Upgrade::None, _) => false,
+        (Upgrade::WebSocket | Upgrade::Http2WebSocket, Some(_)) => true,
+        (Upgrade::Other, Some(_)) => {
+            return Err((GatewayError::new(ErrorCode::BadRequest, "only websocket upgrades are tunnelled on this route"), true));
+        }
+        (_, None) => {
+            return Err((
+                GatewayError::new(ErrorCode::BadRequest, "this route does not accept protocol upgrades (websocket is not enabled)"),
+                true,
+            ));
         }
     };
 
@@ -271,7 +380,7 @@ async fn route_and_run(
                 if let (Some(m), None) = (matched.metrics.as_ref(), refusal.reply) {
                     m.refused(refusal.policy.as_deref(), refusal.error.code.as_str());
                 }
-                return Ok(refusal_response(refusal, request_id));
+                return Ok(refusal_response(refusal, request_id, matched.grpc));
             }
         };
         if query.as_deref() != parts.uri.query() {
@@ -301,7 +410,7 @@ async fn route_and_run(
     }
 
     // response-cache: a stored answer skips everything after this point.
-    let cache_key = admission.cache.as_ref().and_then(|c| {
+    let cache_key = admission.cache.as_ref().filter(|_| !upgrading).and_then(|c| {
         c.key(&crate::policy::cache::Lookup {
             entity: policies.entity(),
             method: &parts.method,
@@ -354,6 +463,18 @@ async fn route_and_run(
                 parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
                 Body::full(bytes)
             };
+            let on_upgrade = if upgrading {
+                let Some(on) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+                    return Err((GatewayError::new(ErrorCode::BadRequest, "the connection cannot be upgraded"), true));
+                };
+                if upgrade == Upgrade::Http2WebSocket {
+                    http2_handshake(&mut parts.headers);
+                }
+                Some(on)
+            } else {
+                None
+            };
+            let grpc = matched.grpc.then(|| parts.headers.get("grpc-timeout").and_then(proxy::parse_grpc_timeout));
             let req = Request::from_parts(parts, body);
             let fwd = Forwarding {
                 client_ip: peer.ip(),
@@ -365,8 +486,17 @@ async fn route_and_run(
                 body_limit: admission.body_limit,
                 metrics: Some(&worker.shared.services.metrics),
                 trusted_proxies: &shared.trusted_proxies,
+                upgrade: upgrading,
+                grpc,
             };
-            proxy::forward(&worker.client, &route, fwd, req).await
+            let result = proxy::forward(&worker.client, &route, fwd, req).await;
+            if let (Some(on_upgrade), Some(idle)) = (on_upgrade, tunnel_idle) {
+                let resp = result?;
+                let resp = open_tunnel(worker, resp, on_upgrade, idle, upgrade == Upgrade::Http2WebSocket, in_flight)?;
+                // A handshake's answer is the backend's: no transform, no cache.
+                return Ok(finish(resp, &admission));
+            }
+            result
         }
         Target::Composition(plan) => {
             // The body counts against the composition's deadline: a client that
@@ -437,13 +567,61 @@ fn finish(mut resp: Response<Body>, admission: &Admission) -> Response<Body> {
     resp
 }
 
-fn refusal_response(refusal: Refusal, request_id: &HeaderValue) -> Response<Body> {
+/// The client's HTTP/2 extended CONNECT as the HTTP/1.1 handshake the
+/// backend expects: a key of its own (RFC 8441 has none; the backend's
+/// accept value answers the gateway's key and is not passed on).
+fn http2_handshake(headers: &mut http::HeaderMap) {
+    use base64::Engine as _;
+    let key: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    if let Ok(v) = HeaderValue::from_str(&key) {
+        headers.insert(header::SEC_WEBSOCKET_KEY, v);
+    }
+    headers.entry(header::SEC_WEBSOCKET_VERSION).or_insert(HeaderValue::from_static("13"));
+}
+
+/// The backend's answer to a WebSocket handshake: on a 101, the tunnel
+/// starts (once hyper hands the client's connection over) and the client
+/// gets the 101 (HTTP/1.1) or a 200 (extended CONNECT); any other answer
+/// is passed on as it is, but a 2xx, which would open a tunnel no backend
+/// accepted, is a 502.
+fn open_tunnel(
+    worker: &Worker,
+    mut resp: Response<Body>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    idle: std::time::Duration,
+    http2: bool,
+    in_flight: &InFlight,
+) -> Result<Response<Body>, (GatewayError, bool)> {
+    if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        if resp.status().is_success() {
+            return Err((GatewayError::new(ErrorCode::UpstreamError, "the upstream did not accept the websocket handshake"), true));
+        }
+        return Ok(resp);
+    }
+    let Some((backend, rest)) = resp.extensions_mut().remove::<crate::upstream::Upgraded>().and_then(|u| u.take()) else {
+        return Err((GatewayError::new(ErrorCode::Internal, "the upstream connection was not handed over"), true));
+    };
+    worker.tunnels.spawn(on_upgrade, backend, rest, idle, in_flight.hold());
+    if http2 {
+        *resp.status_mut() = http::StatusCode::OK;
+        resp.headers_mut().remove(header::SEC_WEBSOCKET_ACCEPT);
+    } else {
+        let headers = resp.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    Ok(resp)
+}
+
+fn refusal_response(refusal: Refusal, request_id: &HeaderValue, grpc: bool) -> Response<Body> {
     let mut resp = match refusal.reply {
         Some(status) => {
             let mut resp = Response::new(Body::Empty);
             *resp.status_mut() = status;
             resp
         }
+        None if grpc => refusal.error.into_grpc_response(request_id.to_str().unwrap_or("")),
         None => refusal.error.into_response(request_id.to_str().unwrap_or("")),
     };
     if let Some(r) = &refusal.rate {

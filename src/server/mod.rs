@@ -299,6 +299,8 @@ async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptio
         .max_headers(256)
         .max_buf_size(128 << 10);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(96 << 10);
+    // WebSocket over HTTP/2 (RFC 8441), for routes with `websocket: true`.
+    builder.http2().enable_connect_protocol();
     let timeouts = ConnTimeouts { header_read: opts.header_read_timeout, idle: opts.idle_timeout };
     let graceful = GracefulShutdown::new();
     let closing = Arc::new(AtomicBool::new(false));
@@ -312,7 +314,8 @@ async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptio
                     let activity = Arc::new(ConnActivity::default());
                     let svc = client.service(peer, activity.clone());
                     let io = TimedIo::new(stream, activity, timeouts, closing.clone());
-                    let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+                    // With upgrades: a route with `websocket: true` tunnels one.
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned();
                     let conn = graceful.watch(conn);
                     let open = OpenConnection::new(&shared_metrics);
                     tokio::spawn(async move {
@@ -336,9 +339,14 @@ async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptio
     // ends (conn_io.rs); one between requests hyper closes itself.
     closing.store(true, Ordering::Release);
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = client.drain(graceful.shutdown()) => {}
         _ = tokio::time::sleep(opts.drain_timeout) => {
             tracing::warn!("drain time over: closing the connections still open");
         }
     }
+    // WebSocket tunnels last: requests first drained, then tunnels closed.
+    client.close_tunnels(TUNNEL_CLOSE_WAIT).await;
 }
+
+/// How long a drain waits for its WebSocket tunnels to close.
+const TUNNEL_CLOSE_WAIT: Duration = Duration::from_secs(5);

@@ -111,7 +111,7 @@ async fn exchange(
     let tls = parts.uri.scheme() == Some(&http::uri::Scheme::HTTPS);
     let authority = parts.uri.authority().cloned().ok_or_else(|| UpstreamError::new(Cause::Request, "the URI has no authority"))?;
     let head_only = parts.method == Method::HEAD;
-    let (head, inline) = request_head(&parts, &mut body);
+    let (head, inline, upgrade) = request_head(&parts, &mut body);
     // Sent whole and unanswered, a request is sent again only when it is
     // idempotent (the backend may have acted on it before it closed, as Go's
     // transport reasons) and the gateway holds its body whole.
@@ -142,7 +142,7 @@ async fn exchange(
             Err(e) => return Err(e),
         }
         phase.store(Phase::Answer as u8, Ordering::Relaxed);
-        match read_head(&mut conn, head_only, keep_headers).await {
+        match read_head(&mut conn, head_only, keep_headers, upgrade).await {
             Ok((head, framing)) => return Ok(answer(conn, head, framing, pool, body_timeout, failures)),
             // Closed before a byte of the answer: the backend may have
             // dropped the idle connection as the request went out.
@@ -155,11 +155,14 @@ async fn exchange(
     }
 }
 
-/// The request head in one buffer, and a small body the gateway holds whole
-/// (sent in the same write).
-fn request_head(parts: &http::request::Parts, body: &mut Body) -> (Vec<u8>, Option<Bytes>) {
+/// The request head in one buffer, a small body the gateway holds whole
+/// (sent in the same write), and whether the request asks for an upgrade
+/// (only a WebSocket route's tunnel sends `Upgrade`: the proxy removes it
+/// from every other request as hop-by-hop).
+fn request_head(parts: &http::request::Parts, body: &mut Body) -> (Vec<u8>, Option<Bytes>, bool) {
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut head = Vec::with_capacity(256 + parts.headers.len() * 32);
+    let mut upgrade = false;
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(pq.as_bytes());
@@ -170,6 +173,7 @@ fn request_head(parts: &http::request::Parts, body: &mut Body) -> (Vec<u8>, Opti
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::EXPECT {
             continue;
         }
+        upgrade |= name == header::UPGRADE;
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
@@ -194,7 +198,7 @@ fn request_head(parts: &http::request::Parts, body: &mut Body) -> (Vec<u8>, Opti
         },
     }
     head.extend_from_slice(b"\r\n");
-    (head, inline)
+    (head, inline, upgrade)
 }
 
 /// A `content-length` line, written into the head without an allocation.
@@ -277,6 +281,9 @@ enum Framing {
     Chunked,
     /// Until the backend closes the connection (never reused).
     Close,
+    /// A 101 to a request that asked for it: the connection is no longer
+    /// HTTP, and is handed over whole.
+    Upgrade,
 }
 
 struct Head {
@@ -298,8 +305,10 @@ async fn read_more(conn: &mut Conn) -> std::io::Result<usize> {
     conn.io.read_buf(&mut conn.buf).await
 }
 
-/// Reads the answer's head, skipping interim (1xx) answers.
-async fn read_head(conn: &mut Conn, head_only: bool, keep_headers: bool) -> Result<(Head, Framing), UpstreamError> {
+/// Reads the answer's head, skipping interim (1xx) answers. A 101 ends
+/// the exchange when the request asked for an `upgrade`; unasked, it is an
+/// answer the gateway cannot relay.
+async fn read_head(conn: &mut Conn, head_only: bool, keep_headers: bool, upgrade: bool) -> Result<(Head, Framing), UpstreamError> {
     let mut received = false;
     loop {
         if !conn.buf.is_empty() {
@@ -315,6 +324,7 @@ async fn read_head(conn: &mut Conn, head_only: bool, keep_headers: bool) -> Resu
                 }
                 let head = Head { status: parsed.status, version: parsed.version, headers, keep_alive: parsed.keep_alive };
                 match head.status.as_u16() {
+                    101 if upgrade => return Ok((head, Framing::Upgrade)),
                     101 => return Err(protocol("the backend switched protocols unasked")),
                     100..=199 => continue,
                     _ => return Ok((head, parsed.framing)),
@@ -433,7 +443,13 @@ fn answer(
     body_timeout: Duration,
     failures: Option<FailureCount>,
 ) -> Response<Body> {
+    let mut upgraded = None;
     let body = match framing {
+        Framing::Upgrade => {
+            let rest = conn.buf.split().freeze();
+            upgraded = Some(Upgraded(Arc::new(std::sync::Mutex::new(Some((conn.io, rest))))));
+            Body::Empty
+        }
         Framing::None => {
             if head.keep_alive && conn.buf.is_empty() {
                 pool.put(conn);
@@ -468,7 +484,22 @@ fn answer(
     *resp.status_mut() = head.status;
     *resp.version_mut() = head.version;
     *resp.headers_mut() = head.headers;
+    if let Some(upgraded) = upgraded {
+        resp.extensions_mut().insert(upgraded);
+    }
     resp
+}
+
+/// A backend connection that switched protocols (a 101 to a request that
+/// asked for one), in the answer's extensions: its stream and the bytes
+/// the backend sent past the head. Never pooled; taken once by the tunnel.
+#[derive(Clone)]
+pub struct Upgraded(Arc<std::sync::Mutex<Option<(Stream, Bytes)>>>);
+
+impl Upgraded {
+    pub fn take(&self) -> Option<(Stream, Bytes)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

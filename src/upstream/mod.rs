@@ -38,9 +38,9 @@ use http::{Request, Response};
 use tokio::time::Instant;
 
 pub use balance::{idempotent, Balancer, HashOn, InFlight, Overloaded, PickInput, Picked, RetryPolicy, Target, TargetSet, UpstreamPlan};
-pub use connect::{Connector, TlsOptions, UpstreamTlsOptions, DEFAULT_CONNECT_TIMEOUT};
+pub use connect::{Connector, Stream, TlsOptions, UpstreamTlsOptions, DEFAULT_CONNECT_TIMEOUT};
 pub use error::{Cause, Fault, UpstreamError};
-pub use h1::ResponseBody;
+pub use h1::{ResponseBody, Upgraded};
 pub use h2::ResponseBody as H2ResponseBody;
 pub use tries::{Labels, Refused, Tries};
 
