@@ -169,3 +169,45 @@ compositions:
     }
     assert_eq!(catalog.hits.load(Ordering::SeqCst), 2, "two batches, each sent once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_lists_each_batch_as_one_request_with_its_cache_mark() {
+    let list = backend().json(json!({ "ids": [1, 2, 3, 4, 5] })).run().await;
+    let catalog = backend()
+        .respond(|r| (200, Value::Array(ids_of(r).iter().map(|id| json!({"id": id.parse::<u32>().unwrap()})).collect())))
+        .run()
+        .await;
+    let g = gateway(&format!(
+        r#"
+compositions:
+  - name: dash
+    path: /dash
+    calls:
+      list: {{ url: "{}/ids" }}
+      p:
+        for_each: $.list.body.ids
+        url: "{}/p?ids={{{{items}}}}"
+        batch: {{ size: 2, key: $.id }}
+        cache: {{ ttl: 60s }}
+"#,
+        list.url(),
+        catalog.url()
+    ));
+    let try_once = || async {
+        let resp =
+            client().post(format!("http://{}/compositions/dash/try", g.admin_addr)).json(&json!({"path": "/dash"})).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json::<Value>().await.unwrap()
+    };
+    for want in ["miss", "hit"] {
+        let report = within(15, "try", try_once()).await;
+        let batches: Vec<&Value> =
+            report["calls"].as_array().unwrap().iter().filter(|c| c["name"].as_str().unwrap().starts_with("p[")).collect();
+        assert_eq!(batches.len(), 3, "{report}");
+        let urls: Vec<&str> = batches.iter().map(|c| c["url"].as_str().unwrap()).collect();
+        assert!(urls.iter().any(|u| u.ends_with("/p?ids=1,2")) && urls.iter().any(|u| u.ends_with("/p?ids=5")), "{urls:?}");
+        assert!(batches.iter().all(|c| c["cache"] == want), "{report}");
+        assert_eq!(report["response"]["body"]["p"], json!([{"id": 1}, {"id": 2}, {"id": 3}, {"id": 4}, {"id": 5}]));
+    }
+    assert_eq!(catalog.hits.load(Ordering::SeqCst), 3);
+}

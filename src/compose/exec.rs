@@ -565,10 +565,12 @@ async fn request_once(
         Ok(f) => f,
         Err(_) => Fetched { result: Err(Failure::new("timeout", "no answer in time")), retries: 0, sent: None, revalidated: false },
     };
+    // The leader's retries are its own: a waiter sent nothing.
+    let retries = if leader { fetched.retries } else { 0 };
     let mark = match (&fetched.result, usable_stale) {
         (Err(_), Some(e)) => {
             share.count(Mark::Stale);
-            return (Ok(success_of(&e)), fetched.retries, fetched.sent, Some(Mark::Stale));
+            return (Ok(success_of(&e)), retries, fetched.sent, Some(Mark::Stale));
         }
         _ if share.cache.is_none() => None,
         _ if fetched.revalidated => Some(Mark::Revalidated),
@@ -577,7 +579,7 @@ async fn request_once(
     if let Some(m) = mark {
         share.count(m);
     }
-    (fetched.result, fetched.retries, fetched.sent, mark)
+    (fetched.result, retries, fetched.sent, mark)
 }
 
 type CallFuture = Pin<Box<dyn Future<Output = Finished> + Send>>;
