@@ -369,6 +369,10 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
                         call.store = Some(services.call_store.clone());
                         call.collapsed = Some(services.metrics.call_collapsed_counter(&plan.name, &call.name));
                     }
+                    let cluster = comp.calls.get(&*call.name).and_then(|c| c.cache.as_ref()).and_then(|c| c.scope);
+                    if cluster == Some(crate::config::CacheScope::Cluster) {
+                        call.redis = services.redis.clone();
+                    }
                     if call.cache.is_some() {
                         call.cache_counts = Some(services.metrics.call_cache_counters(&plan.name, &call.name));
                     }

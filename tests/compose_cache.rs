@@ -368,3 +368,89 @@ compositions:
     assert!(bytes > 0.0 && bytes <= max as f64, "{bytes} bytes held, bound {max}");
     assert!(entries > 10.0 && entries < 100.0, "{entries} entries of 20 kB in 1 MiB");
 }
+
+fn cluster_node(yaml: &str, redis_url: &str, prefix: &str) -> manifold::gateway::Gateway {
+    let redis = manifold::gateway::RedisOptions { url: redis_url.to_string(), prefix: prefix.to_string() };
+    gateway_with(yaml, GatewayOptions { redis: Some(redis), ..GatewayOptions::default() })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_cache_warms_once_for_every_node() {
+    let b = backend().json(json!({"name": "lamp"})).run().await;
+    let yaml = format!(
+        r#"
+compositions:
+  - name: product
+    path: /p/{{id}}
+    calls:
+      product: {{ url: "{}/products/{{{{request.path.id}}}}", cache: {{ ttl: 60s, scope: cluster }} }}
+"#,
+        b.url()
+    );
+    let prefix = format!("test-{}-{:016x}", std::process::id(), fastrand::u64(..));
+    let a = cluster_node(&yaml, "redis://127.0.0.1:6379", &prefix);
+    let other = cluster_node(&yaml, "redis://127.0.0.1:6379", &prefix);
+    let (status, timing, body) = get(&a, "/p/1", &[]).await;
+    assert_eq!((status, mark(&timing, "product"), &body["product"]["name"]), (200, Some("miss"), &json!("lamp")));
+    // The other node finds it in Redis: no backend request.
+    let (status, timing, body) = get(&other, "/p/1", &[]).await;
+    assert_eq!((status, mark(&timing, "product"), &body["product"]["name"]), (200, Some("hit"), &json!("lamp")));
+    assert_eq!(b.hits.load(Ordering::SeqCst), 1);
+    // A node under another prefix is another cluster.
+    let apart = cluster_node(&yaml, "redis://127.0.0.1:6379", &format!("{prefix}-apart"));
+    let (_, timing, _) = get(&apart, "/p/1", &[]).await;
+    assert_eq!(mark(&timing, "product"), Some("miss"));
+    assert_eq!(b.hits.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_cache_without_redis_answering_is_node_local() {
+    let b = backend().json(json!({"name": "lamp"})).run().await;
+    // Nothing listens there: every Redis command fails at once.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let g = cluster_node(
+        &format!(
+            r#"
+compositions:
+  - name: product
+    path: /p
+    calls:
+      product: {{ url: "{}/products", cache: {{ ttl: 60s, scope: cluster }} }}
+"#,
+            b.url()
+        ),
+        &url,
+        "away",
+    );
+    let mut marks = Vec::new();
+    for _ in 0..3 {
+        let (status, timing, _) = get(&g, "/p", &[]).await;
+        assert_eq!(status, 200);
+        marks.push(mark(&timing, "product").map(str::to_string));
+    }
+    assert_eq!(marks, [Some("miss".to_string()), Some("hit".to_string()), Some("hit".to_string())]);
+    assert_eq!(b.hits.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_cluster_cache_on_a_node_without_redis_is_an_error_at_its_field() {
+    let yaml = r#"
+compositions:
+  - name: c
+    path: /c
+    calls:
+      shared: { url: "http://127.0.0.1:9/s", cache: { ttl: 1s, scope: cluster } }
+      local: { url: "http://127.0.0.1:9/l", cache: { ttl: 1s, scope: local } }
+"#;
+    let config = manifold::config::load::config_from_text(yaml, manifold::config::Format::Yaml).unwrap();
+    let errors = match manifold::snapshot::compile(config, 1, &manifold::policy::Services::new(None)) {
+        Ok(_) => panic!("compiled without Redis"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+    };
+    assert_eq!(
+        errors,
+        ["compositions.c.calls.shared.cache.scope: scope: cluster needs Redis: set MANIFOLD_REDIS_URL (or use scope: local)"]
+    );
+}

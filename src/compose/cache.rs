@@ -135,6 +135,13 @@ impl<T: Clone + Send + Sync + 'static> CallStore<T> {
         }
     }
 
+    /// Keeps an entry read from elsewhere (Redis), within the same bound.
+    pub fn put_shared(&self, key: Arc<str>, entry: Arc<Entry>) {
+        if (entry.body.len() as u64) <= self.max_bytes / 4 {
+            self.entries.insert(key, entry);
+        }
+    }
+
     /// Bytes held (by the weigher) and entries, after pending evictions.
     pub fn size(&self) -> (u64, u64) {
         self.entries.run_pending_tasks();
@@ -163,6 +170,53 @@ impl<T: Clone + Send + Sync + 'static> CallStore<T> {
     pub fn landed(&self, key: &str) {
         self.flights.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
     }
+}
+
+/// An entry as Redis keeps it (`scope: cluster`): its age travels as the
+/// wall-clock time it was stored.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Wire {
+    stored_unix_ms: u64,
+    ttl_ms: u64,
+    keep_ms: u64,
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An entry's bytes for Redis (a JSON body is UTF-8; headers that are
+/// not text are left out).
+pub fn to_wire(e: &Entry) -> Option<Vec<u8>> {
+    let wire = Wire {
+        stored_unix_ms: unix_ms().saturating_sub(e.age().as_millis() as u64),
+        ttl_ms: e.ttl.as_millis() as u64,
+        keep_ms: e.keep.as_millis() as u64,
+        status: e.status,
+        headers: e.headers.iter().filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_string()))).collect(),
+        body: String::from_utf8(e.body.to_vec()).ok()?,
+    };
+    serde_json::to_vec(&wire).ok()
+}
+
+/// An entry read from Redis, its age kept; `None` when it is past use.
+pub fn from_wire(bytes: &[u8]) -> Option<Entry> {
+    let w: Wire = serde_json::from_slice(bytes).ok()?;
+    let age = Duration::from_millis(unix_ms().saturating_sub(w.stored_unix_ms));
+    let (ttl, keep) = (Duration::from_millis(w.ttl_ms), Duration::from_millis(w.keep_ms));
+    if age >= ttl + keep {
+        return None;
+    }
+    let mut headers = HeaderMap::new();
+    for (n, v) in w.headers {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), http::HeaderValue::from_str(&v)) {
+            headers.append(n, v);
+        }
+    }
+    Some(Entry { stored: Instant::now().checked_sub(age)?, ttl, keep, status: w.status, headers, body: Bytes::from(w.body) })
 }
 
 /// Whether the backend allows its answer to be kept (`no-store` and

@@ -439,6 +439,8 @@ struct Share {
     cache: Option<std::sync::Arc<CachePlan>>,
     counts: Option<[prometheus::IntCounter; 4]>,
     collapsed: Option<prometheus::IntCounter>,
+    /// `scope: cluster`: entries also kept in Redis.
+    redis: Option<std::sync::Arc<crate::policy::cluster::RedisLimiter>>,
 }
 
 impl Share {
@@ -481,6 +483,7 @@ fn fly(
     let key = p.share_key.clone().unwrap_or_else(|| "".into());
     share.store.flight(&key, || {
         let (store, cache, client, ids, limits) = (share.store.clone(), share.cache.clone(), client.clone(), ids.clone(), limits.clone());
+        let redis = share.redis.clone();
         let mut p = p.clone();
         let key = key.clone();
         let task = tokio::spawn(async move {
@@ -504,7 +507,13 @@ fn fly(
                         store.put(key.clone(), fresh);
                         revalidated = true;
                     }
-                    (Ok(s), _) if storable(&s.headers) => store.put(key.clone(), entry(s.status, s.headers.clone(), s.raw.clone())),
+                    (Ok(s), _) if storable(&s.headers) => {
+                        let fresh = entry(s.status, s.headers.clone(), s.raw.clone());
+                        if let (Some(r), Some(wire)) = (&redis, super::cache::to_wire(&fresh)) {
+                            r.store_call(&key, wire, fresh.ttl + fresh.keep).await;
+                        }
+                        store.put(key.clone(), fresh);
+                    }
                     _ => {}
                 }
             }
@@ -537,7 +546,15 @@ async fn request_once(
         return (r, retries, sent, None);
     };
     let key = p.share_key.as_deref().unwrap_or("");
-    let stored = share.cache.as_ref().and_then(|_| share.store.get(key));
+    let mut stored = share.cache.as_ref().and_then(|_| share.store.get(key));
+    // `scope: cluster`: what another node kept, when this one has nothing.
+    if let (None, Some(r), Some(k)) = (&stored, &share.redis, &p.share_key) {
+        if let Some(e) = r.cached_call(k).await.as_deref().and_then(super::cache::from_wire) {
+            let e = std::sync::Arc::new(e);
+            share.store.put_shared(k.clone(), e.clone());
+            stored = Some(e);
+        }
+    }
     let mut usable_stale = None;
     if let (Some(c), Some(e)) = (&share.cache, &stored) {
         let age = e.age();
@@ -1199,6 +1216,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                                 cache: call.cache.clone(),
                                 counts: call.cache_counts.clone(),
                                 collapsed: call.collapsed.clone(),
+                                redis: call.redis.clone(),
                             }),
                             batch,
                         };

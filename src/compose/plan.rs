@@ -68,6 +68,8 @@ pub struct CallPlan {
     /// `collapse: true` (set when the config compiles on a node; `None`
     /// for every other call, which then never touches it).
     pub store: Option<Arc<NodeCallStore>>,
+    /// Redis, for a call with `cache.scope: cluster` on a node that has it.
+    pub redis: Option<Arc<crate::policy::cluster::RedisLimiter>>,
     /// `manifold_call_cache_total` of this call, by [`Mark::ALL`]'s order.
     pub cache_counts: Option<[prometheus::IntCounter; 4]>,
     /// `manifold_call_collapsed_total` of this call (one with the store).
@@ -341,6 +343,7 @@ pub fn compile(comp: &Composition, upstreams: &Upstreams) -> Result<CompositionP
             cache,
             store: None,
             cache_counts: None,
+            redis: None,
             collapsed: None,
             deps,
             keep_headers: false,

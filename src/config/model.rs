@@ -199,6 +199,17 @@ pub struct CallCache {
     /// Client request headers whose values are part of the key (as well as every header the call forwards).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vary_headers: Vec<String>,
+    /// `local` (default): this node's store; `cluster`: also in Redis under the same key, so every node shares answers (Redis away: node-local).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<CacheScope>,
+}
+
+/// Where a call's cached answers live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    Local,
+    Cluster,
 }
 
 /// How a composition's answer is built.

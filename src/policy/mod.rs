@@ -123,6 +123,17 @@ impl Services {
                 }
             }
         }
+        for comp in &config.compositions {
+            for (name, call) in &comp.calls {
+                if call.cache.as_ref().is_some_and(|c| c.scope == Some(crate::config::CacheScope::Cluster)) && self.redis.is_none() {
+                    errs.push(ConfigError {
+                        file: None,
+                        path: format!("compositions.{}.calls.{name}.cache.scope", comp.name),
+                        message: "scope: cluster needs Redis: set MANIFOLD_REDIS_URL (or use scope: local)".into(),
+                    });
+                }
+            }
+        }
         errs
     }
 
