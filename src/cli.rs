@@ -164,6 +164,14 @@ pub struct ServeArgs {
     /// How long in-flight requests may take to finish after SIGTERM or SIGINT
     #[arg(long, env = "MANIFOLD_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_dur)]
     pub drain_timeout: Dur,
+    /// Memory for composition calls' cached answers (`cache` on a call),
+    /// all calls together; the least used go first when it is full
+    #[arg(long, env = "MANIFOLD_CALL_CACHE_MAX_BYTES", default_value = "64MiB", value_parser = parse_size)]
+    pub call_cache_max_bytes: crate::config::units::ByteSize,
+}
+
+fn parse_size(s: &str) -> Result<crate::config::units::ByteSize, String> {
+    crate::config::units::ByteSize::parse(s)
 }
 
 fn parse_net(s: &str) -> Result<IpNet, String> {
@@ -387,6 +395,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             client_key_file: args.upstream_client_key,
         },
         hosts_file: args.hosts_file,
+        call_cache_max_bytes: args.call_cache_max_bytes.0,
         ..GatewayOptions::default()
     };
     let gateway = Gateway::start(opts, config)?;

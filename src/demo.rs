@@ -56,6 +56,13 @@ pub fn answer(service: Service, path: &str, query: &str) -> Response<Full<Bytes>
             Some(seller) => json_response(StatusCode::OK, seller.clone()),
             None => json_response(StatusCode::NOT_FOUND, json!({ "error": "seller not found" })),
         },
+        // A batch endpoint: `/users?ids=1,2`, the users it knows, in any order.
+        (Service::Users, None) if path == "/users" => {
+            let users = data(USERS);
+            let ids = query_param(query, "ids").unwrap_or("");
+            let found: Vec<Value> = ids.split(',').filter_map(|id| users.get(id).cloned()).collect();
+            json_response(StatusCode::OK, Value::Array(found))
+        }
         (Service::Orders, None) if path == "/orders" => {
             let limit = query_param(query, "limit").and_then(|l| l.parse().ok()).unwrap_or(usize::MAX);
             let items: Vec<Value> =

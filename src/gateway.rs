@@ -46,6 +46,8 @@ pub struct GatewayOptions {
     /// Where upstream target names are looked up before the system's
     /// resolver (`--hosts-file`).
     pub hosts_file: Option<PathBuf>,
+    /// Bound of the store of composition calls' cached answers (bytes).
+    pub call_cache_max_bytes: u64,
 }
 
 impl Default for GatewayOptions {
@@ -61,6 +63,7 @@ impl Default for GatewayOptions {
             metrics: Default::default(),
             upstream_tls: Default::default(),
             hosts_file: None,
+            call_cache_max_bytes: crate::compose::cache::DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -138,7 +141,7 @@ impl Gateway {
             tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("manifold-control").enable_all().build()?,
         ));
 
-        let services = crate::policy::Services::with_metrics(opts.redis.clone(), opts.metrics);
+        let services = crate::policy::Services::with_call_store(opts.redis.clone(), opts.metrics, opts.call_cache_max_bytes);
         if let Some(path) = &opts.hosts_file {
             // Read once now so that a wrong path is an error at start, not
             // names that silently never resolve.

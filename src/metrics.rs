@@ -50,6 +50,12 @@ pub struct Metrics {
     pub rate_limit_fallbacks: TotalCounter,
     in_flight_gauge: IntGauge,
     connections_gauge: IntGauge,
+    call_cache: IntCounterVec,
+    call_collapsed: IntCounterVec,
+    call_cache_bytes: IntGauge,
+    call_cache_entries: IntGauge,
+    /// Reads the call store's (bytes, entries) at scrape.
+    call_cache_size: std::sync::OnceLock<Box<dyn Fn() -> (u64, u64) + Send + Sync>>,
     resident_memory: IntGauge,
     /// Updated on the request path; copied into the gauges on scrape.
     pub in_flight: AtomicI64,
@@ -226,6 +232,22 @@ impl Metrics {
             &["upstream", "target", "result"],
         )
         .expect("a valid metric");
+        let call_cache = IntCounterVec::new(
+            Opts::new(
+                "manifold_call_cache_total",
+                "Requests of composition calls with cache, by composition, call and result (hit, stale, miss, revalidated)",
+            ),
+            &["composition", "call", "result"],
+        )
+        .expect("a valid metric");
+        let call_collapsed = IntCounterVec::new(
+            Opts::new(
+                "manifold_call_collapsed_total",
+                "Requests of composition calls (cache or collapse) that took an identical request's answer already in flight, by composition and call",
+            ),
+            &["composition", "call"],
+        )
+        .expect("a valid metric");
         let target_healthy = prometheus::IntGaugeVec::new(
             Opts::new(
                 "manifold_upstream_target_healthy",
@@ -248,6 +270,8 @@ impl Metrics {
             Box::new(refusals.clone()),
             Box::new(calls.clone()),
             Box::new(call_failures.clone()),
+            Box::new(call_cache.clone()),
+            Box::new(call_collapsed.clone()),
         ] {
             registry.register(m).expect("registered once");
         }
@@ -268,6 +292,19 @@ impl Metrics {
             ),
             in_flight_gauge: gauge(&registry, "manifold_requests_in_flight", "Requests being served"),
             connections_gauge: gauge(&registry, "manifold_open_connections", "Client connections open on the proxy listener"),
+            call_cache_bytes: gauge(
+                &registry,
+                "manifold_call_cache_bytes",
+                "Bytes held by the store of composition calls' cached answers (bounded by --call-cache-max-bytes)",
+            ),
+            call_cache_entries: gauge(
+                &registry,
+                "manifold_call_cache_entries",
+                "Answers in the store of composition calls' cached answers",
+            ),
+            call_cache_size: std::sync::OnceLock::new(),
+            call_cache,
+            call_collapsed,
             resident_memory: gauge(&registry, "manifold_resident_memory_bytes", "Resident memory of the process"),
             registry,
             requests,
@@ -303,6 +340,22 @@ impl Metrics {
     /// One backend call's duration histogram, resolved once per config.
     pub fn call_histogram(&self, composition: &str, call: &str) -> Histogram {
         self.calls.with_label_values(&[composition, call])
+    }
+
+    /// A cached call's counters, one per result (hit, stale, miss,
+    /// revalidated: `compose::cache::Mark::ALL`'s order), resolved once per config.
+    pub fn call_cache_counters(&self, composition: &str, call: &str) -> [IntCounter; 4] {
+        crate::compose::cache::Mark::ALL.map(|m| self.call_cache.with_label_values(&[composition, call, m.as_str()]))
+    }
+
+    /// A shared call's count of requests that joined one in flight.
+    pub fn call_collapsed_counter(&self, composition: &str, call: &str) -> IntCounter {
+        self.call_collapsed.with_label_values(&[composition, call])
+    }
+
+    /// How the call store's size is read at scrape (set once, by the node's services).
+    pub fn call_cache_size(&self, read: impl Fn() -> (u64, u64) + Send + Sync + 'static) {
+        let _ = self.call_cache_size.set(Box::new(read));
     }
 
     /// A failed backend call of a composition (rare: looked up when it happens).
@@ -353,6 +406,11 @@ impl Metrics {
         self.in_flight_gauge.set(self.in_flight.load(Ordering::Relaxed));
         self.connections_gauge.set(self.connections.load(Ordering::Relaxed));
         self.resident_memory.set(resident_bytes());
+        if let Some(read) = self.call_cache_size.get() {
+            let (bytes, entries) = read();
+            self.call_cache_bytes.set(bytes as i64);
+            self.call_cache_entries.set(entries as i64);
+        }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()

@@ -375,6 +375,19 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
             Ok(mut plan) => {
                 for call in &mut plan.calls {
                     call.duration = Some(services.metrics.call_histogram(&plan.name, &call.name));
+                    // Only a call with `cache` or `collapse` holds the store.
+                    let collapse = comp.calls.get(&*call.name).is_some_and(|c| c.collapse);
+                    if call.wants_store(collapse) {
+                        call.store = Some(services.call_store.clone());
+                        call.collapsed = Some(services.metrics.call_collapsed_counter(&plan.name, &call.name));
+                    }
+                    let cluster = comp.calls.get(&*call.name).and_then(|c| c.cache.as_ref()).and_then(|c| c.scope);
+                    if cluster == Some(crate::config::CacheScope::Cluster) {
+                        call.redis = services.redis.clone();
+                    }
+                    if call.cache.is_some() {
+                        call.cache_counts = Some(services.metrics.call_cache_counters(&plan.name, &call.name));
+                    }
                 }
                 let plan = Arc::new(plan);
                 compositions.insert(comp.name.clone(), (pattern.clone(), plan.clone()));

@@ -274,14 +274,16 @@ fn fields<T: utoipa::PartialSchema>() -> Vec<String> {
 #[test]
 fn every_config_field_is_in_a_table() {
     use manifold::config::{
-        ActiveHealthCheck, Call, CircuitBreaker, Composition, Consumer, PassiveHealthCheck, Policy, ResponseSpec, Route, Upstream,
-        UpstreamRetries, UpstreamTarget, UpstreamTls,
+        ActiveHealthCheck, Batch, Call, CallCache, CircuitBreaker, Composition, Consumer, PassiveHealthCheck, Policy, ResponseSpec, Route,
+        Upstream, UpstreamRetries, UpstreamTarget, UpstreamTls,
     };
     let pages = [
         ("routes.md", fields::<Route>()),
         ("compositions.md", fields::<Composition>()),
         ("compositions.md", fields::<Call>()),
         ("compositions.md", fields::<ResponseSpec>()),
+        ("compositions.md", fields::<Batch>()),
+        ("compositions.md", fields::<CallCache>()),
         ("consumers.md", fields::<Consumer>()),
         ("policies.md", fields::<Policy>()),
         ("upstreams.md", fields::<Upstream>()),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
@@ -15,8 +16,10 @@ use http_body_util::{BodyExt, Limited};
 use serde_json::{json, Map, Value};
 use tokio::time::Instant;
 
-use super::plan::{CallPlan, CompositionPlan, ResponseBody};
+use super::cache::{storable, CachePlan, CallStore, Entry, Flight, Mark};
+use super::plan::{BatchPlan, CallPlan, CompositionPlan, ResponseBody};
 use super::query::{truthy, Rendered};
+use super::template::value_text;
 use crate::body::Body;
 use crate::errors::{error_response, ErrorCode};
 use crate::ids::TraceContext;
@@ -52,6 +55,9 @@ pub struct CallRecord {
     pub error: Option<Value>,
     /// Requests sent again after a retryable failure.
     pub retries: u32,
+    /// A cached call's request: `hit`, `stale`, `miss` or `revalidated`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<&'static str>,
 }
 
 pub struct Outcome {
@@ -60,7 +66,7 @@ pub struct Outcome {
 }
 
 #[derive(Clone, Debug)]
-struct Failure {
+pub struct Failure {
     kind: &'static str,
     message: String,
     status: Option<u16>,
@@ -79,15 +85,34 @@ impl Failure {
 }
 
 #[derive(Clone)]
-struct Success {
+pub struct Success {
     status: u16,
     headers: HeaderMap,
     body: Value,
     bytes: usize,
+    /// The body as it came, kept only for a cached call (to store it).
+    raw: Bytes,
 }
+
+/// A request shared across client requests, as its waiters get it.
+#[derive(Clone)]
+pub struct Fetched {
+    result: Result<Success, Failure>,
+    retries: u32,
+    sent: Option<Uri>,
+    /// A stale entry the backend confirmed (304) answered it.
+    revalidated: bool,
+}
+
+/// The node's store of shared calls (held by `policy::Services`).
+pub type NodeCallStore = CallStore<Fetched>;
 
 struct Finished {
     index: usize,
+    /// The call's cache mark: the least fresh of its requests'.
+    mark: Option<Mark>,
+    /// Batches sent (a `batch` call).
+    batches: Option<usize>,
     result: Result<Success, Failure>,
     duration: Duration,
     records: Vec<CallRecord>,
@@ -116,6 +141,9 @@ struct Prepared {
     key: Option<u64>,
     headers: HeaderMap,
     body: Option<Bytes>,
+    /// Under which key identical requests share (a call with `cache` or
+    /// `collapse`).
+    share_key: Option<std::sync::Arc<str>>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -184,7 +212,46 @@ fn prepare(call: &CallPlan, doc: &Value, ex: &Exchange) -> Result<Prepared, Fail
         }
         None => None,
     };
-    Ok(Prepared { pq, key, headers, body })
+    let share_key = call.store.as_ref().map(|_| share_key(call, &pq, &headers, body.as_deref(), ex));
+    Ok(Prepared { pq, key, headers, body, share_key })
+}
+
+/// The key identical requests share under (SPEC §8): the method, where
+/// it goes, the path and query, the body, the `vary_headers` values and
+/// every header the call sends but the correlation id (its forwarded
+/// ones among them), these as a digest: the key is in memory.
+fn share_key(call: &CallPlan, pq: &PathAndQuery, headers: &HeaderMap, body: Option<&[u8]>, ex: &Exchange) -> std::sync::Arc<str> {
+    use sha2::Digest;
+    let mut key = String::with_capacity(128);
+    let part = super::cache::key_part;
+    part(&mut key, call.method.as_str().as_bytes());
+    part(&mut key, call.origin.as_bytes());
+    part(&mut key, pq.as_str().as_bytes());
+    let mut who = sha2::Sha256::new();
+    let mut add = |name: &HeaderName, v: &HeaderValue| {
+        who.update((name.as_str().len() as u64).to_le_bytes());
+        who.update(name.as_str().as_bytes());
+        who.update((v.len() as u64).to_le_bytes());
+        who.update(v.as_bytes());
+    };
+    for (name, v) in headers {
+        if ex.correlation.as_ref() != Some(name) {
+            add(name, v);
+        }
+    }
+    if let Some(c) = &call.cache {
+        for name in &c.vary_headers {
+            for v in ex.client_headers.get_all(name) {
+                add(name, v);
+            }
+        }
+    }
+    if let Some(b) = body {
+        who.update(b"body");
+        who.update(b);
+    }
+    key.push_str(&hex::encode(&who.finalize()[..16]));
+    key.into()
 }
 
 /// The kind a composition reports for a failed backend request.
@@ -201,6 +268,7 @@ fn failure_of(e: &UpstreamError) -> Failure {
 
 /// What every backend request of one call shares: the labels and ids the
 /// upstream layer stamps and counts with.
+#[derive(Clone)]
 struct CallIds {
     composition: std::sync::Arc<str>,
     call: std::sync::Arc<str>,
@@ -312,7 +380,9 @@ async fn attempt(
         serde_json::from_slice(&bytes)
             .map_err(|_| Failure { status: Some(status.as_u16()), ..Failure::new("invalid_json", "the backend body is not JSON") })?
     };
-    Ok(Success { status: status.as_u16(), headers: parts.headers, body, bytes: bytes.len() })
+    let size = bytes.len();
+    let raw = if limits.keep_raw { bytes } else { Bytes::new() };
+    Ok(Success { status: status.as_u16(), headers: parts.headers, body, bytes: size, raw })
 }
 
 /// How one call's requests are made.
@@ -324,6 +394,8 @@ struct CallLimits {
     /// Whether anything reads the answer's headers (else only its
     /// `Content-Type` is kept).
     keep_headers: bool,
+    /// Keep the answer's bytes (a cached call stores them).
+    keep_raw: bool,
     /// The call's timeout or the composition's deadline, whichever is first.
     end: Instant,
 }
@@ -360,6 +432,173 @@ async fn request_with_retries(
     (result, retried, sent)
 }
 
+/// What a call with `cache` or `collapse` shares across client requests.
+#[derive(Clone)]
+struct Share {
+    store: std::sync::Arc<NodeCallStore>,
+    cache: Option<std::sync::Arc<CachePlan>>,
+    counts: Option<[prometheus::IntCounter; 4]>,
+    collapsed: Option<prometheus::IntCounter>,
+    /// `scope: cluster`: entries also kept in Redis.
+    redis: Option<std::sync::Arc<crate::policy::cluster::RedisLimiter>>,
+}
+
+impl Share {
+    fn count(&self, mark: Mark) {
+        if let Some(c) = &self.counts {
+            c[Mark::ALL.iter().position(|m| *m == mark).unwrap_or(0)].inc();
+        }
+    }
+}
+
+/// A stored answer as a call's answer.
+fn success_of(e: &Entry) -> Success {
+    let body =
+        if e.body.iter().all(u8::is_ascii_whitespace) { Value::Null } else { serde_json::from_slice(&e.body).unwrap_or(Value::Null) };
+    Success { status: e.status, headers: e.headers.clone(), body, bytes: e.body.len(), raw: e.body.clone() }
+}
+
+/// Gives the key back when the shared request ends, however it ends.
+struct Landing(std::sync::Arc<NodeCallStore>, std::sync::Arc<str>);
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        self.0.landed(&self.1);
+    }
+}
+
+/// The shared request under `p`'s key: the one in flight, or a new one
+/// spawned on this worker's runtime (it outlives the client request that
+/// started it). With `stale`, the request is conditional on its
+/// validators and a 304 refreshes it. A cached call stores a successful,
+/// storable answer before the key is given back.
+fn fly(
+    share: &Share,
+    client: &Client,
+    ids: &CallIds,
+    p: &Prepared,
+    limits: &CallLimits,
+    stale: Option<std::sync::Arc<Entry>>,
+) -> (Flight<Fetched>, bool) {
+    let key = p.share_key.clone().unwrap_or_else(|| "".into());
+    share.store.flight(&key, || {
+        let (store, cache, client, ids, limits) = (share.store.clone(), share.cache.clone(), client.clone(), ids.clone(), limits.clone());
+        let redis = share.redis.clone();
+        let mut p = p.clone();
+        let key = key.clone();
+        let task = tokio::spawn(async move {
+            let _landing = Landing(store.clone(), key.clone());
+            if let Some(e) = &stale {
+                if let Some(etag) = e.headers.get(header::ETAG) {
+                    p.headers.insert(header::IF_NONE_MATCH, etag.clone());
+                } else if let Some(at) = e.headers.get(header::LAST_MODIFIED) {
+                    p.headers.insert(header::IF_MODIFIED_SINCE, at.clone());
+                }
+            }
+            let (mut result, retries, sent) = request_with_retries(&client, &ids, &p, &limits).await;
+            let mut revalidated = false;
+            if let Some(c) = &cache {
+                let keep = c.stale_while_revalidate.max(c.stale_if_error);
+                let entry = |status, headers, body| Entry { stored: std::time::Instant::now(), ttl: c.ttl, keep, status, headers, body };
+                match (&result, &stale) {
+                    (Err(f), Some(e)) if f.status == Some(304) => {
+                        let fresh = entry(e.status, e.headers.clone(), e.body.clone());
+                        result = Ok(success_of(&fresh));
+                        store.put(key.clone(), fresh);
+                        revalidated = true;
+                    }
+                    (Ok(s), _) if storable(&s.headers) => {
+                        let fresh = entry(s.status, s.headers.clone(), s.raw.clone());
+                        if let (Some(r), Some(wire)) = (&redis, super::cache::to_wire(&fresh)) {
+                            r.store_call(&key, wire, fresh.ttl + fresh.keep).await;
+                        }
+                        store.put(key.clone(), fresh);
+                    }
+                    _ => {}
+                }
+            }
+            Fetched { result, retries, sent, revalidated }
+        });
+        async move {
+            task.await.unwrap_or_else(|_| Fetched {
+                result: Err(Failure::new("upstream", "the shared request was stopped")),
+                retries: 0,
+                sent: None,
+                revalidated: false,
+            })
+        }
+        .boxed()
+    })
+}
+
+/// One request of a call: straight to the backend, or, for a call with
+/// `cache` or `collapse`, through the node's store and the identical
+/// request in flight. Also its retries, the URL sent and its cache mark.
+async fn request_once(
+    client: &Client,
+    ids: &CallIds,
+    p: &Prepared,
+    limits: &CallLimits,
+    share: Option<&Share>,
+) -> (Result<Success, Failure>, u32, Option<Uri>, Option<Mark>) {
+    let Some(share) = share.filter(|_| p.share_key.is_some()) else {
+        let (r, retries, sent) = request_with_retries(client, ids, p, limits).await;
+        return (r, retries, sent, None);
+    };
+    let key = p.share_key.as_deref().unwrap_or("");
+    let mut stored = share.cache.as_ref().and_then(|_| share.store.get(key));
+    // `scope: cluster`: what another node kept, when this one has nothing.
+    if let (None, Some(r), Some(k)) = (&stored, &share.redis, &p.share_key) {
+        if let Some(e) = r.cached_call(k).await.as_deref().and_then(super::cache::from_wire) {
+            let e = std::sync::Arc::new(e);
+            share.store.put_shared(k.clone(), e.clone());
+            stored = Some(e);
+        }
+    }
+    let mut usable_stale = None;
+    if let (Some(c), Some(e)) = (&share.cache, &stored) {
+        let age = e.age();
+        if age < e.ttl {
+            share.count(Mark::Hit);
+            return (Ok(success_of(e)), 0, None, Some(Mark::Hit));
+        }
+        if age < e.ttl + c.stale_while_revalidate {
+            // Answered at once; one refresh per key, in the background.
+            if !share.store.in_flight(key) {
+                drop(fly(share, client, ids, p, limits, Some(e.clone())));
+            }
+            share.count(Mark::Stale);
+            return (Ok(success_of(e)), 0, None, Some(Mark::Stale));
+        }
+        if age < e.ttl + c.stale_if_error {
+            usable_stale = Some(e.clone());
+        }
+    }
+    let (flight, leader) = fly(share, client, ids, p, limits, stored);
+    if let (false, Some(c)) = (leader, &share.collapsed) {
+        c.inc();
+    }
+    let fetched = match tokio::time::timeout_at(limits.end, flight).await {
+        Ok(f) => f,
+        Err(_) => Fetched { result: Err(Failure::new("timeout", "no answer in time")), retries: 0, sent: None, revalidated: false },
+    };
+    // The leader's retries are its own: a waiter sent nothing.
+    let retries = if leader { fetched.retries } else { 0 };
+    let mark = match (&fetched.result, usable_stale) {
+        (Err(_), Some(e)) => {
+            share.count(Mark::Stale);
+            return (Ok(success_of(&e)), retries, fetched.sent, Some(Mark::Stale));
+        }
+        _ if share.cache.is_none() => None,
+        _ if fetched.revalidated => Some(Mark::Revalidated),
+        _ => Some(Mark::Miss),
+    };
+    if let Some(m) = mark {
+        share.count(m);
+    }
+    (fetched.result, retries, fetched.sent, mark)
+}
+
 type CallFuture = Pin<Box<dyn Future<Output = Finished> + Send>>;
 
 /// When and how a call runs, besides its requests.
@@ -373,10 +612,23 @@ struct Launch {
     concurrency: usize,
     /// Keep a report of each backend request (the `try` endpoint).
     record: bool,
+    /// A call with `cache` or `collapse`.
+    share: Option<Share>,
+    /// A `batch` call's items.
+    batch: Option<BatchItems>,
 }
 
-fn record_of(name: String, url: String, started: Option<f64>, r: &Result<Success, Failure>, d: Duration, retries: u32) -> CallRecord {
+fn record_of(
+    name: String,
+    url: String,
+    started: Option<f64>,
+    r: &Result<Success, Failure>,
+    d: Duration,
+    retries: u32,
+    mark: Option<Mark>,
+) -> CallRecord {
     CallRecord {
+        cache: mark.map(Mark::as_str),
         name,
         url: Some(url),
         started_ms: started,
@@ -398,15 +650,18 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
         let offset = |t: Instant| ms(t - l.composition_start);
         let mut records = Vec::new();
         let mut sent_again = 0;
+        let mut mark = None;
+        let mut batches = None;
         let result = if !l.for_each {
             match requests.into_iter().next() {
                 Some(p) => {
-                    let (r, retries, sent) = request_with_retries(&client, &l.ids, &p, &l.limits).await;
+                    let (r, retries, sent, m) = request_once(&client, &l.ids, &p, &l.limits, l.share.as_ref()).await;
                     sent_again = retries;
+                    mark = m;
                     if l.record {
                         let at = Some(offset(l.started));
                         let url = sent.map_or_else(|| p.pq.to_string(), |u| u.to_string());
-                        records.push(record_of(name.to_string(), url, at, &r, l.started.elapsed(), retries));
+                        records.push(record_of(name.to_string(), url, at, &r, l.started.elapsed(), retries, m));
                     }
                     r
                 }
@@ -414,37 +669,48 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
             }
         } else {
             // Items whose requests are the same (a repeated value) are sent
-            // once: `of[k]` is item k's request among the distinct ones.
-            let (requests, of) = distinct(requests);
-            let mut uses = vec![0usize; requests.len()];
-            for &d in &of {
-                uses[d] += 1;
+            // once: `of[k]` is item k's request among the distinct ones. A
+            // batch's items were grouped by value when it was prepared.
+            let (requests, of) = match &l.batch {
+                Some(b) => (requests, b.of.clone()),
+                None => distinct(requests),
+            };
+            batches = l.batch.as_ref().map(|_| requests.len());
+            // How many items each request answers (a batch's answer is
+            // matched to its items afterwards: once).
+            let mut uses = vec![usize::from(l.batch.is_some()); requests.len()];
+            if l.batch.is_none() {
+                for &d in &of {
+                    uses[d] += 1;
+                }
             }
             // Requests run `concurrency` at a time and settle in order; the
             // first failure stops the call and drops the ones still running.
             // Their bodies together stay within the call's body limit.
             let mut items = futures_util::stream::iter(requests.into_iter().enumerate())
                 .map(|(i, p)| {
-                    let (client, limits, ids) = (&client, &l.limits, &l.ids);
+                    let (client, limits, ids, share) = (&client, &l.limits, &l.ids, l.share.as_ref());
                     async move {
                         let t = Instant::now();
-                        let (r, retries, sent) = request_with_retries(client, ids, &p, limits).await;
+                        let (r, retries, sent, m) = request_once(client, ids, &p, limits, share).await;
                         let url = sent.map_or_else(|| p.pq.to_string(), |u| u.to_string());
-                        (i, url, t, r, retries)
+                        (i, url, t, r, retries, m)
                     }
                 })
                 .buffered(l.concurrency);
             let mut bodies = Vec::new();
             let mut total = 0usize;
             let mut failure = None;
-            while let Some((i, url, t, r, retries)) = items.next().await {
+            while let Some((i, url, t, r, retries, m)) = items.next().await {
                 sent_again += retries;
+                mark = mark.max(m);
                 if l.record {
-                    records.push(record_of(format!("{name}[{i}]"), url, Some(offset(t)), &r, t.elapsed(), retries));
+                    records.push(record_of(format!("{name}[{i}]"), url, Some(offset(t)), &r, t.elapsed(), retries, m));
                 }
                 match r {
                     Ok(s) => {
-                        // Each item holds its copy: counted once per item.
+                        // Each item holds its copy: counted once per item (a
+                        // batch's answer once).
                         total += s.bytes * uses[i];
                         if total > l.limits.max_body {
                             failure =
@@ -459,30 +725,85 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
                     }
                 }
             }
-            match failure {
-                Some(f) => Err(f),
-                None => {
+            match (failure, &l.batch) {
+                (Some(f), _) => Err(f),
+                (None, Some(b)) => match_batches(&b.plan, bodies, &b.texts, &of).map(|items| Success {
+                    status: 200,
+                    headers: HeaderMap::new(),
+                    body: Value::Array(items),
+                    bytes: total,
+                    raw: Bytes::new(),
+                }),
+                (None, None) => {
                     // Every item gets its request's body, in item order (a
                     // repeated one a copy).
                     let mut bodies: Vec<Option<Value>> = bodies.into_iter().map(Some).collect();
-                    let mut left = uses;
-                    let items: Vec<Value> = of
-                        .iter()
-                        .map(|&d| {
-                            left[d] -= 1;
-                            if left[d] == 0 {
-                                bodies[d].take().unwrap_or(Value::Null)
-                            } else {
-                                bodies[d].clone().unwrap_or(Value::Null)
-                            }
-                        })
-                        .collect();
-                    Ok(Success { status: 200, headers: HeaderMap::new(), body: Value::Array(items), bytes: total })
+                    Ok(Success {
+                        status: 200,
+                        headers: HeaderMap::new(),
+                        body: Value::Array(hand_out(&mut bodies, &of, uses)),
+                        bytes: total,
+                        raw: Bytes::new(),
+                    })
                 }
             }
         };
-        Finished { index: l.index, result, duration: l.started.elapsed(), records, retries: sent_again }
+        Finished { index: l.index, mark, batches, result, duration: l.started.elapsed(), records, retries: sent_again }
     })
+}
+
+/// Item k gets `bodies[of[k]]`: moved out at its last use, copied before.
+fn hand_out(bodies: &mut [Option<Value>], of: &[usize], mut left: Vec<usize>) -> Vec<Value> {
+    of.iter()
+        .map(|&d| {
+            left[d] -= 1;
+            if left[d] == 0 {
+                bodies[d].take().unwrap_or(Value::Null)
+            } else {
+                bodies[d].clone().unwrap_or(Value::Null)
+            }
+        })
+        .collect()
+}
+
+/// A batch call's items: its distinct values (as sent, in text) grouped
+/// into requests, and for each item the index of its value.
+#[derive(Clone)]
+struct BatchItems {
+    plan: std::sync::Arc<BatchPlan>,
+    /// The text of each distinct value, in first-seen order.
+    texts: Vec<String>,
+    of: Vec<usize>,
+}
+
+/// Each distinct value's element among the batches' answers, found by
+/// `key` (compared as text, as the value was sent), then handed to the
+/// items in item order; a value no element matched is null.
+fn match_batches(shape: &BatchPlan, answers: Vec<Value>, texts: &[String], of: &[usize]) -> Result<Vec<Value>, Failure> {
+    let index: std::collections::HashMap<&str, usize> = texts.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let mut found: Vec<Option<Value>> = vec![None; texts.len()];
+    for answer in answers {
+        let array = match &shape.path {
+            Some(q) => q.eval(&answer),
+            None => answer,
+        };
+        let Value::Array(elements) = array else {
+            return Err(Failure::new("invalid_batch", "the batch answer is not a JSON array"));
+        };
+        for element in elements {
+            let k = shape.key.eval(&element);
+            if let Some(&d) = index.get(&*value_text(&k)) {
+                if found[d].is_none() && !k.is_null() {
+                    found[d] = Some(element);
+                }
+            }
+        }
+    }
+    let mut uses = vec![0usize; texts.len()];
+    for &d in of {
+        uses[d] += 1;
+    }
+    Ok(hand_out(&mut found, of, uses))
 }
 
 /// The distinct requests of a `for_each` call, in first-seen order, and for
@@ -544,6 +865,8 @@ struct Run<'p> {
     /// Calls waiting on another call's identical request: (that call, the
     /// waiting one).
     followers: Vec<(usize, usize)>,
+    /// A call's cache mark and batches sent, for `Server-Timing`.
+    notes: Vec<Option<(Option<Mark>, Option<usize>)>>,
 }
 
 impl Run<'_> {
@@ -575,7 +898,7 @@ impl Run<'_> {
             if self.record {
                 let url = format!("the request of {:?}", &*self.plan.calls[j].name);
                 let at = self.started[i].map(|t| ms(t - self.start));
-                self.records.push(record_of(self.plan.calls[i].name.to_string(), url, at, &result, duration, 0));
+                self.records.push(record_of(self.plan.calls[i].name.to_string(), url, at, &result, duration, 0, None));
             }
         }
         match result {
@@ -611,6 +934,7 @@ impl Run<'_> {
                     headers: self.call_headers[j].clone().unwrap_or_default(),
                     body: entry.map_or(Value::Null, |e| e["body"].clone()),
                     bytes: 0,
+                    raw: Bytes::new(),
                 })
             }
         }
@@ -641,6 +965,7 @@ impl Run<'_> {
                 status: None,
                 error: Some(failure.as_ref().map_or_else(|| json!({"kind": "not_run", "message": "when was false"}), Failure::json)),
                 retries: 0,
+                cache: None,
             });
         }
         self.failures[i] = failure;
@@ -694,6 +1019,20 @@ impl Run<'_> {
                 State::NotRun => write!(out, "{name};dur=0;desc=\"not run\", "),
                 State::Waiting => write!(out, "{name};dur=0;desc=\"cancelled\", "),
             };
+            // `cache=hit` and `batches=N` (extension parameters) on a
+            // call that has them, before its entry's separator.
+            if let Some(&Some((mark, batches))) = self.notes.get(i) {
+                if matches!(self.states[i], State::Done | State::Failed) {
+                    out.truncate(out.len() - 2);
+                    if let Some(m) = mark {
+                        let _ = write!(out, ";cache={}", m.as_str());
+                    }
+                    if let Some(b) = batches {
+                        let _ = write!(out, ";batches={b}");
+                    }
+                    out.push_str(", ");
+                }
+            }
         }
         let _ = write!(out, "total;dur={}", ms(self.start.elapsed()));
         HeaderValue::from_str(&out).unwrap_or(HeaderValue::from_static("total"))
@@ -707,13 +1046,49 @@ impl Run<'_> {
         Outcome { response, calls: self.records }
     }
 
-    /// Renders the requests of call `i` (one, or one per `for_each` item).
-    fn prepare_all(&mut self, i: usize, ex: &Exchange) -> Result<Vec<Prepared>, Failure> {
+    /// Renders the requests of call `i` (one, or one per `for_each` item,
+    /// or one per batch of distinct values).
+    fn prepare_all(&mut self, i: usize, ex: &Exchange) -> Result<(Vec<Prepared>, Option<BatchItems>), Failure> {
         let call = &self.plan.calls[i];
-        let Some(q) = &call.for_each else { return prepare(call, &self.doc, ex).map(|p| vec![p]) };
+        let Some(q) = &call.for_each else { return prepare(call, &self.doc, ex).map(|p| (vec![p], None)) };
         let items = q.items(&self.doc);
         if items.len() > call.max_items {
             return Err(Failure::new("too_many_items", format!("for_each gave {} items, more than {}", items.len(), call.max_items)));
+        }
+        if let Some(b) = &call.batch {
+            // Values that are sent the same (as text) are one value.
+            let mut texts: Vec<String> = Vec::new();
+            let mut index = std::collections::HashMap::with_capacity(items.len());
+            let mut values = Vec::new();
+            let mut of = Vec::with_capacity(items.len());
+            for item in items {
+                let text = value_text(&item).into_owned();
+                let d = *index.entry(text.clone()).or_insert_with(|| {
+                    texts.push(text);
+                    values.push(item);
+                    values.len() - 1
+                });
+                of.push(d);
+            }
+            let mut out = Vec::with_capacity(values.len().div_ceil(b.size));
+            let mut result = Ok(());
+            for chunk in values.chunks(b.size) {
+                if let Value::Object(m) = &mut self.doc {
+                    m.insert("items".into(), Value::Array(chunk.to_vec()));
+                }
+                match prepare(call, &self.doc, ex) {
+                    Ok(p) => out.push(p),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            if let Value::Object(m) = &mut self.doc {
+                m.remove("items");
+            }
+            // `of` indexes values; a batch's answers are matched to values.
+            return result.map(|()| (out, Some(BatchItems { plan: b.clone(), texts, of })));
         }
         let mut out = Vec::with_capacity(items.len());
         let mut result = Ok(());
@@ -732,7 +1107,7 @@ impl Run<'_> {
         if let Value::Object(m) = &mut self.doc {
             m.remove("item");
         }
-        result.map(|()| out)
+        result.map(|()| (out, None))
     }
 }
 
@@ -758,6 +1133,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         metrics: ex.metrics,
         sent: Vec::new(),
         followers: Vec::new(),
+        notes: Vec::new(),
     };
     let mut running: FuturesUnordered<CallFuture> = FuturesUnordered::new();
 
@@ -786,7 +1162,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                     continue;
                 }
                 match run.prepare_all(i, &ex) {
-                    Ok(requests) => {
+                    Ok((requests, batch)) => {
                         // A GET or HEAD the same as one sent before is not
                         // sent again: this call takes that one's answer.
                         if call.may_share {
@@ -813,7 +1189,8 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                             method: call.method.clone(),
                             max_body: call.max_body,
                             retries: call.retries,
-                            keep_headers: call.keep_headers,
+                            keep_headers: call.keep_headers || call.cache.is_some(),
+                            keep_raw: call.cache.is_some(),
                             end,
                         };
                         // Owned by the call's future.
@@ -834,6 +1211,14 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                             limits,
                             concurrency: call.max_concurrency,
                             record: ex.record,
+                            share: call.store.as_ref().map(|store| Share {
+                                store: store.clone(),
+                                cache: call.cache.clone(),
+                                counts: call.cache_counts.clone(),
+                                collapsed: call.collapsed.clone(),
+                                redis: call.redis.clone(),
+                            }),
+                            batch,
                         };
                         running.push(launch(call, requests, ex.client, l));
                         run.started[i] = Some(now);
@@ -848,6 +1233,11 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         let i = done.index;
         run.durations[i] = done.duration;
         run.retries[i] = done.retries;
+        if done.mark.is_some() || done.batches.is_some() {
+            // Allocated only by a composition whose calls have notes.
+            run.notes.resize(n, None);
+            run.notes[i] = Some((done.mark, done.batches));
+        }
         run.records.extend(done.records);
         let followers: Vec<usize> = run.followers.iter().filter(|(l, _)| *l == i).map(|(_, f)| *f).collect();
         let shared = (!followers.is_empty()).then(|| done.result.clone());

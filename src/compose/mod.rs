@@ -4,6 +4,7 @@
 //! [`plan`] compiles a composition once per config; [`exec`] runs it per
 //! request; [`template`] and [`query`] are the two expression languages.
 
+pub mod cache;
 pub mod context;
 pub mod exec;
 pub mod plan;

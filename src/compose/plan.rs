@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 
+use super::cache::CachePlan;
+use super::exec::NodeCallStore;
 use super::query::{JsonTemplate, Query};
 use super::template::{Escape, Template};
 use crate::config::refs::{jsonpath_root, template_refs};
@@ -58,11 +60,43 @@ pub struct CallPlan {
     /// composition goes to the same origin: their requests are compared
     /// per request, and one the same as another's is not sent twice.
     pub may_share: bool,
+    /// `batch`: a `for_each` whose values go in groups.
+    pub batch: Option<Arc<BatchPlan>>,
+    /// `cache`: answers kept in the node's store.
+    pub cache: Option<Arc<CachePlan>>,
+    /// The node's store of shared calls, for a call with `cache` or
+    /// `collapse: true` (set when the config compiles on a node; `None`
+    /// for every other call, which then never touches it).
+    pub store: Option<Arc<NodeCallStore>>,
+    /// Redis, for a call with `cache.scope: cluster` on a node that has it.
+    pub redis: Option<Arc<crate::policy::cluster::RedisLimiter>>,
+    /// `manifold_call_cache_total` of this call, by [`Mark::ALL`]'s order.
+    pub cache_counts: Option<[prometheus::IntCounter; 4]>,
+    /// `manifold_call_collapsed_total` of this call (one with the store).
+    pub collapsed: Option<prometheus::IntCounter>,
     /// Indexes of the calls this one reads; it starts when they are done.
     pub deps: Vec<usize>,
     /// Whether the answer's headers are read (a template or query, or the
     /// response's `forward_headers`); else only `Content-Type` is kept.
     pub keep_headers: bool,
+}
+
+/// A `for_each` call's `batch`, compiled.
+#[derive(Debug)]
+pub struct BatchPlan {
+    pub size: usize,
+    /// Evaluated on each element of the answer's array.
+    pub key: Query,
+    /// Where the array is in the answer (else the answer is the array).
+    pub path: Option<Query>,
+}
+
+impl CallPlan {
+    /// Whether the call wants the node's store: `cache`, or `collapse` on
+    /// a GET.
+    pub fn wants_store(&self, collapse: bool) -> bool {
+        self.method == Method::GET && (self.cache.is_some() || collapse)
+    }
 }
 
 #[derive(Debug)]
@@ -256,6 +290,29 @@ pub fn compile(comp: &Composition, upstreams: &Upstreams) -> Result<CompositionP
         };
         let when = query_of("when", &call.when);
         let for_each = query_of("for_each", &call.for_each);
+        let batch = match &call.batch {
+            Some(b) => {
+                let key = Query::parse(&b.key).map_err(|e| fail(format!("{cbase}.batch.key"), e)).ok();
+                let path = b.path.as_deref().map(Query::parse).transpose().map_err(|e| fail(format!("{cbase}.batch.path"), e)).ok();
+                match (key, path) {
+                    (Some(key), Some(path)) => Some(Arc::new(BatchPlan { size: (b.size as usize).max(1), key, path })),
+                    _ => None,
+                }
+            }
+            None => None,
+        };
+        let cache = call.cache.as_ref().map(|c| {
+            Arc::new(CachePlan {
+                ttl: c.ttl.0,
+                stale_while_revalidate: c.stale_while_revalidate.map_or(Duration::ZERO, |d| d.0),
+                stale_if_error: c.stale_if_error.map_or(Duration::ZERO, |d| d.0),
+                vary_headers: c
+                    .vary_headers
+                    .iter()
+                    .filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
+                    .collect(),
+            })
+        });
         let mut deps: Vec<usize> = roots.iter().filter_map(|r| names.iter().position(|n| n == r)).collect();
         deps.sort_unstable();
         deps.dedup();
@@ -282,6 +339,12 @@ pub fn compile(comp: &Composition, upstreams: &Upstreams) -> Result<CompositionP
             max_concurrency: call.max_concurrency.map_or(DEFAULT_MAX_CONCURRENCY, |n| n as usize).max(1),
             fallback: call.fallback.clone().filter(|_| !call.required),
             may_share: false,
+            batch,
+            cache,
+            store: None,
+            cache_counts: None,
+            redis: None,
+            collapsed: None,
             deps,
             keep_headers: false,
         });

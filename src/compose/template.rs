@@ -163,6 +163,10 @@ fn lookup<'a>(doc: &'a Value, path: &[Seg]) -> Option<&'a Value> {
     Some(cur)
 }
 
+fn is_items(path: &[Seg]) -> bool {
+    matches!(path, [Seg::Key(k)] if k == "items")
+}
+
 impl Template {
     pub fn compile(text: &str, escape_kind: Escape) -> Result<Template, String> {
         if escape_kind != Escape::Html && crate::config::refs::has_unescaped_output(text) {
@@ -197,10 +201,19 @@ impl Template {
                 for part in parts {
                     match part {
                         Part::Literal(s) => out.push_str(s),
-                        Part::Path(path) => {
-                            let v = lookup(doc, path).unwrap_or(&Value::Null);
-                            out.push_str(&escape(self.escape, &value_text(v)));
-                        }
+                        Part::Path(path) => match lookup(doc, path).unwrap_or(&Value::Null) {
+                            // A batch's `{{items}}`: its values comma-joined,
+                            // each escaped on its own.
+                            Value::Array(values) if is_items(path) && self.escape != Escape::Header => {
+                                for (i, v) in values.iter().enumerate() {
+                                    if i > 0 {
+                                        out.push(',');
+                                    }
+                                    out.push_str(&escape(self.escape, &value_text(v)));
+                                }
+                            }
+                            v => out.push_str(&escape(self.escape, &value_text(v))),
+                        },
                     }
                 }
                 out
@@ -244,6 +257,15 @@ mod tests {
         }
         let q = Template::compile("user={{request.query.u}}&limit=5", Escape::QueryComponent).unwrap();
         assert_eq!(q.render(&json!({"request": {"query": {"u": "1&admin=true"}}})).unwrap(), "user=1%26admin%3Dtrue&limit=5");
+    }
+
+    #[test]
+    fn batch_items_are_joined_and_each_escaped() {
+        let q = Template::compile("ids={{items}}&x=1", Escape::QueryComponent).unwrap();
+        let doc = json!({"items": [1, "a,b", "c&d=e", "é"]});
+        assert_eq!(q.render(&doc).unwrap(), "ids=1,a%2Cb,c%26d%3De,%C3%A9&x=1");
+        let p = Template::compile("/p/{{items}}", Escape::PathSegment).unwrap();
+        assert_eq!(p.render(&json!({"items": ["a/b", ".."]})).unwrap(), "/p/a%2Fb,..");
     }
 
     #[test]

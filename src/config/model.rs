@@ -166,6 +166,56 @@ pub struct Call {
     /// With `required: false`: the body the call has when it fails or is skipped, instead of null (a literal JSON value; strings are text, never queries); the calls that read it run on it, and it is still listed in Manifold-Partial.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<Value>,
+    /// With `for_each`: send the values in groups (`{{items}}` in the url, `$.items` in a JSON body) and match the answer's elements back to items by `key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<Batch>,
+    /// GET calls only: keep successful answers on the node, shared by every request whose call is the same (method, final URL, `vary_headers`, forwarded headers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CallCache>,
+    /// GET calls only: identical calls in flight at once on the node share one backend request (always on with `cache`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub collapse: bool,
+}
+
+/// How a `for_each` call's values are grouped into backend requests.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    /// Most values in one request.
+    pub size: u32,
+    /// JSONPath evaluated on each element of the answer's array; an element belongs to the item whose value equals it.
+    pub key: String,
+    /// JSONPath to the array in the answer (default: the answer is the array).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// How long a call's answers are kept and served.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CallCache {
+    /// How long an answer is fresh (served without asking the backend).
+    pub ttl: Dur,
+    /// After `ttl`, how long a stale answer is served at once while one background request refreshes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_while_revalidate: Option<Dur>,
+    /// After `ttl`, how long a stale answer is served when the backend fails or times out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_if_error: Option<Dur>,
+    /// Client request headers whose values are part of the key (as well as every header the call forwards).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vary_headers: Vec<String>,
+    /// `local` (default): this node's store; `cluster`: also in Redis under the same key, so every node shares answers (Redis away: node-local).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<CacheScope>,
+}
+
+/// Where a call's cached answers live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    Local,
+    Cluster,
 }
 
 /// How a composition's answer is built.

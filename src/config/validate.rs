@@ -18,7 +18,7 @@ use super::ConfigError;
 
 /// Reserved call names: `request` is the client request, `item` the current
 /// value of a `for_each`.
-pub const RESERVED_CALL_NAMES: [&str; 2] = ["request", "item"];
+pub const RESERVED_CALL_NAMES: [&str; 3] = ["request", "item", "items"];
 
 struct Errors<'a> {
     list: Vec<ConfigError>,
@@ -1109,6 +1109,40 @@ fn strip_templates(text: &str) -> String {
     out
 }
 
+/// `batch`, `cache` and `collapse` of one call (SPEC §8).
+fn check_sharing(errs: &mut Errors, cbase: &str, call: &crate::config::Call, method: &str) {
+    if let Some(b) = &call.batch {
+        if call.for_each.is_none() {
+            errs.push(format!("{cbase}.batch"), "batch goes with for_each: it groups the for_each's values into requests");
+        }
+        if b.size == 0 {
+            errs.push(format!("{cbase}.batch.size"), "must be at least 1");
+        }
+        for (field, q) in [("key", Some(&b.key)), ("path", b.path.as_ref())] {
+            let Some(q) = q else { continue };
+            if !q.starts_with('$') {
+                errs.push(format!("{cbase}.batch.{field}"), "expected a JSONPath query starting with $");
+            } else if let Err(e) = jsonpath_root(q) {
+                errs.push(format!("{cbase}.batch.{field}"), e);
+            }
+        }
+    }
+    if let Some(c) = &call.cache {
+        if method != "GET" {
+            errs.push(format!("{cbase}.cache"), format!("cache is for GET calls only, not {method}"));
+        }
+        if c.ttl.0.is_zero() {
+            errs.push(format!("{cbase}.cache.ttl"), "must be more than 0");
+        }
+        for (i, h) in c.vary_headers.iter().enumerate() {
+            check_header_name(errs, format!("{cbase}.cache.vary_headers[{i}]"), h);
+        }
+    }
+    if call.collapse && method != "GET" {
+        errs.push(format!("{cbase}.collapse"), format!("collapse is for GET calls only, not {method}"));
+    }
+}
+
 fn check_composition(errs: &mut Errors, base: &str, comp: &Composition, upstreams: &HashSet<&str>) {
     if comp.calls.is_empty() {
         errs.push(format!("{base}.calls"), "a composition needs at least one call");
@@ -1145,6 +1179,7 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition, upstream
         if call.for_each.is_none() && (call.max_concurrency.is_some() || call.max_items.is_some()) {
             errs.push(cbase.clone(), "max_concurrency and max_items apply only to a for_each call");
         }
+        check_sharing(errs, &cbase, call, &method);
         let mut reads = Vec::new();
         match (&call.url, &call.upstream, &call.path) {
             (Some(url), None, None) => match split_call_url(url) {
@@ -1198,6 +1233,16 @@ fn check_composition(errs: &mut Errors, base: &str, comp: &Composition, upstream
                 } else if root == "item" {
                     if call.for_each.is_none() || r.path.ends_with(".for_each") || r.path.ends_with(".when") {
                         errs.push(r.path.clone(), "`item` is only available in the url, headers and body of a for_each call");
+                    } else if call.batch.is_some() {
+                        errs.push(
+                            r.path.clone(),
+                            "a batch call sends its values as `items` (comma-joined in the url, an array in the body), not `item`",
+                        );
+                    }
+                } else if root == "items" {
+                    let place = r.path.ends_with(".url") || r.path.ends_with(".path") || r.path.contains(".body");
+                    if call.batch.is_none() || !place {
+                        errs.push(r.path.clone(), "`items` is only available in the url and body of a call with batch");
                     }
                 } else if root != "request" && certain {
                     errs.push(r.path.clone(), unknown_call(&root, comp.calls.keys()));

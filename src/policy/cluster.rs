@@ -382,6 +382,60 @@ impl RedisLimiter {
         }
     }
 
+    /// A composition call's cached answer (`cache.scope: cluster`), or
+    /// `None`: there is none, or Redis could not say within
+    /// [`CHECK_TIMEOUT`] (the call goes on node-local).
+    pub async fn cached_call(&self, key: &str) -> Option<Vec<u8>> {
+        let key = format!("{}:call:{key}", self.options.prefix);
+        self.one_command(redis::cmd("GET").arg(key).clone()).await.flatten()
+    }
+
+    /// Keeps a composition call's answer for `keep` (best effort).
+    pub async fn store_call(&self, key: &str, value: Vec<u8>, keep: Duration) {
+        let key = format!("{}:call:{key}", self.options.prefix);
+        let ms = keep.as_millis().max(1) as u64;
+        let _: Option<Option<String>> = self.one_command(redis::cmd("SET").arg(key).arg(value).arg("PX").arg(ms).clone()).await;
+    }
+
+    /// One command on this worker's connection, bounded by
+    /// [`CHECK_TIMEOUT`]; `None` when Redis is backing off or fails.
+    async fn one_command<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Option<T> {
+        let down = self.down_until.load(Ordering::Relaxed);
+        if down != 0 && self.now_ms() < down {
+            return None;
+        }
+        let deadline = tokio::time::Instant::now() + CHECK_TIMEOUT;
+        let slot = self.slot();
+        let mut conn = match tokio::time::timeout_at(deadline, slot.get_or_try_init(|| self.open())).await {
+            Ok(Ok(conn)) => conn.clone(),
+            Ok(Err(e)) => {
+                self.failed(&e.to_string());
+                return None;
+            }
+            Err(_) => {
+                self.failed("connecting timed out");
+                return None;
+            }
+        };
+        match tokio::time::timeout_at(deadline, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => {
+                if self.down_until.load(Ordering::Relaxed) != 0 {
+                    self.down_until.store(0, Ordering::Relaxed);
+                    self.reachable.store(true, Ordering::Relaxed);
+                }
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                self.failed(&e.to_string());
+                None
+            }
+            Err(_) => {
+                self.failed("timed out");
+                None
+            }
+        }
+    }
+
     fn fail_all(&self, items: Vec<Pending>, why: &str) {
         self.failed(why);
         for p in items {

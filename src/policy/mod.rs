@@ -61,6 +61,9 @@ pub struct Services {
     /// Each upstream target's health, across configs, and the active
     /// checkers.
     pub health: Arc<crate::upstream::health::Registry>,
+    /// Composition calls' answers kept and shared across requests (`cache`,
+    /// `collapse`), node-wide and across configs.
+    pub call_store: Arc<crate::compose::exec::NodeCallStore>,
 }
 
 impl std::fmt::Debug for Services {
@@ -75,10 +78,24 @@ impl Services {
     }
 
     pub fn with_metrics(redis: Option<cluster::RedisOptions>, metrics: crate::metrics::MetricsOptions) -> Arc<Services> {
+        Services::with_call_store(redis, metrics, crate::compose::cache::DEFAULT_MAX_BYTES)
+    }
+
+    /// With a store of `call_cache_max_bytes` for composition calls' answers.
+    pub fn with_call_store(
+        redis: Option<cluster::RedisOptions>,
+        metrics: crate::metrics::MetricsOptions,
+        call_cache_max_bytes: u64,
+    ) -> Arc<Services> {
+        let call_store = Arc::new(crate::compose::exec::NodeCallStore::new(call_cache_max_bytes));
+        let metrics = crate::metrics::Metrics::new(metrics);
+        let store = call_store.clone();
+        metrics.call_cache_size(move || store.size());
         Arc::new(Services {
+            call_store,
             redis: redis.map(|o| Arc::new(cluster::RedisLimiter::new(o))),
             jwks: Arc::new(jwt::JwksStore::default()),
-            metrics: crate::metrics::Metrics::new(metrics),
+            metrics,
             verified: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(300)).build(),
             argon2_permits: tokio::sync::Semaphore::new(ARGON2_AT_ONCE),
             health: Default::default(),
@@ -101,6 +118,17 @@ impl Services {
                     errs.push(ConfigError {
                         file: None,
                         path: format!("policies.{}.config.scope", p.name),
+                        message: "scope: cluster needs Redis: set MANIFOLD_REDIS_URL (or use scope: local)".into(),
+                    });
+                }
+            }
+        }
+        for comp in &config.compositions {
+            for (name, call) in &comp.calls {
+                if call.cache.as_ref().is_some_and(|c| c.scope == Some(crate::config::CacheScope::Cluster)) && self.redis.is_none() {
+                    errs.push(ConfigError {
+                        file: None,
+                        path: format!("compositions.{}.calls.{name}.cache.scope", comp.name),
                         message: "scope: cluster needs Redis: set MANIFOLD_REDIS_URL (or use scope: local)".into(),
                     });
                 }

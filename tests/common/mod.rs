@@ -36,6 +36,8 @@ pub struct BackendBuilder {
     raw: Option<(&'static str, Bytes)>,
     respond: Option<Responder>,
     barrier: Option<Arc<tokio::sync::Barrier>>,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
+    headers: Vec<(&'static str, &'static str)>,
 }
 
 pub fn backend() -> BackendBuilder {
@@ -95,6 +97,19 @@ impl BackendBuilder {
     /// backends sharing it) have arrived: proof that they ran at once.
     pub fn barrier(mut self, barrier: Arc<tokio::sync::Barrier>) -> Self {
         self.barrier = Some(barrier);
+        self
+    }
+
+    /// Hold every answer until the test gives the gate a permit (one
+    /// permit lets one answer go).
+    pub fn gate(mut self, gate: Arc<tokio::sync::Semaphore>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Add this header to every answer.
+    pub fn header(mut self, name: &'static str, value: &'static str) -> Self {
+        self.headers.push((name, value));
         self
     }
 
@@ -182,6 +197,9 @@ impl BackendBuilder {
         if let Some(barrier) = &self.barrier {
             barrier.wait().await;
         }
+        if let Some(gate) = &self.gate {
+            gate.acquire().await.expect("the gate stays open").forget();
+        }
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
@@ -198,6 +216,9 @@ impl BackendBuilder {
         *resp.status_mut() = StatusCode::from_u16(status).unwrap();
         resp.headers_mut().insert("content-type", content_type.parse().unwrap());
         resp.headers_mut().insert("x-backend", "yes".parse().unwrap());
+        for (k, v) in &self.headers {
+            resp.headers_mut().insert(*k, v.parse().unwrap());
+        }
         resp
     }
 }

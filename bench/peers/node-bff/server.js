@@ -56,6 +56,52 @@ if (cluster.isPrimary) {
     };
   });
 
+  // bench/compose-cache.sh: the same dashboard with a product per order
+  // line from a catalog, one request per product (as most BFFs do it) or
+  // through a small in-process cache (a Map per worker process, 60 s).
+  const CATALOG = process.env.CATALOG_URL;
+  if (CATALOG) {
+    pools.catalog = new Pool(CATALOG, { connections: 256, pipelining: 1 });
+    const cache = new Map();
+    const product = async (id, cached) => {
+      if (!cached) return getJson(pools.catalog, `/products/${encodeURIComponent(id)}`, 2000);
+      const hit = cache.get(id);
+      if (hit && hit.until > Date.now()) return hit.value;
+      const value = await getJson(pools.catalog, `/products/${encodeURIComponent(id)}`, 2000);
+      cache.set(id, { value, until: Date.now() + 60000 });
+      return value;
+    };
+    for (const [prefix, cached] of [['node', false], ['node-cache', true]]) {
+      fastify.get(`/${prefix}/users/:id/dashboard`, async (req, reply) => {
+        const id = encodeURIComponent(req.params.id);
+        let user, orders;
+        try {
+          [user, orders] = await Promise.all([getJson(pools.users, `/users/${id}`, 2000), getJson(pools.orders, `/orders?user=${id}`, 2000)]);
+        } catch (e) {
+          reply.code(502);
+          return { error: { code: 'upstream_error', message: 'a call failed' } };
+        }
+        const ids = (orders.items || []).map((i) => i.product_id);
+        // At most 8 at a time, in order, as Manifold's max_concurrency: 8.
+        const products = new Array(ids.length);
+        let next = 0;
+        const worker = async () => {
+          while (next < ids.length) {
+            const k = next++;
+            products[k] = await product(ids[k], cached);
+          }
+        };
+        try {
+          await Promise.all(Array.from({ length: Math.min(8, ids.length) }, worker));
+        } catch (e) {
+          reply.code(502);
+          return { error: { code: 'upstream_error', message: 'call "products" failed' } };
+        }
+        return { id: user.id ?? null, name: user.name ?? null, products };
+      });
+    }
+  }
+
   fastify.listen({ port: PORT, host: '127.0.0.1' }).catch((e) => {
     console.error(e);
     process.exit(1);
