@@ -61,6 +61,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let in_flight = self.activity.start();
         Box::pin(async move {
             let resp = handle(&worker, peer, req).await;
+            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                in_flight.switching_protocols();
+            }
             Ok(resp.map(|body| Guarded::new(body, in_flight)))
         })
     }
