@@ -247,7 +247,25 @@ fn valid_host(value: &[u8]) -> bool {
     name_ok && port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit) && (p.is_empty() || p.len() < 5 || p <= &b"65535"[..]))
 }
 
+/// RFC 3986 reg-name characters but `%`: unreserved and sub-delims.
+const fn host_map() -> [bool; 256] {
+    let mut map = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        map[b] = c.is_ascii_alphanumeric()
+            || matches!(c, b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=');
+        b += 1;
+    }
+    map
+}
+
+static HOST_CHARS: [bool; 256] = host_map();
+
 fn reg_name(name: &[u8]) -> bool {
+    if name.iter().all(|&b| HOST_CHARS[b as usize]) {
+        return true;
+    }
     let mut i = 0;
     while i < name.len() {
         match name[i] {
@@ -258,7 +276,7 @@ fn reg_name(name: &[u8]) -> bool {
                 i += 3;
                 continue;
             }
-            b if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b) => {}
+            b if HOST_CHARS[b as usize] => {}
             _ => return false,
         }
         i += 1;
