@@ -78,6 +78,10 @@ pub enum Command {
         /// Postgres URL, read when --admin is not given
         #[arg(long, env = "MANIFOLD_DATABASE_URL", hide_env_values = true)]
         database_url: Option<String>,
+        /// Print the secrets themselves (JWT secrets, password hashes, key
+        /// digests) instead of their redactions: a backup that restores
+        #[arg(long, env = "MANIFOLD_INCLUDE_SECRETS")]
+        include_secrets: bool,
     },
     /// Make one or more gateways' config equal to the files: print each
     /// one's diff (+ create, ~ update, - delete), then apply it
@@ -250,7 +254,7 @@ pub fn main() -> ExitCode {
         }
         Command::Schema => schema(),
         Command::Migrate { database_url } => migrate(&database_url),
-        Command::Export { admin, admin_token, database_url } => export(admin, admin_token, database_url),
+        Command::Export { admin, admin_token, database_url, include_secrets } => export(admin, admin_token, database_url, include_secrets),
         Command::Sync { path, admin, admin_token, dry_run } => return sync(path, admin, admin_token, dry_run),
     };
     match result {
@@ -309,9 +313,9 @@ fn load_config(dir: &PathBuf, redis: Option<crate::gateway::RedisOptions>) -> an
     Ok(config)
 }
 
-fn export(admin: Option<String>, token: Option<String>, database_url: Option<String>) -> anyhow::Result<()> {
+fn export(admin: Option<String>, token: Option<String>, database_url: Option<String>, include_secrets: bool) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let yaml = rt.block_on(crate::remote::export(admin.as_deref(), token.as_deref(), database_url.as_deref()))?;
+    let yaml = rt.block_on(crate::remote::export(admin.as_deref(), token.as_deref(), database_url.as_deref(), include_secrets))?;
     to_stdout(&yaml)
 }
 

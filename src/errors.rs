@@ -22,6 +22,9 @@ pub enum ErrorCode {
     UpstreamUnavailable,
     UpstreamTimeout,
     Internal,
+    /// A request the gateway understood but does not serve: a transfer
+    /// coding other than `chunked` (RFC 9112 §6.1).
+    NotImplemented,
 }
 
 impl ErrorCode {
@@ -41,6 +44,7 @@ impl ErrorCode {
             ErrorCode::UpstreamUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::NotImplemented => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -60,6 +64,7 @@ impl ErrorCode {
             ErrorCode::UpstreamUnavailable => "upstream_unavailable",
             ErrorCode::UpstreamTimeout => "upstream_timeout",
             ErrorCode::Internal => "internal",
+            ErrorCode::NotImplemented => "not_implemented",
         }
     }
 }
@@ -86,11 +91,17 @@ impl GatewayError {
     }
 }
 
-pub fn error_response(code: ErrorCode, message: &str, request_id: &str) -> Response<Body> {
-    let body = serde_json::json!({
+/// The SPEC §4 body: `{"error": {"code", "message", "request_id"}}`.
+pub fn error_json(code: ErrorCode, message: &str, request_id: &str) -> String {
+    serde_json::json!({
         "error": { "code": code.as_str(), "message": message, "request_id": request_id }
-    });
-    let mut resp = Response::new(Body::full(Bytes::from(body.to_string())));
+    })
+    .to_string()
+}
+
+pub fn error_response(code: ErrorCode, message: &str, request_id: &str) -> Response<Body> {
+    let body = error_json(code, message, request_id);
+    let mut resp = Response::new(Body::full(Bytes::from(body)));
     *resp.status_mut() = code.status();
     let headers = resp.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -108,7 +119,7 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout | ErrorCode::RequestTimeout => 4,                     // DEADLINE_EXCEEDED
             ErrorCode::Forbidden => 7,                                                       // PERMISSION_DENIED
             ErrorCode::RateLimited | ErrorCode::PayloadTooLarge => 8,                        // RESOURCE_EXHAUSTED
-            ErrorCode::NotFound | ErrorCode::MethodNotAllowed => 12,                         // UNIMPLEMENTED
+            ErrorCode::NotFound | ErrorCode::MethodNotAllowed | ErrorCode::NotImplemented => 12, // UNIMPLEMENTED
             ErrorCode::Internal => 13,                                                       // INTERNAL
             ErrorCode::UpstreamError | ErrorCode::UpstreamUnavailable => 14,                 // UNAVAILABLE
             ErrorCode::Unauthorized => 16,                                                   // UNAUTHENTICATED

@@ -33,13 +33,16 @@ async fn failure(resp: reqwest::Response) -> anyhow::Error {
     anyhow::anyhow!(text)
 }
 
-/// The whole live config as YAML, from a node's admin API or the database.
-pub async fn export(admin: Option<&str>, token: Option<&str>, database_url: Option<&str>) -> anyhow::Result<String> {
+/// The whole live config as YAML, from a node's admin API or the database;
+/// its secrets redacted unless `include_secrets` (config/secrets.rs).
+pub async fn export(admin: Option<&str>, token: Option<&str>, database_url: Option<&str>, include_secrets: bool) -> anyhow::Result<String> {
     if let Some(url) = admin {
-        let resp = with_token(client()?.get(format!("{}/config", url.trim_end_matches('/'))).header("accept", "application/yaml"), token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {url}"))?;
+        let query = if include_secrets { "?include_secrets=true" } else { "" };
+        let resp =
+            with_token(client()?.get(format!("{}/config{query}", url.trim_end_matches('/'))).header("accept", "application/yaml"), token)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach {url}"))?;
         if !resp.status().is_success() {
             return Err(failure(resp).await);
         }
@@ -47,7 +50,10 @@ pub async fn export(admin: Option<&str>, token: Option<&str>, database_url: Opti
     }
     let Some(db) = database_url else { bail!("export needs --admin URL or MANIFOLD_DATABASE_URL") };
     let store = crate::store::Store::connect(db).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (config, _) = store.load().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (mut config, _) = store.load().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !include_secrets {
+        crate::config::secrets::redact_config(&mut config);
+    }
     Ok(serde_norway::to_string(&config)?)
 }
 
@@ -89,7 +95,14 @@ pub async fn sync(path: &PathBuf, admins: &[String], token: Option<&str>, dry_ru
         bail!("sync needs at least one --admin URL (repeat it for several gateways)");
     }
     // Validated here first, so a bad file is reported as file: field: message.
-    load_paths(std::slice::from_ref(path)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // A redacted secret (from an export without --include-secrets) is left
+    // for each gateway to match against the secret it stores.
+    if let Err(mut errors) = load_paths(std::slice::from_ref(path)) {
+        errors.0.retain(|e| e.message != crate::config::secrets::UNMATCHED);
+        if !errors.0.is_empty() {
+            bail!("{errors}");
+        }
+    }
     // Sent as written (secrets not yet hashed): each gateway hashes, and
     // keeps the hashes of passwords it already holds.
     let raw: Config = crate::config::load::parse_paths(std::slice::from_ref(path)).0.config;

@@ -6,37 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{backend, client};
+use common::{backend, client, drop_db, fresh_db};
 use manifold::config::Config;
 use manifold::gateway::{DatabaseOptions, Gateway, GatewayOptions};
-use manifold::store::Store;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-fn server_url() -> String {
-    std::env::var("MANIFOLD_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// A new, empty database; migrated unless told otherwise.
-async fn fresh_db(migrate: bool) -> String {
-    let admin = Store::connect(&server_url()).await.expect("the test Postgres is reachable");
-    let name = format!("manifold_t_{}", manifold::ids::new_uuid().replace('-', ""));
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(admin.pool()).await.unwrap();
-    let base = server_url();
-    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
-    if migrate {
-        Store::connect(&url).await.unwrap().migrate().await.unwrap();
-    }
-    url
-}
-
-/// Removes a test's database (connections included); a failed test leaves
-/// its database behind to look at.
-async fn drop_db(url: &str) {
-    let name = url.rsplit('/').next().unwrap();
-    let admin = Store::connect(&server_url()).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(admin.pool()).await.unwrap();
-}
 
 fn node(url: &str, snapshot: &std::path::Path) -> anyhow::Result<Gateway> {
     let mut opts =
@@ -297,8 +271,9 @@ async fn sync_to_several_regions_then_export_round_trips() {
     assert!(ok);
     assert_eq!(out.matches("in sync, nothing to change").count(), 2, "{out}");
 
-    // export from one region, sync into an empty one: the same config.
-    let (ok, yaml, err) = manifold(&["export", "--admin", &e], &[]);
+    // export from one region, sync into an empty one: the same config
+    // (with its secrets: an export without them holds only redactions).
+    let (ok, yaml, err) = manifold(&["export", "--admin", &e, "--include-secrets"], &[]);
     assert!(ok, "{err}");
     let exported = dir.path().join("exported.yaml");
     std::fs::write(&exported, &yaml).unwrap();
@@ -310,7 +285,7 @@ async fn sync_to_several_regions_then_export_round_trips() {
     let b: Value = client().get(format!("{t}/config")).send().await.unwrap().json().await.unwrap();
     assert_eq!(a, b);
     // export straight from the database says the same.
-    let (ok, from_db, _) = manifold(&["export"], &[("MANIFOLD_DATABASE_URL", &east_db)]);
+    let (ok, from_db, _) = manifold(&["export", "--include-secrets"], &[("MANIFOLD_DATABASE_URL", &east_db)]);
     assert!(ok);
     assert_eq!(from_db, yaml);
     for g in [east, west, third] {
@@ -404,7 +379,8 @@ async fn a_generated_api_key_is_shown_once_and_stored_as_a_digest() {
     assert_eq!(body["credential"]["key_sha256_prefix"], digest[..8]);
 
     let (_, _, consumer) = send("GET", &format!("{admin}/consumers/app"), None, &[]).await;
-    assert_eq!(consumer["credentials"][0]["key_sha256"], digest);
+    // Reads show the digest redacted (secrets are write-only).
+    assert_eq!(consumer["credentials"][0]["key_sha256"], manifold::config::secrets::redact(&digest));
     assert!(!consumer.to_string().contains(&key), "the key itself is never stored");
     let (_, _, list) = send("GET", &format!("{admin}/consumers/app/credentials"), None, &[]).await;
     assert_eq!(list["data"], json!([{"type": "key-auth", "key_sha256_prefix": &digest[..8]}]));

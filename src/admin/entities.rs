@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{invalid, message, not_found, AdminState};
+use crate::config::secrets::redact_entity;
 use crate::config::{ConfigError, ConfigErrors, Format};
 use crate::store::{Change, Kind, Store, StoreError};
 
@@ -141,7 +142,10 @@ pub async fn list(State(state): State<AdminState>, Path(kind): Path<String>, Que
         Err(r) => return r,
     };
     match store.list(kind, &page.tags(), page.size(), page.offset()).await {
-        Ok((data, more)) => {
+        Ok((mut data, more)) => {
+            for entity in &mut data {
+                redact_entity(kind.table(), entity);
+            }
             let tags = page.tags.as_deref().map(|t| format!("&tags={t}")).unwrap_or_default();
             let next = more.then(|| format!("/{}?size={}&offset={}{tags}", kind.table(), page.size(), page.offset() + page.size()));
             Json(json!({ "data": data, "next": next })).into_response()
@@ -157,7 +161,10 @@ pub async fn get(State(state): State<AdminState>, Path((kind, name)): Path<(Stri
         Err(r) => return r,
     };
     match store.get(kind, &name).await {
-        Ok((entity, version)) => ([(header::ETAG, etag(version))], Json(entity)).into_response(),
+        Ok((mut entity, version)) => {
+            redact_entity(kind.table(), &mut entity);
+            ([(header::ETAG, etag(version))], Json(entity)).into_response()
+        }
         Err(StoreError::NotFound) => not_found().await,
         Err(e) => store_error(e, None, None),
     }
@@ -170,7 +177,8 @@ async fn write(state: &AdminState, headers: &HeaderMap, kind: Kind, name: Option
             catch_up(state).await;
             match outcome.entity {
                 None => StatusCode::NO_CONTENT.into_response(),
-                Some(entity) => {
+                Some(mut entity) => {
+                    redact_entity(kind.table(), &mut entity);
                     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
                     (status, [(header::ETAG, etag(outcome.entity_version))], Json(entity)).into_response()
                 }

@@ -148,15 +148,26 @@ pub fn config_as(config: &Config, yaml: bool) -> Response {
     }
 }
 
-async fn get_config(State(state): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Some(store) = &state.shared.store {
-        return match store.load().await {
-            Ok((config, _)) => config_as(&config, wants_yaml(&headers)),
-            Err(e) => entities::store_error(e, None, None),
-        };
+#[derive(Deserialize)]
+struct GetConfigQuery {
+    /// The real secrets instead of their redactions (`manifold export
+    /// --include-secrets`): for backups and restores.
+    #[serde(default)]
+    include_secrets: bool,
+}
+
+async fn get_config(State(state): State<AdminState>, Query(q): Query<GetConfigQuery>, headers: HeaderMap) -> Response {
+    let mut config = match &state.shared.store {
+        Some(store) => match store.load().await {
+            Ok((config, _)) => config,
+            Err(e) => return entities::store_error(e, None, None),
+        },
+        None => (*state.shared.snapshot.load().config).clone(),
+    };
+    if !q.include_secrets {
+        crate::config::secrets::redact_config(&mut config);
     }
-    let snap = state.shared.snapshot.load();
-    config_as(&snap.config, wants_yaml(&headers))
+    config_as(&config, wants_yaml(&headers))
 }
 
 /// The 400 body of SPEC §5: every error, keyed by field.
@@ -278,18 +289,23 @@ async fn ready(State(_): State<AdminState>) -> Response {
     Json(json!({ "ready": true })).into_response()
 }
 
+/// The entities of `kind` as the admin API shows them: secrets redacted.
 fn entities(config: &Config, kind: &str) -> Option<Vec<Value>> {
     fn values<T: serde::Serialize>(list: &[T]) -> Vec<Value> {
         list.iter().filter_map(|e| serde_json::to_value(e).ok()).collect()
     }
-    Some(match kind {
+    let mut all = match kind {
         "routes" => values(&config.routes),
         "compositions" => values(&config.compositions),
         "consumers" => values(&config.consumers),
         "policies" => values(&config.policies),
         "upstreams" => values(&config.upstreams),
         _ => return None,
-    })
+    };
+    for entity in &mut all {
+        crate::config::secrets::redact_entity(kind, entity);
+    }
+    Some(all)
 }
 
 /// DB-less mode: entities come from the running config.

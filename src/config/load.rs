@@ -128,6 +128,8 @@ impl LoadedConfig {
     /// Like [`LoadedConfig::validated`]; passwords `previous` already holds
     /// keep their hashes.
     pub fn validated_against(mut self, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
+        // A redacted secret sent back keeps the stored one (secrets.rs).
+        super::secrets::restore(&mut self.config, previous);
         let errors = validate::validate(&self.config, &self.origins);
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
@@ -396,11 +398,12 @@ pub fn config_from_text_against(text: &str, format: Format, previous: Option<&Co
 /// Validates `loaded` and returns its errors after the parse `errors`, all
 /// of them; the config when there are none. What files, `POST /config` and
 /// (with [`parse_entity`]) one entity's write share.
-pub fn finish(loaded: LoadedConfig, mut errors: Vec<ConfigError>, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
+pub fn finish(mut loaded: LoadedConfig, mut errors: Vec<ConfigError>, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
     // Semantic checks still run when some entities failed to parse, so the
     // user sees every problem at once; but no secrets are hashed (argon2)
     // for a config that is refused anyway.
     if !errors.is_empty() {
+        super::secrets::restore(&mut loaded.config, previous);
         errors.extend(validate::validate(&loaded.config, &loaded.origins));
         return Err(ConfigErrors(errors));
     }

@@ -7,6 +7,7 @@ pub mod model;
 pub mod pattern;
 pub mod refs;
 pub mod schema;
+pub mod secrets;
 pub mod units;
 pub mod validate;
 

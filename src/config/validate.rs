@@ -362,6 +362,13 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
         }
         for (j, cred) in consumer.credentials.iter().enumerate() {
             let path = format!("{base}.credentials[{j}]");
+            let redacted = super::secrets::redacted_fields(cred);
+            if !redacted.is_empty() {
+                for field in redacted {
+                    errs.push(format!("{path}.{field}"), super::secrets::UNMATCHED);
+                }
+                continue;
+            }
             let unique = |errs: &mut Errors, seen: &mut HashMap<String, String>, what: &str, value: String| {
                 if let Some(other) = seen.get(&value) {
                     errs.push(path.clone(), format!("{what} is already used by consumer {other:?}"));

@@ -93,6 +93,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let in_flight = self.activity.start();
         Box::pin(async move {
             let resp = handle(&worker, peer, req, &in_flight).await;
+            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                in_flight.switching_protocols();
+            }
             Ok(resp.map(|body| Guarded::new(body, in_flight)))
         })
     }

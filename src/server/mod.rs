@@ -5,6 +5,7 @@
 
 pub mod conn_io;
 pub mod handler;
+pub mod head;
 pub mod hygiene;
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};

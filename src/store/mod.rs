@@ -420,13 +420,21 @@ impl Store {
             .iter()
             .map(|r| {
                 let at: String = r.get(0);
+                // Rows written before secrets were redacted in the log hold them.
+                let kind: String = r.get(3);
+                let shown = |v: Option<Value>| {
+                    v.map(|mut v| {
+                        crate::config::secrets::redact_entity(&kind, &mut v);
+                        v
+                    })
+                };
                 json!({
                     "time": at.trim_matches('"'),
                     "actor": r.get::<String, _>(1),
                     "action": r.get::<String, _>(2),
                     "entity": { "kind": r.get::<String, _>(3), "name": r.get::<String, _>(4) },
-                    "before": r.get::<Option<Value>, _>(5),
-                    "after": r.get::<Option<Value>, _>(6),
+                    "before": shown(r.get::<Option<Value>, _>(5)),
+                    "after": shown(r.get::<Option<Value>, _>(6)),
                     "config_version": r.get::<i64, _>(7),
                 })
             })
@@ -639,13 +647,21 @@ impl Store {
         after: Option<&Value>,
         version: i64,
     ) -> Result<(), StoreError> {
+        // The log keeps what changed, never a secret: only its redaction.
+        let logged = |v: Option<&Value>| {
+            v.map(|v| {
+                let mut v = v.clone();
+                crate::config::secrets::redact_entity(kind.table(), &mut v);
+                v.to_string()
+            })
+        };
         sqlx::query("INSERT INTO audit_log (actor, action, kind, name, before, after, config_version) VALUES ($1, $2, $3, $4, $5::text::json, $6::text::json, $7)")
             .bind(actor)
             .bind(action)
             .bind(kind.table())
             .bind(name)
-            .bind(before.map(Value::to_string))
-            .bind(after.map(Value::to_string))
+            .bind(logged(before))
+            .bind(logged(after))
             .bind(version)
             .execute(&mut **tx)
             .await?;

@@ -536,3 +536,32 @@ pub async fn health_until(admin: SocketAddr, name: &str, secs: u64, what: &str, 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The test Postgres server: MANIFOLD_TEST_DATABASE_URL, else
+/// postgres@127.0.0.1:5432.
+pub fn server_url() -> String {
+    std::env::var("MANIFOLD_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A new, empty database of its own for one test; migrated unless told
+/// otherwise.
+pub async fn fresh_db(migrate: bool) -> String {
+    use manifold::store::Store;
+    let admin = Store::connect(&server_url()).await.expect("the test Postgres is reachable");
+    let name = format!("manifold_t_{}", manifold::ids::new_uuid().replace('-', ""));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(admin.pool()).await.unwrap();
+    let base = server_url();
+    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+    if migrate {
+        Store::connect(&url).await.unwrap().migrate().await.unwrap();
+    }
+    url
+}
+
+/// Removes a test's database (connections included); a failed test leaves
+/// its database behind to look at.
+pub async fn drop_db(url: &str) {
+    let name = url.rsplit('/').next().unwrap();
+    let admin = manifold::store::Store::connect(&server_url()).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(admin.pool()).await.unwrap();
+}

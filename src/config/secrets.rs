@@ -1,0 +1,196 @@
+//! Secrets in the config are write-only: JWT `secret`s, basic-auth
+//! `password_hash`es and key-auth `key_sha256` digests are stored and
+//! served whole, but every read shows them redacted, as
+//! `sha256:<the first 12 hex digits of the SHA-256 of the stored value>`:
+//! admin reads, lists, `/audit`, `manifold export`. Only
+//! `GET /config?include_secrets=true` (`export --include-secrets`) and the
+//! node's own snapshot file hold the real values, so a backup restores.
+//!
+//! A write that sends a redacted value back (a config exported without its
+//! secrets, edited and synced) keeps the stored value whose redaction it
+//! is ([`restore`]); a redacted value that matches no stored secret is a
+//! validation error, never stored as if it were the secret.
+//!
+//! [`redact_config`] and [`redact_entity`] are the one place a kind of
+//! secret is listed: another kind (a certificate's private key) joins there.
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::{Config, Credential};
+
+const PREFIX: &str = "sha256:";
+const SHOWN_HEX: usize = 12;
+
+/// What a write that holds a redacted value matching no stored secret is told.
+pub const UNMATCHED: &str = "a redacted value (sha256:...) that matches no stored secret: send the value itself";
+
+/// The redacted form of a stored secret.
+pub fn redact(value: &str) -> String {
+    let digest = hex::encode(Sha256::digest(value.as_bytes()));
+    format!("{PREFIX}{}", &digest[..SHOWN_HEX])
+}
+
+/// Whether `value` is a redaction (and so never a secret of its own).
+pub fn is_redacted(value: &str) -> bool {
+    value.strip_prefix(PREFIX).is_some_and(|h| h.len() == SHOWN_HEX && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+}
+
+/// The credential fields that hold a secret, in the stored form and in the
+/// plain form a file may hold. The JSON walk and the typed one both use it.
+const CREDENTIAL_SECRETS: [&str; 5] = ["secret", "password_hash", "key_sha256", "password", "key"];
+
+/// The secret fields of one credential, by name.
+fn secrets_mut(credential: &mut Credential) -> Vec<(&'static str, &mut Option<String>)> {
+    match credential {
+        Credential::KeyAuth { key, key_sha256 } => vec![("key", key), ("key_sha256", key_sha256)],
+        Credential::BasicAuth { password, password_hash, .. } => vec![("password", password), ("password_hash", password_hash)],
+        Credential::Jwt { secret, .. } => vec![("secret", secret)],
+    }
+}
+
+/// The secret fields of one credential that hold a redaction.
+pub fn redacted_fields(credential: &Credential) -> Vec<&'static str> {
+    let mut c = credential.clone();
+    secrets_mut(&mut c).into_iter().filter(|(_, v)| v.as_deref().is_some_and(is_redacted)).map(|(name, _)| name).collect()
+}
+
+/// Replaces every secret of `config` by its redaction.
+pub fn redact_config(config: &mut Config) {
+    for consumer in &mut config.consumers {
+        for credential in &mut consumer.credentials {
+            for (_, value) in secrets_mut(credential) {
+                if let Some(v) = value {
+                    if !is_redacted(v) {
+                        *v = redact(v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Replaces every secret of one entity of `kind` (`consumers`...), as the
+/// admin API and the store hold it in JSON, by its redaction.
+pub fn redact_entity(kind: &str, entity: &mut Value) {
+    if kind != "consumers" {
+        return;
+    }
+    let Some(credentials) = entity.get_mut("credentials").and_then(Value::as_array_mut) else {
+        return;
+    };
+    for credential in credentials.iter_mut().filter_map(Value::as_object_mut) {
+        for field in CREDENTIAL_SECRETS {
+            if let Some(Value::String(v)) = credential.get_mut(field) {
+                if !is_redacted(v) {
+                    *v = redact(v);
+                }
+            }
+        }
+    }
+}
+
+/// Puts back, for every redacted secret of `config`, the value of
+/// `previous` (the config being replaced) it is the redaction of. Those
+/// that match none stay, for validation to refuse ([`UNMATCHED`]).
+pub fn restore(config: &mut Config, previous: Option<&Config>) {
+    let Some(previous) = previous else { return };
+    for consumer in &mut config.consumers {
+        // The consumer's own credentials first: a secret moved to another
+        // consumer is found too.
+        let own = previous.consumers.iter().filter(|c| c.name == consumer.name);
+        let others = previous.consumers.iter().filter(|c| c.name != consumer.name);
+        let stored: Vec<Credential> = own.chain(others).flat_map(|c| c.credentials.iter().cloned()).collect();
+        for credential in &mut consumer.credentials {
+            for (field, value) in secrets_mut(credential) {
+                let Some(v) = value.as_mut().filter(|v| is_redacted(v)) else { continue };
+                let found = stored.iter().find_map(|c| {
+                    let mut c = c.clone();
+                    secrets_mut(&mut c)
+                        .into_iter()
+                        .find(|(f, s)| *f == field && s.as_deref().is_some_and(|s| redact(s) == *v))
+                        .and_then(|(_, s)| s.clone())
+                });
+                if let Some(real) = found {
+                    *v = real;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        crate::config::load::config_from_text(
+            r#"
+consumers:
+  - name: app
+    credentials:
+      - { type: jwt, issuer: app, algorithm: HS256, secret: s3cret }
+      - { type: basic-auth, username: u, password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA" }
+      - { type: key-auth, key_sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 }
+routes:
+  - { name: r, path: /r, upstream: "http://127.0.0.1:1" }
+"#,
+            crate::config::Format::Yaml,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn redactions() {
+        assert_eq!(redact("s3cret"), format!("sha256:{}", &crate::config::validate::sha256_hex("s3cret")[..12]));
+        assert!(is_redacted(&redact("x")));
+        for not in ["sha256:", "sha256:0123456789ab0", "sha256:0123456789AB", "s3cret", "sha256:0123456789a"] {
+            assert!(!is_redacted(not), "{not}");
+        }
+    }
+
+    #[test]
+    fn the_typed_and_the_json_walks_agree_and_hide_every_secret() {
+        let plain = config();
+        let mut typed = plain.clone();
+        redact_config(&mut typed);
+        let mut json = serde_json::to_value(&plain.consumers[0]).unwrap();
+        redact_entity("consumers", &mut json);
+        assert_eq!(serde_json::to_value(&typed.consumers[0]).unwrap(), json);
+        let text = serde_json::to_string(&typed).unwrap();
+        for secret in ["s3cret", "$argon2id", "9f86d081884c7d659a2f"] {
+            assert!(!text.contains(secret), "{secret} shown in {text}");
+        }
+        // Redacting twice changes nothing.
+        let mut again = typed.clone();
+        redact_config(&mut again);
+        assert_eq!(again, typed);
+        // Other kinds pass as they are.
+        let mut route = serde_json::to_value(&plain.routes[0]).unwrap();
+        let before = route.clone();
+        redact_entity("routes", &mut route);
+        assert_eq!(route, before);
+    }
+
+    #[test]
+    fn a_redaction_sent_back_restores_the_stored_value() {
+        let stored = config();
+        let mut sent = stored.clone();
+        redact_config(&mut sent);
+        restore(&mut sent, Some(&stored));
+        assert_eq!(sent, stored);
+        // Without a stored config, or with another secret, it stays.
+        let mut sent = stored.clone();
+        redact_config(&mut sent);
+        let redacted = sent.clone();
+        restore(&mut sent, None);
+        assert_eq!(sent, redacted);
+        let mut other = stored.clone();
+        if let Credential::Jwt { secret, .. } = &mut other.consumers[0].credentials[0] {
+            *secret = Some("another".into());
+        }
+        restore(&mut sent, Some(&other));
+        assert_eq!(redacted_fields(&sent.consumers[0].credentials[0]), ["secret"]);
+        assert!(redacted_fields(&sent.consumers[0].credentials[1]).is_empty());
+    }
+}
