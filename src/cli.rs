@@ -78,6 +78,11 @@ pub enum Command {
         /// Postgres URL, read when --admin is not given
         #[arg(long, env = "MANIFOLD_DATABASE_URL", hide_env_values = true)]
         database_url: Option<String>,
+        /// Include certificates' private keys (read with the admin token
+        /// through --admin), so that a region can be rebuilt from the export;
+        /// without it each certificate shows its key_sha256 only
+        #[arg(long, env = "MANIFOLD_INCLUDE_SECRETS")]
+        include_secrets: bool,
     },
     /// Make one or more gateways' config equal to the files: print each
     /// one's diff (+ create, ~ update, - delete), then apply it
@@ -164,6 +169,19 @@ pub struct ServeArgs {
     /// How long in-flight requests may take to finish after SIGTERM or SIGINT
     #[arg(long, env = "MANIFOLD_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_dur)]
     pub drain_timeout: Dur,
+    /// TLS listen address (HTTP/1.1 and HTTP/2 by ALPN). Default
+    /// 0.0.0.0:8443, only when a certificate is configured at start; set,
+    /// it listens from the start even without one, so that the first
+    /// `certificates` entity written later is served without a restart
+    #[arg(long, env = "MANIFOLD_PROXY_TLS_LISTEN")]
+    pub proxy_tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain served to TLS clients whose server name (SNI)
+    /// no `certificates` entity lists, or that send none; needs --tls-key
+    #[arg(long, env = "MANIFOLD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(long, env = "MANIFOLD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 fn parse_net(s: &str) -> Result<IpNet, String> {
@@ -242,7 +260,7 @@ pub fn main() -> ExitCode {
         }
         Command::Schema => schema(),
         Command::Migrate { database_url } => migrate(&database_url),
-        Command::Export { admin, admin_token, database_url } => export(admin, admin_token, database_url),
+        Command::Export { admin, admin_token, database_url, include_secrets } => export(admin, admin_token, database_url, include_secrets),
         Command::Sync { path, admin, admin_token, dry_run } => return sync(path, admin, admin_token, dry_run),
     };
     match result {
@@ -301,9 +319,9 @@ fn load_config(dir: &PathBuf, redis: Option<crate::gateway::RedisOptions>) -> an
     Ok(config)
 }
 
-fn export(admin: Option<String>, token: Option<String>, database_url: Option<String>) -> anyhow::Result<()> {
+fn export(admin: Option<String>, token: Option<String>, database_url: Option<String>, secrets: bool) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let yaml = rt.block_on(crate::remote::export(admin.as_deref(), token.as_deref(), database_url.as_deref()))?;
+    let yaml = rt.block_on(crate::remote::export(admin.as_deref(), token.as_deref(), database_url.as_deref(), secrets))?;
     to_stdout(&yaml)
 }
 
@@ -369,6 +387,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(w) = args.workers {
         server.workers = w.max(1);
     }
+    server.tls_listen = args.proxy_tls_listen;
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        server.default_certificate = Some(crate::server::DefaultCertificate {
+            cert_pem: std::fs::read_to_string(cert).with_context(|| format!("cannot read --tls-cert {}", cert.display()))?,
+            key_pem: std::fs::read_to_string(key).with_context(|| format!("cannot read --tls-key {}", key.display()))?,
+        });
+    }
     let mode = if database.is_some() { "database" } else { "DB-less" };
     // Exporting starts before serving and stops after the drain, so the
     // last requests' spans are sent too.
@@ -396,7 +421,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let snap = gateway.shared.snapshot.load();
         (snap.config.routes.len(), snap.config.compositions.len(), snap.version)
     };
-    tracing::info!(proxy = %gateway.proxy_addr, admin = %gateway.admin_addr, routes, compositions, version, mode, "manifold is serving");
+    let tls = gateway.tls_addr.map(|a| a.to_string());
+    tracing::info!(proxy = %gateway.proxy_addr, tls, admin = %gateway.admin_addr, routes, compositions, version, mode, "manifold is serving");
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("a tokio runtime")?;
     let signal = rt.block_on(wait_for_signal())?;

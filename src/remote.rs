@@ -34,12 +34,16 @@ async fn failure(resp: reqwest::Response) -> anyhow::Error {
 }
 
 /// The whole live config as YAML, from a node's admin API or the database.
-pub async fn export(admin: Option<&str>, token: Option<&str>, database_url: Option<&str>) -> anyhow::Result<String> {
+/// With `secrets`, certificates hold their private keys; without, their
+/// `key_sha256` only, as every admin read shows them.
+pub async fn export(admin: Option<&str>, token: Option<&str>, database_url: Option<&str>, secrets: bool) -> anyhow::Result<String> {
     if let Some(url) = admin {
-        let resp = with_token(client()?.get(format!("{}/config", url.trim_end_matches('/'))).header("accept", "application/yaml"), token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {url}"))?;
+        let query = if secrets { "?include_secrets=true" } else { "" };
+        let resp =
+            with_token(client()?.get(format!("{}/config{query}", url.trim_end_matches('/'))).header("accept", "application/yaml"), token)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach {url}"))?;
         if !resp.status().is_success() {
             return Err(failure(resp).await);
         }
@@ -48,7 +52,11 @@ pub async fn export(admin: Option<&str>, token: Option<&str>, database_url: Opti
     let Some(db) = database_url else { bail!("export needs --admin URL or MANIFOLD_DATABASE_URL") };
     let store = crate::store::Store::connect(db).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let (config, _) = store.load().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(serde_norway::to_string(&config)?)
+    let mut value = serde_json::to_value(&config)?;
+    if !secrets {
+        crate::certs::redact_config(&mut value);
+    }
+    Ok(serde_norway::to_string(&value)?)
 }
 
 /// The diff as lines: `+`/`~`/`-` per entity, and under each update the

@@ -141,7 +141,8 @@ pub async fn list(State(state): State<AdminState>, Path(kind): Path<String>, Que
         Err(r) => return r,
     };
     match store.list(kind, &page.tags(), page.size(), page.offset()).await {
-        Ok((data, more)) => {
+        Ok((mut data, more)) => {
+            data.iter_mut().for_each(|e| redact(kind, e));
             let tags = page.tags.as_deref().map(|t| format!("&tags={t}")).unwrap_or_default();
             let next = more.then(|| format!("/{}?size={}&offset={}{tags}", kind.table(), page.size(), page.offset() + page.size()));
             Json(json!({ "data": data, "next": next })).into_response()
@@ -157,9 +158,19 @@ pub async fn get(State(state): State<AdminState>, Path((kind, name)): Path<(Stri
         Err(r) => return r,
     };
     match store.get(kind, &name).await {
-        Ok((entity, version)) => ([(header::ETAG, etag(version))], Json(entity)).into_response(),
+        Ok((mut entity, version)) => {
+            redact(kind, &mut entity);
+            ([(header::ETAG, etag(version))], Json(entity)).into_response()
+        }
         Err(StoreError::NotFound) => not_found().await,
         Err(e) => store_error(e, None, None),
+    }
+}
+
+/// A certificate as reads show it: its key's digest, never the key.
+fn redact(kind: Kind, entity: &mut Value) {
+    if kind == Kind::Certificates {
+        crate::certs::redact_entity(entity);
     }
 }
 
@@ -170,7 +181,8 @@ async fn write(state: &AdminState, headers: &HeaderMap, kind: Kind, name: Option
             catch_up(state).await;
             match outcome.entity {
                 None => StatusCode::NO_CONTENT.into_response(),
-                Some(entity) => {
+                Some(mut entity) => {
+                    redact(kind, &mut entity);
                     let status = if outcome.created { StatusCode::CREATED } else { StatusCode::OK };
                     (status, [(header::ETAG, etag(outcome.entity_version))], Json(entity)).into_response()
                 }
@@ -281,6 +293,7 @@ fn shown(c: &crate::config::Credential) -> Value {
         }
         Credential::BasicAuth { username, .. } => json!({"type": "basic-auth", "username": username}),
         Credential::Jwt { issuer, algorithm, .. } => json!({"type": "jwt", "issuer": issuer, "algorithm": algorithm}),
+        Credential::Mtls { subject, san } => json!({"type": "mtls", "subject": subject, "san": san}),
     }
 }
 

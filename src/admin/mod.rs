@@ -73,6 +73,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         m.redis_reachable.set(i64::from(r.reachable.load(Ordering::Relaxed)));
         m.rate_limit_fallbacks.set(r.fallbacks.load(Ordering::Relaxed) as i64);
     }
+    crate::server::tls::record_expiry(shared);
     // Each target of an upstream with health checks: 1 when it takes
     // traffic; series of targets no longer configured go.
     m.target_healthy.reset();
@@ -137,26 +138,50 @@ fn wants_yaml(headers: &HeaderMap) -> bool {
     headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("yaml"))
 }
 
+/// The config as admin reads show it: certificates without their keys.
 pub fn config_as(config: &Config, yaml: bool) -> Response {
+    config_shown(config, yaml, false)
+}
+
+/// With `secrets`, certificates keep their private keys.
+fn config_shown(config: &Config, yaml: bool, secrets: bool) -> Response {
+    let mut value = match serde_json::to_value(config) {
+        Ok(v) => v,
+        Err(e) => return message(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render the config: {e}")),
+    };
+    if !secrets {
+        crate::certs::redact_config(&mut value);
+    }
     if yaml {
-        match serde_norway::to_string(config) {
+        match serde_norway::to_string(&value) {
             Ok(text) => ([(header::CONTENT_TYPE, "application/yaml")], text).into_response(),
             Err(e) => message(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render YAML: {e}")),
         }
     } else {
-        Json(config).into_response()
+        Json(value).into_response()
     }
 }
 
-async fn get_config(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+#[derive(Deserialize)]
+struct ReadQuery {
+    /// Certificates' private keys too (`manifold export --include-secrets`):
+    /// the one read that returns them.
+    #[serde(default)]
+    include_secrets: bool,
+}
+
+async fn get_config(State(state): State<AdminState>, Query(q): Query<ReadQuery>, headers: HeaderMap) -> Response {
+    if q.include_secrets {
+        tracing::info!("the config was read with its private keys (include_secrets)");
+    }
     if let Some(store) = &state.shared.store {
         return match store.load().await {
-            Ok((config, _)) => config_as(&config, wants_yaml(&headers)),
+            Ok((config, _)) => config_shown(&config, wants_yaml(&headers), q.include_secrets),
             Err(e) => entities::store_error(e, None, None),
         };
     }
     let snap = state.shared.snapshot.load();
-    config_as(&snap.config, wants_yaml(&headers))
+    config_shown(&snap.config, wants_yaml(&headers), q.include_secrets)
 }
 
 /// The 400 body of SPEC §5: every error, keyed by field.
@@ -267,6 +292,7 @@ async fn status(State(state): State<AdminState>) -> Response {
             "consumers": snap.config.consumers.len(),
             "policies": snap.config.policies.len(),
             "upstreams": snap.config.upstreams.len(),
+            "certificates": snap.config.certificates.len(),
         },
     }))
     .into_response()
@@ -288,6 +314,11 @@ fn entities(config: &Config, kind: &str) -> Option<Vec<Value>> {
         "consumers" => values(&config.consumers),
         "policies" => values(&config.policies),
         "upstreams" => values(&config.upstreams),
+        "certificates" => {
+            let mut list = values(&config.certificates);
+            list.iter_mut().for_each(crate::certs::redact_entity);
+            list
+        }
         _ => return None,
     })
 }

@@ -48,6 +48,8 @@ pub struct Forwarding<'a> {
     pub client_ip: IpAddr,
     /// The peer is a trusted proxy: its `X-Forwarded-Proto/Host` are kept.
     pub trusted_peer: bool,
+    /// The request came over the TLS listener: `X-Forwarded-Proto: https`.
+    pub https: bool,
     pub request_id: &'a HeaderValue,
     pub trace: &'a TraceContext,
     /// The normalized request path (still percent-encoded).
@@ -140,7 +142,7 @@ pub async fn forward(
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !(fwd.trusted_peer && h.contains_key(&X_FORWARDED_PROTO)) {
-        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if fwd.https { "https" } else { "http" }));
     }
     if !(fwd.trusted_peer && h.contains_key(&X_FORWARDED_HOST)) {
         match &original_host {

@@ -26,6 +26,16 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 /// The channel nodes LISTEN on; the payload is the new config version.
 pub const CHANNEL: &str = "manifold_config";
 
+/// An entity as the audit log keeps it: a certificate without its key.
+fn shown(kind: Kind, entity: &Value) -> std::borrow::Cow<'_, Value> {
+    if kind != Kind::Certificates {
+        return std::borrow::Cow::Borrowed(entity);
+    }
+    let mut v = entity.clone();
+    crate::certs::redact_entity(&mut v);
+    std::borrow::Cow::Owned(v)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Routes,
@@ -33,10 +43,11 @@ pub enum Kind {
     Consumers,
     Policies,
     Upstreams,
+    Certificates,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Routes, Kind::Compositions, Kind::Consumers, Kind::Policies, Kind::Upstreams];
+    pub const ALL: [Kind; 6] = [Kind::Routes, Kind::Compositions, Kind::Consumers, Kind::Policies, Kind::Upstreams, Kind::Certificates];
 
     pub fn parse(s: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.table() == s)
@@ -50,6 +61,7 @@ impl Kind {
             Kind::Consumers => "consumers",
             Kind::Policies => "policies",
             Kind::Upstreams => "upstreams",
+            Kind::Certificates => "certificates",
         }
     }
 
@@ -61,6 +73,7 @@ impl Kind {
             Kind::Consumers => "consumer",
             Kind::Policies => "policy",
             Kind::Upstreams => "upstream",
+            Kind::Certificates => "certificate",
         }
     }
 }
@@ -199,6 +212,7 @@ fn entities_of(config: &Config, kind: Kind) -> Vec<(String, Value)> {
         Kind::Consumers => pairs(&config.consumers, |e| &e.name),
         Kind::Policies => pairs(&config.policies, |e| &e.name),
         Kind::Upstreams => pairs(&config.upstreams, |e| &e.name),
+        Kind::Certificates => pairs(&config.certificates, |e| &e.name),
     }
 }
 
@@ -245,6 +259,7 @@ fn set_entity(config: &mut Config, parse: &mut EntityParse, kind: Kind, name: &s
         Kind::Consumers => put(&mut config.consumers, parse, kind, name, entity, |e| &e.name),
         Kind::Policies => put(&mut config.policies, parse, kind, name, entity, |e| &e.name),
         Kind::Upstreams => put(&mut config.upstreams, parse, kind, name, entity, |e| &e.name),
+        Kind::Certificates => put(&mut config.certificates, parse, kind, name, entity, |e| &e.name),
     }
 }
 
@@ -255,6 +270,7 @@ fn remove_entity(config: &mut Config, kind: Kind, name: &str) {
         Kind::Consumers => config.consumers.retain(|e| e.name != name),
         Kind::Policies => config.policies.retain(|e| e.name != name),
         Kind::Upstreams => config.upstreams.retain(|e| e.name != name),
+        Kind::Certificates => config.certificates.retain(|e| e.name != name),
     }
 }
 
@@ -280,7 +296,7 @@ fn users_of(config: &Config, kind: Kind, name: &str) -> Vec<String> {
             });
             routes.chain(calls).collect()
         }
-        Kind::Routes | Kind::Compositions | Kind::Consumers => Vec::new(),
+        Kind::Routes | Kind::Compositions | Kind::Consumers | Kind::Certificates => Vec::new(),
     }
 }
 
@@ -644,8 +660,8 @@ impl Store {
             .bind(action)
             .bind(kind.table())
             .bind(name)
-            .bind(before.map(Value::to_string))
-            .bind(after.map(Value::to_string))
+            .bind(before.map(|v| shown(kind, v).to_string()))
+            .bind(after.map(|v| shown(kind, v).to_string()))
             .bind(version)
             .execute(&mut **tx)
             .await?;
