@@ -274,8 +274,8 @@ fn fields<T: utoipa::PartialSchema>() -> Vec<String> {
 #[test]
 fn every_config_field_is_in_a_table() {
     use manifold::config::{
-        ActiveHealthCheck, Call, CircuitBreaker, Composition, Consumer, PassiveHealthCheck, Policy, ResponseSpec, Route, Upstream,
-        UpstreamRetries, UpstreamTarget, UpstreamTls,
+        ActiveHealthCheck, Call, Certificate, CircuitBreaker, Composition, Consumer, PassiveHealthCheck, Policy, ResponseSpec, Route,
+        Upstream, UpstreamRetries, UpstreamTarget, UpstreamTls,
     };
     let pages = [
         ("routes.md", fields::<Route>()),
@@ -291,6 +291,7 @@ fn every_config_field_is_in_a_table() {
         ("upstreams.md", fields::<PassiveHealthCheck>()),
         ("upstreams.md", fields::<UpstreamRetries>()),
         ("upstreams.md", fields::<CircuitBreaker>()),
+        ("certificates.md", fields::<Certificate>()),
     ];
     let mut missing = Vec::new();
     let mut seen = 0;
