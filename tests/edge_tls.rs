@@ -467,3 +467,78 @@ async fn mtls_auth_maps_a_verified_client_certificate_to_its_consumer_and_refuse
     assert_eq!((status, &echo["headers"]["x-consumer-name"]), (200, &json!(["guest"])));
     g.shutdown();
 }
+
+/// A raw HTTP/2 client opens streams and resets each at once (HEADERS then
+/// RST_STREAM), the rapid-reset flood of CVE-2023-44487.
+async fn rapid_reset(addr: SocketAddr, streams: usize) -> (usize, Result<(), h2::Error>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut sent = 0;
+    let mut client = Some(client);
+    while let Some(ready) = client.take().filter(|_| sent < streams && !conn.is_finished()) {
+        let Ok(mut ready) = ready.ready().await else { break };
+        let req = http::Request::get(format!("http://flood.test/flood/{sent}")).body(()).unwrap();
+        match ready.send_request(req, false) {
+            Ok((_, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+            Err(_) => break,
+        }
+        client = Some(ready);
+        sent += 1;
+        if sent % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    drop(client);
+    (sent, within(10, "the flooding connection to end", conn).await.unwrap())
+}
+
+#[tokio::test]
+async fn a_rapid_reset_flood_is_closed_with_goaway_and_the_node_keeps_serving() {
+    let backend = backend().run().await;
+    let ca = tls::ca("edge test ca");
+    let default = tls::leaf(&ca, "default.test", &["default.test"], ServerAuth);
+    let mut opts = tls_options(Some(&default));
+    // An open client HTTP/2 connection holds the drain to its end (hyper
+    // waits for the client to close after its GOAWAY): not this test's
+    // subject.
+    opts.server.drain_timeout = std::time::Duration::from_secs(1);
+    let g = gateway_with(&echo_route(&backend), opts);
+
+    // h2c (prior knowledge) on the plain listener.
+    let (sent, ended) = rapid_reset(g.proxy_addr, 100_000).await;
+    let err = ended.expect_err("the gateway ends the flooding connection");
+    // The GOAWAY, or, when the client was still writing as the gateway
+    // closed, the broken pipe it met before reading the GOAWAY.
+    assert!(err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || err.is_io(), "{err}");
+    assert!(sent < 100_000, "closed before the client was done ({sent} streams)");
+
+    // Other clients, over both listeners, are served all along.
+    assert_eq!(proxy_get(&g, "/after", &[]).await.0, 200);
+    let stream = connect(tls_addr(&g), "default.test", &ca, &[b"h2"], None, false).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("https://default.test/after-h2").body(Empty::<Bytes>::new()).unwrap();
+    assert_eq!(within(10, "h2 after the flood", send.send_request(req)).await.unwrap().status(), 200);
+    g.shutdown();
+}
+
+#[tokio::test]
+async fn http2_limits_are_the_configured_ones() {
+    let backend = backend().run().await;
+    let mut opts = GatewayOptions::default();
+    opts.server.http2.max_concurrent_streams = 3;
+    let g = gateway_with(&echo_route(&backend), opts);
+    let tcp = TcpStream::connect(g.proxy_addr).await.unwrap();
+    let (client, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    let req = http::Request::get("http://limits.test/one").body(()).unwrap();
+    let (resp, _) = client.ready().await.unwrap().send_request(req, true).unwrap();
+    // The server's SETTINGS have arrived once its first answer has.
+    let resp = tokio::select! {
+        r = resp => r.unwrap(),
+        c = &mut conn => panic!("the connection ended first: {c:?}"),
+    };
+    assert_eq!(resp.status(), 200);
+    assert_eq!(conn.max_concurrent_send_streams(), 3, "the server's SETTINGS_MAX_CONCURRENT_STREAMS");
+    g.shutdown();
+}

@@ -149,6 +149,41 @@ pub struct ServerOptions {
     pub tls_listen: Option<SocketAddr>,
     /// The default certificate (`--tls-cert`, `--tls-key`), PEM.
     pub default_certificate: Option<DefaultCertificate>,
+    /// HTTP/2 from clients (ALPN `h2` and h2c).
+    pub http2: Http2Limits,
+}
+
+/// Limits of client HTTP/2 connections (SPEC §7).
+#[derive(Clone, Copy, Debug)]
+pub struct Http2Limits {
+    /// Streams a client may have open at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Largest header list (decoded) a client may send.
+    pub max_header_list_size: u32,
+    /// Send a PING this often to find dead peers; `None`: never.
+    pub keep_alive_interval: Option<Duration>,
+    /// Close a connection whose PING is not answered within this.
+    pub keep_alive_timeout: Duration,
+    /// Streams a client may open and reset before the gateway took them;
+    /// past it the connection is closed with GOAWAY (ENHANCE_YOUR_CALM):
+    /// the rapid-reset flood, CVE-2023-44487.
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams the gateway may reset for a client's protocol errors before
+    /// it closes the connection with GOAWAY.
+    pub max_local_error_reset_streams: usize,
+}
+
+impl Default for Http2Limits {
+    fn default() -> Self {
+        Http2Limits {
+            max_concurrent_streams: 100,
+            max_header_list_size: 96 << 10,
+            keep_alive_interval: None,
+            keep_alive_timeout: Duration::from_secs(20),
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 1024,
+        }
+    }
 }
 
 pub const DEFAULT_TLS_LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 8443);
@@ -178,6 +213,7 @@ impl Default for ServerOptions {
             idle_timeout: Duration::from_secs(60),
             tls_listen: None,
             default_certificate: None,
+            http2: Http2Limits::default(),
         }
     }
 }
@@ -384,7 +420,16 @@ async fn worker(
         // are the backstop for what cannot even be parsed.
         .max_headers(256)
         .max_buf_size(128 << 10);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(96 << 10);
+    let h2 = opts.http2;
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(h2.max_header_list_size)
+        .max_concurrent_streams(h2.max_concurrent_streams)
+        .keep_alive_interval(h2.keep_alive_interval)
+        .keep_alive_timeout(h2.keep_alive_timeout)
+        .max_pending_accept_reset_streams(h2.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(h2.max_local_error_reset_streams);
     let timeouts = ConnTimeouts { header_read: opts.header_read_timeout, idle: opts.idle_timeout };
     let graceful = GracefulShutdown::new();
     let closing = Arc::new(AtomicBool::new(false));
