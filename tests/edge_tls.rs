@@ -542,3 +542,15 @@ async fn http2_limits_are_the_configured_ones() {
     assert_eq!(conn.max_concurrent_send_streams(), 3, "the server's SETTINGS_MAX_CONCURRENT_STREAMS");
     g.shutdown();
 }
+
+#[tokio::test]
+async fn a_tls_address_another_process_listens_on_stops_the_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut opts = GatewayOptions::default();
+    opts.server.tls_listen = Some(taken.local_addr().unwrap());
+    let config = manifold::config::Config::default();
+    let err = Gateway::start(opts, config).err().expect("the start fails");
+    let text = format!("{err:#}");
+    assert!(text.contains(&format!("cannot listen on {} for TLS", taken.local_addr().unwrap())), "{text}");
+    assert!(text.contains("in use by another process"), "{text}");
+}
