@@ -156,14 +156,17 @@ cpu_ticks() {
 # wrk_measure URL PID...: a WARMUP run, then the measured run; prints
 # "req/s p50_ms p99_ms requests cpu_us_per_request errors", where the CPU
 # is what the PIDs (and their direct children) used during the measured run
-# divided by the requests wrk completed in it.
+# divided by the requests wrk completed in it. A URL ending in `#close` is
+# requested with `Connection: close`: a new connection (and, over https, a
+# new handshake) for every request.
 wrk_measure() {
-  local url=$1 out before after procs
+  local url=$1 out before after procs headers=()
   shift
-  wrk -t"$THREADS" -c"$CONNS" -d"$WARMUP" "$url" >/dev/null
+  if [[ "$url" == *"#close" ]]; then url=${url%#close}; headers=(-H "Connection: close"); fi
+  wrk -t"$THREADS" -c"$CONNS" -d"$WARMUP" "${headers[@]}" "$url" >/dev/null
   mapfile -t procs < <(tree_pids "$@")
   before=$(cpu_ticks "${procs[@]}")
-  out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "$url")
+  out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "${headers[@]}" "$url")
   after=$(cpu_ticks "${procs[@]}")
   awk -v ticks=$(( after - before )) -v hz="$(getconf CLK_TCK)" '
     function ms(v, n) { n = v + 0; if (v ~ /us$/) return n / 1000; if (v ~ /ms$/) return n; if (v ~ /m$/) return n * 60000; if (v ~ /s$/) return n * 1000; return n }

@@ -79,7 +79,9 @@ pub enum Command {
         #[arg(long, env = "MANIFOLD_DATABASE_URL", hide_env_values = true)]
         database_url: Option<String>,
         /// Print the secrets themselves (JWT secrets, password hashes, key
-        /// digests) instead of their redactions: a backup that restores
+        /// digests, certificates' private keys; read with the admin token
+        /// through --admin) instead of their redactions: a backup from
+        /// which a region can be rebuilt
         #[arg(long, env = "MANIFOLD_INCLUDE_SECRETS")]
         include_secrets: bool,
     },
@@ -172,10 +174,52 @@ pub struct ServeArgs {
     /// all calls together; the least used go first when it is full
     #[arg(long, env = "MANIFOLD_CALL_CACHE_MAX_BYTES", default_value = "64MiB", value_parser = parse_size)]
     pub call_cache_max_bytes: crate::config::units::ByteSize,
+    /// TLS listen address (HTTP/1.1 and HTTP/2 by ALPN). Default
+    /// 0.0.0.0:8443, only when a certificate is configured at start; set,
+    /// it listens from the start even without one, so that the first
+    /// `certificates` entity written later is served without a restart
+    #[arg(long, env = "MANIFOLD_PROXY_TLS_LISTEN")]
+    pub proxy_tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain served to TLS clients whose server name (SNI)
+    /// no `certificates` entity lists, or that send none; needs --tls-key
+    #[arg(long, env = "MANIFOLD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(long, env = "MANIFOLD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// HTTP/2 from clients: streams open at once on one connection
+    #[arg(long, env = "MANIFOLD_HTTP2_MAX_CONCURRENT_STREAMS", default_value = "100")]
+    pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 from clients: the largest header list (decoded), e.g. 96KiB
+    #[arg(long, env = "MANIFOLD_HTTP2_MAX_HEADER_LIST_SIZE", default_value = "96KiB", value_parser = parse_size_u32)]
+    pub http2_max_header_list_size: u32,
+    /// HTTP/2 from clients: send a PING this often to find dead peers (0s: never)
+    #[arg(long, env = "MANIFOLD_HTTP2_KEEP_ALIVE_INTERVAL", default_value = "0s", value_parser = parse_dur_or_zero)]
+    pub http2_keep_alive_interval: Dur,
+    /// HTTP/2 from clients: close a connection whose PING is not answered within this
+    #[arg(long, env = "MANIFOLD_HTTP2_KEEP_ALIVE_TIMEOUT", default_value = "20s", value_parser = parse_dur)]
+    pub http2_keep_alive_timeout: Dur,
+    /// HTTP/2 from clients: streams a client may open and reset before the
+    /// gateway took them; past it the connection is closed with GOAWAY
+    /// (the rapid-reset flood, CVE-2023-44487)
+    #[arg(long, env = "MANIFOLD_HTTP2_MAX_PENDING_RESET_STREAMS", default_value = "20")]
+    pub http2_max_pending_reset_streams: usize,
 }
 
 fn parse_size(s: &str) -> Result<crate::config::units::ByteSize, String> {
     crate::config::units::ByteSize::parse(s)
+}
+
+fn parse_size_u32(s: &str) -> Result<u32, String> {
+    let size = crate::config::units::ByteSize::parse(s)?;
+    u32::try_from(size.0).ok().filter(|n| *n > 0).ok_or_else(|| format!("expected 1 byte to 4GiB, got {s:?}"))
+}
+
+fn parse_dur_or_zero(s: &str) -> Result<Dur, String> {
+    if s.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic()) == "0" {
+        return Ok(Dur(Duration::ZERO));
+    }
+    Dur::parse(s)
 }
 
 fn parse_net(s: &str) -> Result<IpNet, String> {
@@ -381,6 +425,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(w) = args.workers {
         server.workers = w.max(1);
     }
+    server.tls_listen = args.proxy_tls_listen;
+    server.http2 = crate::server::Http2Limits {
+        max_concurrent_streams: args.http2_max_concurrent_streams,
+        max_header_list_size: args.http2_max_header_list_size,
+        keep_alive_interval: Some(args.http2_keep_alive_interval.0).filter(|d| !d.is_zero()),
+        keep_alive_timeout: args.http2_keep_alive_timeout.0,
+        max_pending_accept_reset_streams: args.http2_max_pending_reset_streams,
+        ..Default::default()
+    };
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        server.default_certificate = Some(crate::server::DefaultCertificate {
+            cert_pem: std::fs::read_to_string(cert).with_context(|| format!("cannot read --tls-cert {}", cert.display()))?,
+            key_pem: std::fs::read_to_string(key).with_context(|| format!("cannot read --tls-key {}", key.display()))?,
+        });
+    }
     let mode = if database.is_some() { "database" } else { "DB-less" };
     // Exporting starts before serving and stops after the drain, so the
     // last requests' spans are sent too.
@@ -409,7 +468,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let snap = gateway.shared.snapshot.load();
         (snap.config.routes.len(), snap.config.compositions.len(), snap.version)
     };
-    tracing::info!(proxy = %gateway.proxy_addr, admin = %gateway.admin_addr, routes, compositions, version, mode, "manifold is serving");
+    let tls = gateway.tls_addr.map(|a| a.to_string());
+    tracing::info!(proxy = %gateway.proxy_addr, tls, admin = %gateway.admin_addr, routes, compositions, version, mode, "manifold is serving");
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("a tokio runtime")?;
     let signal = rt.block_on(wait_for_signal())?;

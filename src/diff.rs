@@ -48,7 +48,8 @@ fn join(path: &str, key: &str) -> String {
 /// compared key by key, in order; arrays and scalars as wholes, except that
 /// arrays of equal length are compared element by element).
 fn field_changes(path: &str, old: Option<&Value>, new: Option<&Value>, hide: bool, out: &mut Vec<FieldChange>) {
-    let hide = hide || path == "credentials" || path.starts_with("credentials.");
+    // A certificate's `key` is a secret too (its key_sha256 shows it changes).
+    let hide = hide || path == "credentials" || path.starts_with("credentials.") || path == "key";
     match (old, new) {
         (Some(Value::Object(o)), Some(Value::Object(n))) => {
             let before = out.len();
@@ -107,6 +108,7 @@ impl ConfigDiff {
         diff_list("consumers", &old.consumers, &new.consumers, |e| &e.name, &mut d);
         diff_list("policies", &old.policies, &new.policies, |e| &e.name, &mut d);
         diff_list("upstreams", &old.upstreams, &new.upstreams, |e| &e.name, &mut d);
+        diff_list("certificates", &old.certificates, &new.certificates, |e| &e.name, &mut d);
         d
     }
 

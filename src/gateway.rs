@@ -70,6 +70,9 @@ impl Default for GatewayOptions {
 
 pub struct Gateway {
     pub proxy_addr: SocketAddr,
+    /// The TLS listener's address, when it listens (a certificate is
+    /// configured, or `server.tls_listen` is set).
+    pub tls_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub shared: Arc<Shared>,
     proxy: ProxyServer,
@@ -159,6 +162,13 @@ impl Gateway {
         let shared =
             Shared::new(config, version, store.clone(), opts.trusted_proxies.clone(), opts.limits.clone(), services.clone(), connector)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(d) = &opts.server.default_certificate {
+            let served = crate::certs::Served::new("--tls-cert", &d.cert_pem, &d.key_pem).map_err(|(field, e)| match field {
+                crate::certs::CertField::Cert => anyhow::anyhow!("the default certificate (--tls-cert): {e}"),
+                crate::certs::CertField::Key => anyhow::anyhow!("the default certificate's key (--tls-key): {e}"),
+            })?;
+            let _ = shared.tls_default.set(Arc::new(served));
+        }
         // Know whether Redis answers before serving (and say so in the log);
         // each worker opens its own connection on its first check.
         if let Some(redis) = services.redis.clone() {
@@ -178,7 +188,9 @@ impl Gateway {
             .with_context(|| format!("cannot listen on {} for the admin API", opts.admin_listen))?;
         admin_listener.set_nonblocking(true)?;
         let admin_addr = admin_listener.local_addr()?;
-        let proxy = ProxyServer::start(&opts.server, shared.clone())
+        let tls = crate::server::TlsListeners::bind(&opts.server, &shared)
+            .with_context(|| format!("cannot listen on {} for TLS", opts.server.tls_listen.unwrap_or(crate::server::DEFAULT_TLS_LISTEN)))?;
+        let proxy = ProxyServer::start_with_tls(&opts.server, shared.clone(), tls)
             .with_context(|| format!("cannot listen on {} for the proxy", opts.server.proxy_listen))?;
 
         if let (Some(store), Some(db)) = (store, &opts.database) {
@@ -203,7 +215,7 @@ impl Gateway {
                 tracing::error!(error = %e, "the admin API stopped");
             }
         });
-        Ok(Gateway { proxy_addr: proxy.addr, admin_addr, shared, proxy, admin_stop, admin_task, control })
+        Ok(Gateway { proxy_addr: proxy.addr, tls_addr: proxy.tls_addr, admin_addr, shared, proxy, admin_stop, admin_task, control })
     }
 
     /// Stops accepting, lets in-flight requests finish (bounded by the drain

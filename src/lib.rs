@@ -11,6 +11,7 @@
 //!   calls: HTTP/1.1 on the request's task, per-worker pools, TLS, timeouts,
 //!   and errors that say whose fault they are.
 //! - [`config`]: the declarative config: types, loading, validation.
+//! - [`certs`]: certificates: PEM, key checks, details, the SNI table.
 //! - [`admin`]: the admin API on its own listener; [`metrics`] its `/metrics`.
 //! - [`otel`]: OpenTelemetry spans of requests and backend calls (feature `otel`).
 //! - [`gateway`]: a whole node (proxy + admin), as `serve` and tests start it.
@@ -23,6 +24,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod body;
+pub mod certs;
 pub mod cli;
 pub mod compose;
 pub mod config;

@@ -60,6 +60,13 @@ pub struct Metrics {
     /// Updated on the request path; copied into the gauges on scrape.
     pub in_flight: AtomicI64,
     pub connections: AtomicI64,
+    /// The TLS listener's handshakes (completed, failed); copied on scrape.
+    pub tls_handshakes: AtomicI64,
+    pub tls_handshake_failures: AtomicI64,
+    tls_handshakes_total: TotalCounter,
+    tls_handshake_failures_total: TotalCounter,
+    /// Rewritten at each scrape from the served certificates.
+    pub certificate_expiry_days: prometheus::GaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -256,8 +263,24 @@ impl Metrics {
             &["upstream", "target", "state"],
         )
         .expect("a valid metric");
+        let certificate_expiry_days = prometheus::GaugeVec::new(
+            Opts::new(
+                "manifold_tls_certificate_expiry_days",
+                "Days until each certificate the TLS listener serves expires (negative once expired), by certificate (default: --tls-cert's)",
+            ),
+            &["certificate"],
+        )
+        .expect("a valid metric");
+        let tls_handshakes_total =
+            TotalCounter::new(&registry, "manifold_tls_handshakes_total", "TLS handshakes completed on the TLS listener");
+        let tls_handshake_failures_total = TotalCounter::new(
+            &registry,
+            "manifold_tls_handshake_failures_total",
+            "TLS handshakes that failed on the TLS listener (no certificate for the name, no common version or cipher, timeout, reset)",
+        );
         for m in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(certificate_expiry_days.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
             Box::new(no_target.clone()),
             Box::new(ejections.clone()),
             Box::new(health_checks.clone()),
@@ -323,6 +346,11 @@ impl Metrics {
             target_healthy,
             in_flight: AtomicI64::new(0),
             connections: AtomicI64::new(0),
+            tls_handshakes: AtomicI64::new(0),
+            tls_handshake_failures: AtomicI64::new(0),
+            tls_handshakes_total,
+            tls_handshake_failures_total,
+            certificate_expiry_days,
         })
     }
 
@@ -411,6 +439,8 @@ impl Metrics {
             self.call_cache_bytes.set(bytes as i64);
             self.call_cache_entries.set(entries as i64);
         }
+        self.tls_handshakes_total.set(self.tls_handshakes.load(Ordering::Relaxed));
+        self.tls_handshake_failures_total.set(self.tls_handshake_failures.load(Ordering::Relaxed));
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()

@@ -34,7 +34,8 @@ async fn failure(resp: reqwest::Response) -> anyhow::Error {
 }
 
 /// The whole live config as YAML, from a node's admin API or the database;
-/// its secrets redacted unless `include_secrets` (config/secrets.rs).
+/// its secrets redacted unless `include_secrets` (config/secrets.rs;
+/// certificates then show their `key_sha256` instead of the key).
 pub async fn export(admin: Option<&str>, token: Option<&str>, database_url: Option<&str>, include_secrets: bool) -> anyhow::Result<String> {
     if let Some(url) = admin {
         let query = if include_secrets { "?include_secrets=true" } else { "" };
@@ -51,10 +52,14 @@ pub async fn export(admin: Option<&str>, token: Option<&str>, database_url: Opti
     let Some(db) = database_url else { bail!("export needs --admin URL or MANIFOLD_DATABASE_URL") };
     let store = crate::store::Store::connect(db).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let (mut config, _) = store.load().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    if !include_secrets {
-        crate::config::secrets::redact_config(&mut config);
+    if include_secrets {
+        return Ok(serde_norway::to_string(&config)?);
     }
-    Ok(serde_norway::to_string(&config)?)
+    crate::config::secrets::redact_config(&mut config);
+    // Certificates show their key_sha256 instead of the key (certs.rs).
+    let mut value = serde_json::to_value(&config)?;
+    crate::certs::redact_config(&mut value);
+    Ok(serde_norway::to_string(&value)?)
 }
 
 /// The diff as lines: `+`/`~`/`-` per entity, and under each update the

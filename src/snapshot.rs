@@ -35,6 +35,11 @@ pub struct Snapshot {
     pub compositions: HashMap<String, (PathPattern, Arc<CompositionPlan>)>,
     /// The named upstreams, for their health report and checkers.
     pub upstreams: Upstreams,
+    /// The TLS listener's certificates by server name (`certificates`).
+    pub certificates: Arc<crate::certs::SniTable>,
+    /// Some policy (`mtls-auth`) reads client certificates: the TLS
+    /// listener asks clients for one.
+    pub wants_client_cert: bool,
 }
 
 /// A plain route, resolved: where to send, and how to rewrite.
@@ -420,10 +425,18 @@ pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result
         }
     }
     router.wildcard.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+    let certificates = match crate::certs::SniTable::compile(&config.certificates) {
+        Ok(table) => Arc::new(table),
+        Err(bad) => {
+            errors.extend(bad.into_iter().map(|(path, message)| err(path, message)));
+            Default::default()
+        }
+    };
+    let wants_client_cert = config.policies.iter().any(|p| p.kind == crate::config::PolicyKind::MtlsAuth);
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    Ok(Snapshot { config: Arc::new(config), version, router, compositions, upstreams })
+    Ok(Snapshot { config: Arc::new(config), version, router, compositions, upstreams, certificates, wants_client_cert })
 }
 
 #[cfg(test)]

@@ -818,3 +818,69 @@ async fn an_upstream_write_reaches_every_node_and_health_is_per_node() {
     other.shutdown();
     drop_db(&url).await;
 }
+
+#[path = "common/tls.rs"]
+mod tls;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certificate_crud_serves_by_sni_and_keeps_the_key_out_of_reads_and_the_audit_log() {
+    use rcgen::ExtendedKeyUsagePurpose::ServerAuth;
+    let url = fresh_db(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = GatewayOptions {
+        database: Some(DatabaseOptions { url: url.clone(), snapshot_path: dir.path().join("s.json") }),
+        ..Default::default()
+    };
+    opts.server.workers = 1;
+    // Listening from the start, with no certificate yet.
+    opts.server.tls_listen = Some(([127, 0, 0, 1], 0).into());
+    let g = Gateway::start(opts, Config::default()).unwrap();
+    let admin = format!("http://{}", g.admin_addr);
+    let ca = tls::ca("db test ca");
+    let leaf = tls::leaf(&ca, "api.example.test", &["api.example.test"], ServerAuth);
+    let handshake = |sni: &'static str| {
+        let ca = ca.der.clone();
+        let addr = g.tls_addr.unwrap();
+        async move {
+            let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+            roots.add(ca).unwrap();
+            let config = tokio_rustls::rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from(sni).unwrap();
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .ok()
+                .map(|s| s.get_ref().1.peer_certificates().unwrap()[0].clone())
+        }
+    };
+    assert!(handshake("api.example.test").await.is_none(), "no certificate yet");
+
+    let entity = json!({"name": "api", "snis": ["api.example.test"], "cert": leaf.cert_pem, "key": leaf.key_pem});
+    let (status, _, created) = send("POST", &format!("{admin}/certificates"), Some(entity), &[]).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert!(created.get("key").is_none() && created["key_sha256"].as_str().map(str::len) == Some(64), "{created}");
+    assert_eq!(handshake("api.example.test").await, Some(leaf.cert_der.clone()), "served once written, without a restart");
+
+    let (status, _, patched) = send("PATCH", &format!("{admin}/certificates/api"), Some(json!({"tags": ["edge"]})), &[]).await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    assert_eq!(handshake("api.example.test").await, Some(leaf.cert_der.clone()), "a merge keeps the key");
+    let (_, _, read) = send("GET", &format!("{admin}/certificates/api"), None, &[]).await;
+    assert_eq!(read["details"]["subject"], "CN=api.example.test");
+    for url in [format!("{admin}/certificates"), format!("{admin}/certificates/api"), format!("{admin}/audit"), format!("{admin}/config")] {
+        let text = client().get(&url).send().await.unwrap().text().await.unwrap();
+        assert!(!text.contains("PRIVATE KEY"), "{url} shows the key");
+    }
+
+    // export from the database: keys only when asked for.
+    let full = manifold::remote::export(None, None, Some(&url), true).await.unwrap();
+    assert!(full.contains("PRIVATE KEY"));
+    let plain = manifold::remote::export(None, None, Some(&url), false).await.unwrap();
+    assert!(!plain.contains("PRIVATE KEY") && plain.contains("key_sha256"));
+
+    let (status, _, _) = send("DELETE", &format!("{admin}/certificates/api"), None, &[]).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(handshake("api.example.test").await.is_none(), "gone with its entity");
+    g.shutdown();
+    drop_db(&url).await;
+}

@@ -274,7 +274,7 @@ fn fields<T: utoipa::PartialSchema>() -> Vec<String> {
 #[test]
 fn every_config_field_is_in_a_table() {
     use manifold::config::{
-        ActiveHealthCheck, Batch, Call, CallCache, CircuitBreaker, Composition, Consumer, PassiveHealthCheck, Policy, ResponseSpec, Route,
+        ActiveHealthCheck, Batch, Call, CallCache, Certificate, CircuitBreaker, Composition, Consumer, PassiveHealthCheck, Policy, ResponseSpec, Route,
         Upstream, UpstreamRetries, UpstreamTarget, UpstreamTls,
     };
     let pages = [
@@ -293,6 +293,7 @@ fn every_config_field_is_in_a_table() {
         ("upstreams.md", fields::<PassiveHealthCheck>()),
         ("upstreams.md", fields::<UpstreamRetries>()),
         ("upstreams.md", fields::<CircuitBreaker>()),
+        ("certificates.md", fields::<Certificate>()),
     ];
     let mut missing = Vec::new();
     let mut seen = 0;

@@ -42,13 +42,13 @@ fn the_schema_is_draft_2020_12_with_every_policy_config() {
     assert!(jsonschema::meta::is_valid(&schema), "a valid 2020-12 schema");
     let text = schema.to_string();
     assert!(!text.contains("#/components/"), "every reference points into $defs");
-    for key in ["routes", "compositions", "consumers", "policies", "upstreams"] {
+    for key in ["routes", "compositions", "consumers", "policies", "upstreams", "certificates"] {
         assert!(schema["properties"][key].is_object(), "{key}");
     }
     assert_eq!(schema["additionalProperties"], false);
     let kinds = schema["$defs"]["PolicyKind"]["enum"].as_array().unwrap();
     let rules = schema["$defs"]["Policy"]["allOf"].as_array().unwrap();
-    assert_eq!(kinds.len(), 13);
+    assert_eq!(kinds.len(), 14);
     for kind in kinds {
         let rule = rules.iter().find(|r| r["if"]["properties"]["type"]["const"] == *kind).unwrap_or_else(|| panic!("{kind}"));
         let target = rule["then"]["properties"]["config"]["anyOf"][1]["$ref"].as_str().unwrap();
@@ -80,6 +80,51 @@ fn validate_errors(dir: &Path, i: usize, yaml: &str) -> Option<String> {
 /// Valid documents: together they hold every entity, every field and every
 /// policy type.
 const VALID: &[&str] = &[
+    // A certificate, an mtls-auth policy and mtls credentials.
+    r#"
+certificates:
+  - name: example-com
+    tags: [public]
+    snis: [example.com, "*.example.com"]
+    cert: |
+      -----BEGIN CERTIFICATE-----
+      MIIBqjCCAVCgAwIBAgIUZteJvU5wq4Gms+ftxfjLZO/dhv4wCgYIKoZIzj0EAwIw
+      FjEUMBIGA1UEAwwLZXhhbXBsZS5jb20wIBcNMjYxMjA3MTgzNTQ0WhgPMjEyNjEx
+      MTMxODM1NDRaMBYxFDASBgNVBAMMC2V4YW1wbGUuY29tMFkwEwYHKoZIzj0CAQYI
+      KoZIzj0DAQcDQgAE0P9Jj5MHYi3XjB89T38Chj4Kpa6EHzHXXPMVyUtpcfLk3SqU
+      CmF8wI+uaQsMlHdvli9uzMMg74QO4Hvw5+gKfaN6MHgwHQYDVR0OBBYEFKvOpv9T
+      hVd7dBm6BnKFfYZudh/dMB8GA1UdIwQYMBaAFKvOpv9ThVd7dBm6BnKFfYZudh/d
+      MA8GA1UdEwEB/wQFMAMBAf8wJQYDVR0RBB4wHIILZXhhbXBsZS5jb22CDSouZXhh
+      bXBsZS5jb20wCgYIKoZIzj0EAwIDSAAwRQIgSZkzXDa0VwwO4mGpcmgO2Hn6fj8x
+      Aqq42ksgIr4p5TgCIQD7idFuMCzToPY49RLW0VVbxBGiwA6v5fvCihkOyHIUxA==
+      -----END CERTIFICATE-----
+    key: |
+      -----BEGIN PRIVATE KEY-----
+      MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgaw72pvR9ZEHSBsUE
+      /zFJ/Qpl1ieXyEUUu4ZLZQAfT/+hRANCAATQ/0mPkwdiLdeMHz1PfwKGPgqlroQf
+      Mddc8xXJS2lx8uTdKpQKYXzAj65pCwyUd2+WL27MwyDvhA7ge/Dn6Ap9
+      -----END PRIVATE KEY-----
+consumers:
+  - name: app
+    credentials: [{ type: mtls, subject: "CN=app" }, { type: mtls, san: "spiffe://example.com/app" }]
+policies:
+  - name: client-certs
+    type: mtls-auth
+    config:
+      anonymous: app
+      ca: |
+        -----BEGIN CERTIFICATE-----
+        MIIBqjCCAVCgAwIBAgIUZteJvU5wq4Gms+ftxfjLZO/dhv4wCgYIKoZIzj0EAwIw
+        FjEUMBIGA1UEAwwLZXhhbXBsZS5jb20wIBcNMjYxMjA3MTgzNTQ0WhgPMjEyNjEx
+        MTMxODM1NDRaMBYxFDASBgNVBAMMC2V4YW1wbGUuY29tMFkwEwYHKoZIzj0CAQYI
+        KoZIzj0DAQcDQgAE0P9Jj5MHYi3XjB89T38Chj4Kpa6EHzHXXPMVyUtpcfLk3SqU
+        CmF8wI+uaQsMlHdvli9uzMMg74QO4Hvw5+gKfaN6MHgwHQYDVR0OBBYEFKvOpv9T
+        hVd7dBm6BnKFfYZudh/dMB8GA1UdIwQYMBaAFKvOpv9ThVd7dBm6BnKFfYZudh/d
+        MA8GA1UdEwEB/wQFMAMBAf8wJQYDVR0RBB4wHIILZXhhbXBsZS5jb22CDSouZXhh
+        bXBsZS5jb20wCgYIKoZIzj0EAwIDSAAwRQIgSZkzXDa0VwwO4mGpcmgO2Hn6fj8x
+        Aqq42ksgIr4p5TgCIQD7idFuMCzToPY49RLW0VVbxBGiwA6v5fvCihkOyHIUxA==
+        -----END CERTIFICATE-----
+"#,
     "",
     "routes:\n",
     "{routes: [], compositions: null, consumers: [], policies: []}",

@@ -170,6 +170,7 @@ pub async fn get(State(state): State<AdminState>, Path((kind, name)): Path<(Stri
     }
 }
 
+/// A certificate as reads show it: its key's digest, never the key.
 async fn write(state: &AdminState, headers: &HeaderMap, kind: Kind, name: Option<&str>, change: Change) -> Response {
     let Some(store) = store_of(state) else { return read_only() };
     match store.write(&actor(headers), change).await {
@@ -289,6 +290,7 @@ fn shown(c: &crate::config::Credential) -> Value {
         }
         Credential::BasicAuth { username, .. } => json!({"type": "basic-auth", "username": username}),
         Credential::Jwt { issuer, algorithm, .. } => json!({"type": "jwt", "issuer": issuer, "algorithm": algorithm}),
+        Credential::Mtls { subject, san } => json!({"type": "mtls", "subject": subject, "san": san}),
     }
 }
 

@@ -73,6 +73,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         m.redis_reachable.set(i64::from(r.reachable.load(Ordering::Relaxed)));
         m.rate_limit_fallbacks.set(r.fallbacks.load(Ordering::Relaxed) as i64);
     }
+    crate::server::tls::record_expiry(shared);
     // Each target of an upstream with health checks: 1 when it takes
     // traffic; series of targets no longer configured go.
     m.target_healthy.reset();
@@ -137,21 +138,35 @@ fn wants_yaml(headers: &HeaderMap) -> bool {
     headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("yaml"))
 }
 
+/// The config as admin reads show it: certificates without their keys.
 pub fn config_as(config: &Config, yaml: bool) -> Response {
+    config_shown(config, yaml, false)
+}
+
+/// With `secrets`, certificates keep their private keys.
+fn config_shown(config: &Config, yaml: bool, secrets: bool) -> Response {
+    let mut value = match serde_json::to_value(config) {
+        Ok(v) => v,
+        Err(e) => return message(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render the config: {e}")),
+    };
+    if !secrets {
+        crate::certs::redact_config(&mut value);
+    }
     if yaml {
-        match serde_norway::to_string(config) {
+        match serde_norway::to_string(&value) {
             Ok(text) => ([(header::CONTENT_TYPE, "application/yaml")], text).into_response(),
             Err(e) => message(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot render YAML: {e}")),
         }
     } else {
-        Json(config).into_response()
+        Json(value).into_response()
     }
 }
 
 #[derive(Deserialize)]
 struct GetConfigQuery {
-    /// The real secrets instead of their redactions (`manifold export
-    /// --include-secrets`): for backups and restores.
+    /// The real secrets (credentials' secrets, certificates' private keys)
+    /// instead of their redactions (`manifold export --include-secrets`):
+    /// for backups and restores.
     #[serde(default)]
     include_secrets: bool,
 }
@@ -164,10 +179,12 @@ async fn get_config(State(state): State<AdminState>, Query(q): Query<GetConfigQu
         },
         None => (*state.shared.snapshot.load().config).clone(),
     };
-    if !q.include_secrets {
+    if q.include_secrets {
+        tracing::info!("the config was read with its secrets (include_secrets)");
+    } else {
         crate::config::secrets::redact_config(&mut config);
     }
-    config_as(&config, wants_yaml(&headers))
+    config_shown(&config, wants_yaml(&headers), q.include_secrets)
 }
 
 /// The 400 body of SPEC §5: every error, keyed by field.
@@ -278,6 +295,7 @@ async fn status(State(state): State<AdminState>) -> Response {
             "consumers": snap.config.consumers.len(),
             "policies": snap.config.policies.len(),
             "upstreams": snap.config.upstreams.len(),
+            "certificates": snap.config.certificates.len(),
         },
     }))
     .into_response()
@@ -300,6 +318,11 @@ fn entities(config: &Config, kind: &str) -> Option<Vec<Value>> {
         "consumers" => values(&config.consumers),
         "policies" => values(&config.policies),
         "upstreams" => values(&config.upstreams),
+        "certificates" => {
+            let mut list = values(&config.certificates);
+            list.iter_mut().for_each(crate::certs::redact_entity);
+            list
+        }
         _ => return None,
     };
     for entity in &mut all {

@@ -7,7 +7,7 @@ use utoipa::openapi::schema::{ComponentsBuilder, ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{Content, InfoBuilder, OpenApi, OpenApiBuilder, Ref, RefOr, Required, ResponseBuilder, Schema};
 
-use crate::config::{Composition, Config, Consumer, Credential, Policy, Route, Upstream};
+use crate::config::{Certificate, Composition, Config, Consumer, Credential, Policy, Route, Upstream};
 
 fn json(schema: impl Into<RefOr<Schema>>) -> Content {
     Content::new(Some(schema))
@@ -114,9 +114,14 @@ fn try_answer() -> RefOr<Schema> {
 
 pub fn document() -> OpenApi {
     let mut paths = PathsBuilder::new();
-    for (kind, schema) in
-        [("routes", "Route"), ("compositions", "Composition"), ("consumers", "Consumer"), ("policies", "Policy"), ("upstreams", "Upstream")]
-    {
+    for (kind, schema) in [
+        ("routes", "Route"),
+        ("compositions", "Composition"),
+        ("consumers", "Consumer"),
+        ("policies", "Policy"),
+        ("upstreams", "Upstream"),
+        ("certificates", "Certificate"),
+    ] {
         let entity = || RefOr::Ref(Ref::from_schema_name(schema));
         let body = || {
             RequestBodyBuilder::new()
@@ -271,6 +276,7 @@ pub fn document() -> OpenApi {
     components = with_nested::<Credential>(components);
     components = with_nested::<Policy>(components);
     components = with_nested::<Upstream>(components);
+    components = with_nested::<Certificate>(components);
     let components =
         components.security_scheme("admin_token", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build())).build();
     OpenApiBuilder::new()

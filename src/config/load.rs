@@ -50,6 +50,7 @@ pub struct Origins {
     pub consumers: Vec<Option<Arc<str>>>,
     pub policies: Vec<Option<Arc<str>>>,
     pub upstreams: Vec<Option<Arc<str>>>,
+    pub certificates: Vec<Option<Arc<str>>>,
     /// Entities that could not be parsed at all, whose names are still
     /// known: they are checked for duplicates and may be referred to.
     pub unparsed: Vec<Unparsed>,
@@ -74,6 +75,7 @@ impl Origins {
             "compositions" => &mut self.compositions,
             "consumers" => &mut self.consumers,
             "upstreams" => &mut self.upstreams,
+            "certificates" => &mut self.certificates,
             _ => &mut self.policies,
         }
     }
@@ -99,6 +101,7 @@ impl LoadedConfig {
             consumers: vec![None; config.consumers.len()],
             policies: vec![None; config.policies.len()],
             upstreams: vec![None; config.upstreams.len()],
+            certificates: vec![None; config.certificates.len()],
             ..Origins::default()
         };
         LoadedConfig { config, origins }
@@ -111,11 +114,13 @@ impl LoadedConfig {
         self.config.consumers.extend(config.consumers);
         self.config.policies.extend(config.policies);
         self.config.upstreams.extend(config.upstreams);
+        self.config.certificates.extend(config.certificates);
         self.origins.routes.extend(origins.routes);
         self.origins.compositions.extend(origins.compositions);
         self.origins.consumers.extend(origins.consumers);
         self.origins.policies.extend(origins.policies);
         self.origins.upstreams.extend(origins.upstreams);
+        self.origins.certificates.extend(origins.certificates);
         self.origins.unparsed.extend(origins.unparsed);
         self.origins.partial.extend(origins.partial);
     }
@@ -130,6 +135,7 @@ impl LoadedConfig {
     pub fn validated_against(mut self, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
         // A redacted secret sent back keeps the stored one (secrets.rs).
         super::secrets::restore(&mut self.config, previous);
+        validate::restore_keys(&mut self.config, previous);
         let errors = validate::validate(&self.config, &self.origins);
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
@@ -346,7 +352,7 @@ pub fn parse_value(text: &str, format: Format) -> Result<Value, String> {
 }
 
 /// The top-level keys of a config document, for messages.
-const TOP_LEVEL_KEYS: &str = "routes, compositions, consumers, policies or upstreams";
+const TOP_LEVEL_KEYS: &str = "routes, compositions, consumers, policies, upstreams or certificates";
 
 pub fn parse_document(file: Option<Arc<str>>, text: &str, format: Format) -> (LoadedConfig, Vec<ConfigError>) {
     let mut loaded = LoadedConfig::default();
@@ -374,6 +380,7 @@ pub fn parse_document(file: Option<Arc<str>>, text: &str, format: Format) -> (Lo
             "consumers" => parse_entities("consumers", value, &file, &mut c.consumers, o, &mut errors),
             "policies" => parse_entities("policies", value, &file, &mut c.policies, o, &mut errors),
             "upstreams" => parse_entities("upstreams", value, &file, &mut c.upstreams, o, &mut errors),
+            "certificates" => parse_entities("certificates", value, &file, &mut c.certificates, o, &mut errors),
             _ => errors.push(ConfigError {
                 file: file.clone(),
                 path: key.clone(),
@@ -493,6 +500,7 @@ pub fn name_files(paths: &[PathBuf], errors: &mut ConfigErrors) {
             "consumers" => find(config.consumers.iter().map(|c| c.name.as_str()).collect(), &origins.consumers),
             "policies" => find(config.policies.iter().map(|p| p.name.as_str()).collect(), &origins.policies),
             "upstreams" => find(config.upstreams.iter().map(|u| u.name.as_str()).collect(), &origins.upstreams),
+            "certificates" => find(config.certificates.iter().map(|u| u.name.as_str()).collect(), &origins.certificates),
             _ => None,
         };
     }

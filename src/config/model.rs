@@ -39,6 +39,9 @@ pub struct Config {
     /// Pools of backend targets, named by a route's `upstream` or a call's `upstream`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<Upstream>,
+    /// TLS certificates the proxy's TLS listener serves, chosen by SNI.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<Certificate>,
 }
 
 /// A plain proxied route.
@@ -277,6 +280,13 @@ pub enum Credential {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         password_hash: Option<String>,
     },
+    /// A client certificate accepted by mtls-auth policies: its subject (`CN=app,O=example`) or one of its SANs (`spiffe://...`, a DNS name, an email, a URI).
+    Mtls {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subject: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        san: Option<String>,
+    },
     /// A JWT issuer: `secret` for HS*, `public_key` (PEM) for RS*/ES*/EdDSA.
     Jwt {
         /// Matched against a token's `iss`.
@@ -288,6 +298,43 @@ pub enum Credential {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         public_key: Option<String>,
     },
+}
+
+/// A TLS certificate the proxy's TLS listener serves to clients that ask for one of its `snis` (SPEC §7).
+#[derive(Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    /// Unique among certificates: a-z, 0-9 and -, at most 64 characters.
+    pub name: String,
+    /// Free labels, for filtering in the admin API.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// The server names (SNI) this certificate answers: exact names, or `*.domain` for one label under domain. No two certificates share one.
+    pub snis: Vec<String>,
+    /// The certificate chain, PEM, the server's own certificate first.
+    pub cert: String,
+    /// The private key of the first certificate, PEM (PKCS#8, PKCS#1 or SEC1). Never shown by admin reads; `export --include-secrets` includes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// SHA-256 of `key` (hex), set on load and shown by admin reads; written without `key`, it keeps the key the gateway already holds for this certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
+    /// Read-only: the certificate's subject, SANs and expiry, as admin reads show them; ignored when written.
+    #[serde(default, skip_serializing)]
+    #[schema(read_only)]
+    pub details: Option<Value>,
+}
+
+/// Never prints the private key.
+impl std::fmt::Debug for Certificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certificate")
+            .field("name", &self.name)
+            .field("tags", &self.tags)
+            .field("snis", &self.snis)
+            .field("key_sha256", &self.key_sha256)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A pool of backend targets (SPEC §6), named by routes and composition calls.
@@ -536,6 +583,7 @@ pub enum PolicyKind {
     HttpsRedirect,
     RequestSizeLimit,
     ResponseCache,
+    MtlsAuth,
 }
 
 /// The typed `config` of each policy type, with SPEC defaults.
@@ -554,6 +602,7 @@ pub enum PolicyConfig {
     HttpsRedirect(HttpsRedirectConfig),
     RequestSizeLimit(RequestSizeLimitConfig),
     ResponseCache(ResponseCacheConfig),
+    MtlsAuth(MtlsAuthConfig),
 }
 
 fn default_key_names() -> Vec<String> {
@@ -808,4 +857,15 @@ pub struct ResponseCacheConfig {
     /// Memory for cached answers (default 64MiB).
     #[serde(default = "default_cache_bytes")]
     pub max_bytes: ByteSize,
+}
+
+/// `config` of an mtls-auth policy.
+#[derive(Clone, Debug, PartialEq, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsAuthConfig {
+    /// The CAs (PEM) a client certificate must chain to.
+    pub ca: String,
+    /// Consumer used when no certificate is given.
+    #[serde(default)]
+    pub anonymous: Option<String>,
 }

@@ -39,7 +39,7 @@ const TAG_PATTERN: &str = r"^[^,\x00-\x1f\x7f-\x9f]*$";
 const METHOD_PATTERN: &str = "^[A-Z_-]{1,32}$";
 
 /// The `config` type of each policy `type`.
-const POLICY_CONFIGS: [(PolicyKind, &str); 13] = [
+const POLICY_CONFIGS: [(PolicyKind, &str); 14] = [
     (PolicyKind::KeyAuth, "KeyAuthConfig"),
     (PolicyKind::BasicAuth, "BasicAuthConfig"),
     (PolicyKind::Jwt, "JwtConfig"),
@@ -53,6 +53,7 @@ const POLICY_CONFIGS: [(PolicyKind, &str); 13] = [
     (PolicyKind::HttpsRedirect, "HttpsRedirectConfig"),
     (PolicyKind::RequestSizeLimit, "RequestSizeLimitConfig"),
     (PolicyKind::ResponseCache, "ResponseCacheConfig"),
+    (PolicyKind::MtlsAuth, "MtlsAuthConfig"),
 ];
 
 /// The JSON Schema (draft 2020-12) of a config document.
@@ -71,6 +72,7 @@ pub fn config_schema() -> Value {
     collect::<HttpsRedirectConfig>(&mut defs);
     collect::<RequestSizeLimitConfig>(&mut defs);
     collect::<ResponseCacheConfig>(&mut defs);
+    collect::<MtlsAuthConfig>(&mut defs);
     for name in POLICY_CONFIGS.map(|(_, def)| def) {
         assert!(defs.contains_key(name), "no schema for {name}");
     }
@@ -163,11 +165,11 @@ fn refine(defs: &mut Map<String, Value>) {
     );
 
     // A top-level key may be `null` (`routes:` with nothing under it).
-    for kind in ["routes", "compositions", "consumers", "policies", "upstreams"] {
+    for kind in ["routes", "compositions", "consumers", "policies", "upstreams", "certificates"] {
         property(defs, "Config", kind)["type"] = json!(["array", "null"]);
     }
 
-    for def in ["Route", "Composition", "Consumer", "Policy", "Upstream"] {
+    for def in ["Route", "Composition", "Consumer", "Policy", "Upstream", "Certificate"] {
         merge(property(defs, def, "name"), json!({ "pattern": NAME_PATTERN, "maxLength": 64 }));
         merge(
             property(defs, def, "tags"),

@@ -46,6 +46,8 @@ fn secrets_mut(credential: &mut Credential) -> Vec<(&'static str, &mut Option<St
         Credential::KeyAuth { key, key_sha256 } => vec![("key", key), ("key_sha256", key_sha256)],
         Credential::BasicAuth { password, password_hash, .. } => vec![("password", password), ("password_hash", password_hash)],
         Credential::Jwt { secret, .. } => vec![("secret", secret)],
+        // A subject or SAN names a certificate; it is no secret.
+        Credential::Mtls { .. } => Vec::new(),
     }
 }
 
@@ -73,6 +75,10 @@ pub fn redact_config(config: &mut Config) {
 /// Replaces every secret of one entity of `kind` (`consumers`...), as the
 /// admin API and the store hold it in JSON, by its redaction.
 pub fn redact_entity(kind: &str, entity: &mut Value) {
+    if kind == "certificates" {
+        // A private key is shown as its digest (certs.rs).
+        return crate::certs::redact_entity(entity);
+    }
     if kind != "consumers" {
         return;
     }

@@ -162,6 +162,7 @@ pub fn policy_config(kind: PolicyKind, config: &Value) -> Result<PolicyConfig, (
         PolicyKind::HttpsRedirect => PolicyConfig::HttpsRedirect(typed(config)?),
         PolicyKind::RequestSizeLimit => PolicyConfig::RequestSizeLimit(typed(config)?),
         PolicyKind::ResponseCache => PolicyConfig::ResponseCache(typed(config)?),
+        PolicyKind::MtlsAuth => PolicyConfig::MtlsAuth(typed(config)?),
     })
 }
 
@@ -240,6 +241,16 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
             .enumerate()
             .map(|(i, r)| (r.name.as_str(), origins.policies.get(i).unwrap_or(&None)))
             .chain(origins.unparsed_names("policies")),
+    );
+    check_unique(
+        &mut errs,
+        "certificates",
+        config
+            .certificates
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), origins.certificates.get(i).unwrap_or(&None)))
+            .chain(origins.unparsed_names("certificates")),
     );
     check_unique(
         &mut errs,
@@ -350,6 +361,7 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
     let mut keys: HashMap<String, String> = HashMap::new();
     let mut usernames: HashMap<String, String> = HashMap::new();
     let mut issuers: HashMap<String, String> = HashMap::new();
+    let mut mtls: HashMap<String, String> = HashMap::new();
     for (i, consumer) in config.consumers.iter().enumerate() {
         errs.at(&file_of(&origins.consumers, i));
         let base = format!("consumers.{}", consumer.name);
@@ -398,6 +410,11 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
                         _ => errs.push(path.clone(), "a basic-auth credential has exactly one of password or password_hash"),
                     }
                 }
+                Credential::Mtls { subject, san } => match (subject, san) {
+                    (Some(s), None) if !s.is_empty() => unique(&mut errs, &mut mtls, "this subject", format!("subject:{s}")),
+                    (None, Some(s)) if !s.is_empty() => unique(&mut errs, &mut mtls, "this SAN", format!("san:{s}")),
+                    _ => errs.push(path.clone(), "an mtls credential has exactly one of subject or san, not empty"),
+                },
                 Credential::Jwt { issuer, algorithm, secret, public_key } => {
                     if issuer.is_empty() {
                         errs.push(format!("{path}.issuer"), "must not be empty");
@@ -447,6 +464,51 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
     for (i, upstream) in config.upstreams.iter().enumerate() {
         errs.at(&file_of(&origins.upstreams, i));
         check_upstream_entity(&mut errs, upstream);
+    }
+
+    // Each server name is one certificate's: the listener must never have
+    // to choose between two.
+    let mut snis: HashMap<String, &str> = HashMap::new();
+    for (i, cert) in config.certificates.iter().enumerate() {
+        errs.at(&file_of(&origins.certificates, i));
+        let base = format!("certificates.{}", cert.name);
+        check_name(&mut errs, &base, &cert.name);
+        check_tags(&mut errs, &base, &cert.tags);
+        if cert.snis.is_empty() {
+            errs.push(format!("{base}.snis"), "needs at least one server name (the default certificate is --tls-cert's)");
+        }
+        for (j, sni) in cert.snis.iter().enumerate() {
+            let path = format!("{base}.snis[{j}]");
+            check_host(&mut errs, path.clone(), sni);
+            if let Some(other) = snis.get(&sni.to_ascii_lowercase()) {
+                errs.push(path, format!("{sni:?} is already served by certificate {other:?}"));
+            } else {
+                snis.insert(sni.to_ascii_lowercase(), &cert.name);
+            }
+        }
+        match (&cert.key, &cert.key_sha256) {
+            (Some(key), _) => {
+                if let Err((field, e)) = crate::certs::certified_key(&cert.cert, key) {
+                    let field = if field == crate::certs::CertField::Cert { "cert" } else { "key" };
+                    errs.push(format!("{base}.{field}"), e);
+                }
+            }
+            (None, Some(_)) => {
+                if let Err(e) = crate::certs::chain(&cert.cert) {
+                    errs.push(format!("{base}.cert"), e);
+                }
+                errs.push(
+                    format!("{base}.key"),
+                    "missing: key_sha256 matches no key this gateway holds for this certificate (write the key itself)",
+                );
+            }
+            (None, None) => {
+                if let Err(e) = crate::certs::chain(&cert.cert) {
+                    errs.push(format!("{base}.cert"), e);
+                }
+                errs.push(format!("{base}.key"), "missing: the certificate's private key, PEM");
+            }
+        }
     }
     errs.list
 }
@@ -681,6 +743,7 @@ fn check_upstream_entity(errs: &mut Errors, upstream: &Upstream) {
 /// logged at every load (see [`log_warnings`]).
 pub fn warnings(config: &Config) -> Vec<ConfigError> {
     let mut out = Vec::new();
+    certificate_warnings(config, &mut out);
     for u in &config.upstreams {
         let Some(tls) = &u.tls else { continue };
         if !tls.verify {
@@ -704,6 +767,22 @@ pub fn warnings(config: &Config) -> Vec<ConfigError> {
         }
     }
     out
+}
+
+/// Expired certificates, and certificates not valid yet, at their `cert`.
+fn certificate_warnings(config: &Config, out: &mut Vec<ConfigError>) {
+    let now = crate::certs::now_unix();
+    for c in &config.certificates {
+        let Some(d) = crate::certs::chain(&c.cert).ok().and_then(|chain| crate::certs::details(&chain[0]).ok()) else { continue };
+        let message = if d.not_after < now {
+            format!("certificate {:?} has expired: clients will refuse it", c.name)
+        } else if d.not_before > now {
+            format!("certificate {:?} is not valid yet: clients will refuse it", c.name)
+        } else {
+            continue;
+        };
+        out.push(ConfigError { file: None, path: format!("certificates.{}.cert", c.name), message });
+    }
 }
 
 /// Logs [`warnings`], one line each.
@@ -893,6 +972,12 @@ fn check_policy_config(errs: &mut Errors, base: &str, config: &PolicyConfig, con
             if c.max_bytes.0 == 0 {
                 errs.push(format!("{base}.max_bytes"), "must be more than 0");
             }
+        }
+        PolicyConfig::MtlsAuth(c) => {
+            if let Err(e) = crate::certs::chain(&c.ca) {
+                errs.push(format!("{base}.ca"), e);
+            }
+            check_anonymous(errs, base, &c.anonymous, consumers);
         }
     }
 }
@@ -1370,8 +1455,28 @@ fn previous_hash(previous: Option<&Config>, consumer: &str, username: &str, pass
 /// Replaces plain keys by SHA-256 digests and plain passwords by argon2id
 /// hashes, so no secret outlives loading; a password `previous` already
 /// holds keeps its hash.
+/// A certificate written with its `key_sha256` instead of its `key` (as an
+/// admin read or a plain export shows it) keeps the key `previous` holds
+/// for the same certificate name, when the digest is that key's.
+pub fn restore_keys(config: &mut Config, previous: Option<&Config>) {
+    let Some(previous) = previous else { return };
+    for cert in config.certificates.iter_mut().filter(|c| c.key.is_none()) {
+        let Some(digest) = cert.key_sha256.as_deref().map(str::to_ascii_lowercase) else { continue };
+        let held = previous.certificates.iter().find(|p| p.name == cert.name).and_then(|p| p.key.as_ref());
+        if let Some(key) = held.filter(|k| sha256_hex(k) == digest) {
+            cert.key = Some(key.clone());
+        }
+    }
+}
+
 pub fn hash_secrets(config: &mut Config, previous: Option<&Config>) {
     use argon2::password_hash::{PasswordHasher, SaltString};
+    // Certificates keep their key (the listener serves it); the digest is
+    // what reads show of it.
+    for cert in &mut config.certificates {
+        cert.key_sha256 = cert.key.as_deref().map(sha256_hex);
+        cert.details = None;
+    }
     for consumer in &mut config.consumers {
         let consumer_name = consumer.name.clone();
         for cred in &mut consumer.credentials {
@@ -1397,7 +1502,7 @@ pub fn hash_secrets(config: &mut Config, previous: Option<&Config>) {
                         *password_hash = Some(hash);
                     }
                 }
-                Credential::Jwt { .. } => {}
+                Credential::Jwt { .. } | Credential::Mtls { .. } => {}
             }
         }
     }

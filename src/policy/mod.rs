@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cluster;
 pub mod cors;
 pub mod jwt;
+pub mod mtls;
 pub mod transform;
 
 use std::collections::HashMap;
@@ -365,6 +366,7 @@ pub struct Identities {
     by_username: HashMap<String, (Arc<ConsumerInfo>, Arc<str>)>,
     /// jwt issuer -> consumer, algorithm and key.
     by_issuer: HashMap<String, jwt::IssuerKey>,
+    mtls: mtls::MtlsIdentities,
 }
 
 impl Identities {
@@ -389,6 +391,7 @@ impl Identities {
                             ids.by_issuer.entry(issuer.clone()).or_insert(jwt::IssuerKey { consumer: info.clone(), algorithm, key });
                         }
                     }
+                    Credential::Mtls { subject, san } => ids.mtls.add(subject.as_deref(), san.as_deref(), &info),
                     _ => {}
                 }
             }
@@ -414,6 +417,7 @@ enum Compiled {
     KeyAuth { names: Vec<String>, hide: bool, anonymous: Option<Arc<ConsumerInfo>> },
     BasicAuth { hide: bool, anonymous: Option<Arc<ConsumerInfo>> },
     Jwt { policy: jwt::JwtPolicy, anonymous: Option<Arc<ConsumerInfo>> },
+    MtlsAuth { policy: Arc<mtls::MtlsPolicy>, anonymous: Option<Arc<ConsumerInfo>> },
     Acl { allow: Option<Vec<String>>, deny: Option<Vec<String>> },
     HttpsRedirect { status: StatusCode },
     Cors(Arc<cors::Cors>),
@@ -449,6 +453,8 @@ pub struct RequestFacts<'a> {
     pub path: &'a str,
     /// The peer is a trusted proxy (its X-Forwarded-Proto counts).
     pub trusted_peer: bool,
+    /// The request came over the TLS listener (and what its handshake showed).
+    pub tls: Option<&'a crate::server::tls::TlsConn>,
 }
 
 /// What the policies decided about an admitted request.
@@ -511,7 +517,7 @@ fn phase(kind: PolicyKind) -> u8 {
         PolicyKind::HttpsRedirect => 1,
         PolicyKind::Cors => 2,
         PolicyKind::CorrelationId => 3,
-        PolicyKind::KeyAuth | PolicyKind::BasicAuth | PolicyKind::Jwt => AUTH_PHASE,
+        PolicyKind::KeyAuth | PolicyKind::BasicAuth | PolicyKind::Jwt | PolicyKind::MtlsAuth => AUTH_PHASE,
         PolicyKind::Acl => 5,
         PolicyKind::RateLimit => 6,
         PolicyKind::RequestSizeLimit => 7,
@@ -584,6 +590,15 @@ impl PolicyChain {
                     };
                     Compiled::Jwt { policy, anonymous: anonymous(&c.anonymous) }
                 }
+                PolicyConfig::MtlsAuth(c) => match mtls::MtlsPolicy::new(&c.ca) {
+                    Ok(policy) => Compiled::MtlsAuth { policy: Arc::new(policy), anonymous: anonymous(&c.anonymous) },
+                    // Validated already; an authentication policy that cannot
+                    // be built refuses everyone rather than being skipped.
+                    Err(e) => {
+                        tracing::error!(policy = %p.name, error = %e, "mtls-auth cannot be built: it refuses every request");
+                        Compiled::MtlsAuth { policy: Arc::new(mtls::MtlsPolicy::refusing()), anonymous: None }
+                    }
+                },
                 PolicyConfig::Acl(c) => Compiled::Acl { allow: c.allow, deny: c.deny },
                 PolicyConfig::RequestSizeLimit(c) => Compiled::RequestSizeLimit { max: c.max_bytes.0 },
                 PolicyConfig::HttpsRedirect(c) => {
@@ -721,8 +736,12 @@ impl PolicyChain {
                 }
                 Compiled::HttpsRedirect { status } => {
                     // Plain HTTP here; only a trusted proxy can say the client used TLS.
-                    let https = request.trusted_peer
-                        && headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).is_some_and(|p| p.eq_ignore_ascii_case("https"));
+                    let https = request.tls.is_some()
+                        || request.trusted_peer
+                            && headers
+                                .get("x-forwarded-proto")
+                                .and_then(|v| v.to_str().ok())
+                                .is_some_and(|p| p.eq_ignore_ascii_case("https"));
                     if !https {
                         let host = headers.get(http::header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
                         // Only a host[:port] may become the Location's authority.
@@ -842,6 +861,21 @@ impl PolicyChain {
                                 blame = blame.or(Some(i));
                                 tracing::debug!(policy = %step.name, why, "jwt refused");
                             }
+                        }
+                    }
+                    if consumer.is_none() && anonymous.is_none() {
+                        anonymous = anon.clone();
+                    }
+                }
+                Compiled::MtlsAuth { policy, anonymous: anon } => {
+                    if consumer.is_some() {
+                        continue;
+                    }
+                    match policy.identify(request.tls, &self.ids.mtls) {
+                        Ok(found) => consumer = found,
+                        Err(why) => {
+                            blame = blame.or(Some(i));
+                            tracing::debug!(policy = %step.name, why, "mtls-auth refused");
                         }
                     }
                     if consumer.is_none() && anonymous.is_none() {

@@ -136,6 +136,8 @@ pub struct Forwarding<'a> {
     pub client_ip: IpAddr,
     /// The peer is a trusted proxy: its `X-Forwarded-Proto/Host` are kept.
     pub trusted_peer: bool,
+    /// The request came over the TLS listener: `X-Forwarded-Proto: https`.
+    pub https: bool,
     pub request_id: &'a HeaderValue,
     pub trace: &'a TraceContext,
     /// The normalized request path (still percent-encoded).
@@ -275,7 +277,7 @@ pub async fn forward(
         None => h.remove(&X_FORWARDED_FOR),
     };
     if !(fwd.trusted_peer && h.contains_key(&X_FORWARDED_PROTO)) {
-        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if fwd.https { "https" } else { "http" }));
     }
     if !(fwd.trusted_peer && h.contains_key(&X_FORWARDED_HOST)) {
         match &original_host {

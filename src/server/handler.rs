@@ -376,7 +376,8 @@ async fn route_and_run(
             v4 => v4,
         };
         let trusted_peer = shared.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
-        let facts = crate::policy::RequestFacts { method: &parts.method, path: &path, trusted_peer };
+        let tls = parts.extensions.get::<Arc<super::tls::TlsConn>>().map(|t| &**t);
+        let facts = crate::policy::RequestFacts { method: &parts.method, path: &path, trusted_peer, tls };
         let admission = match policies.admit(facts, client_ip, &mut parts.headers, &mut query).await {
             Ok(a) => a,
             Err(refusal) => {
@@ -478,8 +479,10 @@ async fn route_and_run(
                 None
             };
             let grpc = matched.grpc.then(|| parts.headers.get("grpc-timeout").and_then(proxy::parse_grpc_timeout));
+            let https = parts.extensions.get::<Arc<super::tls::TlsConn>>().is_some();
             let req = Request::from_parts(parts, body);
             let fwd = Forwarding {
+                https,
                 client_ip: peer.ip(),
                 trusted_peer,
                 request_id,

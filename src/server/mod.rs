@@ -7,6 +7,7 @@ pub mod conn_io;
 pub mod handler;
 pub mod head;
 pub mod hygiene;
+pub mod tls;
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,6 +48,9 @@ pub struct Shared {
     pub services: Arc<crate::policy::Services>,
     /// How backend connections are opened (TLS roots, client certificate).
     pub connector: Arc<crate::upstream::Connector>,
+    /// The TLS listener's certificate for names no `certificates` entity
+    /// serves (`--tls-cert`), set once at start.
+    pub tls_default: std::sync::OnceLock<Arc<crate::certs::Served>>,
 }
 
 impl Shared {
@@ -75,6 +79,7 @@ impl Shared {
             db_instance: std::sync::Mutex::new(None),
             services,
             connector,
+            tls_default: std::sync::OnceLock::new(),
         }))
     }
 
@@ -138,6 +143,65 @@ pub struct ServerOptions {
     pub header_read_timeout: Duration,
     /// Time a connection may sit idle between requests (SPEC §2: 60 s).
     pub idle_timeout: Duration,
+    /// The TLS listener's address when set (`--tls-listen`): it then
+    /// listens even while no certificate is configured, so that the first
+    /// one written later is served. Unset, it listens on
+    /// [`DEFAULT_TLS_LISTEN`] when a certificate is configured at start.
+    pub tls_listen: Option<SocketAddr>,
+    /// The default certificate (`--tls-cert`, `--tls-key`), PEM.
+    pub default_certificate: Option<DefaultCertificate>,
+    /// HTTP/2 from clients (ALPN `h2` and h2c).
+    pub http2: Http2Limits,
+}
+
+/// Limits of client HTTP/2 connections (SPEC §7).
+#[derive(Clone, Copy, Debug)]
+pub struct Http2Limits {
+    /// Streams a client may have open at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Largest header list (decoded) a client may send.
+    pub max_header_list_size: u32,
+    /// Send a PING this often to find dead peers; `None`: never.
+    pub keep_alive_interval: Option<Duration>,
+    /// Close a connection whose PING is not answered within this.
+    pub keep_alive_timeout: Duration,
+    /// Streams a client may open and reset before the gateway took them;
+    /// past it the connection is closed with GOAWAY (ENHANCE_YOUR_CALM):
+    /// the rapid-reset flood, CVE-2023-44487.
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams the gateway may reset for a client's protocol errors before
+    /// it closes the connection with GOAWAY.
+    pub max_local_error_reset_streams: usize,
+}
+
+impl Default for Http2Limits {
+    fn default() -> Self {
+        Http2Limits {
+            max_concurrent_streams: 100,
+            max_header_list_size: 96 << 10,
+            keep_alive_interval: None,
+            keep_alive_timeout: Duration::from_secs(20),
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 1024,
+        }
+    }
+}
+
+pub const DEFAULT_TLS_LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 8443);
+
+/// The TLS listener's certificate for names no `certificates` entity
+/// serves, and for clients that send no name.
+#[derive(Clone)]
+pub struct DefaultCertificate {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Never prints the key.
+impl std::fmt::Debug for DefaultCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DefaultCertificate")
+    }
 }
 
 impl Default for ServerOptions {
@@ -148,6 +212,9 @@ impl Default for ServerOptions {
             drain_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            tls_listen: None,
+            default_certificate: None,
+            http2: Http2Limits::default(),
         }
     }
 }
@@ -155,6 +222,8 @@ impl Default for ServerOptions {
 /// A running set of proxy workers.
 pub struct ProxyServer {
     pub addr: SocketAddr,
+    /// The TLS listener's address, when it listens.
+    pub tls_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -213,23 +282,61 @@ fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<StdTcpL
     Ok(listeners)
 }
 
+/// The TLS listeners of the workers (one each, `SO_REUSEPORT`), with the
+/// handshake configs they share.
+pub struct TlsListeners {
+    listeners: Vec<StdTcpListener>,
+    acceptors: Arc<tls::TlsAcceptors>,
+}
+
+impl TlsListeners {
+    /// Binds the TLS listener when it is asked for (`tls_listen`) or a
+    /// certificate is configured; `None` otherwise.
+    pub fn bind(opts: &ServerOptions, shared: &Arc<Shared>) -> std::io::Result<Option<TlsListeners>> {
+        let configured = shared.tls_default.get().is_some() || !shared.snapshot.load().certificates.is_empty();
+        let Some(addr) = opts.tls_listen.or(configured.then_some(DEFAULT_TLS_LISTEN)) else {
+            return Ok(None);
+        };
+        let listeners = bind_reuseport(addr, opts.workers.max(1)).map_err(address_in_use)?;
+        let acceptors = tls::TlsAcceptors::new(shared.clone()).map_err(std::io::Error::other)?;
+        Ok(Some(TlsListeners { listeners, acceptors }))
+    }
+
+    /// Where it listens (port 0 resolved).
+    pub fn addr(&self) -> std::io::Result<SocketAddr> {
+        self.listeners[0].local_addr()
+    }
+}
+
 impl ProxyServer {
     pub fn start(opts: &ServerOptions, shared: Arc<Shared>) -> std::io::Result<ProxyServer> {
+        Self::start_with_tls(opts, shared, None)
+    }
+
+    /// Like [`ProxyServer::start`]; each worker also serves its share of
+    /// the TLS listener, when there is one.
+    pub fn start_with_tls(opts: &ServerOptions, shared: Arc<Shared>, tls: Option<TlsListeners>) -> std::io::Result<ProxyServer> {
         let listeners = bind_reuseport(opts.proxy_listen, opts.workers.max(1)).map_err(address_in_use)?;
         let addr = listeners[0].local_addr()?;
+        let tls_addr = tls.as_ref().map(TlsListeners::addr).transpose()?;
+        let (acceptors, mut tls_listeners) = match tls {
+            Some(t) => (Some(t.acceptors), t.listeners.into_iter().map(Some).collect()),
+            None => (None, Vec::new()),
+        };
         let (tx, rx) = watch::channel(false);
         let mut threads = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
             let shared = shared.clone();
             let rx = rx.clone();
             let opts = opts.clone();
+            let tls = tls_listeners.get_mut(i).and_then(Option::take).zip(acceptors.clone());
             let thread = std::thread::Builder::new().name(format!("manifold-worker-{i}")).spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
-                rt.block_on(worker(listener, shared, opts, rx));
+                rt.block_on(worker(listener, tls, shared, opts, rx));
             })?;
             threads.push(thread);
         }
-        Ok(ProxyServer { addr, shutdown: tx, threads })
+        Ok(ProxyServer { addr, tls_addr, shutdown: tx, threads })
     }
 
     /// Stops accepting and closes connections with no request in flight
@@ -275,7 +382,13 @@ async fn collect_allocator_pages(collect: fn(), metrics: Arc<crate::metrics::Met
     }
 }
 
-async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptions, mut shutdown: watch::Receiver<bool>) {
+async fn worker(
+    listener: StdTcpListener,
+    tls: Option<(StdTcpListener, Arc<tls::TlsAcceptors>)>,
+    shared: Arc<Shared>,
+    opts: ServerOptions,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -283,6 +396,15 @@ async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptio
             return;
         }
     };
+    let (tls_listener, acceptors) = match tls.map(|(l, a)| (tokio::net::TcpListener::from_std(l), a)) {
+        Some((Ok(l), a)) => (Some(l), Some(a)),
+        Some((Err(e), _)) => {
+            tracing::error!(error = %e, "cannot use the TLS listener");
+            (None, None)
+        }
+        None => (None, None),
+    };
+    let tls_shared = shared.clone();
     let shared_metrics = shared.services.metrics.clone();
     let client = handler::Worker::new(shared);
     if let Some(collect) = ALLOCATOR_COLLECT.get() {
@@ -299,7 +421,16 @@ async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptio
         // are the backstop for what cannot even be parsed.
         .max_headers(256)
         .max_buf_size(128 << 10);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(96 << 10);
+    let h2 = opts.http2;
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(h2.max_header_list_size)
+        .max_concurrent_streams(h2.max_concurrent_streams)
+        .keep_alive_interval(h2.keep_alive_interval)
+        .keep_alive_timeout(h2.keep_alive_timeout)
+        .max_pending_accept_reset_streams(h2.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(h2.max_local_error_reset_streams);
     // WebSocket over HTTP/2 (RFC 8441), for routes with `websocket: true`.
     builder.http2().enable_connect_protocol();
     let timeouts = ConnTimeouts { header_read: opts.header_read_timeout, idle: opts.idle_timeout };
@@ -331,10 +462,36 @@ async fn worker(listener: StdTcpListener, shared: Arc<Shared>, opts: ServerOptio
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+            },
+            // The same serving as above, after a handshake on the
+            // connection's own task.
+            accepted = tls::accept(tls_listener.as_ref()) => match (accepted, acceptors.clone()) {
+                (Ok((stream, peer)), Some(acceptors)) => {
+                    let _ = stream.set_nodelay(true);
+                    let activity = Arc::new(ConnActivity::default());
+                    let svc = client.service(peer, activity.clone());
+                    let (builder, watcher, closing, shared) = (builder.clone(), graceful.watcher(), closing.clone(), tls_shared.clone());
+                    let open = OpenConnection::new(&shared_metrics);
+                    tokio::spawn(async move {
+                        let _open = open;
+                        let Some((stream, conn)) = acceptors.handshake(&shared, stream, peer, timeouts.header_read).await else { return };
+                        let io = TimedIo::new(stream, activity, timeouts, closing);
+                        let conn = builder.serve_connection(TokioIo::new(io), tls::WithTls::new(svc, conn)).into_owned();
+                        if let Err(e) = watcher.watch(conn).await {
+                            tracing::debug!(error = %e, %peer, "TLS connection ended with an error");
+                        }
+                    });
+                }
+                (Ok(_), None) => {}
+                (Err(e), _) => {
+                    tracing::warn!(error = %e, "TLS accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
         }
     }
     drop(listener);
+    drop(tls_listener);
     // Before hyper's graceful shutdown, which polls every connection once
     // more: a connection that never got a request reads the flag then and
     // ends (conn_io.rs); one between requests hyper closes itself.

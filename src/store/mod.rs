@@ -33,10 +33,11 @@ pub enum Kind {
     Consumers,
     Policies,
     Upstreams,
+    Certificates,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Routes, Kind::Compositions, Kind::Consumers, Kind::Policies, Kind::Upstreams];
+    pub const ALL: [Kind; 6] = [Kind::Routes, Kind::Compositions, Kind::Consumers, Kind::Policies, Kind::Upstreams, Kind::Certificates];
 
     pub fn parse(s: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.table() == s)
@@ -50,6 +51,7 @@ impl Kind {
             Kind::Consumers => "consumers",
             Kind::Policies => "policies",
             Kind::Upstreams => "upstreams",
+            Kind::Certificates => "certificates",
         }
     }
 
@@ -61,6 +63,7 @@ impl Kind {
             Kind::Consumers => "consumer",
             Kind::Policies => "policy",
             Kind::Upstreams => "upstream",
+            Kind::Certificates => "certificate",
         }
     }
 }
@@ -199,6 +202,7 @@ fn entities_of(config: &Config, kind: Kind) -> Vec<(String, Value)> {
         Kind::Consumers => pairs(&config.consumers, |e| &e.name),
         Kind::Policies => pairs(&config.policies, |e| &e.name),
         Kind::Upstreams => pairs(&config.upstreams, |e| &e.name),
+        Kind::Certificates => pairs(&config.certificates, |e| &e.name),
     }
 }
 
@@ -245,6 +249,7 @@ fn set_entity(config: &mut Config, parse: &mut EntityParse, kind: Kind, name: &s
         Kind::Consumers => put(&mut config.consumers, parse, kind, name, entity, |e| &e.name),
         Kind::Policies => put(&mut config.policies, parse, kind, name, entity, |e| &e.name),
         Kind::Upstreams => put(&mut config.upstreams, parse, kind, name, entity, |e| &e.name),
+        Kind::Certificates => put(&mut config.certificates, parse, kind, name, entity, |e| &e.name),
     }
 }
 
@@ -255,6 +260,7 @@ fn remove_entity(config: &mut Config, kind: Kind, name: &str) {
         Kind::Consumers => config.consumers.retain(|e| e.name != name),
         Kind::Policies => config.policies.retain(|e| e.name != name),
         Kind::Upstreams => config.upstreams.retain(|e| e.name != name),
+        Kind::Certificates => config.certificates.retain(|e| e.name != name),
     }
 }
 
@@ -280,7 +286,7 @@ fn users_of(config: &Config, kind: Kind, name: &str) -> Vec<String> {
             });
             routes.chain(calls).collect()
         }
-        Kind::Routes | Kind::Compositions | Kind::Consumers => Vec::new(),
+        Kind::Routes | Kind::Compositions | Kind::Consumers | Kind::Certificates => Vec::new(),
     }
 }
 
