@@ -34,8 +34,8 @@ async fn failure(resp: reqwest::Response) -> anyhow::Error {
 }
 
 /// The whole live config as YAML, from a node's admin API or the database;
-/// its secrets redacted unless `include_secrets` (config/secrets.rs;
-/// certificates then show their `key_sha256` instead of the key).
+/// its secrets redacted unless `include_secrets` (config/secrets.rs; a
+/// certificate then shows its `key_sha256` instead of its key).
 pub async fn export(admin: Option<&str>, token: Option<&str>, database_url: Option<&str>, include_secrets: bool) -> anyhow::Result<String> {
     if let Some(url) = admin {
         let query = if include_secrets { "?include_secrets=true" } else { "" };
@@ -52,14 +52,10 @@ pub async fn export(admin: Option<&str>, token: Option<&str>, database_url: Opti
     let Some(db) = database_url else { bail!("export needs --admin URL or MANIFOLD_DATABASE_URL") };
     let store = crate::store::Store::connect(db).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let (mut config, _) = store.load().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    if include_secrets {
-        return Ok(serde_norway::to_string(&config)?);
+    if !include_secrets {
+        crate::config::secrets::redact_config(&mut config);
     }
-    crate::config::secrets::redact_config(&mut config);
-    // Certificates show their key_sha256 instead of the key (certs.rs).
-    let mut value = serde_json::to_value(&config)?;
-    crate::certs::redact_config(&mut value);
-    Ok(serde_norway::to_string(&value)?)
+    Ok(serde_norway::to_string(&config)?)
 }
 
 /// The diff as lines: `+`/`~`/`-` per entity, and under each update the
@@ -103,7 +99,7 @@ pub async fn sync(path: &PathBuf, admins: &[String], token: Option<&str>, dry_ru
     // A redacted secret (from an export without --include-secrets) is left
     // for each gateway to match against the secret it stores.
     if let Err(mut errors) = load_paths(std::slice::from_ref(path)) {
-        errors.0.retain(|e| e.message != crate::config::secrets::UNMATCHED);
+        errors.0.retain(|e| e.message != crate::config::secrets::UNMATCHED && e.message != crate::config::secrets::KEY_UNMATCHED);
         if !errors.0.is_empty() {
             bail!("{errors}");
         }

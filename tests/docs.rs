@@ -274,8 +274,8 @@ fn fields<T: utoipa::PartialSchema>() -> Vec<String> {
 #[test]
 fn every_config_field_is_in_a_table() {
     use manifold::config::{
-        ActiveHealthCheck, Batch, Call, CallCache, Certificate, CircuitBreaker, Composition, Consumer, PassiveHealthCheck, Policy, ResponseSpec, Route,
-        Upstream, UpstreamRetries, UpstreamTarget, UpstreamTls,
+        ActiveHealthCheck, Batch, Call, CallCache, Certificate, CircuitBreaker, Composition, Consumer, PassiveHealthCheck, Policy,
+        ResponseSpec, Route, Upstream, UpstreamRetries, UpstreamTarget, UpstreamTls,
     };
     let pages = [
         ("routes.md", fields::<Route>()),

@@ -170,7 +170,6 @@ pub async fn get(State(state): State<AdminState>, Path((kind, name)): Path<(Stri
     }
 }
 
-/// A certificate as reads show it: its key's digest, never the key.
 async fn write(state: &AdminState, headers: &HeaderMap, kind: Kind, name: Option<&str>, change: Change) -> Response {
     let Some(store) = store_of(state) else { return read_only() };
     match store.write(&actor(headers), change).await {

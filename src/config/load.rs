@@ -135,7 +135,6 @@ impl LoadedConfig {
     pub fn validated_against(mut self, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
         // A redacted secret sent back keeps the stored one (secrets.rs).
         super::secrets::restore(&mut self.config, previous);
-        validate::restore_keys(&mut self.config, previous);
         let errors = validate::validate(&self.config, &self.origins);
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));

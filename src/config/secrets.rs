@@ -22,6 +22,9 @@ use super::{Config, Credential};
 const PREFIX: &str = "sha256:";
 const SHOWN_HEX: usize = 12;
 
+/// A certificate written with a `key_sha256` that matches no key this
+/// gateway holds (validate.rs): as [`UNMATCHED`], the gateway's to judge.
+pub const KEY_UNMATCHED: &str = "missing: key_sha256 matches no key this gateway holds for this certificate (write the key itself)";
 /// What a write that holds a redacted value matching no stored secret is told.
 pub const UNMATCHED: &str = "a redacted value (sha256:...) that matches no stored secret: send the value itself";
 
@@ -57,8 +60,14 @@ pub fn redacted_fields(credential: &Credential) -> Vec<&'static str> {
     secrets_mut(&mut c).into_iter().filter(|(_, v)| v.as_deref().is_some_and(is_redacted)).map(|(name, _)| name).collect()
 }
 
-/// Replaces every secret of `config` by its redaction.
+/// Replaces every secret of `config` by its redaction; a certificate's
+/// private key goes (its `key_sha256`, set on load, stays).
 pub fn redact_config(config: &mut Config) {
+    for certificate in &mut config.certificates {
+        if let Some(key) = certificate.key.take() {
+            certificate.key_sha256.get_or_insert_with(|| crate::certs::key_digest(&key));
+        }
+    }
     for consumer in &mut config.consumers {
         for credential in &mut consumer.credentials {
             for (_, value) in secrets_mut(credential) {
@@ -100,6 +109,8 @@ pub fn redact_entity(kind: &str, entity: &mut Value) {
 /// `previous` (the config being replaced) it is the redaction of. Those
 /// that match none stay, for validation to refuse ([`UNMATCHED`]).
 pub fn restore(config: &mut Config, previous: Option<&Config>) {
+    // Certificates written with their key_sha256 only keep their key too.
+    super::validate::restore_keys(config, previous);
     let Some(previous) = previous else { return };
     for consumer in &mut config.consumers {
         // The consumer's own credentials first: a secret moved to another

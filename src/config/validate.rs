@@ -497,10 +497,7 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
                 if let Err(e) = crate::certs::chain(&cert.cert) {
                     errs.push(format!("{base}.cert"), e);
                 }
-                errs.push(
-                    format!("{base}.key"),
-                    "missing: key_sha256 matches no key this gateway holds for this certificate (write the key itself)",
-                );
+                errs.push(format!("{base}.key"), super::secrets::KEY_UNMATCHED);
             }
             (None, None) => {
                 if let Err(e) = crate::certs::chain(&cert.cert) {
@@ -513,7 +510,6 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
     errs.list
 }
 
-/// `upstream: NAME` of a route or a call: a known upstream.
 /// `websocket` and its idle timeout: a tunnel is HTTP/1.1 to the backend
 /// (the upstream layer's h1 client hands the connection over after a 101).
 fn check_websocket(errs: &mut Errors, base: &str, route: &Route, config: &Config) {
@@ -532,6 +528,7 @@ fn check_websocket(errs: &mut Errors, base: &str, route: &Route, config: &Config
     }
 }
 
+/// `upstream: NAME` of a route or a call: a known upstream.
 fn check_upstream_ref(errs: &mut Errors, path: String, name: &str, upstreams: &HashSet<&str>) {
     if !is_valid_name(name) {
         errs.push_always(path, format!("invalid upstream {name:?}: expected http(s)://host[:port][/base] or the name of an upstream"));
@@ -1452,9 +1449,6 @@ fn previous_hash(previous: Option<&Config>, consumer: &str, username: &str, pass
     })
 }
 
-/// Replaces plain keys by SHA-256 digests and plain passwords by argon2id
-/// hashes, so no secret outlives loading; a password `previous` already
-/// holds keeps its hash.
 /// A certificate written with its `key_sha256` instead of its `key` (as an
 /// admin read or a plain export shows it) keeps the key `previous` holds
 /// for the same certificate name, when the digest is that key's.
@@ -1469,6 +1463,9 @@ pub fn restore_keys(config: &mut Config, previous: Option<&Config>) {
     }
 }
 
+/// Replaces plain keys by SHA-256 digests and plain passwords by argon2id
+/// hashes, so no secret outlives loading; a password `previous` already
+/// holds keeps its hash.
 pub fn hash_secrets(config: &mut Config, previous: Option<&Config>) {
     use argon2::password_hash::{PasswordHasher, SaltString};
     // Certificates keep their key (the listener serves it); the digest is

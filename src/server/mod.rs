@@ -476,7 +476,7 @@ async fn worker(
                         let _open = open;
                         let Some((stream, conn)) = acceptors.handshake(&shared, stream, peer, timeouts.header_read).await else { return };
                         let io = TimedIo::new(stream, activity, timeouts, closing);
-                        let conn = builder.serve_connection(TokioIo::new(io), tls::WithTls::new(svc, conn)).into_owned();
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), tls::WithTls::new(svc, conn)).into_owned();
                         if let Err(e) = watcher.watch(conn).await {
                             tracing::debug!(error = %e, %peer, "TLS connection ended with an error");
                         }
