@@ -454,3 +454,41 @@ compositions:
         ["compositions.c.calls.shared.cache.scope: scope: cluster needs Redis: set MANIFOLD_REDIS_URL (or use scope: local)"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_entry_is_revalidated_with_its_etag() {
+    // The backend answers 304 to a request that names the ETag it gave.
+    let b = backend()
+        .header("etag", "\"v1\"")
+        .respond(|req| match req["headers"]["if-none-match"][0].as_str() {
+            Some("\"v1\"") => (304, Value::Null),
+            _ => (200, json!({"name": "lamp"})),
+        })
+        .run()
+        .await;
+    let g = gateway(&format!(
+        r#"
+compositions:
+  - name: product
+    path: /p/{{id}}
+    calls:
+      product: {{ url: "{}/products/{{{{request.path.id}}}}", cache: {{ ttl: 1s, stale_if_error: 60s }} }}
+"#,
+        b.url()
+    ));
+    let (status, timing, body) = get(&g, "/p/7", &[]).await;
+    assert_eq!((status, mark(&timing, "product")), (200, Some("miss")));
+    assert_eq!(body["product"]["name"], "lamp");
+    // Past the ttl the entry is kept (stale_if_error), so the next request
+    // asks the backend whether it changed instead of fetching it again.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let (status, timing, body) = get(&g, "/p/7", &[]).await;
+    assert_eq!((status, mark(&timing, "product")), (200, Some("revalidated")), "{timing}");
+    assert_eq!(body["product"]["name"], "lamp", "the stored body answers a 304");
+    assert_eq!(b.hits.load(Ordering::SeqCst), 2);
+    assert_eq!(b.seen.lock().unwrap()[1]["headers"]["if-none-match"][0], "\"v1\"");
+    // The 304 made the entry fresh again.
+    let (_, timing, _) = get(&g, "/p/7", &[]).await;
+    assert_eq!(mark(&timing, "product"), Some("hit"));
+    assert_eq!(b.hits.load(Ordering::SeqCst), 2);
+}
