@@ -9,12 +9,14 @@
 //! last.
 
 mod common;
+#[path = "common/tls.rs"]
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::{backend, gateway, proxy_get, within};
+use common::{backend, gateway, gateway_with, proxy_get, within};
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -366,4 +368,44 @@ fn client_frame(payload: &[u8]) -> Vec<u8> {
     frame.extend_from_slice(&mask);
     frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     frame
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_echo_passes_through_the_tls_listener() {
+    use tokio_rustls::rustls;
+    let echo = echo_server().await;
+    let ca = tls::ca("ws tls ca");
+    let leaf = tls::leaf(&ca, "ws.test", &["ws.test"], rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+    let mut opts = manifold::gateway::GatewayOptions::default();
+    opts.server.tls_listen = Some(([127, 0, 0, 1], 0).into());
+    opts.server.default_certificate =
+        Some(manifold::server::DefaultCertificate { cert_pem: leaf.cert_pem.clone(), key_pem: leaf.key_pem.clone() });
+    let g = gateway_with(
+        &format!(
+            r#"
+routes:
+  - {{ name: ws, path: "/ws/{{*rest}}", upstream: "http://{addr}", path_rewrite: "/{{rest}}", websocket: true }}
+"#,
+            addr = echo.addr
+        ),
+        opts,
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(g.tls_addr.expect("the TLS listener listens")).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("ws.test").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let req = "wss://ws.test/ws/chat".into_client_request().unwrap();
+    let (mut ws, _) = within(15, "handshake over TLS", tokio_tungstenite::client_async(req, stream)).await.expect("the handshake succeeds");
+    ws.send(Message::text("over tls")).await.unwrap();
+    let back = within(10, "echo over TLS", ws.next()).await.unwrap().unwrap();
+    assert_eq!(back.to_text().unwrap(), "over tls");
+    assert_eq!(echo.accepts.load(Ordering::SeqCst), 1);
+    assert_eq!(echo.handshakes.lock().unwrap()[0]["x-forwarded-proto"], "https");
 }
