@@ -824,6 +824,36 @@ fn distinct(requests: Vec<Prepared>) -> (Vec<Prepared>, Vec<usize>) {
     (out, of)
 }
 
+/// One request of `call` per value, each rendered with the value under
+/// `name` in the document (`item`, or a batch's `items`); the name is
+/// taken out again whatever happens.
+fn prepare_each(
+    call: &CallPlan,
+    doc: &mut Value,
+    ex: &Exchange,
+    name: &str,
+    values: impl Iterator<Item = Value>,
+) -> Result<Vec<Prepared>, Failure> {
+    let mut out = Vec::with_capacity(values.size_hint().0);
+    let mut result = Ok(());
+    for value in values {
+        if let Value::Object(m) = doc {
+            m.insert(name.into(), value);
+        }
+        match prepare(call, doc, ex) {
+            Ok(p) => out.push(p),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    if let Value::Object(m) = doc {
+        m.remove(name);
+    }
+    result.map(|()| out)
+}
+
 fn failure_response(f: &Failure, call: &str, request_id: &HeaderValue) -> Response<Body> {
     let id = request_id.to_str().unwrap_or("");
     if let Some((status, content_type, bytes)) = f.passthrough.as_deref() {
@@ -1070,44 +1100,12 @@ impl Run<'_> {
                 });
                 of.push(d);
             }
-            let mut out = Vec::with_capacity(values.len().div_ceil(b.size));
-            let mut result = Ok(());
-            for chunk in values.chunks(b.size) {
-                if let Value::Object(m) = &mut self.doc {
-                    m.insert("items".into(), Value::Array(chunk.to_vec()));
-                }
-                match prepare(call, &self.doc, ex) {
-                    Ok(p) => out.push(p),
-                    Err(e) => {
-                        result = Err(e);
-                        break;
-                    }
-                }
-            }
-            if let Value::Object(m) = &mut self.doc {
-                m.remove("items");
-            }
+            let batch = BatchItems { plan: b.clone(), texts, of };
+            let chunks = values.chunks(b.size).map(|chunk| Value::Array(chunk.to_vec()));
             // `of` indexes values; a batch's answers are matched to values.
-            return result.map(|()| (out, Some(BatchItems { plan: b.clone(), texts, of })));
+            return prepare_each(call, &mut self.doc, ex, "items", chunks).map(|out| (out, Some(batch)));
         }
-        let mut out = Vec::with_capacity(items.len());
-        let mut result = Ok(());
-        for item in items {
-            if let Value::Object(m) = &mut self.doc {
-                m.insert("item".into(), item);
-            }
-            match prepare(call, &self.doc, ex) {
-                Ok(p) => out.push(p),
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        if let Value::Object(m) = &mut self.doc {
-            m.remove("item");
-        }
-        result.map(|()| (out, None))
+        prepare_each(call, &mut self.doc, ex, "item", items.into_iter()).map(|out| (out, None))
     }
 }
 
