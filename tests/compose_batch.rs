@@ -139,9 +139,11 @@ compositions:
     assert_eq!(query, "ids=a%2Cb,x%20y,%C3%A9");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_of_a_cached_call_are_kept_by_their_url() {
-    let list = backend().json(json!({ "ids": [1, 2, 3] })).run().await;
+/// A list backend answering `ids`, a catalog answering each batch with
+/// `{"id": N}` per id, and a gateway whose `p` call batches the list by 2
+/// and caches each batch.
+async fn cached_batches(ids: Value) -> (Backend, Backend, manifold::gateway::Gateway) {
+    let list = backend().json(json!({ "ids": ids })).run().await;
     let catalog = backend()
         .respond(|r| (200, Value::Array(ids_of(r).iter().map(|id| json!({"id": id.parse::<u32>().unwrap()})).collect())))
         .run()
@@ -162,6 +164,12 @@ compositions:
         list.url(),
         catalog.url()
     ));
+    (list, catalog, g)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_a_cached_call_are_kept_by_their_url() {
+    let (_list, catalog, g) = cached_batches(json!([1, 2, 3])).await;
     for round in 0..3 {
         let (status, body) = proxy_get(&g, "/dash", &[]).await;
         assert_eq!(status, 200);
@@ -172,27 +180,7 @@ compositions:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn try_lists_each_batch_as_one_request_with_its_cache_mark() {
-    let list = backend().json(json!({ "ids": [1, 2, 3, 4, 5] })).run().await;
-    let catalog = backend()
-        .respond(|r| (200, Value::Array(ids_of(r).iter().map(|id| json!({"id": id.parse::<u32>().unwrap()})).collect())))
-        .run()
-        .await;
-    let g = gateway(&format!(
-        r#"
-compositions:
-  - name: dash
-    path: /dash
-    calls:
-      list: {{ url: "{}/ids" }}
-      p:
-        for_each: $.list.body.ids
-        url: "{}/p?ids={{{{items}}}}"
-        batch: {{ size: 2, key: $.id }}
-        cache: {{ ttl: 60s }}
-"#,
-        list.url(),
-        catalog.url()
-    ));
+    let (_list, catalog, g) = cached_batches(json!([1, 2, 3, 4, 5])).await;
     let try_once = || async {
         let resp =
             client().post(format!("http://{}/compositions/dash/try", g.admin_addr)).json(&json!({"path": "/dash"})).send().await.unwrap();
