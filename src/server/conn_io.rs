@@ -140,6 +140,12 @@ pub struct TimedIo<T> {
 /// The connection's first bytes: HTTP/2 with prior knowledge starts with it.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// For bench/head-check.sh only: a binary built with this variable set
+/// hands every byte to hyper unchecked, so the check's cost can be
+/// measured against an otherwise identical build. Never set it for a build
+/// that serves anyone: the strict head check is what SPEC §2 promises.
+pub(crate) const UNCHECKED_HEADS: bool = option_env!("MANIFOLD_BENCH_UNCHECKED_HEADS").is_some();
+
 /// Where a connection's byte stream stands.
 enum Stage {
     /// The first bytes: an HTTP/2 preface, or a first HTTP/1 head.
@@ -265,7 +271,7 @@ impl<T> TimedIo<T> {
                     if rest.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(rest) {
                         return pos;
                     }
-                    self.stage = if rest.starts_with(H2_PREFACE) { Stage::PassThrough } else { Stage::Head };
+                    self.stage = if rest.starts_with(H2_PREFACE) || UNCHECKED_HEADS { Stage::PassThrough } else { Stage::Head };
                 }
                 Stage::Head if rest.is_empty() => return pos,
                 Stage::Head => match head::check(rest, &self.limits) {

@@ -318,6 +318,11 @@ impl ProxyServer {
     pub fn start_with_tls(opts: &ServerOptions, shared: Arc<Shared>, tls: Option<TlsListeners>) -> std::io::Result<ProxyServer> {
         let listeners = bind_reuseport(opts.proxy_listen, opts.workers.max(1)).map_err(address_in_use)?;
         let addr = listeners[0].local_addr()?;
+        if conn_io::UNCHECKED_HEADS {
+            tracing::error!(
+                "built with MANIFOLD_BENCH_UNCHECKED_HEADS: request heads are NOT checked (a benchmark build, never to be deployed)"
+            );
+        }
         let tls_addr = tls.as_ref().map(TlsListeners::addr).transpose()?;
         let (acceptors, mut tls_listeners) = match tls {
             Some(t) => (Some(t.acceptors), t.listeners.into_iter().map(Some).collect()),
