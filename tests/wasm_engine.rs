@@ -303,6 +303,30 @@ fn modules_that_cannot_run_are_refused_with_their_reason() {
 }
 
 #[test]
+fn a_filter_built_with_the_assemblyscript_sdk_runs() {
+    // fixtures/wasm/assemblyscript: source, lock file and the built module.
+    let path = format!("{}/fixtures/wasm/assemblyscript/filter.wasm", env!("CARGO_MANIFEST_DIR"));
+    let module = std::fs::read(path).unwrap();
+    let plugin = WasmPlugin::compile("as", &module, Vec::new(), Limits::default()).unwrap();
+    for _ in 0..3 {
+        let mut req = headers(&[("x-remove-me", "1"), ("accept", "*/*")]);
+        let mut ctx = plugin.http_context(RequestInfo::default());
+        assert_eq!(ctx.on_request_headers(&mut req, true), Ok(Action::Continue));
+        assert_eq!(get(&req, "x-as-filter"), Some("hello"));
+        assert_eq!(get(&req, "x-remove-me"), None);
+        assert_eq!(get(&req, "accept"), Some("*/*"));
+    }
+    assert_eq!(plugin.instances_started(), 1);
+    // The SDK's onConfigure passes the configuration's size where the
+    // address for the returned size belongs, so its getConfiguration() is
+    // empty on any host: a configuration changes nothing, and breaks nothing.
+    let configured = WasmPlugin::compile("as", &module, b"acme".to_vec(), Limits::default()).unwrap();
+    let mut req = HeaderMap::new();
+    configured.http_context(RequestInfo::default()).on_request_headers(&mut req, true).unwrap();
+    assert_eq!(get(&req, "x-as-filter"), Some("hello"));
+}
+
+#[test]
 fn each_worker_thread_has_its_own_instance_reused_by_its_requests() {
     let plugin = plugin("headers");
     let run = |plugin: Arc<WasmPlugin>| {

@@ -277,6 +277,9 @@ fn property(state: &HostState, path: &[u8], out: &mut Vec<u8>) -> bool {
     let (url_path, query) = info.path.split_once('?').unwrap_or((&info.path, ""));
     match path {
         b"plugin_name" => out.extend_from_slice(state.plugin.as_bytes()),
+        // Empty, as Envoy's when no root_id is configured: SDKs that pick
+        // their root context by it register theirs under "".
+        b"plugin_root_id" => {}
         b"request\0path" => out.extend_from_slice(info.path.as_bytes()),
         b"request\0url_path" => out.extend_from_slice(url_path.as_bytes()),
         b"request\0query" => out.extend_from_slice(query.as_bytes()),
@@ -313,10 +316,13 @@ fn now_nanos() -> u64 {
 }
 
 /// Defines every import this host offers.
-pub(super) fn define(linker: &mut Linker<HostState>) -> Result<(), wasmi::errors::LinkerError> {
+pub(super) fn define(linker: &mut Linker<HostState>) -> Result<(), Error> {
     define_proxy(linker)?;
     define_stubs(linker)?;
-    define_wasi(linker)
+    define_wasi(linker)?;
+    // WASI's first snapshot, which older SDK builds (AssemblyScript's)
+    // import: the calls offered here have the same signatures in both.
+    linker.alias_module("wasi_snapshot_preview1", "wasi_unstable")
 }
 
 fn define_proxy(l: &mut Linker<HostState>) -> Result<(), wasmi::errors::LinkerError> {
