@@ -1,6 +1,6 @@
 //! The proxy-wasm host driven through its API with real modules: the
 //! filters in fixtures/wasm/*.wat, compiled to WebAssembly by `wat`.
-//! Needs the `wasm` feature (on by default).
+//! Needs the `wasm` feature, on by default: `cargo test` runs these.
 #![cfg(feature = "wasm")]
 
 use std::sync::Arc;
