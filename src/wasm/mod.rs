@@ -1,6 +1,6 @@
 //! A proxy-wasm host (cargo feature `wasm`): runs filters written for the
 //! ABI Envoy, Kong and APISIX implement (version 0.2.1, the HTTP subset) on
-//! the [wasmi](https://docs.rs/wasmi) interpreter.
+//! the wasmi interpreter.
 //!
 //! - [`WasmPlugin::compile`] checks a module once per config: it validates
 //!   it, checks its exports and starts one instance to run
