@@ -14,6 +14,7 @@
 //! - [`certs`]: certificates: PEM, key checks, details, the SNI table.
 //! - [`admin`]: the admin API on its own listener; [`metrics`] its `/metrics`.
 //! - [`otel`]: OpenTelemetry spans of requests and backend calls (feature `otel`).
+//! - `wasm` (feature `wasm`): the proxy-wasm host that runs plugins.
 //! - [`gateway`]: a whole node (proxy + admin), as `serve` and tests start it.
 //! - [`demo`]: the fake backends `--demo` starts.
 //! - [`cli`]: the `manifold` command line.
@@ -42,3 +43,5 @@ pub mod server;
 pub mod snapshot;
 pub mod store;
 pub mod upstream;
+#[cfg(feature = "wasm")]
+pub mod wasm;
