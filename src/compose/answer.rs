@@ -137,7 +137,6 @@ struct Scan {
 /// marker) is not canonical: it is transcoded, which checks it fully.
 fn scan(b: &[u8]) -> Scan {
     let mut canonical = true;
-    let mut plain = true;
     let (mut depth, mut max) = (0usize, 0usize);
     // The keys of the open objects, and where each open object's start
     // (`None` for an array).
@@ -174,24 +173,24 @@ fn scan(b: &[u8]) -> Scan {
                     match b[i] {
                         b'"' => break,
                         b'\\' => {
-                            plain = false;
+                            canonical = false;
                             i += 2;
                         }
                         c => {
-                            plain &= c >= 0x20;
+                            canonical &= c >= 0x20;
                             i += 1;
                         }
                     }
                 }
                 i += 1;
-                canonical &= plain;
                 if let (true, Some(Some(base))) = (key_next, open.last()) {
                     let key = &b[start..i.min(b.len())];
                     let n = keys.len() - base;
-                    if n == 0 && key.get(1..key.len() - 1) == Some(RAW_VALUE_TOKEN.as_bytes()) {
-                        plain = false;
-                    }
-                    if canonical && (n >= MAX_CHECKED_KEYS || keys[*base..].iter().any(|r| &b[r.clone()] == key)) {
+                    if canonical
+                        && ((n == 0 && key.get(1..key.len() - 1) == Some(RAW_VALUE_TOKEN.as_bytes()))
+                            || n >= MAX_CHECKED_KEYS
+                            || keys[*base..].iter().any(|r| &b[r.clone()] == key))
+                    {
                         canonical = false;
                     }
                     if canonical {
@@ -205,9 +204,7 @@ fn scan(b: &[u8]) -> Scan {
                 while i < b.len() && matches!(b[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
                     i += 1;
                 }
-                let n = &b[start..i];
-                plain &= n.len() < 300 && !n.iter().any(|&c| c == b'e' || c == b'E');
-                canonical &= plain && shortest_number(n);
+                canonical &= shortest_number(&b[start..i]);
             }
             b't' | b'n' => i += 4,
             b'f' => i += 5,
@@ -217,7 +214,7 @@ fn scan(b: &[u8]) -> Scan {
             }
         }
     }
-    Scan { canonical: canonical && plain, depth: max }
+    Scan { canonical, depth: max }
 }
 
 /// Whether a JSON number is written as serde_json writes what it parses it
