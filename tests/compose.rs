@@ -796,3 +796,32 @@ compositions:
     assert_eq!(want["s"], "last é");
     g.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_sharing_another_s_request_copies_from_its_answer() {
+    // b's request is a's: b settles with a's answer, whose values the
+    // response copies (parsed once, for what both read).
+    let echo = backend().run().await;
+    let g = gateway(&format!(
+        r#"
+compositions:
+  - name: shared
+    path: /shared
+    calls:
+      a: {{ url: "{e}/items/1?q=x" }}
+      b: {{ url: "{e}/items/1?q=x" }}
+      c: {{ url: "{e}/items/1?q={{{{a.body.path}}}}" }}
+    response:
+      body: {{ a: $.a.body.path, b: $.b.body.query, b_path: $.b.body.path, c: $.c.body.query }}
+"#,
+        e = echo.url()
+    ));
+    let (status, _, body) = get(&format!("http://{}/shared", g.proxy_addr)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["a"], "/items/1");
+    assert_eq!(body["b_path"], "/items/1");
+    assert_eq!(body["b"], "q=x");
+    assert_eq!(body["c"], "q=%2Fitems%2F1");
+    assert_eq!(echo.seen.lock().unwrap().len(), 2, "a and b sent once, c its own");
+    g.shutdown();
+}
