@@ -736,3 +736,92 @@ async fn a_client_that_stops_sending_its_body_is_cut_at_the_deadline() {
     assert_eq!(b.hits.load(Ordering::SeqCst), 0);
     g.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn copied_values_are_the_json_their_values_would_write() {
+    // Values the response copies as they are (kept as text when the answer
+    // is parsed): written byte for byte as serializing the parsed value
+    // would write them (escapes, unicode, number forms, whitespace and a
+    // repeated key normalised), beside a value read both whole and by a
+    // sub-path, and fields nothing reads that must still be JSON.
+    let raw = concat!(
+        "{ \"items\" : [ {\"name\":\"caf\\u00e9 \\\"q\\\" \\/ \\ud83d\\ude00\",\"n\": 1.50} , {\"name\":\"b\",\"n\":1e2} ],\n",
+        "  \"n\": 18446744073709551616, \"big\": 18446744073709551615, \"neg\": -0, \"f\": 0.1,\n",
+        "  \"s\": \"line\\nbreak\\t\\u0001 é\", \"obj\": {\"inner\": {\"k\": [1, {\"k\": 2, \"k\": 3}], \"e\": {}}},\n",
+        "  \"skipped\": {\"deep\": [\"\\u2028\", 1e-300, null, true]}, \"s\": \"last \\u00e9\" }"
+    );
+    let source = backend().raw("application/json", raw).run().await;
+    let text = backend().raw("text/plain", "plain words, not JSON").run().await;
+    let bad = backend().raw("application/json", r#"{"x": 1, "skipped": [1e400]}"#).run().await;
+    let g = gateway(&format!(
+        r#"
+compositions:
+  - name: copy
+    path: /copy
+    calls:
+      a: {{ url: "{a}/a" }}
+      t: {{ url: "{t}/t", required: false }}
+      b: {{ url: "{b}/b", required: false }}
+    response:
+      body:
+        items: $.a.body.items
+        first: "$.a.body.items[0].name"
+        n: $.a.body.n
+        big: $.a.body.big
+        neg: $.a.body.neg
+        f: $.a.body.f
+        s: $.a.body.s
+        inner: $.a.body.obj.inner
+        missing: $.a.body.nope
+        t: $.t.body.x
+        t_kind: $.t.error.kind
+        b: $.b.body.x
+        b_kind: $.b.error.kind
+"#,
+        a = source.url(),
+        t = text.url(),
+        b = bad.url()
+    ));
+    let resp = client().get(format!("http://{}/copy", g.proxy_addr)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(resp.headers(), "manifold-partial"), Some("t, b"));
+    let bytes = resp.bytes().await.unwrap();
+    let v: Value = serde_json::from_str(raw).unwrap();
+    let want = json!({
+        "items": v["items"], "first": v["items"][0]["name"], "n": v["n"], "big": v["big"], "neg": v["neg"], "f": v["f"],
+        "s": v["s"], "inner": v["obj"]["inner"], "missing": null, "t": null, "t_kind": "invalid_json", "b": null, "b_kind": "invalid_json",
+    });
+    assert_eq!(String::from_utf8_lossy(&bytes), serde_json::to_string(&want).unwrap());
+    assert_eq!(want["inner"], json!({"k": [1, {"k": 3}], "e": {}}));
+    assert_eq!(want["s"], "last é");
+    g.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_sharing_another_s_request_copies_from_its_answer() {
+    // b's request is a's: b settles with a's answer, whose values the
+    // response copies (parsed once, for what both read).
+    let echo = backend().run().await;
+    let g = gateway(&format!(
+        r#"
+compositions:
+  - name: shared
+    path: /shared
+    calls:
+      a: {{ url: "{e}/items/1?q=x" }}
+      b: {{ url: "{e}/items/1?q=x" }}
+      c: {{ url: "{e}/items/1?q={{{{a.body.path}}}}" }}
+    response:
+      body: {{ a: $.a.body.path, b: $.b.body.query, b_path: $.b.body.path, c: $.c.body.query }}
+"#,
+        e = echo.url()
+    ));
+    let (status, _, body) = get(&format!("http://{}/shared", g.proxy_addr)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["a"], "/items/1");
+    assert_eq!(body["b_path"], "/items/1");
+    assert_eq!(body["b"], "q=x");
+    assert_eq!(body["c"], "q=%2Fitems%2F1");
+    assert_eq!(echo.seen.lock().unwrap().len(), 2, "a and b sent once, c its own");
+    g.shutdown();
+}

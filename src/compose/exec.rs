@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Limited};
 use serde_json::{json, Map, Value};
 use tokio::time::Instant;
 
+use super::answer::{Copies, EntryFields, Projection};
 use super::cache::{storable, CachePlan, CallStore, Entry, Flight, Mark};
 use super::plan::{BatchPlan, CallPlan, CompositionPlan, ResponseBody};
 use super::query::{truthy, Rendered};
@@ -89,6 +90,8 @@ pub struct Success {
     status: u16,
     headers: HeaderMap,
     body: Value,
+    /// The parts of the body the response copies as they are (`answer.rs`).
+    copies: Option<std::sync::Arc<Copies>>,
     bytes: usize,
     /// The body as it came, kept only for a cached call (to store it).
     raw: Bytes,
@@ -154,15 +157,31 @@ fn headers_json(headers: &HeaderMap) -> Value {
     Value::Object(super::context::headers_map(headers))
 }
 
-/// A call's entry in the context document. Built by hand: `json!` would
-/// serialize (deep-copy) the body it is given.
-fn call_entry(status: Option<u16>, headers: Value, body: Value, error: Option<&Failure>, duration: Duration) -> Value {
+/// A call's entry in the context document, with `body` and the `fields`
+/// something reads (`headers` made only then). Built by hand: `json!`
+/// would serialize (deep-copy) the body it is given.
+fn call_entry(
+    fields: EntryFields,
+    status: Option<u16>,
+    headers: impl FnOnce() -> Value,
+    body: Value,
+    error: Option<&Failure>,
+    duration: Duration,
+) -> Value {
     let mut m = Map::with_capacity(5);
-    m.insert("status".into(), status.map_or(Value::Null, Value::from));
-    m.insert("headers".into(), headers);
+    if fields.has(EntryFields::STATUS) {
+        m.insert("status".into(), status.map_or(Value::Null, Value::from));
+    }
+    if fields.has(EntryFields::HEADERS) {
+        m.insert("headers".into(), headers());
+    }
     m.insert("body".into(), body);
-    m.insert("error".into(), error.map_or(Value::Null, Failure::json));
-    m.insert("duration_ms".into(), Value::from(ms(duration)));
+    if fields.has(EntryFields::ERROR) {
+        m.insert("error".into(), error.map_or(Value::Null, Failure::json));
+    }
+    if fields.has(EntryFields::DURATION) {
+        m.insert("duration_ms".into(), Value::from(ms(duration)));
+    }
     Value::Object(m)
 }
 
@@ -374,15 +393,21 @@ async fn attempt(
             passthrough,
         });
     }
-    let body = if bytes.iter().all(u8::is_ascii_whitespace) {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes)
-            .map_err(|_| Failure { status: Some(status.as_u16()), ..Failure::new("invalid_json", "the backend body is not JSON") })?
-    };
+    let (body, copies) = parse_body(&bytes, &limits.answer)
+        .map_err(|_| Failure { status: Some(status.as_u16()), ..Failure::new("invalid_json", "the backend body is not JSON") })?;
     let size = bytes.len();
     let raw = if limits.keep_raw { bytes } else { Bytes::new() };
-    Ok(Success { status: status.as_u16(), headers: parts.headers, body, bytes: size, raw })
+    Ok(Success { status: status.as_u16(), headers: parts.headers, body, copies, bytes: size, raw })
+}
+
+/// A backend body as the composition reads it: null when empty (or only
+/// whitespace), else parsed as far as `answer` says.
+fn parse_body(bytes: &[u8], answer: &Projection) -> serde_json::Result<(Value, Option<std::sync::Arc<Copies>>)> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok((Value::Null, None));
+    }
+    let (body, copies) = super::answer::parse(bytes, answer)?;
+    Ok((body, copies.map(std::sync::Arc::new)))
 }
 
 /// How one call's requests are made.
@@ -396,6 +421,8 @@ struct CallLimits {
     keep_headers: bool,
     /// Keep the answer's bytes (a cached call stores them).
     keep_raw: bool,
+    /// How far the answer is parsed.
+    answer: std::sync::Arc<Projection>,
     /// The call's timeout or the composition's deadline, whichever is first.
     end: Instant,
 }
@@ -451,11 +478,12 @@ impl Share {
     }
 }
 
-/// A stored answer as a call's answer.
+/// A stored answer as a call's answer. (A cached call's answer is parsed
+/// whole: a body shared across compositions is read the same by all.)
 fn success_of(e: &Entry) -> Success {
     let body =
         if e.body.iter().all(u8::is_ascii_whitespace) { Value::Null } else { serde_json::from_slice(&e.body).unwrap_or(Value::Null) };
-    Success { status: e.status, headers: e.headers.clone(), body, bytes: e.body.len(), raw: e.body.clone() }
+    Success { status: e.status, headers: e.headers.clone(), body, copies: None, bytes: e.body.len(), raw: e.body.clone() }
 }
 
 /// Gives the key back when the shared request ends, however it ends.
@@ -731,6 +759,7 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
                     status: 200,
                     headers: HeaderMap::new(),
                     body: Value::Array(items),
+                    copies: None,
                     bytes: total,
                     raw: Bytes::new(),
                 }),
@@ -742,6 +771,7 @@ fn launch(call: &CallPlan, requests: Vec<Prepared>, client: &Client, l: Launch) 
                         status: 200,
                         headers: HeaderMap::new(),
                         body: Value::Array(hand_out(&mut bodies, &of, uses)),
+                        copies: None,
                         bytes: total,
                         raw: Bytes::new(),
                     })
@@ -884,6 +914,10 @@ struct Run<'p> {
     retries: Vec<u32>,
     failures: Vec<Option<Failure>>,
     call_headers: Vec<Option<HeaderMap>>,
+    /// Each settled call's copied values (`answer.rs`), for the response.
+    copies: Vec<Option<std::sync::Arc<Copies>>>,
+    /// Each call's answer status, once it answered.
+    statuses: Vec<u16>,
     records: Vec<CallRecord>,
     record: bool,
     doc: Value,
@@ -934,17 +968,20 @@ impl Run<'_> {
         match result {
             Ok(s) => {
                 // Backend headers go into the document only when something reads them.
-                let headers = if self.plan.reads_headers { headers_json(&s.headers) } else { Value::Object(Map::new()) };
-                let entry = call_entry(Some(s.status), headers, s.body, None, duration);
+                let reads_headers = self.plan.reads_headers;
+                let headers = || if reads_headers { headers_json(&s.headers) } else { Value::Object(Map::new()) };
+                let entry = call_entry(self.plan.calls[i].entry, Some(s.status), headers, s.body, None, duration);
+                self.statuses[i] = s.status;
                 self.set(i, entry);
                 self.call_headers[i] = Some(s.headers);
+                self.copies[i] = s.copies;
                 self.states[i] = State::Done;
                 Ok(())
             }
             Err(f) if self.plan.calls[i].required => Err(f),
             Err(f) => {
                 let body = self.failed_body(i);
-                self.set(i, call_entry(f.status, json!({}), body, Some(&f), duration));
+                self.set(i, call_entry(self.plan.calls[i].entry, f.status, || json!({}), body, Some(&f), duration));
                 self.failures[i] = Some(f);
                 self.states[i] = State::Failed;
                 Ok(())
@@ -960,9 +997,10 @@ impl Run<'_> {
             _ => {
                 let entry = self.doc.get(&*self.plan.calls[j].name);
                 Ok(Success {
-                    status: entry.and_then(|e| e["status"].as_u64()).unwrap_or(200) as u16,
+                    status: self.statuses[j],
                     headers: self.call_headers[j].clone().unwrap_or_default(),
                     body: entry.map_or(Value::Null, |e| e["body"].clone()),
+                    copies: self.copies[j].clone(),
                     bytes: 0,
                     raw: Bytes::new(),
                 })
@@ -985,7 +1023,7 @@ impl Run<'_> {
     /// A call settled without sending anything (skipped, not run, refused).
     fn settle_unsent(&mut self, i: usize, state: State, failure: Option<Failure>) {
         let body = if failure.is_some() { self.failed_body(i) } else { Value::Null };
-        self.set(i, call_entry(None, json!({}), body, failure.as_ref(), Duration::ZERO));
+        self.set(i, call_entry(self.plan.calls[i].entry, None, || json!({}), body, failure.as_ref(), Duration::ZERO));
         if self.record {
             self.records.push(CallRecord {
                 name: self.plan.calls[i].name.to_string(),
@@ -1125,6 +1163,8 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
         retries: vec![0; n],
         failures: vec![None; n],
         call_headers: (0..n).map(|_| None).collect(),
+        copies: vec![None; n],
+        statuses: vec![200; n],
         records: Vec::new(),
         record: ex.record,
         doc: Value::Object(doc),
@@ -1189,6 +1229,7 @@ pub async fn run(ex: Exchange<'_>, plan: &CompositionPlan, request: Value) -> Ou
                             retries: call.retries,
                             keep_headers: call.keep_headers || call.cache.is_some(),
                             keep_raw: call.cache.is_some(),
+                            answer: call.answer.clone(),
                             end,
                         };
                         // Owned by the call's future.
@@ -1281,7 +1322,11 @@ fn shape(run: &Run, request_id: &HeaderValue) -> Response<Body> {
     let (bytes, content_type) = match &r.body {
         ResponseBody::Default => (serde_json::to_vec(&CallBodies(run)).unwrap_or_default(), HeaderValue::from_static("application/json")),
         ResponseBody::Json(template) => {
-            (serde_json::to_vec(&Rendered { template, doc }).unwrap_or_default(), HeaderValue::from_static("application/json"))
+            let mut out = Vec::with_capacity(256);
+            if template.write(doc, &run.copies, &mut out).is_err() {
+                out.clear();
+            }
+            (out, HeaderValue::from_static("application/json"))
         }
         ResponseBody::Text { template, content_type } => match template.render(doc) {
             Ok(text) => (text.into_bytes(), content_type.clone()),

@@ -2,8 +2,10 @@
 //! answers are merged and reshaped into one response (SPEC §2).
 //!
 //! [`plan`] compiles a composition once per config; [`exec`] runs it per
-//! request; [`template`] and [`query`] are the two expression languages.
+//! request; [`template`] and [`query`] are the two expression languages;
+//! [`answer`] parses a call's answer only as far as the composition reads it.
 
+pub mod answer;
 pub mod cache;
 pub mod context;
 pub mod exec;

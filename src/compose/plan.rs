@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 
+use super::answer::{EntryFields, Need, Projection, Reads};
 use super::cache::CachePlan;
 use super::exec::NodeCallStore;
 use super::query::{JsonTemplate, Query};
@@ -79,6 +80,12 @@ pub struct CallPlan {
     /// Whether the answer's headers are read (a template or query, or the
     /// response's `forward_headers`); else only `Content-Type` is kept.
     pub keep_headers: bool,
+    /// What of the answer's body the composition reads: its answers are
+    /// parsed that far (`answer.rs`).
+    pub answer: Arc<Projection>,
+    /// The fields of its entry in the document besides `body` that
+    /// something reads (only those are put there).
+    pub entry: EntryFields,
 }
 
 /// A `for_each` call's `batch`, compiled.
@@ -191,6 +198,62 @@ fn reads_headers(comp: &Composition) -> bool {
         r.headers.values().any(|v| mentions(v)) || r.template.as_deref().is_some_and(mentions) || r.body.as_ref().is_some_and(in_json)
     });
     calls || response
+}
+
+/// Decides how far each call's answer is parsed (`answer.rs`): from every
+/// template and query that reads it, and the response; the response's
+/// singular queries whose value is only copied then write it from the
+/// answer's text. A call whose answer is shared beyond this request
+/// (`cache`, `collapse`) or is a list of answers (`for_each`) is parsed
+/// whole.
+fn project_answers(
+    comp: &Composition,
+    names: &[&str],
+    calls: &mut [CallPlan],
+    headers: &[(HeaderName, Template)],
+    body: &mut ResponseBody,
+) {
+    // Calls whose requests may be one (the same GET to the same origin)
+    // take each other's answers: one projection for them all.
+    let group: Vec<usize> = (calls.iter().enumerate())
+        .map(|(i, c)| match c.may_share {
+            true => calls.iter().position(|o| o.may_share && o.origin == c.origin && o.method == c.method).unwrap_or(i),
+            false => i,
+        })
+        .collect();
+    let mut reads = Reads::new(names, group);
+    for (i, call) in calls.iter().enumerate() {
+        let collapse = comp.calls.get(&*call.name).is_some_and(|c| c.collapse);
+        if call.for_each.is_some() || call.cache.is_some() || collapse {
+            reads.whole(i);
+        }
+        call.path.reads(&mut reads);
+        call.query.iter().for_each(|q| q.reads(&mut reads));
+        call.headers.iter().for_each(|(_, t)| t.reads(&mut reads));
+        call.body.iter().for_each(|t| t.reads(&mut reads, false));
+        call.when.iter().chain(&call.for_each).for_each(|q| q.reads(&mut reads, false));
+    }
+    headers.iter().for_each(|(_, t)| t.reads(&mut reads));
+    match &*body {
+        ResponseBody::Default => reads.everything(),
+        ResponseBody::Json(t) => t.reads(&mut reads, true),
+        ResponseBody::Text { template, .. } => template.reads(&mut reads),
+    }
+    for (i, call) in calls.iter_mut().enumerate() {
+        call.entry = reads.fields(i);
+    }
+    let answers = reads.finish();
+    if let ResponseBody::Json(t) = body {
+        t.use_copies(&|q| {
+            let path = q.names()?;
+            let [root, "body", rest @ ..] = &path[..] else { return None };
+            let i = names.iter().position(|n| n == root)?;
+            Some((i, answers[i].slot(rest)?))
+        });
+    }
+    for (call, answer) in calls.iter_mut().zip(answers) {
+        call.answer = answer;
+    }
 }
 
 /// A url's path and query, or an upstream call's `path`, compiled: the
@@ -347,6 +410,8 @@ pub fn compile(comp: &Composition, upstreams: &Upstreams) -> Result<CompositionP
             collapsed: None,
             deps,
             keep_headers: false,
+            answer: Arc::new(Projection { need: Need::Whole, slots: 0 }),
+            entry: EntryFields::ALL,
         });
     }
 
@@ -369,7 +434,7 @@ pub fn compile(comp: &Composition, upstreams: &Upstreams) -> Result<CompositionP
             Some((idx, names_.iter().filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok()).collect()))
         })
         .collect();
-    let body = match (&spec.body, &spec.template) {
+    let mut body = match (&spec.body, &spec.template) {
         (Some(b), _) => match JsonTemplate::compile(b) {
             Ok(t) => ResponseBody::Json(t),
             Err(e) => {
@@ -412,6 +477,7 @@ pub fn compile(comp: &Composition, upstreams: &Upstreams) -> Result<CompositionP
     for (call, s) in calls.iter_mut().zip(shared) {
         call.may_share = s;
     }
+    project_answers(comp, &names, &mut calls, &headers, &mut body);
     Ok(CompositionPlan {
         reads_headers,
         name: comp.name.as_str().into(),
@@ -451,5 +517,74 @@ mod tests {
         ] {
             assert!(reads(calls, response), "{calls} / {response}");
         }
+    }
+
+    fn needs(calls: &str, response: &str) -> (Vec<Need>, CompositionPlan) {
+        let yaml = format!("name: c\npath: /c\ncalls:\n{calls}\nresponse: {response}\n");
+        let comp: Composition = serde_norway::from_str(&yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+        let plan = compile(&comp, &Upstreams::new()).unwrap_or_else(|e| panic!("{yaml}: {e:?}"));
+        (plan.calls.iter().map(|c| c.answer.need.clone()).collect(), plan)
+    }
+
+    fn fields(f: &[(&str, Need)]) -> Need {
+        Need::Fields(f.iter().map(|(k, n)| (k.to_string(), n.clone())).collect())
+    }
+
+    #[test]
+    fn answers_are_parsed_as_far_as_they_are_read() {
+        use Need::{Copy, Whole};
+        let three = "  u: { url: \"http://u/u/{{request.path.id}}\" }\n  o: { url: \"http://o/o?seller={{u.body.seller.id}}\" }\n  r: { url: \"http://r/r\", required: false }";
+        // The dashboard: everything the response reads is copied.
+        let (n, plan) = needs(three, "{ body: { id: $.u.body.id, orders: $.o.body.items, r: $.r.body.average, s: $.r.status } }");
+        let entries: Vec<EntryFields> = plan.calls.iter().map(|c| c.entry).collect();
+        assert_eq!(entries, [EntryFields::default(), EntryFields::default(), EntryFields(EntryFields::STATUS)]);
+        assert_eq!(n[0], fields(&[("seller", fields(&[("id", Whole)])), ("id", Copy(0))]));
+        assert_eq!(n[1], fields(&[("items", Copy(0))]));
+        assert_eq!(n[2], fields(&[("average", Copy(0))]));
+        let ResponseBody::Json(t) = &plan.response.body else { panic!() };
+        assert!(format!("{t:?}").matches("Copy {").count() == 3, "{t:?}");
+        // Read whole and by a sub-path, or also as a value: parsed whole.
+        let (n, _) = needs(
+            three,
+            "{ body: { a: $.o.body.items, b: \"$.o.body.items[0].id\", c: $.u.body.seller, d: $.r.body.x.y, e: $.r.body.x } }",
+        );
+        assert_eq!(n[0], fields(&[("seller", Whole)]));
+        assert_eq!(n[1], fields(&[("items", Whole)]));
+        assert_eq!(n[2], fields(&[("x", Whole)]));
+        let (n, _) = needs(three, "{ body: { a: $.o.body.items }, headers: { x-n: \"{{o.body.items}}\" } }");
+        assert_eq!(n[1], fields(&[("items", Whole)]));
+        // What reads a whole body, or every call's.
+        let (n, _) = needs(three, "{ body: { a: $.o.body, u: $.u } }");
+        assert_eq!((&n[0], &n[1], &n[2]), (&Whole, &Copy(0), &fields(&[])));
+        let (_, plan) = needs(three, "{ body: { u: $.u, e: $.r.error.kind }, headers: { x: \"{{o.duration_ms}}\" } }");
+        let entries: Vec<EntryFields> = plan.calls.iter().map(|c| c.entry).collect();
+        assert_eq!(entries, [EntryFields::ALL, EntryFields(EntryFields::DURATION), EntryFields(EntryFields::ERROR)]);
+        for response in [
+            "{}",
+            "{ body: { all: $..id } }",
+            "{ body: { all: $.* } }",
+            "{ body: $ }",
+            "{ template: \"{{#each u.body}}{{this}}{{/each}}{{o.status}}\" }",
+        ] {
+            let (n, _) = needs(three, response);
+            // A handlebars template reads whole each root it names.
+            let whole = if response.contains("each") { vec![Whole, Whole, fields(&[])] } else { vec![Whole; 3] };
+            assert_eq!(n, whole, "{response}");
+        }
+        let (n, _) = needs(three, "{ body: { a: $.o.*, b: $.u..x, c: \"$.r['body', 'status']\" } }");
+        assert_eq!(n, vec![Whole; 3]);
+        let (n, _) = needs(three, "{ body: { a: \"$.o.body.items[?@.id == $.u.body.id]\" } }");
+        assert_eq!(n, vec![Whole; 3]);
+        let (n, _) = needs(three, "{ body: { a: \"$.o.body.items[?@.id == 'x'].id\" } }");
+        assert_eq!(n[1], fields(&[("items", Whole)]));
+        // for_each, cache and collapse: whole.
+        let calls = "  u: { url: \"http://u/u\" }\n  o: { url: \"http://o/o/{{item}}\", for_each: $.u.body.ids }\n  c: { url: \"http://c/c\", collapse: true }";
+        let (n, _) = needs(calls, "{ body: { a: $.u.body.x, o: $.o.body, c: $.c.body.x } }");
+        assert_eq!(n, vec![fields(&[("ids", Whole), ("x", Copy(0))]), Whole, Whole]);
+        // Two calls that may share one request share one projection.
+        let calls = "  a: { url: \"http://s/x\" }\n  b: { url: \"http://s/x\" }";
+        let (n, plan) = needs(calls, "{ body: { a: $.a.body.p, b: $.b.body.q, c: $.b.body.p } }");
+        assert_eq!(n[0], fields(&[("p", Copy(0)), ("q", Copy(1))]));
+        assert!(Arc::ptr_eq(&plan.calls[0].answer, &plan.calls[1].answer));
     }
 }

@@ -7,6 +7,8 @@ use jsonpath_rust::parser::parse_json_path;
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::Value;
 
+use super::answer::{Copies, Reads, Step as ReadStep};
+
 static NULL: Value = Value::Null;
 
 #[derive(Clone, Debug)]
@@ -37,6 +39,50 @@ impl Query {
             Some(steps) => Query::Singular(steps),
             None => Query::General(parsed),
         })
+    }
+
+    /// Tells `reads` what this query reads of the document: a singular
+    /// query its path (to copy it into the JSON response when `verbatim`);
+    /// any other the value where its leading names end, or everything when
+    /// it does not start with a name or a filter reads from the root.
+    pub fn reads(&self, reads: &mut Reads, verbatim: bool) {
+        match self {
+            Query::Singular(steps) => reads.path(
+                steps.iter().map(|s| match s {
+                    Step::Name(n) => ReadStep::Name(n),
+                    Step::Index(_) => ReadStep::Other,
+                }),
+                verbatim,
+            ),
+            Query::General(q) => {
+                let names = q.segments.iter().take_while(|s| matches!(s, Segment::Selector(Selector::Name(_)))).count();
+                // A filter's `$` reads from the root, wherever it is (the
+                // model's Debug names such a query `Root` or `AbsQuery`;
+                // a name holding those words only makes this cautious).
+                let rest = format!("{:?}", &q.segments[names..]);
+                if names == 0 || rest.contains("Root(") || rest.contains("AbsQuery(") {
+                    return reads.everything();
+                }
+                let steps = q.segments[..names].iter().map(|s| match s {
+                    Segment::Selector(Selector::Name(n)) => ReadStep::Name(n),
+                    _ => ReadStep::Other,
+                });
+                reads.path(steps.chain([ReadStep::Other]), false)
+            }
+        }
+    }
+
+    /// The names a singular query walks (`None` for another query or one
+    /// with an index).
+    pub fn names(&self) -> Option<Vec<&str>> {
+        let Query::Singular(steps) = self else { return None };
+        steps
+            .iter()
+            .map(|s| match s {
+                Step::Name(n) => Some(n.as_str()),
+                Step::Index(_) => None,
+            })
+            .collect()
     }
 
     /// The value a singular query points at, borrowed.
@@ -115,6 +161,15 @@ pub fn truthy(v: &Value) -> bool {
 pub enum JsonTemplate {
     Literal(Value),
     Query(Query),
+    /// A singular query whose value only this copies: the call's answer
+    /// keeps it as text in its [`Copies`] slot, written from there (see
+    /// [`JsonTemplate::write`]); an answer without it leaves the query to
+    /// read the document.
+    Copy {
+        query: Query,
+        call: usize,
+        slot: usize,
+    },
     Array(Vec<JsonTemplate>),
     Object(Vec<(String, JsonTemplate)>),
 }
@@ -140,10 +195,78 @@ impl JsonTemplate {
         })
     }
 
+    /// Tells `reads` what rendering reads; `verbatim`: the result is only
+    /// written into JSON (a response body), so a value it copies whole may
+    /// stay text.
+    pub fn reads(&self, reads: &mut Reads, verbatim: bool) {
+        match self {
+            JsonTemplate::Literal(_) => {}
+            JsonTemplate::Query(q) | JsonTemplate::Copy { query: q, .. } => q.reads(reads, verbatim),
+            JsonTemplate::Array(items) => items.iter().for_each(|t| t.reads(reads, verbatim)),
+            JsonTemplate::Object(fields) => fields.iter().for_each(|(_, t)| t.reads(reads, verbatim)),
+        }
+    }
+
+    /// Turns each singular query into a [`JsonTemplate::Copy`] when the
+    /// answer it reads keeps that value as text: `slot(query)` says where.
+    pub fn use_copies(&mut self, slot: &impl Fn(&Query) -> Option<(usize, usize)>) {
+        match self {
+            JsonTemplate::Literal(_) | JsonTemplate::Copy { .. } => {}
+            JsonTemplate::Query(q) => {
+                if let Some((call, slot)) = slot(q) {
+                    *self = JsonTemplate::Copy { query: q.clone(), call, slot };
+                }
+            }
+            JsonTemplate::Array(items) => items.iter_mut().for_each(|t| t.use_copies(slot)),
+            JsonTemplate::Object(fields) => fields.iter_mut().for_each(|(_, t)| t.use_copies(slot)),
+        }
+    }
+
+    /// Writes the rendered JSON into `out`: the bytes `serde_json::to_vec`
+    /// of [`JsonTemplate::render`] would give, with copied values (each
+    /// call's [`Copies`], by call index) spliced in as they are.
+    pub fn write(&self, doc: &Value, copies: &[Option<std::sync::Arc<Copies>>], out: &mut Vec<u8>) -> serde_json::Result<()> {
+        match self {
+            JsonTemplate::Literal(v) => serde_json::to_writer(&mut *out, v),
+            JsonTemplate::Query(q) => q.serialize_eval(doc, &mut serde_json::Serializer::new(&mut *out)),
+            JsonTemplate::Copy { query, call, slot } => match copies.get(*call).and_then(Option::as_deref).and_then(|c| c.get(*slot)) {
+                Some(text) => {
+                    out.extend_from_slice(text);
+                    Ok(())
+                }
+                None => query.serialize_eval(doc, &mut serde_json::Serializer::new(&mut *out)),
+            },
+            JsonTemplate::Array(items) => {
+                out.push(b'[');
+                for (i, t) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    t.write(doc, copies, out)?;
+                }
+                out.push(b']');
+                Ok(())
+            }
+            JsonTemplate::Object(fields) => {
+                out.push(b'{');
+                for (i, (k, t)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    serde_json::to_writer(&mut *out, k)?;
+                    out.push(b':');
+                    t.write(doc, copies, out)?;
+                }
+                out.push(b'}');
+                Ok(())
+            }
+        }
+    }
+
     pub fn render(&self, doc: &Value) -> Value {
         match self {
             JsonTemplate::Literal(v) => v.clone(),
-            JsonTemplate::Query(q) => q.eval(doc),
+            JsonTemplate::Query(q) | JsonTemplate::Copy { query: q, .. } => q.eval(doc),
             JsonTemplate::Array(items) => Value::Array(items.iter().map(|i| i.render(doc)).collect()),
             JsonTemplate::Object(fields) => Value::Object(fields.iter().map(|(k, t)| (k.clone(), t.render(doc))).collect()),
         }
@@ -163,7 +286,7 @@ impl Serialize for Rendered<'_> {
         let doc = self.doc;
         match self.template {
             JsonTemplate::Literal(v) => v.serialize(s),
-            JsonTemplate::Query(q) => q.serialize_eval(doc, s),
+            JsonTemplate::Query(q) | JsonTemplate::Copy { query: q, .. } => q.serialize_eval(doc, s),
             JsonTemplate::Array(items) => {
                 let mut seq = s.serialize_seq(Some(items.len()))?;
                 for template in items {

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use handlebars::{Context, Handlebars};
 use serde_json::Value;
 
+use super::answer::{Reads, Step};
+
 /// Where a rendered value goes, and so how it is escaped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Escape {
@@ -182,6 +184,22 @@ impl Template {
         roots.sort();
         roots.dedup();
         Ok(Template { kind: Kind::Handlebars { registry: Arc::new(registry), name: "t".into(), roots }, escape: escape_kind })
+    }
+
+    /// Tells `reads` what rendering reads of the document: each
+    /// `{{path}}`'s value, or the whole of each root a handlebars template
+    /// names (only those reach its context).
+    pub fn reads(&self, reads: &mut Reads) {
+        match &self.kind {
+            Kind::Simple(parts) => {
+                for part in parts {
+                    if let Part::Path(path) = part {
+                        reads.path(path.iter().map(|Seg::Key(k)| Step::Name(k)), false);
+                    }
+                }
+            }
+            Kind::Handlebars { roots, .. } => roots.iter().for_each(|r| reads.path([Step::Name(r)], false)),
+        }
     }
 
     /// Whether rendering reads the context at all.
