@@ -49,7 +49,13 @@ proptest! {
         let out = t.render(&json!({"request": {"path": {"id": value}}})).unwrap();
         let middle = out.strip_prefix("/users/").and_then(|s| s.strip_suffix("/orders")).expect("literal text kept");
         prop_assert!(middle.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b)), "{out}");
-        prop_assert!(middle != "." && middle != "..", "{out}");
+        // Only a value that is itself `.` or `..` renders as a dot segment
+        // (they need no escape); the executor refuses such a path before
+        // sending it (compose/exec.rs `prepare`, tests/compose.rs), as
+        // fuzz/fuzz_targets/template_escape.rs also holds.
+        if middle == "." || middle == ".." {
+            prop_assert_eq!(middle, value.as_str(), "{}", out);
+        }
         prop_assert_eq!(out.split('/').count(), 4);
     }
 
