@@ -278,6 +278,14 @@ compositions:
     }
     // All twenty wait: one at the backend, nineteen on its request.
     metric_until(g.admin_addr, "manifold_call_collapsed_total", &[("call", "c")], |v| v == 19.0, "19 requests joined the first").await;
+    // The first one's request may still be on its way to the backend (it
+    // is counted when it arrives there): wait for it, then no more come.
+    within(10, "the first request reaches the backend", async {
+        while b.hits.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
     assert_eq!(b.hits.load(Ordering::SeqCst), 1);
     gate.add_permits(1);
     for t in tasks {
