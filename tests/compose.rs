@@ -827,13 +827,12 @@ compositions:
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "bug: a repeated key keeps the copied values of its first occurrence (answer.rs Pick)"]
 async fn a_repeated_key_drops_what_its_first_value_held() {
     // `Value` keeps a repeated key's last value, so the fields of its first
     // value are gone: `user.tags` below is absent (null in the answer). The
-    // projection copies `user.tags` from the first `user` into its slot and
-    // nothing clears it when the second `user` (without tags, or not an
-    // object at all) replaces the first.
+    // projection copies `user.tags` from the first `user`; that copy must
+    // not survive the second `user` (without tags) or `other` (not an
+    // object at all) replacing the first.
     let raw = r#"{"user":{"tags":["stale"],"name":"first"},"user":{"name":"second"},"other":{"tags":[1]},"other":"text"}"#;
     let source = backend().raw("application/json", raw).run().await;
     let g = gateway(&format!(

@@ -346,6 +346,12 @@ impl<'de> Visitor<'de> for Pick<'_> {
                     out.insert(k.clone(), map.next_value()?);
                 }
                 Some((k, Need::Fields(fields))) => {
+                    if out.contains_key(k.as_str()) {
+                        // A repeated key: its last value is the whole of
+                        // it, as in `Value`; copies taken from an earlier
+                        // one must not outlive it.
+                        clear_copies(fields, self.copies);
+                    }
                     let v = map.next_value_seed(Pick { fields, copies: &mut *self.copies, depth: self.depth + 1 })?;
                     out.insert(k.clone(), v);
                 }
@@ -356,6 +362,17 @@ impl<'de> Visitor<'de> for Pick<'_> {
             }
         }
         Ok(Value::Object(out))
+    }
+}
+
+/// Empties every copy slot under `fields`.
+fn clear_copies(fields: &[(String, Need)], copies: &mut Copies) {
+    for (_, need) in fields {
+        match need {
+            Need::Whole => {}
+            Need::Fields(inner) => clear_copies(inner, copies),
+            Need::Copy(slot) => copies.ranges[*slot] = None,
+        }
     }
 }
 
