@@ -118,6 +118,8 @@ pub struct Refusal {
     pub reply: Option<StatusCode>,
     /// Headers the answer carries (Location, CORS, WWW-Authenticate).
     pub headers: HeaderMap,
+    /// The body of a `reply` (a filter's own answer); none by default.
+    pub body: Option<bytes::Bytes>,
     /// The policy that refused, set by [`PolicyChain::admit`]. A 401 goes
     /// to the first authentication policy that was shown a credential and
     /// refused it, or, when none was shown one, to the last in the chain.
@@ -126,7 +128,7 @@ pub struct Refusal {
 
 impl From<GatewayError> for Refusal {
     fn from(error: GatewayError) -> Self {
-        Refusal { error, rate: None, reply: None, headers: HeaderMap::new(), policy: None }
+        Refusal { error, rate: None, reply: None, headers: HeaderMap::new(), body: None, policy: None }
     }
 }
 

@@ -16,7 +16,8 @@
 //!    (response-transform, then response-cache).
 //!
 //! Every phase has a default that does nothing, and the chain skips phases
-//! no filter of it has: a filter pays only for what it does.
+//! no filter of it has: a filter pays only for what it does. Adding a
+//! policy type: see `policy/filters/mod.rs`.
 
 use std::collections::HashSet;
 use std::future::Future;

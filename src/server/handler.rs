@@ -560,7 +560,7 @@ fn open_tunnel(
 fn refusal_response(refusal: Refusal, request_id: &HeaderValue, grpc: bool) -> Response<Body> {
     let mut resp = match refusal.reply {
         Some(status) => {
-            let mut resp = Response::new(Body::Empty);
+            let mut resp = Response::new(refusal.body.map_or(Body::Empty, Body::full));
             *resp.status_mut() = status;
             resp
         }

@@ -55,6 +55,7 @@ impl Filter for Cors {
                     rate: None,
                     reply: Some(StatusCode::NO_CONTENT),
                     headers,
+                    body: None,
                     policy: None,
                 },
                 None => GatewayError::new(ErrorCode::Forbidden, "this origin or method is not allowed by the CORS policy").into(),
