@@ -5,7 +5,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use indexmap::IndexMap;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -136,34 +135,6 @@ pub fn check_upstream(upstream: &str) -> Result<(), String> {
         return Err("an upstream cannot hold a query or fragment".into());
     }
     Ok(())
-}
-
-/// Parses a policy's `config` into its typed form, reporting the field.
-pub fn policy_config(kind: PolicyKind, config: &Value) -> Result<PolicyConfig, (String, String)> {
-    fn typed<T: DeserializeOwned>(config: &Value) -> Result<T, (String, String)> {
-        let value = if config.is_null() { Value::Object(Default::default()) } else { config.clone() };
-        serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." { String::new() } else { path };
-            (path, e.into_inner().to_string())
-        })
-    }
-    Ok(match kind {
-        PolicyKind::KeyAuth => PolicyConfig::KeyAuth(typed(config)?),
-        PolicyKind::BasicAuth => PolicyConfig::BasicAuth(typed(config)?),
-        PolicyKind::Jwt => PolicyConfig::Jwt(typed(config)?),
-        PolicyKind::Acl => PolicyConfig::Acl(typed(config)?),
-        PolicyKind::IpRestriction => PolicyConfig::IpRestriction(typed(config)?),
-        PolicyKind::RateLimit => PolicyConfig::RateLimit(typed(config)?),
-        PolicyKind::CorrelationId => PolicyConfig::CorrelationId(typed(config)?),
-        PolicyKind::RequestTransform => PolicyConfig::RequestTransform(typed(config)?),
-        PolicyKind::ResponseTransform => PolicyConfig::ResponseTransform(typed(config)?),
-        PolicyKind::Cors => PolicyConfig::Cors(typed(config)?),
-        PolicyKind::HttpsRedirect => PolicyConfig::HttpsRedirect(typed(config)?),
-        PolicyKind::RequestSizeLimit => PolicyConfig::RequestSizeLimit(typed(config)?),
-        PolicyKind::ResponseCache => PolicyConfig::ResponseCache(typed(config)?),
-        PolicyKind::MtlsAuth => PolicyConfig::MtlsAuth(typed(config)?),
-    })
 }
 
 /// A CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a single address.

@@ -14,7 +14,6 @@ use super::filters::AnyFilter;
 use super::identity::Identities;
 use super::Services;
 use crate::config::load::Origins;
-use crate::config::validate::policy_config;
 use crate::config::{Config, ConfigError};
 
 /// One compiled policy.
@@ -84,13 +83,7 @@ pub fn compile_each(config: &Config, origins: &Origins) -> (Vec<Option<Planned>>
     for (i, p) in config.policies.iter().enumerate() {
         let file = origins.policies.get(i).cloned().flatten();
         let mut cx = Compile::new(&p.name, file, origins, &ids, &consumers);
-        let filter = match policy_config(p.kind, &p.config) {
-            Ok(typed) => AnyFilter::compile(&typed, &mut cx).ok(),
-            Err((path, message)) => {
-                cx.error(&path, message);
-                None
-            }
-        };
+        let filter = AnyFilter::compile(p.kind, &p.config, &mut cx).ok();
         // A filter is built only when its policy has no error at all.
         let filter = filter.filter(|_| !cx.has_errors());
         debug_assert!(filter.is_some() || cx.has_errors(), "policy {} failed without an error", p.name);

@@ -80,8 +80,8 @@ impl Phase {
 /// `policy/filters/`, dispatched without boxing through
 /// [`AnyFilter`](super::filters::AnyFilter).
 pub trait Filter: std::fmt::Debug + Send + Sync + Sized {
-    /// Its typed `config` (in `config::model`).
-    type Config;
+    /// Its typed `config` (in `config::model`), parsed once per compile.
+    type Config: serde::de::DeserializeOwned;
 
     /// The config to the filter, checking every field: each problem is
     /// recorded in `cx` with its path under `policies.NAME.config`. Pure:

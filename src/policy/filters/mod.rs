@@ -5,27 +5,43 @@
 //!
 //! # Adding a policy type
 //!
-//! 1. its typed config: a struct in `config/model.rs`, a variant of
-//!    `PolicyKind` and of `PolicyConfig` (and its arm in
-//!    `config::validate::policy_config`, which parses it);
-//! 2. its filter: a file here implementing [`Filter`] (`compile` checks
-//!    every field and builds it, `phase` places it, and the phases it
-//!    needs: `request`, `upstream_request`, `request_body`, `response`);
+//! 1. its config: a struct in `config/model.rs` (serde `Deserialize`,
+//!    `deny_unknown_fields`, `utoipa::ToSchema`), a variant of
+//!    `PolicyKind` (its `type`), and the pair in `config/schema.rs`'s
+//!    `POLICY_CONFIGS` (the JSON Schema of `config` for that `type`);
+//! 2. its filter: a file here implementing [`Filter`] with
+//!    `type Config = ThatStruct` (`compile` checks every field and builds
+//!    the filter, `phase` places it, and the phases it needs: `request`,
+//!    `upstream_request`, `request_body`, `response`; `bind` if it uses
+//!    the node's services);
 //! 3. one line in `filters!` below: `Variant(file::Type)`, `Variant`
-//!    being the `PolicyConfig` variant;
-//! 4. its docs page in `docs/policies/`, and the JSON Schema
-//!    (`manifold schema > docs/manifold.schema.json`).
+//!    being the `PolicyKind` variant;
+//! 4. its docs page in `docs/` (`tests/docs.rs` wants a section per
+//!    type), and `manifold schema > docs/manifold.schema.json`.
 //!
 //! Nothing in the handler, the chain or the snapshot changes.
 
 use http::Response;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use super::chain::Refusal;
 use super::filter::{Bind, Compile, Filter, Invalid, Outgoing, Phase, RequestCx, ResponseCx, WholeBody};
 use super::{Admission, Services};
 use crate::body::Body;
-use crate::config::PolicyConfig;
+use crate::config::PolicyKind;
 use crate::errors::GatewayError;
+
+/// A policy's `config` as its typed form (absent: every default); an error
+/// names the field serde stopped at.
+fn typed<T: DeserializeOwned>(config: &Value, cx: &mut Compile<'_>) -> Result<T, Invalid> {
+    let value = if config.is_null() { Value::Object(Default::default()) } else { config.clone() };
+    serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        cx.fail(&path, e.into_inner().to_string())
+    })
+}
 
 macro_rules! filters {
     ($($variant:ident($module:ident::$ty:ident)),* $(,)?) => {
@@ -38,10 +54,14 @@ macro_rules! filters {
         }
 
         impl AnyFilter {
-            /// A policy's filter from its typed config.
-            pub(super) fn compile(config: &PolicyConfig, cx: &mut Compile<'_>) -> Result<AnyFilter, Invalid> {
-                match config {
-                    $(PolicyConfig::$variant(c) => <$module::$ty as Filter>::compile(c, cx).map(AnyFilter::$variant),)*
+            /// A policy's filter: its `config` parsed into the filter's
+            /// typed config (once), then compiled.
+            pub(super) fn compile(kind: PolicyKind, config: &Value, cx: &mut Compile<'_>) -> Result<AnyFilter, Invalid> {
+                match kind {
+                    $(PolicyKind::$variant => {
+                        let typed = typed::<<$module::$ty as Filter>::Config>(config, cx)?;
+                        <$module::$ty as Filter>::compile(&typed, cx).map(AnyFilter::$variant)
+                    })*
                 }
             }
 
