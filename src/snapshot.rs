@@ -13,7 +13,7 @@ use crate::compose::CompositionPlan;
 use crate::config::model::Balance;
 use crate::config::pattern::{parse_rewrite, PathPattern, RewritePart, Segment};
 use crate::config::{Config, ConfigError, ConfigErrors};
-use crate::policy::{Identities, PolicyChain, PolicyStates, Services};
+use crate::policy::{PolicyChain, Services};
 use crate::upstream::health::{HealthPolicy, Registry as HealthRegistry};
 use crate::upstream::{Balancer, Connector, UpstreamPlan, UpstreamTlsOptions};
 
@@ -284,17 +284,25 @@ pub fn compile_upstreams(config: &Config, errors: &mut Vec<ConfigError>, registr
 /// Compiles a validated config. Errors here are ones only the router can
 /// see (two patterns matchit cannot tell apart).
 pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result<Snapshot, ConfigErrors> {
-    let mut errors = services.check(&config);
+    // The policies: the same compile pass validation ran (so it cannot
+    // fail here for a validated config), then bound to this node.
+    let mut errors = Vec::new();
+    let bound = match crate::policy::compile::compile(&config, &Default::default()).and_then(|plan| plan.bind(services)) {
+        Ok(bound) => bound,
+        Err(errs) => {
+            errors.extend(errs);
+            Default::default()
+        }
+    };
+    errors.extend(services.check(&config));
     // host key ("" = any host, "*.x" = wildcard) -> shape -> candidates
     let mut tables: BTreeMap<String, BTreeMap<String, Vec<Candidate>>> = BTreeMap::new();
     let mut owners: HashMap<(String, String), String> = HashMap::new();
-    let ids = Arc::new(Identities::build(&config));
-    let states = PolicyStates::build(&config);
     let upstreams = compile_upstreams(&config, &mut errors, Some(&services.health));
     let mut add =
         |base: String, hosts: &[String], pattern: &PathPattern, methods: Option<Vec<Method>>, target: Target, attached: &[String]| {
             let entity = base.split_once('.').map_or(base.as_str(), |(_, n)| n);
-            let policies = Arc::new(PolicyChain::build(&config, entity, attached, &ids, &states, services));
+            let policies = Arc::new(PolicyChain::build(&bound, entity, attached));
             let kind = if base.starts_with("routes.") { "route" } else { "composition" };
             let metrics = services.metrics.route(entity, kind);
             let params: Arc<[Arc<str>]> = pattern.param_names().map(Arc::from).collect();

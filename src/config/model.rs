@@ -561,7 +561,7 @@ pub struct Policy {
     #[serde(default, skip_serializing_if = "is_false")]
     pub global: bool,
     /// Settings of the policy, shaped by its `type`; absent means every default.
-    /// Checked against the typed config of `kind` (see [`PolicyConfig`]).
+    /// Checked against the typed config of its `type` (`KeyAuthConfig`...).
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub config: Value,
 }
@@ -584,25 +584,6 @@ pub enum PolicyKind {
     RequestSizeLimit,
     ResponseCache,
     MtlsAuth,
-}
-
-/// The typed `config` of each policy type, with SPEC defaults.
-#[derive(Clone, Debug, PartialEq)]
-pub enum PolicyConfig {
-    KeyAuth(KeyAuthConfig),
-    BasicAuth(BasicAuthConfig),
-    Jwt(JwtConfig),
-    Acl(AclConfig),
-    IpRestriction(IpRestrictionConfig),
-    RateLimit(RateLimitConfig),
-    CorrelationId(CorrelationIdConfig),
-    RequestTransform(TransformConfig),
-    ResponseTransform(TransformConfig),
-    Cors(CorsConfig),
-    HttpsRedirect(HttpsRedirectConfig),
-    RequestSizeLimit(RequestSizeLimitConfig),
-    ResponseCache(ResponseCacheConfig),
-    MtlsAuth(MtlsAuthConfig),
 }
 
 fn default_key_names() -> Vec<String> {

@@ -5,7 +5,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use indexmap::IndexMap;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -138,34 +137,6 @@ pub fn check_upstream(upstream: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses a policy's `config` into its typed form, reporting the field.
-pub fn policy_config(kind: PolicyKind, config: &Value) -> Result<PolicyConfig, (String, String)> {
-    fn typed<T: DeserializeOwned>(config: &Value) -> Result<T, (String, String)> {
-        let value = if config.is_null() { Value::Object(Default::default()) } else { config.clone() };
-        serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." { String::new() } else { path };
-            (path, e.into_inner().to_string())
-        })
-    }
-    Ok(match kind {
-        PolicyKind::KeyAuth => PolicyConfig::KeyAuth(typed(config)?),
-        PolicyKind::BasicAuth => PolicyConfig::BasicAuth(typed(config)?),
-        PolicyKind::Jwt => PolicyConfig::Jwt(typed(config)?),
-        PolicyKind::Acl => PolicyConfig::Acl(typed(config)?),
-        PolicyKind::IpRestriction => PolicyConfig::IpRestriction(typed(config)?),
-        PolicyKind::RateLimit => PolicyConfig::RateLimit(typed(config)?),
-        PolicyKind::CorrelationId => PolicyConfig::CorrelationId(typed(config)?),
-        PolicyKind::RequestTransform => PolicyConfig::RequestTransform(typed(config)?),
-        PolicyKind::ResponseTransform => PolicyConfig::ResponseTransform(typed(config)?),
-        PolicyKind::Cors => PolicyConfig::Cors(typed(config)?),
-        PolicyKind::HttpsRedirect => PolicyConfig::HttpsRedirect(typed(config)?),
-        PolicyKind::RequestSizeLimit => PolicyConfig::RequestSizeLimit(typed(config)?),
-        PolicyKind::ResponseCache => PolicyConfig::ResponseCache(typed(config)?),
-        PolicyKind::MtlsAuth => PolicyConfig::MtlsAuth(typed(config)?),
-    })
-}
-
 /// A CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a single address.
 pub fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
     s.parse::<ipnet::IpNet>()
@@ -197,8 +168,6 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
     // errors were reported, a reference to them would only add noise.
     let policy_names: HashSet<&str> =
         config.policies.iter().map(|p| p.name.as_str()).chain(origins.unparsed_names("policies").map(|(n, _)| n)).collect();
-    let consumer_names: HashSet<&str> =
-        config.consumers.iter().map(|c| c.name.as_str()).chain(origins.unparsed_names("consumers").map(|(n, _)| n)).collect();
     let upstream_names: HashSet<&str> =
         config.upstreams.iter().map(|u| u.name.as_str()).chain(origins.unparsed_names("upstreams").map(|(n, _)| n)).collect();
 
@@ -447,18 +416,15 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
         }
     }
 
+    // A policy's config is checked by compiling it: the same pass the
+    // snapshot runs, so what validates compiles.
+    let (_, mut policy_errors) = crate::policy::compile::compile_each(config, origins);
     for (i, policy) in config.policies.iter().enumerate() {
         errs.at(&file_of(&origins.policies, i));
         let base = format!("policies.{}", policy.name);
         check_name(&mut errs, &base, &policy.name);
         check_tags(&mut errs, &base, &policy.tags);
-        match policy_config(policy.kind, &policy.config) {
-            Ok(typed) => check_policy_config(&mut errs, &format!("{base}.config"), &typed, &consumer_names),
-            Err((path, message)) => {
-                let path = if path.is_empty() { format!("{base}.config") } else { format!("{base}.config.{path}") };
-                errs.push(path, message);
-            }
-        }
+        errs.list.append(&mut policy_errors[i]);
     }
 
     for (i, upstream) in config.upstreams.iter().enumerate() {
@@ -786,196 +752,6 @@ fn certificate_warnings(config: &Config, out: &mut Vec<ConfigError>) {
 pub fn log_warnings(config: &Config) {
     for w in warnings(config) {
         tracing::warn!(field = %w.path, "{}", w.message);
-    }
-}
-
-fn check_anonymous(errs: &mut Errors, base: &str, anonymous: &Option<String>, consumers: &HashSet<&str>) {
-    if let Some(name) = anonymous {
-        if !consumers.contains(name.as_str()) {
-            errs.push(format!("{base}.anonymous"), format!("unknown consumer {name:?}"));
-        }
-    }
-}
-
-fn check_string_map(errs: &mut Errors, path: String, value: &Option<Value>, header_names: bool) {
-    let Some(value) = value else { return };
-    match value.as_object() {
-        Some(map) => {
-            for (k, v) in map {
-                if header_names {
-                    check_header_name(errs, format!("{path}.{k}"), k);
-                }
-                if !v.is_string() {
-                    errs.push(format!("{path}.{k}"), "expected a string");
-                }
-            }
-        }
-        None => errs.push(path, "expected a map of names to values"),
-    }
-}
-
-fn check_string_list(errs: &mut Errors, path: String, value: &Option<Value>) {
-    let Some(value) = value else { return };
-    match value.as_array() {
-        Some(items) if items.iter().all(Value::is_string) => {}
-        _ => errs.push(path, "expected a list of names"),
-    }
-}
-
-fn check_transform(errs: &mut Errors, base: &str, t: &TransformConfig, allow_query: bool) {
-    let before = errs.list.len();
-    check_transform_shape(errs, base, t, allow_query);
-    if errs.list.len() == before {
-        if let Err((path, message)) = crate::policy::transform::Transform::compile(t) {
-            errs.push(format!("{base}.{path}"), message);
-        }
-    }
-}
-
-fn check_transform_shape(errs: &mut Errors, base: &str, t: &TransformConfig, allow_query: bool) {
-    let sections = [("add", &t.add), ("remove", &t.remove), ("rename", &t.rename), ("replace", &t.replace)];
-    for (op, targets) in sections {
-        let Some(targets) = targets else { continue };
-        let path = format!("{base}.{op}");
-        if !allow_query && targets.query.is_some() {
-            errs.push(format!("{path}.query"), "a response has no query to transform");
-        }
-        if op == "remove" {
-            check_string_list(errs, format!("{path}.headers"), &targets.headers);
-            check_string_list(errs, format!("{path}.query"), &targets.query);
-            check_string_list(errs, format!("{path}.body"), &targets.body);
-        } else {
-            check_string_map(errs, format!("{path}.headers"), &targets.headers, true);
-            check_string_map(errs, format!("{path}.query"), &targets.query, false);
-            if op == "rename" {
-                check_string_map(errs, format!("{path}.body"), &targets.body, false);
-            } else if let Some(body) = &targets.body {
-                if !body.is_object() {
-                    errs.push(format!("{path}.body"), "expected a map of field names to values");
-                }
-            }
-        }
-    }
-}
-
-fn check_policy_config(errs: &mut Errors, base: &str, config: &PolicyConfig, consumers: &HashSet<&str>) {
-    match config {
-        PolicyConfig::KeyAuth(c) => {
-            if c.key_names.is_empty() {
-                errs.push(format!("{base}.key_names"), "needs at least one name");
-            }
-            for (i, n) in c.key_names.iter().enumerate() {
-                check_header_name(errs, format!("{base}.key_names[{i}]"), n);
-            }
-            check_anonymous(errs, base, &c.anonymous, consumers);
-        }
-        PolicyConfig::BasicAuth(c) => check_anonymous(errs, base, &c.anonymous, consumers),
-        PolicyConfig::Jwt(c) => {
-            check_header_name(errs, format!("{base}.header"), &c.header);
-            for (i, claim) in c.claims_to_verify.iter().enumerate() {
-                if claim != "exp" && claim != "nbf" {
-                    errs.push(format!("{base}.claims_to_verify[{i}]"), format!("unknown claim {claim:?}: use exp or nbf"));
-                }
-            }
-            if let Some(url) = &c.jwks_url {
-                let ok =
-                    url.parse::<http::Uri>().ok().is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
-                if !ok {
-                    errs.push(format!("{base}.jwks_url"), format!("invalid URL {url:?}"));
-                }
-            }
-            check_anonymous(errs, base, &c.anonymous, consumers);
-        }
-        PolicyConfig::Acl(c) => match (&c.allow, &c.deny) {
-            (Some(groups), None) | (None, Some(groups)) if !groups.is_empty() => {}
-            _ => errs.push(base.to_string(), "an acl has exactly one of allow or deny, with at least one group"),
-        },
-        PolicyConfig::IpRestriction(c) => {
-            if c.allow.is_empty() && c.deny.is_empty() {
-                errs.push(base.to_string(), "needs allow or deny CIDRs");
-            }
-            for (list, name) in [(&c.allow, "allow"), (&c.deny, "deny")] {
-                for (i, cidr) in list.iter().enumerate() {
-                    if let Err(e) = parse_cidr(cidr) {
-                        errs.push(format!("{base}.{name}[{i}]"), e);
-                    }
-                }
-            }
-            if !(400..=599).contains(&c.status) {
-                errs.push(format!("{base}.status"), "expected a status from 400 to 599");
-            }
-        }
-        PolicyConfig::RateLimit(c) => {
-            let windows: Vec<(u64, Dur)> = match (c.limit, c.window, &c.limits) {
-                (Some(l), Some(w), None) => vec![(l, w)],
-                (None, None, Some(list)) if !list.is_empty() => list.iter().map(|w| (w.limit, w.window)).collect(),
-                _ => {
-                    errs.push(base.to_string(), "a rate-limit has limit and window, or a non-empty limits list");
-                    vec![]
-                }
-            };
-            for (limit, window) in windows {
-                if limit == 0 || window.0.is_zero() {
-                    errs.push(base.to_string(), "limit and window must be more than 0");
-                }
-            }
-            match c.by.as_str() {
-                "consumer" | "ip" | "route" => {}
-                other => match other.strip_prefix("header:") {
-                    Some(h) => check_header_name(errs, format!("{base}.by"), h),
-                    None => errs.push(format!("{base}.by"), format!("invalid key {other:?}: use consumer, ip, route or header:NAME")),
-                },
-            }
-        }
-        PolicyConfig::CorrelationId(c) => check_header_name(errs, format!("{base}.header"), &c.header),
-        PolicyConfig::RequestTransform(t) => check_transform(errs, base, t, true),
-        PolicyConfig::ResponseTransform(t) => check_transform(errs, base, t, false),
-        PolicyConfig::Cors(c) => {
-            if c.origins.is_empty() {
-                errs.push(format!("{base}.origins"), "needs at least one origin (or \"*\")");
-            }
-            for (i, o) in c.origins.iter().enumerate() {
-                if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
-                    errs.push(format!("{base}.origins[{i}]"), format!("invalid origin {o:?}: expected * or scheme://host[:port]"));
-                }
-            }
-            if c.credentials && c.origins.iter().any(|o| o == "*") {
-                errs.push(format!("{base}.credentials"), "credentials cannot be allowed for every origin (*)");
-            }
-            for (i, m) in c.methods.iter().enumerate() {
-                check_method(errs, format!("{base}.methods[{i}]"), m);
-            }
-            for (list, name) in [(&c.headers, "headers"), (&c.exposed_headers, "exposed_headers")] {
-                for (i, h) in list.iter().enumerate() {
-                    check_header_name(errs, format!("{base}.{name}[{i}]"), h);
-                }
-            }
-        }
-        PolicyConfig::HttpsRedirect(c) => {
-            if c.status != 301 && c.status != 308 {
-                errs.push(format!("{base}.status"), "expected 301 or 308");
-            }
-        }
-        PolicyConfig::RequestSizeLimit(c) => {
-            if c.max_bytes.0 == 0 {
-                errs.push(format!("{base}.max_bytes"), "must be more than 0");
-            }
-        }
-        PolicyConfig::ResponseCache(c) => {
-            check_duration(errs, format!("{base}.ttl"), Some(c.ttl));
-            for (i, h) in c.vary_headers.iter().enumerate() {
-                check_header_name(errs, format!("{base}.vary_headers[{i}]"), h);
-            }
-            if c.max_bytes.0 == 0 {
-                errs.push(format!("{base}.max_bytes"), "must be more than 0");
-            }
-        }
-        PolicyConfig::MtlsAuth(c) => {
-            if let Err(e) = crate::certs::chain(&c.ca) {
-                errs.push(format!("{base}.ca"), e);
-            }
-            check_anonymous(errs, base, &c.anonymous, consumers);
-        }
     }
 }
 

@@ -26,7 +26,7 @@ impl std::fmt::Debug for MtlsPolicy {
 }
 
 impl MtlsPolicy {
-    /// From the policy's `ca` PEM (validated already).
+    /// From the policy's `ca` PEM; the error is the `ca` field's.
     pub fn new(ca_pem: &str) -> Result<MtlsPolicy, String> {
         let mut roots = RootCertStore::empty();
         for cert in crate::certs::chain(ca_pem)? {
@@ -36,11 +36,6 @@ impl MtlsPolicy {
             .build()
             .map_err(|e| format!("the CAs cannot be used: {e}"))?;
         Ok(MtlsPolicy { verifier: Some(verifier) })
-    }
-
-    /// A policy that trusts no certificate.
-    pub fn refusing() -> MtlsPolicy {
-        MtlsPolicy { verifier: None }
     }
 
     /// The consumer the connection's certificate names, if it chains to

@@ -229,3 +229,63 @@ pub fn context(request: Value) -> Value {
     m.insert("request".into(), request);
     Value::Object(m)
 }
+
+/// Checks a transform's config (every error, each at its field) and
+/// compiles it; `allow_query` is false for a response.
+pub fn compile_checked(
+    t: &TransformConfig,
+    cx: &mut crate::policy::filter::Compile<'_>,
+    allow_query: bool,
+) -> Result<Transform, crate::policy::filter::Invalid> {
+    let sections = [("add", &t.add), ("remove", &t.remove), ("rename", &t.rename), ("replace", &t.replace)];
+    for (op, targets) in sections {
+        let Some(targets) = targets else { continue };
+        if !allow_query && targets.query.is_some() {
+            cx.error(&format!("{op}.query"), "a response has no query to transform");
+        }
+        if op == "remove" {
+            for (field, value) in [("headers", &targets.headers), ("query", &targets.query), ("body", &targets.body)] {
+                string_list(cx, &format!("{op}.{field}"), value);
+            }
+        } else {
+            string_map(cx, &format!("{op}.headers"), &targets.headers, true);
+            string_map(cx, &format!("{op}.query"), &targets.query, false);
+            if op == "rename" {
+                string_map(cx, &format!("{op}.body"), &targets.body, false);
+            } else if let Some(body) = &targets.body {
+                if !body.is_object() {
+                    cx.error(&format!("{op}.body"), "expected a map of field names to values");
+                }
+            }
+        }
+    }
+    if cx.has_errors() {
+        return Err(cx.invalid());
+    }
+    Transform::compile(t).map_err(|(path, message)| cx.fail(&path, message))
+}
+
+fn string_map(cx: &mut crate::policy::filter::Compile<'_>, field: &str, value: &Option<Value>, header_names: bool) {
+    let Some(value) = value else { return };
+    match value.as_object() {
+        Some(map) => {
+            for (k, v) in map {
+                if header_names {
+                    cx.header_name(&format!("{field}.{k}"), k);
+                }
+                if !v.is_string() {
+                    cx.error(&format!("{field}.{k}"), "expected a string");
+                }
+            }
+        }
+        None => cx.error(field, "expected a map of names to values"),
+    }
+}
+
+fn string_list(cx: &mut crate::policy::filter::Compile<'_>, field: &str, value: &Option<Value>) {
+    let Some(value) = value else { return };
+    match value.as_array() {
+        Some(items) if items.iter().all(Value::is_string) => {}
+        _ => cx.error(field, "expected a list of names"),
+    }
+}

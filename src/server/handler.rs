@@ -21,7 +21,8 @@ use crate::compose::{
 use crate::errors::{ErrorCode, GatewayError};
 use crate::ids::{request_id, TraceContext, REQUEST_ID_HEADER};
 use crate::otel::ServerSpan;
-use crate::policy::{Admission, Refusal};
+use crate::policy::filter::{set_query, Outgoing, ResponseCx, WholeBody};
+use crate::policy::{finish, Admission, Refusal};
 use crate::proxy::{self, Forwarding};
 use crate::snapshot::{RouteMatch, Target};
 
@@ -360,7 +361,7 @@ async fn route_and_run(
     // Policies, in phase order; they may refuse the request, name its
     // consumer, and take a credential out of the headers or query.
     let (mut parts, body) = req.into_parts();
-    let admission = if policies.is_empty() {
+    let mut admission = if policies.is_empty() {
         // Consumer headers only ever come from the gateway.
         parts.headers.remove(crate::policy::X_CONSUMER_NAME);
         parts.headers.remove(crate::policy::X_CONSUMER_GROUPS);
@@ -394,53 +395,26 @@ async fn route_and_run(
         admission
     };
 
-    // request-transform: headers and query now; a JSON body below, where
-    // the target reads it.
-    let mut ctx: Option<serde_json::Value> = None;
-    let mut body_transforms = Vec::new();
-    for t in &admission.request_transforms {
-        if t.needs_context() && ctx.is_none() {
-            ctx = Some(transform_context(&parts, &params, &admission, serde_json::Value::Null));
-        }
-        let c = ctx.as_ref().unwrap_or(&serde_json::Value::Null);
-        t.apply_headers(&mut parts.headers, c);
-        let q = t.apply_query(parts.uri.query(), c);
-        if q.as_deref() != parts.uri.query() {
-            set_query(&mut parts.uri, q.as_deref());
-        }
-        if t.touches_body() {
-            body_transforms.push(t.clone());
-        }
-    }
-
-    // response-cache: a stored answer skips everything after this point.
-    let cache_key = admission.cache.as_ref().filter(|_| !upgrading).and_then(|c| {
-        c.key(&crate::policy::cache::Lookup {
-            entity: policies.entity(),
-            method: &parts.method,
-            host: &host,
-            path: &path,
-            query: parts.uri.query(),
-            headers: &parts.headers,
-            consumer: admission.consumer.as_ref().map(|c| c.name.as_str()),
-            subject: admission.claims.as_ref().and_then(|c| c.get("sub")).and_then(|s| s.as_str()),
-        })
-    });
-    if let (Some(cache), Some(key)) = (&admission.cache, &cache_key) {
-        if let Some(resp) = cache.get(key) {
-            return Ok(finish(resp, &admission));
-        }
+    // The filters change what goes on (request-transform: headers and
+    // query now, a JSON body below, where the target reads it), or answer
+    // themselves (response-cache: a stored answer skips the target).
+    if let Some(resp) = policies.upstream_request(
+        &mut admission,
+        &mut Outgoing { parts: &mut parts, params: &params, host: &host, path: &path, entity: policies.entity(), upgrading },
+    ) {
+        return Ok(finish(resp, &admission));
     }
 
     let head = parts.method == Method::HEAD;
     let result = match target {
         Target::Proxy(route) => {
             let trusted_peer = shared.trusted_proxies.iter().any(|net| net.contains(&peer.ip()));
-            let body = if body_transforms.is_empty() {
+            let body = if !policies.reads_request_body() {
                 Body::Stream(body)
             } else {
-                // Read whole (within the size limit) to change a JSON object;
-                // any other body goes on byte for byte.
+                // Read whole (within the size limit) for the filters that
+                // read it (a transform changes a JSON object; any other
+                // body goes on byte for byte).
                 let limit = admission.body_limit.map_or(MAX_REQUEST_BODY, |l| (l as usize).min(MAX_REQUEST_BODY));
                 // Within the route's timeout: a client that stops sending
                 // cannot hold the buffer.
@@ -448,21 +422,10 @@ async fn route_and_run(
                     Ok(bytes) => bytes.map_err(|e| (e, false))?,
                     Err(_) => return Err((GatewayError::new(ErrorCode::RequestTimeout, "the request body did not arrive in time"), true)),
                 };
-                let bytes = match serde_json::from_slice::<serde_json::Value>(&bytes) {
-                    Ok(mut json) if json.is_object() => {
-                        let c = ctx.get_or_insert_with(|| transform_context(&parts, &params, &admission, serde_json::Value::Null));
-                        for t in &body_transforms {
-                            t.apply_body(&mut json, c);
-                        }
-                        bytes::Bytes::from(serde_json::to_vec(&json).unwrap_or_default())
-                    }
-                    // A body that says JSON and is not cannot pass unchanged
-                    // by a transform that was meant to change it.
-                    Err(_) if says_json(&parts.headers) && !bytes.is_empty() => {
-                        return Err((GatewayError::new(ErrorCode::BadRequest, "the request body is not valid JSON"), false));
-                    }
-                    _ => bytes,
-                };
+                let mut whole = WholeBody::from_bytes(bytes);
+                let req = Outgoing { parts: &mut parts, params: &params, host: &host, path: &path, entity: policies.entity(), upgrading };
+                policies.request_body(&mut admission, &req, &mut whole).map_err(|e| (e, false))?;
+                let bytes = whole.into_bytes();
                 parts.headers.remove(header::TRANSFER_ENCODING);
                 parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
                 Body::full(bytes)
@@ -512,15 +475,15 @@ async fn route_and_run(
                 Ok(body) => body.map_err(|e| (e, false))?,
                 Err(_) => return Err((GatewayError::new(ErrorCode::RequestTimeout, "the request body did not arrive in time"), true)),
             };
-            if !body_transforms.is_empty() && body.is_object() {
-                let c = ctx.get_or_insert_with(|| transform_context(&parts, &params, &admission, serde_json::Value::Null));
-                for t in &body_transforms {
-                    t.apply_body(&mut body, c);
-                }
+            if policies.reads_request_body() {
+                let mut whole = WholeBody::from_json(body);
+                let req = Outgoing { parts: &mut parts, params: &params, host: &host, path: &path, entity: policies.entity(), upgrading };
+                policies.request_body(&mut admission, &req, &mut whole).map_err(|e| (e, false))?;
+                body = whole.into_json();
             }
             let headers = plan.reads_headers.then_some(&parts.headers);
             let mut request = request_context(&parts.method, &params, parts.uri.query(), headers, body);
-            add_consumer(&mut request, &admission);
+            admission.add_consumer(&mut request);
             let ex = compose::Exchange {
                 client: &worker.client,
                 request_id,
@@ -539,38 +502,12 @@ async fn route_and_run(
             Ok(compose::run(ex, &plan, request).await.response)
         }
     };
-    let mut resp = result?;
+    let resp = result?;
 
-    // response-transform, then response-cache, as SPEC's phase order says.
-    if !admission.response_transforms.is_empty() {
-        resp = transform_response(resp, &admission, ctx, head, request_id).await;
-    }
-    if let (Some(cache), Some(key)) = (&admission.cache, cache_key) {
-        // HEAD is served from what GET stored, never stores itself.
-        if !head {
-            resp = cache.store(key, resp);
-        }
-    }
+    // The response phase: response-transform, then response-cache, as
+    // SPEC's phase order says.
+    let resp = policies.respond(&mut admission, &ResponseCx { head, request_id }, resp).await;
     Ok(finish(resp, &admission))
-}
-
-/// What the policies add to every answer they admitted.
-fn finish(mut resp: Response<Body>, admission: &Admission) -> Response<Body> {
-    if let Some(r) = &admission.rate {
-        crate::policy::rate_headers(resp.headers_mut(), r, false);
-    }
-    if let Some((name, value)) = &admission.echo {
-        resp.headers_mut().insert(name.clone(), value.clone());
-    }
-    for (k, v) in &admission.headers {
-        // Vary adds to what the target said; the rest replace it.
-        if k == header::VARY {
-            resp.headers_mut().append(k.clone(), v.clone());
-        } else {
-            resp.headers_mut().insert(k.clone(), v.clone());
-        }
-    }
-    resp
 }
 
 /// The client's HTTP/2 extended CONNECT as the HTTP/1.1 handshake the
@@ -623,7 +560,7 @@ fn open_tunnel(
 fn refusal_response(refusal: Refusal, request_id: &HeaderValue, grpc: bool) -> Response<Body> {
     let mut resp = match refusal.reply {
         Some(status) => {
-            let mut resp = Response::new(Body::Empty);
+            let mut resp = Response::new(refusal.body.map_or(Body::Empty, Body::full));
             *resp.status_mut() = status;
             resp
         }
@@ -639,80 +576,4 @@ fn refusal_response(refusal: Refusal, request_id: &HeaderValue, grpc: bool) -> R
         }
     }
     resp
-}
-
-fn set_query(uri: &mut http::Uri, query: Option<&str>) {
-    let pq = match query {
-        Some(q) => format!("{}?{q}", uri.path()),
-        None => uri.path().to_string(),
-    };
-    let mut up = uri.clone().into_parts();
-    up.path_and_query = pq.parse().ok();
-    if let Ok(u) = http::Uri::from_parts(up) {
-        *uri = u;
-    }
-}
-
-/// `request.consumer` (name, groups, and a JWT's claims) in a context.
-fn add_consumer(request: &mut serde_json::Value, admission: &Admission) {
-    if let (Some(c), serde_json::Value::Object(m)) = (&admission.consumer, request) {
-        let mut consumer = serde_json::json!({"name": c.name, "groups": c.groups});
-        if let Some(claims) = &admission.claims {
-            consumer["claims"] = claims.clone();
-        }
-        m.insert("consumer".into(), consumer);
-    }
-}
-
-/// The document transform templates read: `{"request": ...}`.
-fn transform_context(
-    parts: &http::request::Parts,
-    params: &[(Arc<str>, String)],
-    admission: &Admission,
-    body: serde_json::Value,
-) -> serde_json::Value {
-    let mut request = request_context(&parts.method, params, parts.uri.query(), Some(&parts.headers), body);
-    add_consumer(&mut request, admission);
-    crate::policy::transform::context(request)
-}
-
-/// Applies response-transforms: headers always, a JSON object body when
-/// the answer is JSON (read whole, up to the backend body limit).
-async fn transform_response(
-    resp: Response<Body>,
-    admission: &Admission,
-    ctx: Option<serde_json::Value>,
-    head: bool,
-    request_id: &HeaderValue,
-) -> Response<Body> {
-    use http_body_util::{BodyExt, Limited};
-    let ctx = ctx.unwrap_or(serde_json::Value::Null);
-    let (mut parts, body) = resp.into_parts();
-    for t in &admission.response_transforms {
-        t.apply_headers(&mut parts.headers, &ctx);
-    }
-    let is_json = says_json(&parts.headers);
-    let bodiless = head || matches!(parts.status.as_u16(), 204 | 304);
-    if !is_json || bodiless || !admission.response_transforms.iter().any(|t| t.touches_body()) {
-        return Response::from_parts(parts, body);
-    }
-    let bytes = match Limited::new(body, compose::plan::DEFAULT_MAX_BODY).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(_) => {
-            let e = GatewayError::new(ErrorCode::UpstreamError, "the upstream answer could not be read to transform it");
-            return e.into_response(request_id.to_str().unwrap_or(""));
-        }
-    };
-    let bytes = match serde_json::from_slice::<serde_json::Value>(&bytes) {
-        Ok(mut json) if json.is_object() => {
-            for t in &admission.response_transforms {
-                t.apply_body(&mut json, &ctx);
-            }
-            bytes::Bytes::from(serde_json::to_vec(&json).unwrap_or_default())
-        }
-        _ => bytes,
-    };
-    parts.headers.remove(header::TRANSFER_ENCODING);
-    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-    Response::from_parts(parts, Body::full(bytes))
 }
