@@ -106,7 +106,7 @@ fn check_head(buf: &[u8], limits: &Limits) -> Checked {
     // Lines end with CRLF: httparse also takes a bare LF. Each field line
     // follows the end of the line before it; the head ends with two.
     let start = offset(buf, method.as_bytes());
-    if start % 2 != 0 || !buf[..start].chunks(2).all(|pair| pair == b"\r\n") {
+    if !start.is_multiple_of(2) || !buf[..start].chunks(2).all(|pair| pair == b"\r\n") {
         return bad("a line of the request head does not end with CRLF");
     }
     let line_end = offset(buf, target.as_bytes()) + target.len() + " HTTP/1.1".len();
