@@ -167,6 +167,45 @@ mod with_wasm {
         let _ = p.child.wait();
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_failure_is_logged_with_the_policy_and_the_callback() {
+        let b = backend().run().await;
+        let dir = config_dir(&config(&b.url(), &format!("module_base64: {}, fuel: 100000", base64_of("loop"))));
+        let mut p = GatewayProcess::start(dir.path(), &[]);
+        let (s, _, body) = send("GET", &format!("http://{}/r/z", p.proxy), None, &[("x-loop", "1")]).await;
+        assert_eq!(s, 500, "{body}");
+        let line = common::within(10, "the error line", async {
+            loop {
+                let found = p.log.lock().unwrap().iter().find(|l| l.contains("wasm policy failed")).cloned();
+                if let Some(l) = found {
+                    break l;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let line: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(line["level"], "ERROR", "{line}");
+        assert_eq!(line["policy"], "plugin", "{line}");
+        assert_eq!(line["callback"], "proxy_on_request_headers", "{line}");
+        assert!(line["error"].as_str().unwrap().contains("fuel"), "{line}");
+        p.child.kill().unwrap();
+        let _ = p.child.wait();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_path_the_module_sets_is_the_one_the_backend_gets() {
+        let b = backend().run().await;
+        let g = gateway(&config(&b.url(), &format!("module_base64: {}", base64_of("pairs"))));
+        let (s, _, echo) = send("GET", &format!("http://{}/r/original?q=1", g.proxy_addr), None, &[("x-replace", "1")]).await;
+        assert_eq!(s, 200, "{echo}");
+        assert_eq!(echo["path"], "/rewritten", "{echo}");
+        assert_eq!(echo["query"], Value::Null, "the query went with the old :path");
+        assert_eq!(echo["headers"]["x-only"], json!(["1"]));
+        assert!(echo["headers"].get("x-replace").is_none(), "the whole map was replaced");
+        g.shutdown();
+    }
+
     fn validate(file: &Path) -> (Option<i32>, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_manifold")).arg("validate").arg(file).output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())

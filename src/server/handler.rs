@@ -404,6 +404,11 @@ async fn route_and_run(
     ) {
         return Ok(finish(resp, &admission));
     }
+    // A wasm module's `:path` is the path the target gets.
+    let path = match admission.wasm.take_path() {
+        Some(p) => std::borrow::Cow::Owned(p),
+        None => path,
+    };
 
     let head = parts.method == Method::HEAD;
     let result = match target {

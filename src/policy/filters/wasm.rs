@@ -29,6 +29,15 @@ use crate::policy::filter::{Filter, Invalid};
 pub struct Contexts {
     #[cfg(feature = "wasm")]
     list: Vec<(usize, crate::wasm::HttpContext)>,
+    /// A `:path` a module set, normalized: the path the target gets.
+    path: Option<String>,
+}
+
+impl Contexts {
+    /// The path a module set, if one did (the handler forwards it).
+    pub fn take_path(&mut self) -> Option<String> {
+        self.path.take()
+    }
 }
 
 impl std::fmt::Debug for Contexts {
@@ -204,14 +213,17 @@ mod with_wasm {
                 let path = ctx.path();
                 if parts.uri.path_and_query().map_or("/", |pq| pq.as_str()) != path {
                     let mut up = parts.uri.clone().into_parts();
-                    match path.parse() {
-                        Ok(pq) => {
+                    let only_path = path.split_once('?').map_or(path, |(p, _)| p);
+                    let normalized = crate::server::hygiene::normalize_path(only_path).map(|p| p.into_owned());
+                    match (path.parse(), normalized) {
+                        (Ok(pq), Ok(normalized)) => {
+                            ex.wasm.path = Some(normalized);
                             up.path_and_query = Some(pq);
                             if let Ok(uri) = http::Uri::from_parts(up) {
                                 parts.uri = uri;
                             }
                         }
-                        Err(_) => {
+                        _ => {
                             let e = WasmError::Trap { callback: crate::wasm::Callback::RequestHeaders, message: format!("set an invalid :path {path:?}") };
                             return Some(self.failed(ctx, &e, req.request_id));
                         }
