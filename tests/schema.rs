@@ -48,7 +48,7 @@ fn the_schema_is_draft_2020_12_with_every_policy_config() {
     assert_eq!(schema["additionalProperties"], false);
     let kinds = schema["$defs"]["PolicyKind"]["enum"].as_array().unwrap();
     let rules = schema["$defs"]["Policy"]["allOf"].as_array().unwrap();
-    assert_eq!(kinds.len(), 14);
+    assert_eq!(kinds.len(), 15);
     for kind in kinds {
         let rule = rules.iter().find(|r| r["if"]["properties"]["type"]["const"] == *kind).unwrap_or_else(|| panic!("{kind}"));
         let target = rule["then"]["properties"]["config"]["anyOf"][1]["$ref"].as_str().unwrap();
@@ -124,6 +124,23 @@ policies:
         bXBsZS5jb20wCgYIKoZIzj0EAwIDSAAwRQIgSZkzXDa0VwwO4mGpcmgO2Hn6fj8x
         Aqq42ksgIr4p5TgCIQD7idFuMCzToPY49RLW0VVbxBGiwA6v5fvCihkOyHIUxA==
         -----END CERTIFICATE-----
+"#,
+    // A wasm policy: fixtures/wasm/tenant.wat, base64, with every field.
+    r#"
+policies:
+  - name: tenant
+    type: wasm
+    config:
+      module_base64: |
+        AGFzbQEAAAABHgVgBX9/f39/AX9gAABgAX8Bf2ACf38AYAN/f38BfwIiAQNlbnYacHJveHlfYWRk
+        X2hlYWRlcl9tYXBfdmFsdWUAAAMFBAECAwQFAwEAAQd0BQZtZW1vcnkCABdwcm94eV9hYmlfdmVy
+        c2lvbl8wXzJfMQABGHByb3h5X29uX21lbW9yeV9hbGxvY2F0ZQACF3Byb3h5X29uX2NvbnRleHRf
+        Y3JlYXRlAAMYcHJveHlfb25fcmVxdWVzdF9oZWFkZXJzAAQKHwQCAAsFAEGACAsCAAsRAEEAQQBB
+        CEEIQQQQABpBAAsLEgEAQQALDHgtdGVuYW50YWNtZQ==
+      config: { tenant: acme }
+      phase: request-transform
+      fuel: 1000000
+      max_memory: 1MiB
 "#,
     "",
     "routes:\n",

@@ -387,6 +387,17 @@ pub fn parse_document(file: Option<Arc<str>>, text: &str, format: Format) -> (Lo
             }),
         }
     }
+    // A wasm policy's `module` path is relative to its file: joined here,
+    // since the snapshot compiles the policies without file names.
+    if let Some(dir) = file.as_deref().and_then(|f| std::path::Path::new(f).parent()) {
+        for p in c.policies.iter_mut().filter(|p| p.kind == super::PolicyKind::Wasm) {
+            if let Some(Value::String(m)) = p.config.get_mut("module") {
+                if std::path::Path::new(m.as_str()).is_relative() {
+                    *m = dir.join(m.as_str()).to_string_lossy().into_owned();
+                }
+            }
+        }
+    }
     (loaded, errors)
 }
 

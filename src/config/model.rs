@@ -584,6 +584,7 @@ pub enum PolicyKind {
     RequestSizeLimit,
     ResponseCache,
     MtlsAuth,
+    Wasm,
 }
 
 fn default_key_names() -> Vec<String> {
@@ -838,6 +839,33 @@ pub struct ResponseCacheConfig {
     /// Memory for cached answers (default 64MiB).
     #[serde(default = "default_cache_bytes")]
     pub max_bytes: ByteSize,
+}
+
+/// `config` of a wasm policy: a proxy-wasm filter (docs/plugins.md).
+#[derive(Clone, Debug, PartialEq, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WasmConfig {
+    /// The module (a WebAssembly binary), a path relative to the config
+    /// file that defines the policy. Exactly one of `module` and
+    /// `module_base64`.
+    #[serde(default)]
+    pub module: Option<String>,
+    /// The module itself, base64.
+    #[serde(default)]
+    pub module_base64: Option<String>,
+    /// The plugin configuration the module reads in `proxy_on_configure`:
+    /// a string is passed as its bytes, any other value as JSON.
+    #[serde(default)]
+    pub config: Value,
+    /// The policy phase it runs in (default `request-transform`).
+    #[serde(default)]
+    pub phase: Option<String>,
+    /// Fuel one request's callbacks share (default 10000000).
+    #[serde(default)]
+    pub fuel: Option<u64>,
+    /// The most linear memory the module may have (default 16MiB).
+    #[serde(default)]
+    pub max_memory: Option<ByteSize>,
 }
 
 /// `config` of an mtls-auth policy.

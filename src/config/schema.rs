@@ -39,7 +39,7 @@ const TAG_PATTERN: &str = r"^[^,\x00-\x1f\x7f-\x9f]*$";
 const METHOD_PATTERN: &str = "^[A-Z_-]{1,32}$";
 
 /// The `config` type of each policy `type`.
-const POLICY_CONFIGS: [(PolicyKind, &str); 14] = [
+const POLICY_CONFIGS: [(PolicyKind, &str); 15] = [
     (PolicyKind::KeyAuth, "KeyAuthConfig"),
     (PolicyKind::BasicAuth, "BasicAuthConfig"),
     (PolicyKind::Jwt, "JwtConfig"),
@@ -54,6 +54,7 @@ const POLICY_CONFIGS: [(PolicyKind, &str); 14] = [
     (PolicyKind::RequestSizeLimit, "RequestSizeLimitConfig"),
     (PolicyKind::ResponseCache, "ResponseCacheConfig"),
     (PolicyKind::MtlsAuth, "MtlsAuthConfig"),
+    (PolicyKind::Wasm, "WasmConfig"),
 ];
 
 /// The JSON Schema (draft 2020-12) of a config document.
@@ -73,6 +74,7 @@ pub fn config_schema() -> Value {
     collect::<RequestSizeLimitConfig>(&mut defs);
     collect::<ResponseCacheConfig>(&mut defs);
     collect::<MtlsAuthConfig>(&mut defs);
+    collect::<WasmConfig>(&mut defs);
     for name in POLICY_CONFIGS.map(|(_, def)| def) {
         assert!(defs.contains_key(name), "no schema for {name}");
     }

@@ -81,6 +81,9 @@ pub struct Admission {
     /// What a filter keeps between its phases for this request (empty,
     /// and free, unless a filter stores something).
     pub state: http::Extensions,
+    /// The wasm filters' per-request contexts (empty, and free, in a
+    /// chain without one).
+    pub wasm: super::filters::wasm::Contexts,
 }
 
 impl Admission {

@@ -317,6 +317,8 @@ pub struct Outgoing<'a> {
     pub entity: &'a str,
     /// A protocol upgrade (websocket): the answer is the backend's.
     pub upgrading: bool,
+    /// The request's id, for an error a filter answers with.
+    pub request_id: &'a http::HeaderValue,
 }
 
 impl Outgoing<'_> {

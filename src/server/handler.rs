@@ -400,10 +400,15 @@ async fn route_and_run(
     // themselves (response-cache: a stored answer skips the target).
     if let Some(resp) = policies.upstream_request(
         &mut admission,
-        &mut Outgoing { parts: &mut parts, params: &params, host: &host, path: &path, entity: policies.entity(), upgrading },
+        &mut Outgoing { parts: &mut parts, params: &params, host: &host, path: &path, entity: policies.entity(), upgrading, request_id },
     ) {
         return Ok(finish(resp, &admission));
     }
+    // A wasm module's `:path` is the path the target gets.
+    let path = match admission.wasm.take_path() {
+        Some(p) => std::borrow::Cow::Owned(p),
+        None => path,
+    };
 
     let head = parts.method == Method::HEAD;
     let result = match target {
@@ -423,7 +428,15 @@ async fn route_and_run(
                     Err(_) => return Err((GatewayError::new(ErrorCode::RequestTimeout, "the request body did not arrive in time"), true)),
                 };
                 let mut whole = WholeBody::from_bytes(bytes);
-                let req = Outgoing { parts: &mut parts, params: &params, host: &host, path: &path, entity: policies.entity(), upgrading };
+                let req = Outgoing {
+                    parts: &mut parts,
+                    params: &params,
+                    host: &host,
+                    path: &path,
+                    entity: policies.entity(),
+                    upgrading,
+                    request_id,
+                };
                 policies.request_body(&mut admission, &req, &mut whole).map_err(|e| (e, false))?;
                 let bytes = whole.into_bytes();
                 parts.headers.remove(header::TRANSFER_ENCODING);
@@ -477,7 +490,15 @@ async fn route_and_run(
             };
             if policies.reads_request_body() {
                 let mut whole = WholeBody::from_json(body);
-                let req = Outgoing { parts: &mut parts, params: &params, host: &host, path: &path, entity: policies.entity(), upgrading };
+                let req = Outgoing {
+                    parts: &mut parts,
+                    params: &params,
+                    host: &host,
+                    path: &path,
+                    entity: policies.entity(),
+                    upgrading,
+                    request_id,
+                };
                 policies.request_body(&mut admission, &req, &mut whole).map_err(|e| (e, false))?;
                 body = whole.into_json();
             }

@@ -119,4 +119,5 @@ filters! {
     RequestTransform(request_transform::RequestTransform),
     ResponseTransform(response_transform::ResponseTransform),
     ResponseCache(response_cache::ResponseCache),
+    Wasm(wasm::Wasm),
 }
