@@ -404,3 +404,30 @@ async fn request_targets_other_than_a_path() {
     );
     g.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_answer_is_in_the_gateways_http_version_not_the_backends() {
+    // A backend that speaks HTTP/1.0 (one answer per connection).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok").await;
+            });
+        }
+    });
+    let g = gateway(&format!("routes:\n  - {{ name: old, path: /old, upstream: \"http://{addr}\" }}\n"));
+    // A raw HTTP/1.1 request, to read the status line as sent.
+    let mut s = std::net::TcpStream::connect(g.proxy_addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /old HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+    g.shutdown();
+}

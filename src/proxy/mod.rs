@@ -339,6 +339,9 @@ pub async fn forward(
         let resp = result.map_err(|e| (e.gateway_error(), e.closes_client()))?;
         let (mut parts, body) = resp.into_parts();
         remove_hop_by_hop(&mut parts.headers);
+        // The gateway answers in its own HTTP version (RFC 9110 §6.2), not
+        // the backend's: hyper writes 1.1, or 1.0 to a 1.0 client.
+        parts.version = Version::HTTP_11;
         return Ok(Response::from_parts(parts, Body::held(body, tries.finish())));
     }
 }
