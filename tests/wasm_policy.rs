@@ -222,7 +222,11 @@ mod with_wasm {
             ("module: plugins/missing.wasm", "policies.plugin.config.module: cannot read "),
             ("module_base64: bm90IHdhc20=", "policies.plugin.config.module_base64: module: "),
             ("module_base64: '!!'", "policies.plugin.config.module_base64: not base64"),
+            // `(module)`: the text format, with a hint to compile it.
+            ("module_base64: KG1vZHVsZSk=", "policies.plugin.config.module_base64: this is the WebAssembly text format"),
             ("module: plugins/headers.wasm, phase: nowhere", "policies.plugin.config.phase: unknown phase"),
+            ("module: plugins/headers.wasm, phase: ip-restriction", "policies.plugin.config.phase: ip-restriction is an admission phase"),
+            ("module: plugins/headers.wasm, phase: authentication", "policies.plugin.config.phase: authentication is an admission phase"),
             ("module: plugins/headers.wasm, fuel: 0", "policies.plugin.config.fuel: must be above zero"),
         ];
         for (policy, want) in cases {

@@ -857,7 +857,8 @@ pub struct WasmConfig {
     /// a string is passed as its bytes, any other value as JSON.
     #[serde(default)]
     pub config: Value,
-    /// The policy phase it runs in (default `request-transform`).
+    /// The policy phase it runs in: `request-transform` (the default),
+    /// `response-transform` or `response-cache` (it runs after admission).
     #[serde(default)]
     pub phase: Option<String>,
     /// Fuel one request's callbacks share (default 10000000).

@@ -53,14 +53,20 @@ impl std::fmt::Debug for Contexts {
 fn phase_of(c: &WasmConfig, cx: &mut Compile<'_>) -> Phase {
     match c.phase.as_deref() {
         None => Phase::RequestTransform,
-        Some("authentication") => {
-            cx.error("phase", "a wasm policy cannot run in the authentication phase");
+        // Its callbacks run once the request was admitted (they change the
+        // request or answer it): an admission phase would not place it
+        // before authentication or rate limits, so it is refused.
+        Some(name @ ("request-transform" | "response-transform" | "response-cache")) => {
+            Phase::from_name(name).unwrap_or(Phase::RequestTransform)
+        }
+        Some(name) => {
+            let what = if Phase::from_name(name).is_some() { format!("{name} is an admission phase") } else { format!("unknown phase {name:?}") };
+            cx.error(
+                "phase",
+                format!("{what}: a wasm policy runs after admission, in request-transform (the default), response-transform or response-cache"),
+            );
             Phase::RequestTransform
         }
-        Some(name) => Phase::from_name(name).unwrap_or_else(|| {
-            cx.error("phase", format!("unknown phase {name:?}: use a policy phase such as request-transform"));
-            Phase::RequestTransform
-        }),
     }
 }
 
@@ -174,6 +180,12 @@ mod with_wasm {
             };
             let field = if c.module.is_some() { "module" } else { "module_base64" };
             let shown = c.module.as_deref().map(|p| format!("{p}: ")).unwrap_or_default();
+            if module.trim_ascii_start().starts_with(b"(") {
+                return Err(cx.fail(
+                    field,
+                    format!("{shown}this is the WebAssembly text format (.wat); give the binary module, e.g. `wat2wasm filter.wat -o filter.wasm`"),
+                ));
+            }
             match WasmPlugin::compile(cx.name, &module, plugin_config, limits) {
                 Ok(plugin) => Ok(Wasm { plugin, phase, name: cx.name.into() }),
                 Err(WasmError::Configure(m)) => Err(cx.fail("config", format!("the module would not start: {m}"))),
@@ -204,7 +216,7 @@ mod with_wasm {
                     || parts.headers.get(header::CONTENT_LENGTH).is_some_and(|v| v == "0");
                 match ctx.on_request_headers(&mut parts.headers, end) {
                     Ok(Action::Continue) => {}
-                    Ok(Action::LocalResponse(local)) => return Some(self.local(ctx, local)),
+                    Ok(Action::LocalResponse(local)) => return Some(self.local(ctx, local, req.request_id)),
                     Err(e) => return Some(self.failed(ctx, &e, req.request_id)),
                 }
                 if ctx.method() != parts.method {
@@ -265,7 +277,7 @@ mod with_wasm {
                     Err(GatewayError::new(code, message))
                 }
                 Err(e) => {
-                    self.log_failure(&e);
+                    self.log_failure(&e, req.request_id);
                     Err(GatewayError::new(ErrorCode::Internal, format!("the {} policy failed", self.name)))
                 }
             }
@@ -286,7 +298,7 @@ mod with_wasm {
                 let end = bodiless || parts.headers.get(header::CONTENT_LENGTH).is_some_and(|v| v == "0");
                 match ctx.on_response_headers(&mut parts.status, &mut parts.headers, end) {
                     Ok(Action::Continue) => {}
-                    Ok(Action::LocalResponse(local)) => return self.local(ctx, local),
+                    Ok(Action::LocalResponse(local)) => return self.local(ctx, local, cx.request_id),
                     Err(e) => return self.failed(ctx, &e, cx.request_id),
                 }
             }
@@ -302,14 +314,14 @@ mod with_wasm {
                 };
                 match ctx.on_response_body(&mut parts.status, &mut parts.headers, &mut bytes) {
                     Ok(Action::Continue) => {}
-                    Ok(Action::LocalResponse(local)) => return self.local(ctx, local),
+                    Ok(Action::LocalResponse(local)) => return self.local(ctx, local, cx.request_id),
                     Err(e) => return self.failed(ctx, &e, cx.request_id),
                 }
                 parts.headers.remove(header::TRANSFER_ENCODING);
                 parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
                 resp = Response::from_parts(parts, Body::full(bytes));
             }
-            self.log(&mut ctx);
+            self.log(&mut ctx, cx.request_id);
             resp
         }
     }
@@ -328,32 +340,39 @@ mod with_wasm {
         }
 
         /// `proxy_on_log`; a failure there is logged, the answer stands.
-        fn log(&self, ctx: &mut HttpContext) {
+        fn log(&self, ctx: &mut HttpContext, request_id: &HeaderValue) {
             if self.plugin.phases().log {
                 if let Err(e) = ctx.on_log() {
-                    self.log_failure(&e);
+                    self.log_failure(&e, request_id);
                 }
             }
         }
 
-        fn log_failure(&self, e: &WasmError) {
+        fn log_failure(&self, e: &WasmError, request_id: &HeaderValue) {
             let callback = match e {
                 WasmError::OutOfFuel { callback, .. } | WasmError::Trap { callback, .. } => callback.export(),
                 _ => "start-up",
             };
-            tracing::error!(target: "manifold::wasm", policy = &*self.name, callback, error = %e, "wasm policy failed");
+            tracing::error!(
+                target: "manifold::wasm",
+                request_id = request_id.to_str().unwrap_or(""),
+                policy = &*self.name,
+                callback,
+                error = %e,
+                "wasm policy failed"
+            );
         }
 
         /// A trap or the fuel running out: 500, the gateway's fault.
         fn failed(&self, ctx: HttpContext, e: &WasmError, request_id: &HeaderValue) -> Response<Body> {
-            self.log_failure(e);
+            self.log_failure(e, request_id);
             drop(ctx);
             GatewayError::new(ErrorCode::Internal, format!("the {} policy failed", self.name)).into_response(request_id.to_str().unwrap_or(""))
         }
 
         /// The module's own answer.
-        fn local(&self, mut ctx: HttpContext, local: LocalResponse) -> Response<Body> {
-            self.log(&mut ctx);
+        fn local(&self, mut ctx: HttpContext, local: LocalResponse, request_id: &HeaderValue) -> Response<Body> {
+            self.log(&mut ctx, request_id);
             let LocalResponse { status, headers, body, .. } = local;
             let mut resp = Response::new(Body::full(body.clone()));
             *resp.status_mut() = if status.as_u16() < 200 { StatusCode::INTERNAL_SERVER_ERROR } else { status };
