@@ -317,11 +317,12 @@ fn run_case(addr: SocketAddr, case: &Case, a: &Backend, b: &Backend) -> Result<(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn raw_http_cases() {
-    let (a, b) = (backend().run().await, backend().run().await);
+    let (a, b, c) = (backend().run().await, backend().run().await, backend().run().await);
     let g = gateway(&format!(
-        "routes:\n  - {{ name: root, path: /, upstream: \"{a}\" }}\n  - {{ name: a, path: \"/{{*rest}}\", upstream: \"{a}\" }}\n  - {{ name: b, hosts: [b.test], path: \"/{{*rest}}\", upstream: \"{b}\" }}\n",
+        "routes:\n  - {{ name: root, path: /, upstream: \"{a}\" }}\n  - {{ name: a, path: \"/{{*rest}}\", upstream: \"{a}\" }}\n  - {{ name: b, hosts: [b.test], path: \"/{{*rest}}\", upstream: \"{b}\" }}\n  - {{ name: late, hosts: [late.test], path: \"/{{*rest}}\", upstream: \"{c}\" }}\n",
         a = a.url(),
-        b = b.url()
+        b = b.url(),
+        c = c.url()
     ));
     let addr = g.proxy_addr;
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/raw");
