@@ -13,7 +13,7 @@ use ipnet::IpNet;
 
 use crate::config::units::Dur;
 use crate::config::validate::parse_cidr;
-use crate::config::{load_paths, Config};
+use crate::config::{load_paths, Config, Validated};
 use crate::gateway::{DatabaseOptions, Gateway, GatewayOptions};
 use crate::server::ServerOptions;
 
@@ -341,20 +341,27 @@ fn validate(mut paths: Vec<PathBuf>) -> ExitCode {
     }
 }
 
-/// The DB-less config, checked as this node will compile it (`redis`: the
-/// node's Redis, for `scope: cluster`), so every error names its file.
-fn load_config(dir: &PathBuf, redis: Option<crate::gateway::RedisOptions>) -> anyhow::Result<Config> {
+/// The DB-less config, validated (with its policies compiled once: the
+/// gateway's snapshot binds them). What only the node can check (routing
+/// conflicts, `scope: cluster` without Redis) is checked as it starts, and
+/// its errors named with their files by [`invalid_config`].
+fn load_config(dir: &PathBuf) -> anyhow::Result<Validated> {
     if !dir.is_dir() {
         bail!("config directory {} does not exist (set --config-dir or MANIFOLD_CONFIG_DIR)", dir.display());
     }
-    let paths = std::slice::from_ref(dir);
-    let invalid = |errors| anyhow::anyhow!("the config in {} is invalid:\n{errors}", dir.display());
-    let config = load_paths(paths).map_err(invalid)?;
-    if let Err(mut errors) = crate::snapshot::compile(config.clone(), 1, &crate::policy::Services::new(redis)) {
-        crate::config::name_files(paths, &mut errors);
-        return Err(invalid(errors));
+    load_paths(std::slice::from_ref(dir)).map_err(|errors| anyhow::anyhow!("the config in {} is invalid:\n{errors}", dir.display()))
+}
+
+/// A start that failed on the config's errors says so, each error with its
+/// file (`dir`: the DB-less config directory).
+fn invalid_config(mut e: anyhow::Error, dir: Option<&PathBuf>) -> anyhow::Error {
+    match (e.downcast_mut::<crate::config::ConfigErrors>(), dir) {
+        (Some(errors), Some(dir)) => {
+            crate::config::name_files(std::slice::from_ref(dir), errors);
+            anyhow::anyhow!("the config in {} is invalid:\n{errors}", dir.display())
+        }
+        _ => e,
     }
-    Ok(config)
 }
 
 fn export(admin: Option<String>, token: Option<String>, database_url: Option<String>, include_secrets: bool) -> anyhow::Result<()> {
@@ -420,7 +427,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let database = args.database_url.clone().map(|url| DatabaseOptions { url, snapshot_path: args.snapshot_path.clone() });
     let redis = args.redis_url.filter(|u| !u.is_empty()).map(|url| crate::gateway::RedisOptions { url, prefix: args.redis_prefix });
     // Database mode takes its config from the database; DB-less from files.
-    let config = if database.is_some() { Config::default() } else { load_config(&args.config_dir, redis.clone())? };
+    let config: Validated = if database.is_some() { Config::default().into() } else { load_config(&args.config_dir)? };
+    let config_dir = database.is_none().then_some(&args.config_dir);
     let mut server = ServerOptions { proxy_listen: args.proxy_listen, drain_timeout: args.drain_timeout.0, ..ServerOptions::default() };
     if let Some(w) = args.workers {
         server.workers = w.max(1);
@@ -461,7 +469,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         call_cache_max_bytes: args.call_cache_max_bytes.0,
         ..GatewayOptions::default()
     };
-    let gateway = Gateway::start(opts, config)?;
+    let gateway = Gateway::start(opts, config).map_err(|e| invalid_config(e, config_dir))?;
     // Read and let go: a snapshot held here would keep the first config's
     // plans (and its targets' health checkers) alive after every change.
     let (routes, compositions, version) = {

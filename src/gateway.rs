@@ -133,7 +133,8 @@ async fn initial_config(db: &DatabaseOptions) -> anyhow::Result<(Store, Config, 
 }
 
 impl Gateway {
-    pub fn start(opts: GatewayOptions, config: Config) -> anyhow::Result<Gateway> {
+    pub fn start(opts: GatewayOptions, config: impl Into<crate::config::Validated>) -> anyhow::Result<Gateway> {
+        let config = config.into();
         if !opts.admin_listen.ip().is_loopback() && opts.admin_token.as_deref().unwrap_or("").is_empty() {
             bail!(
                 "refusing to serve the admin API on {} without a token: set MANIFOLD_ADMIN_TOKEN, or listen on a loopback address",
@@ -154,14 +155,16 @@ impl Gateway {
         let (store, config, version, instance, reachable) = match &opts.database {
             Some(db) => {
                 let (store, config, version, instance, reachable) = block_on(&control, initial_config(db))?;
-                (Some(store.with_services(services.clone())), config, version, instance, reachable)
+                (Some(store.with_services(services.clone())), config.into(), version, instance, reachable)
             }
             None => (None, config, 1, None, false),
         };
         let connector = Arc::new(crate::upstream::Connector::new(&opts.upstream_tls)?);
+        // The config's errors stay `ConfigErrors`, for the caller to name
+        // their files.
         let shared =
             Shared::new(config, version, store.clone(), opts.trusted_proxies.clone(), opts.limits.clone(), services.clone(), connector)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                .map_err(anyhow::Error::new)?;
         if let Some(d) = &opts.server.default_certificate {
             let served = crate::certs::Served::new("--tls-cert", &d.cert_pem, &d.key_pem).map_err(|(field, e)| match field {
                 crate::certs::CertField::Cert => anyhow::anyhow!("the default certificate (--tls-cert): {e}"),

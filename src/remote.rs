@@ -106,7 +106,10 @@ pub async fn sync(path: &PathBuf, admins: &[String], token: Option<&str>, dry_ru
     }
     // Sent as written (secrets not yet hashed): each gateway hashes, and
     // keeps the hashes of passwords it already holds.
-    let raw: Config = crate::config::load::parse_paths(std::slice::from_ref(path)).0.config;
+    let mut raw: Config = crate::config::load::parse_paths(std::slice::from_ref(path)).0.config;
+    // With each module file's digest: a module rebuilt under the same path
+    // is a change, and a gateway whose file differs says so.
+    crate::policy::filters::wasm::stamp_module_digests(&mut raw);
     let body = serde_json::to_vec(&raw)?;
     let http = client()?;
     let mut ok = true;

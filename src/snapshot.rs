@@ -12,7 +12,7 @@ use http::Method;
 use crate::compose::CompositionPlan;
 use crate::config::model::Balance;
 use crate::config::pattern::{parse_rewrite, PathPattern, RewritePart, Segment};
-use crate::config::{Config, ConfigError, ConfigErrors};
+use crate::config::{Config, ConfigError, ConfigErrors, Validated};
 use crate::policy::{PolicyChain, Services};
 use crate::upstream::health::{HealthPolicy, Registry as HealthRegistry};
 use crate::upstream::{Balancer, Connector, UpstreamPlan, UpstreamTlsOptions};
@@ -282,12 +282,18 @@ pub fn compile_upstreams(config: &Config, errors: &mut Vec<ConfigError>, registr
 }
 
 /// Compiles a validated config. Errors here are ones only the router can
-/// see (two patterns matchit cannot tell apart).
-pub fn compile(config: Config, version: u64, services: &Arc<Services>) -> Result<Snapshot, ConfigErrors> {
-    // The policies: the same compile pass validation ran (so it cannot
-    // fail here for a validated config), then bound to this node.
+/// see (two patterns matchit cannot tell apart) and what this node lacks
+/// for it (`scope: cluster` without Redis).
+pub fn compile(config: impl Into<Validated>, version: u64, services: &Arc<Services>) -> Result<Snapshot, ConfigErrors> {
+    let Validated { config, plan } = config.into();
+    // The policies: as validation compiled them, or (a config read back
+    // from the database) by the same compile pass, which cannot fail for a
+    // config that validated; then bound to this node, with the consumers'
+    // credentials as they are now (hashed).
     let mut errors = Vec::new();
-    let bound = match crate::policy::compile::compile(&config, &Default::default()).and_then(|plan| plan.bind(services)) {
+    let plan = plan.map_or_else(|| crate::policy::compile::compile(&config, &Default::default()), Ok);
+    let identities = Arc::new(crate::policy::identity::Identities::build(&config));
+    let bound = match plan.and_then(|plan| plan.bind(services, &identities)) {
         Ok(bound) => bound,
         Err(errs) => {
             errors.extend(errs);

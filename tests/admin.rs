@@ -180,7 +180,7 @@ async fn the_admin_token_guards_the_api() {
 
     // A non-loopback admin listener without a token is refused.
     let opts = GatewayOptions { admin_listen: "0.0.0.0:0".parse().unwrap(), ..GatewayOptions::default() };
-    let err = Gateway::start(opts, Default::default()).err().expect("refused").to_string();
+    let err = Gateway::start(opts, manifold::config::Config::default()).err().expect("refused").to_string();
     assert!(err.contains("without a token"), "{err}");
 }
 

@@ -188,6 +188,38 @@ async fn post_config_replaces_everything_in_one_transaction() {
     drop_db(&url).await;
 }
 
+/// `POST /config` validates before the store's write lock and hands the
+/// store the validated config with the version it was validated against;
+/// the store writes it as validated only when it comes from validation and
+/// that version is still the stored one, and validates it again otherwise.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_whole_config_is_written_as_validated_only_by_validation_at_the_stored_version() {
+    use manifold::config::load::config_from_text;
+    use manifold::config::Format;
+    use manifold::store::{Change, Store, StoreError};
+    let url = fresh_db(true).await;
+    let store = Store::connect(&url).await.unwrap();
+    let (_, version) = store.load().await.unwrap();
+
+    // Never validated (wrapped `From` a config): validated by the store,
+    // and refused, although its version is the stored one.
+    let bad: Config = serde_json::from_value(json!({"routes": [{"name": "r", "path": "nope", "upstream": "http://127.0.0.1:9"}]})).unwrap();
+    let err = store.write("test", Change::ReplaceAll { validated: Box::new(bad.into()), against: version }).await.unwrap_err();
+    assert!(matches!(&err, StoreError::Invalid(e) if e.to_string().contains("routes.r.path")), "{err}");
+
+    // Validated at a version that is no longer the stored one: validated
+    // again (with the stored config's secrets), and written.
+    let good = "routes:\n  - { name: r, path: /r, upstream: \"http://127.0.0.1:9\" }\n";
+    let stale = config_from_text(good, Format::Yaml).unwrap();
+    let other = config_from_text("routes:\n  - { name: o, path: /o, upstream: \"http://127.0.0.1:9\" }\n", Format::Yaml).unwrap();
+    store.write("test", Change::ReplaceAll { validated: Box::new(other), against: version }).await.unwrap();
+    let out = store.write("test", Change::ReplaceAll { validated: Box::new(stale), against: version }).await.unwrap();
+    let (config, now) = store.load().await.unwrap();
+    assert_eq!(now, out.config_version);
+    assert_eq!(config.routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["r"]);
+    drop_db(&url).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_started_while_the_database_is_down_serves_its_saved_snapshot() {
     let b = backend().run().await;

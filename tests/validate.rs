@@ -74,7 +74,7 @@ fn secrets_in_files_are_hashed_on_load() {
     )
     .unwrap();
     let config = load_paths(&[file]).unwrap();
-    let shown = serde_json::to_string(&config).unwrap();
+    let shown = serde_json::to_string(&config.config).unwrap();
     assert!(!shown.contains("\"hello\"") && !shown.contains("\"pw\""), "{shown}");
     // SHA-256("hello")
     assert!(shown.contains("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"), "{shown}");

@@ -55,6 +55,30 @@ const PRELUDE: &str = r#"
   (func (export "proxy_abi_version_0_2_1"))
 "#;
 
+/// One compiled plugin, four threads at once (more than wasmi's default
+/// stack pool): each thread starts its own instance of the one module and
+/// every request gets its own answer.
+#[test]
+fn threads_share_the_compiled_module_and_each_runs_its_own_instance() {
+    let plugin = plugin("headers");
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let plugin = &plugin;
+            scope.spawn(move || {
+                for i in 0..200 {
+                    let path = format!("/t{t}/{i}");
+                    let mut ctx = plugin.http_context(info(Method::GET, &path));
+                    let mut req = headers(&[("x-remove-me", "1")]);
+                    assert_eq!(ctx.on_request_headers(&mut req, true), Ok(Action::Continue));
+                    assert_eq!(get(&req, "x-path"), Some(path.as_str()));
+                    assert_eq!(get(&req, "x-remove-me"), None);
+                }
+            });
+        }
+    });
+    assert_eq!(plugin.instances_started(), 4, "one instance per thread");
+}
+
 #[test]
 fn a_filter_adds_and_removes_headers_and_reads_pseudo_headers() {
     let plugin = compile("headers", b"", Limits::default()).unwrap();

@@ -167,6 +167,112 @@ mod with_wasm {
         let _ = p.child.wait();
     }
 
+    /// How many log lines of the gateway's contain `text`.
+    fn count(p: &GatewayProcess, text: &str) -> usize {
+        p.log.lock().unwrap().iter().filter(|l| l.contains(text)).count()
+    }
+
+    /// Until `n` requests have been logged by headers.wat.
+    async fn logged_requests(p: &GatewayProcess, n: usize) {
+        common::within(10, "the requests logged", async {
+            while count(p, "request headers seen") < n {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_module_is_compiled_once_per_config_and_instantiated_once_per_worker() {
+        let b = backend().run().await;
+        let dir = config_dir(&config(&b.url(), "module: plugins/headers.wasm"));
+        // headers.wat logs "instance configured" from proxy_on_configure:
+        // once for the trial start when the config compiles, then once per
+        // worker that serves a request. Validation, the start-up checks and
+        // the snapshot share that one compile.
+        let mut p = GatewayProcess::start(dir.path(), &["--workers", "1"]);
+        for _ in 0..5 {
+            let (s, _, echo) = send("GET", &format!("http://{}/r/z", p.proxy), None, &[]).await;
+            assert_eq!(s, 200, "{echo}");
+        }
+        logged_requests(&p, 5).await;
+        assert_eq!(count(&p, "instance configured"), 2, "one trial start, one worker's instance: {:?}", p.log.lock().unwrap());
+
+        // A config posted to the admin API: compiled once more (its trial),
+        // and the worker starts the new config's instance on first use.
+        let admin = format!("http://{}", p.admin);
+        let yaml = std::fs::read_to_string(dir.path().join("gateway.yaml")).unwrap().replace("/r/{*rest}", "/s/{*rest}");
+        let yaml = yaml.replace("plugins/headers.wasm", &dir.path().join("plugins/headers.wasm").display().to_string());
+        let resp = client().post(format!("{admin}/config")).header("content-type", "application/yaml").body(yaml).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        let (s, _, echo) = send("GET", &format!("http://{}/s/z", p.proxy), None, &[]).await;
+        assert_eq!(s, 200, "{echo}");
+        logged_requests(&p, 6).await;
+        assert_eq!(count(&p, "instance configured"), 4, "{:?}", p.log.lock().unwrap());
+        p.child.kill().unwrap();
+        let _ = p.child.wait();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_module_rebuilt_under_the_same_path_is_a_change_and_its_digest_is_checked() {
+        let b = backend().run().await;
+        let dir = config_dir("");
+        let wasm = dir.path().join("plugins/headers.wasm");
+        // Posted with an absolute path: the admin API has no file to be
+        // relative to.
+        let yaml = config(&b.url(), &format!("module: {}", wasm.display()));
+        let g = gateway(&yaml);
+        let admin = format!("http://{}", g.admin_addr);
+        let digest = |bytes: &[u8]| {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(bytes))
+        };
+        // The running config names the module's digest.
+        let policy: Value = client().get(format!("{admin}/policies/plugin")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(policy["config"]["module_sha256"], json!(digest(&module("headers"))), "{policy}");
+
+        let post = |body: String, dry: bool| {
+            let url = format!("{admin}/config{}", if dry { "?dry_run=true" } else { "" });
+            async move {
+                let resp = client().post(url).header("content-type", "application/yaml").body(body).send().await.unwrap();
+                (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+            }
+        };
+        // The same text, the same file: nothing to change.
+        let (s, plan) = post(yaml.clone(), true).await;
+        assert_eq!(s, 200, "{plan}");
+        assert_eq!(plan["changes"]["updated"], json!([]), "{plan}");
+
+        // The module rebuilt in place (deny.wat refuses every request with
+        // 403): the same text is now a change to the policy.
+        std::fs::write(&wasm, module("deny")).unwrap();
+        let (s, plan) = post(yaml.clone(), true).await;
+        assert_eq!(s, 200, "{plan}");
+        let updated = &plan["changes"]["updated"];
+        assert_eq!((&updated[0]["kind"], &updated[0]["name"]), (&json!("policies"), &json!("plugin")), "{plan}");
+        assert_eq!(updated[0]["fields"][0]["path"], "config.module_sha256", "{plan}");
+        assert_eq!(updated[0]["fields"][0]["after"], json!(digest(&module("deny"))), "{plan}");
+        let (s, body) = post(yaml.clone(), false).await;
+        assert_eq!(s, 200, "{body}");
+        let (s, _, _) = send("GET", &format!("http://{}/r/a", g.proxy_addr), None, &[]).await;
+        assert_eq!(s, 403, "the rebuilt module runs");
+
+        // A config naming other bytes than the file holds is refused, with
+        // both digests, and the running config stays.
+        let stale = config(&b.url(), &format!("module: {}, module_sha256: {}", wasm.display(), digest(&module("headers"))));
+        let (s, body) = post(stale, false).await;
+        assert_eq!(s, 400, "{body}");
+        let text = body.to_string();
+        assert!(text.contains("policies.plugin.config.module_sha256"), "{text}");
+        assert!(text.contains(&digest(&module("deny"))), "{text}");
+        let (s, _, _) = send("GET", &format!("http://{}/r/a", g.proxy_addr), None, &[]).await;
+        assert_eq!(s, 403);
+        let (s, body) = post(config(&b.url(), &format!("module: {}, module_sha256: xyz", wasm.display())), true).await;
+        assert_eq!(s, 400, "{body}");
+        assert!(body.to_string().contains("not a SHA-256 digest"), "{body}");
+        g.shutdown();
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_failure_is_logged_with_the_policy_and_the_callback() {
         let b = backend().run().await;

@@ -259,18 +259,11 @@ pub async fn audit(State(state): State<AdminState>, Query(page): Query<Page>) ->
     }
 }
 
-/// `POST /config` in database mode: one transaction for the whole config.
-pub async fn replace_all(state: &AdminState, headers: &HeaderMap, config: crate::config::Config, dry_run: bool) -> Response {
+/// `POST /config` in database mode: the whole config, validated against
+/// the stored config at version `against`, written through the store.
+pub async fn replace_all(state: &AdminState, headers: &HeaderMap, config: crate::config::Validated, against: u64) -> Response {
     let Some(store) = store_of(state) else { return read_only() };
-    if dry_run {
-        return match store.load().await {
-            Ok((current, _)) => {
-                Json(json!({ "dry_run": true, "changes": crate::diff::ConfigDiff::between(&current, &config) })).into_response()
-            }
-            Err(e) => store_error(e, None, None),
-        };
-    }
-    match store.write(&actor(headers), Change::ReplaceAll { config: Box::new(config) }).await {
+    match store.write(&actor(headers), Change::ReplaceAll { validated: Box::new(config), against }).await {
         Ok(outcome) => {
             catch_up(state).await;
             Json(json!({ "version": outcome.config_version, "changes": outcome.diff })).into_response()

@@ -238,15 +238,17 @@ async fn post_config(State(state): State<AdminState>, Query(q): Query<ConfigQuer
     let format = Format::from_content_type(headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()));
     // Passwords the running config already holds keep their hashes, so an
     // unchanged config posted again changes nothing.
-    let previous = match &state.shared.store {
+    let (previous, against) = match &state.shared.store {
         Some(store) => match store.load().await {
-            Ok((config, _)) => config,
+            Ok(loaded) => loaded,
             Err(e) => return entities::store_error(e, None, None),
         },
-        None => (*state.shared.snapshot.load().config).clone(),
+        None => ((*state.shared.snapshot.load().config).clone(), 0),
     };
-    // Validation hashes passwords (argon2): CPU work, off the runtime.
+    // Validation hashes passwords (argon2): CPU work, off the runtime, and
+    // in database mode outside the store's write lock.
     let text = text.to_string();
+    let current = q.dry_run.then(|| previous.clone());
     let parsed = tokio::task::spawn_blocking(move || config_from_text_against(&text, format, Some(&previous))).await;
     let config = match parsed {
         Ok(Ok(c)) => c,
@@ -255,22 +257,20 @@ async fn post_config(State(state): State<AdminState>, Query(q): Query<ConfigQuer
     };
     // A dry run answers what the real write would: the upstreams' TLS
     // files are read when a config compiles, so compile those here too.
-    if q.dry_run {
+    if let Some(current) = current {
         let mut errors = Vec::new();
         crate::snapshot::compile_upstreams(&config, &mut errors, None);
         if !errors.is_empty() {
             return invalid(&ConfigErrors(errors));
         }
+        return Json(json!({ "dry_run": true, "changes": ConfigDiff::between(&current, &config) })).into_response();
     }
     if state.shared.store.is_some() {
-        return entities::replace_all(&state, &headers, config, q.dry_run).await;
+        return entities::replace_all(&state, &headers, config, against).await;
     }
     let shared = &state.shared;
     let _guard = shared.reload_lock.lock().await;
     let diff = ConfigDiff::between(&shared.snapshot.load().config, &config);
-    if q.dry_run {
-        return Json(json!({ "dry_run": true, "changes": diff })).into_response();
-    }
     match shared.replace_config(config) {
         Ok(version) => {
             tracing::info!(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::{validate, Config, ConfigError, ConfigErrors};
+use super::{validate, Config, ConfigError, ConfigErrors, Validated};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -126,22 +126,25 @@ impl LoadedConfig {
     }
 
     /// Validates the whole config, then replaces plain secrets by digests.
-    pub fn validated(self) -> Result<Config, ConfigErrors> {
+    pub fn validated(self) -> Result<Validated, ConfigErrors> {
         self.validated_against(None)
     }
 
     /// Like [`LoadedConfig::validated`]; passwords `previous` already holds
     /// keep their hashes.
-    pub fn validated_against(mut self, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
+    pub fn validated_against(mut self, previous: Option<&Config>) -> Result<Validated, ConfigErrors> {
         // A redacted secret sent back keeps the stored one (secrets.rs).
         super::secrets::restore(&mut self.config, previous);
-        let errors = validate::validate(&self.config, &self.origins);
+        crate::policy::filters::wasm::stamp_module_digests(&mut self.config);
+        let (errors, plan) = validate::validate_compiling(&self.config, &self.origins);
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
+        // The policies do not depend on the secrets: consumers' credentials
+        // reach them when the snapshot binds them (`policy::compile`).
         validate::hash_secrets(&mut self.config, previous);
         validate::log_warnings(&self.config);
-        Ok(self.config)
+        Ok(Validated { config: self.config, plan })
     }
 }
 
@@ -402,12 +405,12 @@ pub fn parse_document(file: Option<Arc<str>>, text: &str, format: Format) -> (Lo
 }
 
 /// Parses a request body (the admin API's `POST /config`) and validates it.
-pub fn config_from_text(text: &str, format: Format) -> Result<Config, ConfigErrors> {
+pub fn config_from_text(text: &str, format: Format) -> Result<Validated, ConfigErrors> {
     config_from_text_against(text, format, None)
 }
 
 /// Like [`config_from_text`]; passwords `previous` holds keep their hashes.
-pub fn config_from_text_against(text: &str, format: Format, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
+pub fn config_from_text_against(text: &str, format: Format, previous: Option<&Config>) -> Result<Validated, ConfigErrors> {
     let (loaded, errors) = parse_document(None, text, format);
     finish(loaded, errors, previous)
 }
@@ -415,7 +418,7 @@ pub fn config_from_text_against(text: &str, format: Format, previous: Option<&Co
 /// Validates `loaded` and returns its errors after the parse `errors`, all
 /// of them; the config when there are none. What files, `POST /config` and
 /// (with [`parse_entity`]) one entity's write share.
-pub fn finish(mut loaded: LoadedConfig, mut errors: Vec<ConfigError>, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
+pub fn finish(mut loaded: LoadedConfig, mut errors: Vec<ConfigError>, previous: Option<&Config>) -> Result<Validated, ConfigErrors> {
     // Semantic checks still run when some entities failed to parse, so the
     // user sees every problem at once; but no secrets are hashed (argon2)
     // for a config that is refused anyway.
@@ -483,7 +486,7 @@ pub fn parse_paths(paths: &[PathBuf]) -> (LoadedConfig, Vec<ConfigError>) {
 
 /// Loads, merges and validates the config files named by `paths` (files or
 /// directories).
-pub fn load_paths(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
+pub fn load_paths(paths: &[PathBuf]) -> Result<Validated, ConfigErrors> {
     let (loaded, errors) = parse_paths(paths);
     finish(loaded, errors, None)
 }

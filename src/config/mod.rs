@@ -18,6 +18,38 @@ pub use load::{load_paths, name_files, parse_document, Format, LoadedConfig};
 pub use model::*;
 pub use schema::config_schema;
 
+/// A config that passed validation, and its policies as validation
+/// compiled them: the snapshot binds those instead of compiling them again
+/// (issue: "parsed once"). A config that did not pass validation on this
+/// node (read back from the database, a saved snapshot, a test's literal)
+/// comes `From` a [`Config`], and the snapshot compiles its policies.
+#[derive(Debug)]
+pub struct Validated {
+    pub config: Config,
+    /// Set by validation only ([`LoadedConfig::validated`]): `None` says
+    /// the config was not validated here.
+    pub(crate) plan: Option<crate::policy::compile::PolicyPlan>,
+}
+
+impl Validated {
+    pub fn into_config(self) -> Config {
+        self.config
+    }
+}
+
+impl From<Config> for Validated {
+    fn from(config: Config) -> Validated {
+        Validated { config, plan: None }
+    }
+}
+
+impl std::ops::Deref for Validated {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.config
+    }
+}
+
 /// One problem with a config: where it is and what is wrong.
 /// Printed as `file: path.to.field: message`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -853,6 +853,12 @@ pub struct WasmConfig {
     /// The module itself, base64.
     #[serde(default)]
     pub module_base64: Option<String>,
+    /// The SHA-256 (hex) of the module: filled in from the file when a
+    /// config with a `module` path is loaded, and checked whenever it is
+    /// compiled, so a rebuilt module is a change the config diff shows and
+    /// a node never runs other bytes than the config names.
+    #[serde(default)]
+    pub module_sha256: Option<String>,
     /// The plugin configuration the module reads in `proxy_on_configure`:
     /// a string is passed as its bytes, any other value as JSON.
     #[serde(default)]

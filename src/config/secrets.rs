@@ -155,6 +155,7 @@ routes:
             crate::config::Format::Yaml,
         )
         .unwrap()
+        .into_config()
     }
 
     #[test]

@@ -14,6 +14,7 @@ use super::pattern::{is_identifier, parse_rewrite, PathPattern};
 use super::refs::{jsonpath_root, template_refs};
 use super::units::Dur;
 use super::ConfigError;
+use crate::policy::compile::PolicyPlan;
 
 /// Reserved call names: `request` is the client request, `item` the current
 /// value of a `for_each`.
@@ -161,6 +162,12 @@ const PATH_NOT_TEMPLATE: &str = "templates are not rendered in a path: {name} ma
 type Claim = (Option<Vec<String>>, String);
 
 pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
+    validate_compiling(config, origins).0
+}
+
+/// [`validate`], and the policies compiled by it when the config has no
+/// error at all: validation and the policy compile are one pass.
+pub fn validate_compiling(config: &Config, origins: &Origins) -> (Vec<ConfigError>, Option<PolicyPlan>) {
     let mut errs = Errors { list: Vec::new(), file: None, origins };
     let file_of = |v: &Vec<Option<Arc<str>>>, i: usize| v.get(i).cloned().flatten();
 
@@ -418,7 +425,7 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
 
     // A policy's config is checked by compiling it: the same pass the
     // snapshot runs, so what validates compiles.
-    let (_, mut policy_errors) = crate::policy::compile::compile_each(config, origins);
+    let (planned, mut policy_errors) = crate::policy::compile::compile_each(config, origins);
     for (i, policy) in config.policies.iter().enumerate() {
         errs.at(&file_of(&origins.policies, i));
         let base = format!("policies.{}", policy.name);
@@ -473,7 +480,8 @@ pub fn validate(config: &Config, origins: &Origins) -> Vec<ConfigError> {
             }
         }
     }
-    errs.list
+    let plan = if errs.list.is_empty() { PolicyPlan::complete(planned) } else { None };
+    (errs.list, plan)
 }
 
 /// `websocket` and its idle timeout: a tunnel is HTTP/1.1 to the backend

@@ -30,6 +30,13 @@ pub struct PolicyPlan {
     pub policies: Vec<Planned>,
 }
 
+impl PolicyPlan {
+    /// The plan when every policy compiled.
+    pub fn complete(planned: Vec<Option<Planned>>) -> Option<PolicyPlan> {
+        planned.into_iter().collect::<Option<Vec<_>>>().map(|policies| PolicyPlan { policies })
+    }
+}
+
 /// A config's policies bound to the node: what chains are built from.
 #[derive(Debug, Default)]
 pub struct BoundPolicies(Vec<BoundPolicy>);
@@ -55,7 +62,7 @@ impl BoundPolicies {
 pub fn compile(config: &Config, origins: &Origins) -> Result<PolicyPlan, Vec<ConfigError>> {
     let (plan, errors) = compile_each(config, origins);
     if plan.iter().all(Option::is_some) {
-        return Ok(PolicyPlan { policies: plan.into_iter().flatten().collect() });
+        return Ok(PolicyPlan::complete(plan).expect("every policy compiled"));
     }
     let mut errors: Vec<ConfigError> = errors.into_iter().flatten().collect();
     if errors.is_empty() {
@@ -95,12 +102,14 @@ pub fn compile_each(config: &Config, origins: &Origins) -> (Vec<Option<Planned>>
 
 impl PolicyPlan {
     /// Gives each filter what it uses of the node (JWK Sets, Redis, the
-    /// password cache). Errors are what this node lacks for the config.
-    pub fn bind(self, node: &Arc<Services>) -> Result<BoundPolicies, Vec<ConfigError>> {
+    /// password cache) and the consumers' credentials (`identities`, built
+    /// from the config as it is kept: secrets hashed, which validation
+    /// does only after compiling). Errors are what this node lacks.
+    pub fn bind(self, node: &Arc<Services>, identities: &Arc<Identities>) -> Result<BoundPolicies, Vec<ConfigError>> {
         let mut errors = Vec::new();
         let mut out = Vec::with_capacity(self.policies.len());
         for mut p in self.policies {
-            let mut cx = Bind { name: &p.name, base: format!("policies.{}.config", p.name), errors: Vec::new() };
+            let mut cx = Bind { name: &p.name, base: format!("policies.{}.config", p.name), identities, errors: Vec::new() };
             p.filter.bind(node, &mut cx);
             errors.append(&mut cx.errors);
             out.push(BoundPolicy { name: p.name, global: p.global, filter: Arc::new(p.filter) });
@@ -149,7 +158,7 @@ mod tests {
         // A cluster limit on a node without Redis is the binding's error.
         let cluster = loaded("policies:\n  - { name: limit, type: rate-limit, config: { limit: 5, window: 1m, scope: cluster } }\n");
         let plan = compile(&cluster.config, &cluster.origins).unwrap();
-        let errors = plan.bind(&Services::new(None)).unwrap_err();
+        let errors = plan.bind(&Services::new(None), &Default::default()).unwrap_err();
         assert_eq!(errors[0].path, "policies.limit.config.scope");
     }
 }

@@ -228,7 +228,8 @@ impl<'a> Compile<'a> {
         }
     }
 
-    /// The `anonymous` consumer of an authentication policy.
+    /// The `anonymous` consumer of an authentication policy (its name and
+    /// groups: no credential is needed).
     pub fn anonymous(&mut self, anonymous: &Option<String>) -> Option<Arc<ConsumerInfo>> {
         let name = anonymous.as_ref()?;
         if !self.consumers.contains(name.as_str()) {
@@ -236,21 +237,22 @@ impl<'a> Compile<'a> {
         }
         self.ids.by_name.get(name).cloned()
     }
-
-    /// Who holds which credential, for filters that resolve consumers.
-    pub fn identities(&self) -> &Arc<Identities> {
-        self.ids
-    }
 }
 
 /// One policy's binding to the node: errors about what the node lacks.
 pub struct Bind<'a> {
     pub name: &'a str,
     pub(super) base: String,
+    pub(super) identities: &'a Arc<Identities>,
     pub(super) errors: Vec<ConfigError>,
 }
 
 impl Bind<'_> {
+    /// Who holds which credential, for filters that resolve consumers.
+    pub fn identities(&self) -> &Arc<Identities> {
+        self.identities
+    }
+
     pub fn error(&mut self, field: &str, message: impl Into<String>) {
         let path = if field.is_empty() { self.base.clone() } else { format!("{}.{field}", self.base) };
         self.errors.push(ConfigError { file: None, path, message: message.into() });

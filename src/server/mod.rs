@@ -55,7 +55,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(
-        config: Config,
+        config: impl Into<crate::config::Validated>,
         version: u64,
         store: Option<crate::store::Store>,
         trusted_proxies: Vec<IpNet>,
@@ -91,7 +91,7 @@ impl Shared {
 
     /// Compiles `config` and swaps it in whole. In-flight requests finish on
     /// the snapshot they started with.
-    pub fn replace_config(&self, config: Config) -> Result<u64, ConfigErrors> {
+    pub fn replace_config(&self, config: impl Into<crate::config::Validated>) -> Result<u64, ConfigErrors> {
         let version = self.snapshot.load().version + 1;
         self.install(snapshot::compile(config, version, &self.services)?);
         Ok(version)

@@ -149,9 +149,13 @@ pub enum Change {
         consumer: String,
         credential: Value,
     },
-    /// Replace the whole config (`POST /config`); already validated.
+    /// Replace the whole config (`POST /config`), validated by the caller
+    /// against the stored config at version `against` (its secrets hashed
+    /// there, outside the write's lock). Still that version: written as
+    /// validated; another: validated again here, like every change.
     ReplaceAll {
-        config: Box<Config>,
+        validated: Box<crate::config::Validated>,
+        against: u64,
     },
 }
 
@@ -460,13 +464,24 @@ impl Store {
         sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '30s'").execute(&mut *tx).await?;
         // Serializes writers: each sees the config the previous one left.
         sqlx::query("SELECT version FROM config_state WHERE id = 1 FOR UPDATE").execute(&mut *tx).await?;
-        let (current, _) = Self::load_in(&mut tx).await?;
+        let (current, version) = Self::load_in(&mut tx).await?;
         let mut next = current.clone();
         let mut parse = EntityParse::default();
+        // A whole config validated against the config still stored: its
+        // validation (and compiled policies) stand.
+        let mut change = change;
+        let mut validated = None;
+        if let Change::ReplaceAll { validated: v, against } = &mut change {
+            // (`plan` is set only by validation: a config merely wrapped
+            // `From` a `Config` is validated here.)
+            if *against == version && v.plan.is_some() {
+                validated = Some(std::mem::replace(&mut **v, Config::default().into()));
+            }
+        }
 
         let single: Option<(Kind, String)> = match &change {
-            Change::ReplaceAll { config } => {
-                next = (**config).clone();
+            Change::ReplaceAll { validated: v, .. } => {
+                next = validated.as_ref().map_or_else(|| v.config.clone(), |v| v.config.clone());
                 None
             }
             Change::Create { kind, entity } => {
@@ -547,12 +562,20 @@ impl Store {
         let previous = current.clone();
         let services = self.services.clone();
         let next = tokio::task::spawn_blocking(move || {
-            let mut loaded = LoadedConfig::from_config(next);
-            loaded.origins.partial = parse.partial;
-            loaded.origins.unparsed = parse.unparsed;
-            let next = crate::config::load::finish(loaded, parse.errors, Some(&previous))?;
-            crate::snapshot::compile(next.clone(), 0, &services)?;
-            Ok(next)
+            let next = match validated {
+                Some(v) => v,
+                None => {
+                    let mut loaded = LoadedConfig::from_config(next);
+                    loaded.origins.partial = parse.partial;
+                    loaded.origins.unparsed = parse.unparsed;
+                    crate::config::load::finish(loaded, parse.errors, Some(&previous))?
+                }
+            };
+            let config = next.config.clone();
+            // What only a node can check (routing conflicts, what this node
+            // lacks); every node compiles the config as it loads it.
+            crate::snapshot::compile(next, 0, &services)?;
+            Ok(config)
         })
         .await
         .map_err(|e| StoreError::Unavailable(format!("validation did not finish: {e}")))?

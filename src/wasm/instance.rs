@@ -1,7 +1,9 @@
-//! One plugin on one thread: its own engine, module and linker (so no lock
-//! of the interpreter is ever shared between workers), and the instance the
-//! thread's requests run in, started when first needed and dropped after a
-//! trap.
+//! A plugin's module, compiled once per config ([`Compiled`], shared by
+//! every worker), and one thread's instance of it ([`ThreadPlugin`]): the
+//! thread's requests run in it; it is started when first needed and
+//! dropped after a trap. The workers share the engine, whose only locks on
+//! the call path are wasmi's spin locks around its stack pool, taken once
+//! as a call starts and once as it ends.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,10 +19,15 @@ pub(super) const ROOT_ID: i32 = 1;
 /// context knows whether the instance it was created in is still the one.
 static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 
-pub(super) struct ThreadPlugin {
+/// The module as compiled (validated and translated), with the host
+/// functions it links to.
+pub(super) struct Compiled {
     engine: Engine,
     module: Module,
     linker: Linker<HostState>,
+}
+
+pub(super) struct ThreadPlugin {
     pub worker: Option<Worker>,
 }
 
@@ -65,20 +72,29 @@ impl Worker {
 /// fuel, so a request's cost would depend on what ran before it).
 fn engine() -> Engine {
     let mut config = Config::default();
-    config.consume_fuel(true).compilation_mode(CompilationMode::Eager);
+    // The engine is shared by the workers and lends each call a stack from
+    // its pool; the pool keeps at most this many. wasmi's default (2)
+    // would make a third worker allocate a stack per call. The pool holds
+    // only stacks made for calls that ran at once: one per worker.
+    config.consume_fuel(true).compilation_mode(CompilationMode::Eager).set_max_cached_stacks(1024);
     Engine::new(&config)
 }
 
-impl ThreadPlugin {
-    /// Parses and validates the module for this thread.
-    pub fn new(plugin: &WasmPlugin) -> Result<Self, WasmError> {
+impl Compiled {
+    /// Parses, validates and translates the module, once.
+    pub fn new(module: &[u8]) -> Result<Self, WasmError> {
         let engine = engine();
-        let module =
-            Module::new(&engine, &plugin.module[..]).map_err(|e| WasmError::Module(format!("not a valid WebAssembly module: {e}")))?;
+        let module = Module::new(&engine, module).map_err(|e| WasmError::Module(format!("not a valid WebAssembly module: {e}")))?;
         check_exports(&module)?;
         let mut linker = Linker::new(&engine);
         host::define(&mut linker).map_err(|e| WasmError::Module(format!("host functions: {e}")))?;
-        Ok(ThreadPlugin { engine, module, linker, worker: None })
+        Ok(Compiled { engine, module, linker })
+    }
+}
+
+impl ThreadPlugin {
+    pub fn new() -> Self {
+        ThreadPlugin { worker: None }
     }
 
     /// The running instance, started if there is none.
@@ -103,11 +119,12 @@ impl ThreadPlugin {
             .instances(1)
             .build();
         let state = HostState::new(plugin.name.clone(), plugin.config.clone(), limits, ROOT_ID);
-        let mut store = Store::new(&self.engine, state);
+        let compiled = &plugin.compiled;
+        let mut store = Store::new(&compiled.engine, state);
         store.limiter(|s| &mut s.limits);
         let fuel = plugin.limits.fuel;
         set_fuel(&mut store, fuel);
-        let instance = self.linker.instantiate_and_start(&mut store, &self.module).map_err(|e| {
+        let instance = compiled.linker.instantiate_and_start(&mut store, &compiled.module).map_err(|e| {
             if is_out_of_fuel(&e) {
                 WasmError::Configure(format!("its start function ran out of fuel ({fuel})"))
             } else {

@@ -33,7 +33,7 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 
-use instance::{Exports, StreamFn, ThreadPlugin, ROOT_ID};
+use instance::{Compiled, Exports, StreamFn, ThreadPlugin, ROOT_ID};
 
 /// What one plugin may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,12 +172,12 @@ fn placeholder() -> RequestInfo {
     RequestInfo { method: Method::GET, path: String::new(), scheme: "", authority: None }
 }
 
-/// A compiled proxy-wasm plugin: the module's bytes (each worker compiles
-/// its own copy), its configuration and limits. Built once per config.
+/// A compiled proxy-wasm plugin: its module (compiled once, instantiated
+/// once per worker), its configuration and limits. Built once per config.
 pub struct WasmPlugin {
     id: u64,
     name: Arc<str>,
-    module: Arc<[u8]>,
+    compiled: Compiled,
     config: Arc<[u8]>,
     limits: Limits,
     phases: Phases,
@@ -205,13 +205,13 @@ impl WasmPlugin {
         let mut plugin = WasmPlugin {
             id: PLUGIN_IDS.fetch_add(1, Ordering::Relaxed),
             name: name.into(),
-            module: module.into(),
+            compiled: Compiled::new(module)?,
             config: plugin_config.into(),
             limits,
             phases: Phases::default(),
             instances: AtomicU64::new(0),
         };
-        let mut trial = ThreadPlugin::new(&plugin)?;
+        let mut trial = ThreadPlugin::new();
         let exports = trial.worker(&plugin)?.exports;
         plugin.phases = Phases {
             request_headers: exports.request_headers.is_some(),
@@ -256,22 +256,22 @@ struct Entry {
 }
 
 thread_local! {
-    /// This thread's compiled modules and instances, by plugin. A plugin of
+    /// This thread's instances, by plugin. A plugin of
     /// an old config is swept out when another plugin is first used here.
     static PLUGINS: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
 }
 
-fn thread_plugin<'a>(entries: &'a mut Vec<Entry>, plugin: &Arc<WasmPlugin>) -> Result<&'a mut ThreadPlugin, WasmError> {
+fn thread_plugin<'a>(entries: &'a mut Vec<Entry>, plugin: &Arc<WasmPlugin>) -> &'a mut ThreadPlugin {
     let at = match entries.iter().position(|e| e.id == plugin.id) {
         Some(at) => at,
         None => {
             entries.retain(|e| e.plugin.strong_count() > 0);
-            let thread = ThreadPlugin::new(plugin)?;
+            let thread = ThreadPlugin::new();
             entries.push(Entry { id: plugin.id, plugin: Arc::downgrade(plugin), thread });
             entries.len() - 1
         }
     };
-    Ok(&mut entries[at].thread)
+    &mut entries[at].thread
 }
 
 /// What a callback is lent for its call.
@@ -362,7 +362,7 @@ impl HttpContext {
         let plugin = self.plugin.clone();
         let outcome = PLUGINS.with(|cell| {
             let mut entries = cell.borrow_mut();
-            let thread = thread_plugin(&mut entries, &plugin)?;
+            let thread = thread_plugin(&mut entries, &plugin);
             let worker = thread.worker(&plugin)?;
             let Some(run) = pick(&worker.exports, callback) else {
                 return Ok(Action::Continue);

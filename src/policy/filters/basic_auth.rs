@@ -15,6 +15,7 @@ use crate::policy::{Refusal, Services};
 pub struct BasicAuth {
     hide: bool,
     anonymous: Option<Arc<ConsumerInfo>>,
+    /// The consumers' credentials, given when bound (empty before).
     ids: Arc<Identities>,
     /// The node's argon2 permits and verified-password cache.
     node: Option<Arc<Services>>,
@@ -28,14 +29,15 @@ impl Filter for BasicAuth {
         if cx.has_errors() {
             return Err(cx.invalid());
         }
-        Ok(BasicAuth { hide: c.hide_credentials, anonymous, ids: cx.identities().clone(), node: None })
+        Ok(BasicAuth { hide: c.hide_credentials, anonymous, ids: Arc::default(), node: None })
     }
 
     fn phase(&self) -> Phase {
         Phase::Authentication
     }
 
-    fn bind(&mut self, node: &Arc<Services>, _cx: &mut Bind<'_>) {
+    fn bind(&mut self, node: &Arc<Services>, cx: &mut Bind<'_>) {
+        self.ids = cx.identities().clone();
         self.node = Some(node.clone());
     }
 

@@ -15,6 +15,7 @@ pub struct Jwt {
     /// Registered with the node's JWKS store when bound.
     jwks_url: Option<String>,
     anonymous: Option<Arc<ConsumerInfo>>,
+    /// The consumers' credentials, given when bound (empty before).
     ids: Arc<Identities>,
 }
 
@@ -44,14 +45,15 @@ impl Filter for Jwt {
             leeway: c.leeway.0.as_secs(),
             jwks: None,
         };
-        Ok(Jwt { policy, jwks_url: c.jwks_url.clone(), anonymous, ids: cx.identities().clone() })
+        Ok(Jwt { policy, jwks_url: c.jwks_url.clone(), anonymous, ids: Arc::default() })
     }
 
     fn phase(&self) -> Phase {
         Phase::Authentication
     }
 
-    fn bind(&mut self, node: &Arc<Services>, _cx: &mut Bind<'_>) {
+    fn bind(&mut self, node: &Arc<Services>, cx: &mut Bind<'_>) {
+        self.ids = cx.identities().clone();
         self.policy.jwks = self.jwks_url.as_deref().map(|u| node.jwks.entry(u));
     }
 

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use http::HeaderMap;
 
 use crate::config::KeyAuthConfig;
-use crate::policy::filter::{Compile, Filter, Invalid, Phase, RequestCx};
+use crate::policy::filter::{Bind, Compile, Filter, Invalid, Phase, RequestCx};
 use crate::policy::identity::{ConsumerInfo, Identities};
-use crate::policy::Refusal;
+use crate::policy::{Refusal, Services};
 
 #[derive(Debug)]
 pub struct KeyAuth {
@@ -16,6 +16,7 @@ pub struct KeyAuth {
     names: Vec<String>,
     hide: bool,
     anonymous: Option<Arc<ConsumerInfo>>,
+    /// The consumers' credentials, given when bound (empty before).
     ids: Arc<Identities>,
 }
 
@@ -37,12 +38,16 @@ impl Filter for KeyAuth {
             names: c.key_names.iter().map(|n| n.to_ascii_lowercase()).collect(),
             hide: c.hide_credentials,
             anonymous,
-            ids: cx.identities().clone(),
+            ids: Arc::default(),
         })
     }
 
     fn phase(&self) -> Phase {
         Phase::Authentication
+    }
+
+    fn bind(&mut self, _node: &Arc<Services>, cx: &mut Bind<'_>) {
+        self.ids = cx.identities().clone();
     }
 
     async fn request(&self, cx: &mut RequestCx<'_>) -> Result<(), Refusal> {

@@ -4,15 +4,16 @@
 use std::sync::Arc;
 
 use crate::config::MtlsAuthConfig;
-use crate::policy::filter::{Compile, Filter, Invalid, Phase, RequestCx};
+use crate::policy::filter::{Bind, Compile, Filter, Invalid, Phase, RequestCx};
 use crate::policy::identity::{ConsumerInfo, Identities};
 use crate::policy::mtls::MtlsPolicy;
-use crate::policy::Refusal;
+use crate::policy::{Refusal, Services};
 
 #[derive(Debug)]
 pub struct MtlsAuth {
     policy: MtlsPolicy,
     anonymous: Option<Arc<ConsumerInfo>>,
+    /// The consumers' credentials, given when bound (empty before).
     ids: Arc<Identities>,
 }
 
@@ -29,11 +30,15 @@ impl Filter for MtlsAuth {
         };
         let anonymous = cx.anonymous(&c.anonymous);
         let (Some(policy), false) = (policy, cx.has_errors()) else { return Err(cx.invalid()) };
-        Ok(MtlsAuth { policy, anonymous, ids: cx.identities().clone() })
+        Ok(MtlsAuth { policy, anonymous, ids: Arc::default() })
     }
 
     fn phase(&self) -> Phase {
         Phase::Authentication
+    }
+
+    fn bind(&mut self, _node: &Arc<Services>, cx: &mut Bind<'_>) {
+        self.ids = cx.identities().clone();
     }
 
     async fn request(&self, cx: &mut RequestCx<'_>) -> Result<(), Refusal> {

@@ -70,10 +70,67 @@ fn phase_of(c: &WasmConfig, cx: &mut Compile<'_>) -> Phase {
     }
 }
 
+/// Gives each wasm policy whose module is a file, and that names no digest
+/// yet, the file's SHA-256 as `module_sha256` (a file that cannot be read
+/// is left for the compile to report). Run on every config as it is
+/// loaded or sent, before validation: the config then says which bytes it
+/// runs, so a module rebuilt under the same path is a change to the config
+/// (`dry_run`, `manifold sync`), and a node whose file differs refuses it.
+pub fn stamp_module_digests(config: &mut crate::config::Config) {
+    use serde_json::Value;
+    for p in config.policies.iter_mut().filter(|p| p.kind == crate::config::PolicyKind::Wasm) {
+        let Value::Object(c) = &mut p.config else { continue };
+        match c.get_mut("module_sha256") {
+            // Written as the config diff and `sha256sum` may show it.
+            Some(Value::String(d)) => {
+                d.make_ascii_lowercase();
+                continue;
+            }
+            None | Some(Value::Null) => {}
+            Some(_) => continue, // the compile says what is wrong with it
+        }
+        let Some(Value::String(path)) = c.get("module") else { continue };
+        if let Ok(bytes) = std::fs::read(path) {
+            c.insert("module_sha256".into(), Value::String(sha256_hex(&bytes)));
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
 /// The module's bytes from `module` (a path; a relative one was made
 /// relative to the policy's file when it was loaded) or `module_base64`:
-/// exactly one.
+/// exactly one; they must be the bytes `module_sha256` names, if it does.
 fn module_bytes(c: &WasmConfig, cx: &mut Compile<'_>) -> Option<Vec<u8>> {
+    let want = match c.module_sha256.as_deref() {
+        Some(d) if d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()) => Some(d.to_ascii_lowercase()),
+        Some(d) => {
+            cx.error("module_sha256", format!("{d:?} is not a SHA-256 digest: 64 hexadecimal digits"));
+            None
+        }
+        None => None,
+    };
+    let bytes = module_source(c, cx)?;
+    let have = sha256_hex(&bytes);
+    match want {
+        Some(want) if want != have => {
+            let what = c.module.as_deref().map_or_else(|| "module_base64".to_string(), |p| format!("the module {p}"));
+            cx.error(
+                "module_sha256",
+                format!(
+                    "{what} has SHA-256 {have}, not the {want} this config names: it changed since the config was written (load the config again from its files, or leave module_sha256 out, null in a PATCH, to take the module as it is now)"
+                ),
+            );
+            None
+        }
+        _ => Some(bytes),
+    }
+}
+
+fn module_source(c: &WasmConfig, cx: &mut Compile<'_>) -> Option<Vec<u8>> {
     match (&c.module, &c.module_base64) {
         (Some(_), Some(_)) => {
             cx.error("", "give one of module and module_base64, not both");
