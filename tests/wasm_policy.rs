@@ -102,6 +102,8 @@ mod with_wasm {
         // A body that is not a JSON object is refused by the module (400).
         let resp = client().post(&url).header("content-type", "application/json").body("[1]").send().await.unwrap();
         assert_eq!(resp.status(), 400);
+        assert!(resp.headers().contains_key("x-request-id"), "the chain's headers are added");
+        assert_eq!(resp.text().await.unwrap(), r#"{"error":"not an object"}"#, "the module's own answer, as it made it");
         assert_eq!(b.hits.load(std::sync::atomic::Ordering::SeqCst), 1, "the refused body did not go on");
         g.shutdown();
     }
@@ -209,6 +211,36 @@ mod with_wasm {
         assert_eq!(s, 200, "{echo}");
         logged_requests(&p, 6).await;
         assert_eq!(count(&p, "instance configured"), 4, "{:?}", p.log.lock().unwrap());
+        p.child.kill().unwrap();
+        let _ = p.child.wait();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn proxy_on_log_ends_every_request_also_one_the_backend_never_answered() {
+        let b = backend().run().await;
+        // log.wat logs the request's path from proxy_on_log.
+        let policy = format!("{{ name: plugin, type: wasm, config: {{ module_base64: {} }} }}", base64_of("log"));
+        let yaml = format!(
+            "policies:\n  - {policy}\nroutes:\n  - {{ name: up, path: \"/up/{{*rest}}\", upstream: \"{}\", policies: [plugin] }}\n  - {{ name: down, path: \"/down/{{*rest}}\", upstream: \"http://127.0.0.1:9\", policies: [plugin] }}\n",
+            b.url()
+        );
+        let dir = config_dir(&yaml);
+        let mut p = GatewayProcess::start(dir.path(), &[]);
+        let (s, _, _) = send("GET", &format!("http://{}/up/a", p.proxy), None, &[]).await;
+        assert_eq!(s, 200);
+        let (s, _, body) = send("GET", &format!("http://{}/down/b", p.proxy), None, &[]).await;
+        assert_eq!(s, 502, "{body}");
+        let logged = |path: &str| {
+            let message = format!("\"message\":\"{path}\"");
+            p.log.lock().unwrap().iter().filter(|l| l.contains(&message) && l.contains("manifold::wasm")).count()
+        };
+        common::within(10, "both requests logged by the module", async {
+            while logged("/down/b") == 0 || logged("/up/a") == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert_eq!((logged("/up/a"), logged("/down/b")), (1, 1), "once each: {:?}", p.log.lock().unwrap());
         p.child.kill().unwrap();
         let _ = p.child.wait();
     }

@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use serde_json::Value;
 
 use super::compile::BoundPolicies;
-use super::filter::{AuthState, Outgoing, Phase, RequestCx, ResponseCx, WholeBody};
+use super::filter::{AuthState, BodyStop, Outgoing, Phase, RequestCx, ResponseCx, WholeBody};
 use super::filters::AnyFilter;
 use super::identity::{ConsumerInfo, X_CONSUMER_GROUPS, X_CONSUMER_NAME};
 use super::RateInfo;
@@ -311,7 +311,7 @@ impl PolicyChain {
     }
 
     /// The whole request body through the filters that read it.
-    pub fn request_body(&self, ex: &mut Admission, req: &Outgoing<'_>, body: &mut WholeBody) -> Result<(), GatewayError> {
+    pub fn request_body(&self, ex: &mut Admission, req: &Outgoing<'_>, body: &mut WholeBody) -> Result<(), BodyStop> {
         for s in self.steps.iter().filter(|s| s.filter.reads_request_body()) {
             s.filter.request_body(ex, req, body)?;
         }

@@ -120,7 +120,7 @@ pub trait Filter: std::fmt::Debug + Send + Sync + Sized {
     }
 
     /// The whole request body (within the body limits).
-    fn request_body(&self, _ex: &mut Admission, _req: &Outgoing<'_>, _body: &mut WholeBody) -> Result<(), GatewayError> {
+    fn request_body(&self, _ex: &mut Admission, _req: &Outgoing<'_>, _body: &mut WholeBody) -> Result<(), BodyStop> {
         Ok(())
     }
 
@@ -132,6 +132,22 @@ pub trait Filter: std::fmt::Debug + Send + Sync + Sized {
     /// The target's answer on its way back.
     fn response(&self, _ex: &mut Admission, _cx: &ResponseCx<'_>, resp: Response<Body>) -> impl Future<Output = Response<Body>> + Send {
         async { resp }
+    }
+}
+
+/// How the request-body phase ends a request instead of letting it on.
+#[derive(Debug)]
+pub enum BodyStop {
+    /// An error the gateway answers (SPEC §4 JSON).
+    Error(GatewayError),
+    /// A filter's own answer (a wasm module's local response), sent
+    /// instead of the target's; it still gets the chain's headers.
+    Answer(Box<Response<Body>>),
+}
+
+impl From<GatewayError> for BodyStop {
+    fn from(e: GatewayError) -> BodyStop {
+        BodyStop::Error(e)
     }
 }
 

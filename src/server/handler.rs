@@ -21,7 +21,7 @@ use crate::compose::{
 use crate::errors::{ErrorCode, GatewayError};
 use crate::ids::{request_id, TraceContext, REQUEST_ID_HEADER};
 use crate::otel::ServerSpan;
-use crate::policy::filter::{set_query, Outgoing, ResponseCx, WholeBody};
+use crate::policy::filter::{set_query, BodyStop, Outgoing, ResponseCx, WholeBody};
 use crate::policy::{finish, Admission, Refusal};
 use crate::proxy::{self, Forwarding};
 use crate::snapshot::{RouteMatch, Target};
@@ -437,7 +437,11 @@ async fn route_and_run(
                     upgrading,
                     request_id,
                 };
-                policies.request_body(&mut admission, &req, &mut whole).map_err(|e| (e, false))?;
+                match policies.request_body(&mut admission, &req, &mut whole) {
+                    Ok(()) => {}
+                    Err(BodyStop::Error(e)) => return Err((e, false)),
+                    Err(BodyStop::Answer(resp)) => return Ok(finish(*resp, &admission)),
+                }
                 let bytes = whole.into_bytes();
                 parts.headers.remove(header::TRANSFER_ENCODING);
                 parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
@@ -499,7 +503,11 @@ async fn route_and_run(
                     upgrading,
                     request_id,
                 };
-                policies.request_body(&mut admission, &req, &mut whole).map_err(|e| (e, false))?;
+                match policies.request_body(&mut admission, &req, &mut whole) {
+                    Ok(()) => {}
+                    Err(BodyStop::Error(e)) => return Err((e, false)),
+                    Err(BodyStop::Answer(resp)) => return Ok(finish(*resp, &admission)),
+                }
                 body = whole.into_json();
             }
             let headers = plan.reads_headers.then_some(&parts.headers);

@@ -245,7 +245,7 @@ impl WasmPlugin {
     /// A request's context. Nothing runs until its first callback, which
     /// creates it in this thread's instance.
     pub fn http_context(self: &Arc<Self>, info: RequestInfo) -> HttpContext {
-        HttpContext { plugin: self.clone(), info, status: None, id: 0, generation: 0, fuel: self.limits.fuel }
+        HttpContext { plugin: self.clone(), info, status: None, id: 0, generation: 0, fuel: self.limits.fuel, logged: false }
     }
 }
 
@@ -295,6 +295,8 @@ pub struct HttpContext {
     /// The instance the context was created in (0: none yet).
     generation: u64,
     fuel: u64,
+    /// `proxy_on_log` was called (else dropping the context calls it).
+    logged: bool,
 }
 
 impl HttpContext {
@@ -337,6 +339,7 @@ impl HttpContext {
     /// `proxy_on_log`: the request is over; properties (path, method,
     /// response code) can still be read, headers cannot.
     pub fn on_log(&mut self) -> Result<(), WasmError> {
+        self.logged = true;
         self.call(Callback::Log, Lent::default(), 0, true).map(|_| ())
     }
 
@@ -482,17 +485,26 @@ impl Drop for HttpContext {
             stream.context_id = self.id;
             let exports = worker.exports;
             let mut result = Ok(());
+            let mut callback = Callback::Done;
             if let Some(done) = exports.done {
                 result = done.call(&mut worker.store, self.id).map(|_| ());
             }
+            // A request that ended before the filter's response phase (the
+            // backend unreachable, a gateway error, the client gone) still
+            // ends with proxy_on_log, as in Envoy: done, log, delete.
+            if let (Ok(()), Some(log), false) = (&result, exports.log, self.logged) {
+                callback = Callback::Log;
+                result = log.call(&mut worker.store, self.id);
+            }
             if let (Ok(()), Some(delete)) = (&result, exports.delete) {
+                callback = Callback::Done;
                 result = delete.call(&mut worker.store, self.id);
             }
             let stream = &mut worker.store.data_mut().stream;
             stream.context_id = 0;
             stream.info = placeholder();
             if let Err(e) = result {
-                let error = instance::classify(Callback::Done, self.plugin.limits.fuel, e);
+                let error = instance::classify(callback, self.plugin.limits.fuel, e);
                 tracing::warn!(target: "manifold::wasm", plugin = &*self.plugin.name, %error, "request clean-up failed; the instance is restarted");
                 entry.thread.worker = None;
             }

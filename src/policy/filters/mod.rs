@@ -26,11 +26,10 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::chain::Refusal;
-use super::filter::{Bind, Compile, Filter, Invalid, Outgoing, Phase, RequestCx, ResponseCx, WholeBody};
+use super::filter::{Bind, BodyStop, Compile, Filter, Invalid, Outgoing, Phase, RequestCx, ResponseCx, WholeBody};
 use super::{Admission, Services};
 use crate::body::Body;
 use crate::config::PolicyKind;
-use crate::errors::GatewayError;
 
 /// A policy's `config` as its typed form (absent: every default); an error
 /// names the field serde stopped at.
@@ -89,7 +88,7 @@ macro_rules! filters {
                 match self { $(AnyFilter::$variant(f) => f.reads_request_body(),)* }
             }
 
-            pub(super) fn request_body(&self, ex: &mut Admission, req: &Outgoing<'_>, body: &mut WholeBody) -> Result<(), GatewayError> {
+            pub(super) fn request_body(&self, ex: &mut Admission, req: &Outgoing<'_>, body: &mut WholeBody) -> Result<(), BodyStop> {
                 match self { $(AnyFilter::$variant(f) => f.request_body(ex, req, body),)* }
             }
 

@@ -6,7 +6,7 @@ use http::header;
 use crate::body::Body;
 use crate::config::TransformConfig;
 use crate::errors::{ErrorCode, GatewayError};
-use crate::policy::filter::{Compile, Filter, Invalid, Outgoing, Phase, WholeBody};
+use crate::policy::filter::{BodyStop, Compile, Filter, Invalid, Outgoing, Phase, WholeBody};
 use crate::policy::transform::{compile_checked, Transform};
 use crate::policy::Admission;
 
@@ -46,13 +46,13 @@ impl Filter for RequestTransform {
         self.0.touches_body()
     }
 
-    fn request_body(&self, ex: &mut Admission, req: &Outgoing<'_>, body: &mut WholeBody) -> Result<(), GatewayError> {
+    fn request_body(&self, ex: &mut Admission, req: &Outgoing<'_>, body: &mut WholeBody) -> Result<(), BodyStop> {
         match body.json().map(serde_json::Value::is_object) {
             Some(true) => {}
             // A body that says JSON and is not cannot pass unchanged by a
             // transform that was meant to change it.
             None if says_json(&req.parts.headers) && !body.bytes().is_empty() => {
-                return Err(GatewayError::new(ErrorCode::BadRequest, "the request body is not valid JSON"));
+                return Err(GatewayError::new(ErrorCode::BadRequest, "the request body is not valid JSON").into());
             }
             _ => return Ok(()),
         }

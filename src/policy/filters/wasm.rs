@@ -196,7 +196,7 @@ mod with_wasm {
     use crate::body::Body;
     use crate::config::WasmConfig;
     use crate::errors::{ErrorCode, GatewayError};
-    use crate::policy::filter::{Compile, Filter, Invalid, Outgoing, Phase, ResponseCx, WholeBody};
+    use crate::policy::filter::{BodyStop, Compile, Filter, Invalid, Outgoing, Phase, ResponseCx, WholeBody};
     use crate::policy::Admission;
     use crate::wasm::{Action, HttpContext, Limits, LocalResponse, RequestInfo, WasmError, WasmPlugin};
 
@@ -307,8 +307,10 @@ mod with_wasm {
             self.plugin.phases().request_body
         }
 
-        fn request_body(&self, ex: &mut Admission, req: &Outgoing<'_>, body: &mut WholeBody) -> Result<(), GatewayError> {
-            let Some(ctx) = self.context(ex) else { return Ok(()) };
+        fn request_body(&self, ex: &mut Admission, req: &Outgoing<'_>, body: &mut WholeBody) -> Result<(), BodyStop> {
+            let key = self.key();
+            let Some(at) = ex.wasm.list.iter().position(|(k, _)| *k == key) else { return Ok(()) };
+            let ctx = &mut ex.wasm.list[at].1;
             // The headers have gone on as they are: the module sees a copy.
             let mut headers = req.parts.headers.clone();
             let mut bytes = body.bytes().clone();
@@ -319,23 +321,14 @@ mod with_wasm {
                     }
                     Ok(())
                 }
-                // The body phase answers with an error of the status's kind.
+                // The module's own answer, as from its request headers.
                 Ok(Action::LocalResponse(local)) => {
-                    let code = match local.status.as_u16() {
-                        401 => ErrorCode::Unauthorized,
-                        403 => ErrorCode::Forbidden,
-                        404 => ErrorCode::NotFound,
-                        413 => ErrorCode::PayloadTooLarge,
-                        429 => ErrorCode::RateLimited,
-                        s if s >= 500 => ErrorCode::Internal,
-                        _ => ErrorCode::BadRequest,
-                    };
-                    let message = if local.details.is_empty() { format!("refused by the {} policy", self.name) } else { local.details };
-                    Err(GatewayError::new(code, message))
+                    let (_, ctx) = ex.wasm.list.swap_remove(at);
+                    Err(BodyStop::Answer(Box::new(self.local(ctx, local, req.request_id))))
                 }
                 Err(e) => {
                     self.log_failure(&e, req.request_id);
-                    Err(GatewayError::new(ErrorCode::Internal, format!("the {} policy failed", self.name)))
+                    Err(GatewayError::new(ErrorCode::Internal, format!("the {} policy failed", self.name)).into())
                 }
             }
         }
@@ -388,12 +381,6 @@ mod with_wasm {
         /// `Arc` for as long as any request uses it).
         fn key(&self) -> usize {
             self as *const Wasm as usize
-        }
-
-        /// The request's context (made by `upstream_request`).
-        fn context<'a>(&self, ex: &'a mut Admission) -> Option<&'a mut HttpContext> {
-            let key = self.key();
-            ex.wasm.list.iter_mut().find(|(k, _)| *k == key).map(|(_, c)| c)
         }
 
         /// `proxy_on_log`; a failure there is logged, the answer stands.
