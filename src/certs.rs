@@ -100,7 +100,7 @@ pub fn details(der: &[u8]) -> Result<Details, String> {
 
 /// The SHA-256 of a private key's PEM, as admin reads show it.
 pub fn key_digest(key_pem: &str) -> String {
-    crate::config::validate::sha256_hex(key_pem)
+    crate::config::secrets::sha256_hex(key_pem)
 }
 
 fn rfc3339(unix: i64) -> String {

@@ -407,7 +407,7 @@ async fn a_generated_api_key_is_shown_once_and_stored_as_a_digest() {
     assert_eq!(s, 201, "{body}");
     let key = body["key"].as_str().unwrap().to_string();
     assert_eq!(key.len(), 48);
-    let digest = manifold::config::validate::sha256_hex(&key);
+    let digest = manifold::config::secrets::sha256_hex(&key);
     assert_eq!(body["credential"]["key_sha256_prefix"], digest[..8]);
 
     let (_, _, consumer) = send("GET", &format!("{admin}/consumers/app"), None, &[]).await;

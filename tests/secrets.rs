@@ -10,8 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::{backend, client, drop_db, fresh_db, send, GatewayProcess};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-use manifold::config::secrets::{redact, UNMATCHED};
-use manifold::config::validate::sha256_hex;
+use manifold::config::secrets::{redact, sha256_hex, UNMATCHED};
 use manifold::gateway::{DatabaseOptions, Gateway, GatewayOptions};
 use serde_json::{json, Value};
 

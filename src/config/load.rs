@@ -142,7 +142,7 @@ impl LoadedConfig {
         }
         // The policies do not depend on the secrets: consumers' credentials
         // reach them when the snapshot binds them (`policy::compile`).
-        validate::hash_secrets(&mut self.config, previous);
+        super::secrets::hash_secrets(&mut self.config, previous);
         validate::log_warnings(&self.config);
         Ok(Validated { config: self.config, plan })
     }

@@ -13,6 +13,11 @@
 //!
 //! [`redact_config`] and [`redact_entity`] are the one place a kind of
 //! secret is listed: another kind (a certificate's private key) joins there.
+//!
+//! On load, [`hash_secrets`] replaces plain keys by their SHA-256 digest
+//! and plain passwords by an argon2id hash (kept from the previous config
+//! when it is the same password), and [`restore_keys`] gives back a
+//! certificate written with its `key_sha256` the key it is the digest of.
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -23,7 +28,7 @@ const PREFIX: &str = "sha256:";
 const SHOWN_HEX: usize = 12;
 
 /// A certificate written with a `key_sha256` that matches no key this
-/// gateway holds (validate.rs): as [`UNMATCHED`], the gateway's to judge.
+/// gateway holds (config validation): as [`UNMATCHED`], the gateway's to judge.
 pub const KEY_UNMATCHED: &str = "missing: key_sha256 matches no key this gateway holds for this certificate (write the key itself)";
 /// What a write that holds a redacted value matching no stored secret is told.
 pub const UNMATCHED: &str = "a redacted value (sha256:...) that matches no stored secret: send the value itself";
@@ -110,7 +115,7 @@ pub fn redact_entity(kind: &str, entity: &mut Value) {
 /// that match none stay, for validation to refuse ([`UNMATCHED`]).
 pub fn restore(config: &mut Config, previous: Option<&Config>) {
     // Certificates written with their key_sha256 only keep their key too.
-    super::validate::restore_keys(config, previous);
+    restore_keys(config, previous);
     let Some(previous) = previous else { return };
     for consumer in &mut config.consumers {
         // The consumer's own credentials first: a secret moved to another
@@ -131,6 +136,83 @@ pub fn restore(config: &mut Config, previous: Option<&Config>) {
                 if let Some(real) = found {
                     *v = real;
                 }
+            }
+        }
+    }
+}
+
+/// The SHA-256 digest of `s`, as lowercase hex: a key-auth key's
+/// `key_sha256`, a certificate key's digest.
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// The argon2 hash `previous` already holds for this consumer's username,
+/// when it is a hash of `password`: reloading an unchanged file then
+/// changes nothing (a new salt would make every load look like an update).
+fn previous_hash(previous: Option<&Config>, consumer: &str, username: &str, password: &str) -> Option<String> {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    let prev = previous?.consumers.iter().find(|c| c.name == consumer)?;
+    prev.credentials.iter().find_map(|c| match c {
+        Credential::BasicAuth { username: u, password_hash: Some(h), .. } if u == username => {
+            let parsed = PasswordHash::new(h).ok()?;
+            argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).ok().map(|()| h.clone())
+        }
+        _ => None,
+    })
+}
+
+/// A certificate written with its `key_sha256` instead of its `key` (as an
+/// admin read or a plain export shows it) keeps the key `previous` holds
+/// for the same certificate name, when the digest is that key's.
+pub fn restore_keys(config: &mut Config, previous: Option<&Config>) {
+    let Some(previous) = previous else { return };
+    for cert in config.certificates.iter_mut().filter(|c| c.key.is_none()) {
+        let Some(digest) = cert.key_sha256.as_deref().map(str::to_ascii_lowercase) else { continue };
+        let held = previous.certificates.iter().find(|p| p.name == cert.name).and_then(|p| p.key.as_ref());
+        if let Some(key) = held.filter(|k| sha256_hex(k) == digest) {
+            cert.key = Some(key.clone());
+        }
+    }
+}
+
+/// Replaces plain keys by SHA-256 digests and plain passwords by argon2id
+/// hashes, so no secret outlives loading; a password `previous` already
+/// holds keeps its hash.
+pub fn hash_secrets(config: &mut Config, previous: Option<&Config>) {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    // Certificates keep their key (the listener serves it); the digest is
+    // what reads show of it.
+    for cert in &mut config.certificates {
+        cert.key_sha256 = cert.key.as_deref().map(sha256_hex);
+        cert.details = None;
+    }
+    for consumer in &mut config.consumers {
+        let consumer_name = consumer.name.clone();
+        for cred in &mut consumer.credentials {
+            match cred {
+                Credential::KeyAuth { key, key_sha256 } => {
+                    if let Some(k) = key.take() {
+                        *key_sha256 = Some(sha256_hex(&k));
+                    } else if let Some(d) = key_sha256 {
+                        *d = d.to_ascii_lowercase();
+                    }
+                }
+                Credential::BasicAuth { username, password, password_hash } => {
+                    if let Some(p) = password.take() {
+                        if let Some(h) = previous_hash(previous, &consumer_name, username, &p) {
+                            *password_hash = Some(h);
+                            continue;
+                        }
+                        // A salt must be unique, not secret: 16 random bytes.
+                        let Ok(salt) = SaltString::encode_b64(&fastrand::u128(..).to_le_bytes()) else {
+                            continue;
+                        };
+                        let hash = argon2::Argon2::default().hash_password(p.as_bytes(), &salt).map(|h| h.to_string()).unwrap_or_default();
+                        *password_hash = Some(hash);
+                    }
+                }
+                Credential::Jwt { .. } | Credential::Mtls { .. } => {}
             }
         }
     }
@@ -160,7 +242,7 @@ routes:
 
     #[test]
     fn redactions() {
-        assert_eq!(redact("s3cret"), format!("sha256:{}", &crate::config::validate::sha256_hex("s3cret")[..12]));
+        assert_eq!(redact("s3cret"), format!("sha256:{}", &sha256_hex("s3cret")[..12]));
         assert!(is_redacted(&redact("x")));
         for not in ["sha256:", "sha256:0123456789ab0", "sha256:0123456789AB", "s3cret", "sha256:0123456789a"] {
             assert!(!is_redacted(not), "{not}");
