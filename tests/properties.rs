@@ -51,7 +51,7 @@ proptest! {
         prop_assert!(middle.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b)), "{out}");
         // Only a value that is itself `.` or `..` renders as a dot segment
         // (they need no escape); the executor refuses such a path before
-        // sending it (compose/exec.rs `prepare`, tests/compose.rs), as
+        // sending it (compose/call.rs `prepare`, tests/compose.rs), as
         // fuzz/fuzz_targets/template_escape.rs also holds.
         if middle == "." || middle == ".." {
             prop_assert_eq!(middle, value.as_str(), "{}", out);

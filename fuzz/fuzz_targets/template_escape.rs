@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(!middle.contains('/') && !middle.contains('?') && !middle.contains('#'), "{out}");
     // A value that is itself empty, `.` or `..` stays what it is (these
     // characters need no escape); the executor refuses such a path before
-    // sending it (compose/exec.rs `prepare`), so it never reaches a backend.
+    // sending it (compose/call.rs `prepare`), so it never reaches a backend.
     if middle.is_empty() || middle == "." || middle == ".." {
         assert_eq!(middle, value, "only the value itself renders as a dot segment");
     }

@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 
 use super::answer::{EntryFields, Need, Projection, Reads};
 use super::cache::CachePlan;
-use super::exec::NodeCallStore;
+use super::call::NodeCallStore;
 use super::query::{JsonTemplate, Query};
 use super::template::{Escape, Template};
 use crate::config::refs::{jsonpath_root, template_refs};

@@ -44,7 +44,7 @@ pub struct Services {
     pub health: Arc<crate::upstream::health::Registry>,
     /// Composition calls' answers kept and shared across requests (`cache`,
     /// `collapse`), node-wide and across configs.
-    pub call_store: Arc<crate::compose::exec::NodeCallStore>,
+    pub call_store: Arc<crate::compose::call::NodeCallStore>,
 }
 
 impl std::fmt::Debug for Services {
@@ -68,7 +68,7 @@ impl Services {
         metrics: crate::metrics::MetricsOptions,
         call_cache_max_bytes: u64,
     ) -> Arc<Services> {
-        let call_store = Arc::new(crate::compose::exec::NodeCallStore::new(call_cache_max_bytes));
+        let call_store = Arc::new(crate::compose::call::NodeCallStore::new(call_cache_max_bytes));
         let metrics = crate::metrics::Metrics::new(metrics);
         let store = call_store.clone();
         metrics.call_cache_size(move || store.size());
