@@ -36,6 +36,7 @@ pub struct Metrics {
     upstream_failures: IntCounterVec,
     retries: IntCounterVec,
     retries_refused: IntCounterVec,
+    wasm_failures: IntCounterVec,
     overloaded: IntCounterVec,
     no_target: IntCounterVec,
     ejections: IntCounterVec,
@@ -213,6 +214,14 @@ impl Metrics {
             &["upstream", "route", "call"],
         )
         .expect("a valid metric");
+        let wasm_failures = IntCounterVec::new(
+            Opts::new(
+                "manifold_wasm_failures_total",
+                "Requests a wasm policy failed (a trap, fuel run out, an instance that would not start: 500), by policy and callback",
+            ),
+            &["policy", "callback"],
+        )
+        .expect("a valid metric");
         let overloaded = IntCounterVec::new(
             Opts::new(
                 "manifold_upstream_circuit_open_total",
@@ -287,6 +296,7 @@ impl Metrics {
             Box::new(target_healthy.clone()),
             Box::new(retries.clone()),
             Box::new(retries_refused.clone()),
+            Box::new(wasm_failures.clone()),
             Box::new(overloaded.clone()),
             Box::new(upstream_failures.clone()),
             Box::new(duration.clone()),
@@ -339,6 +349,7 @@ impl Metrics {
             upstream_failures,
             retries,
             retries_refused,
+            wasm_failures,
             overloaded,
             no_target,
             ejections,
@@ -407,6 +418,12 @@ impl Metrics {
     /// A retry the upstream's budget refused.
     pub fn upstream_retry_refused(&self, upstream: &str, route: &str, call: &str) {
         self.retries_refused.with_label_values(&[upstream, route, call]).inc();
+    }
+
+    /// A request a wasm policy failed (rare: labels looked up when it
+    /// happens; `callback` is the export that failed, or `start-up`).
+    pub fn wasm_failed(&self, policy: &str, callback: &str) {
+        self.wasm_failures.with_label_values(&[policy, callback]).inc();
     }
 
     /// A request the upstream's circuit breaker answered 503 at once.

@@ -144,6 +144,14 @@ mod with_wasm {
             assert_eq!(echo["headers"]["x-ok"], json!(["1"]));
         }
         assert_eq!(b.hits.load(std::sync::atomic::Ordering::SeqCst), 4, "no looping request reached the backend");
+        // Each failure is counted by policy and callback.
+        let metrics = client().get(format!("http://{}/metrics", g.admin_addr)).send().await.unwrap().text().await.unwrap();
+        let line = r#"manifold_wasm_failures_total{callback="proxy_on_request_headers",policy="plugin"} 4"#;
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in:\n{}",
+            metrics.lines().filter(|l| l.contains("wasm")).collect::<Vec<_>>().join("\n")
+        );
         g.shutdown();
     }
 

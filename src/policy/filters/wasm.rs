@@ -196,8 +196,8 @@ mod with_wasm {
     use crate::body::Body;
     use crate::config::WasmConfig;
     use crate::errors::{ErrorCode, GatewayError};
-    use crate::policy::filter::{BodyStop, Compile, Filter, Invalid, Outgoing, Phase, ResponseCx, WholeBody};
-    use crate::policy::Admission;
+    use crate::policy::filter::{Bind, BodyStop, Compile, Filter, Invalid, Outgoing, Phase, ResponseCx, WholeBody};
+    use crate::policy::{Admission, Services};
     use crate::wasm::{Action, HttpContext, Limits, LocalResponse, RequestInfo, WasmError, WasmPlugin};
 
     #[derive(Debug)]
@@ -206,6 +206,8 @@ mod with_wasm {
         phase: Phase,
         /// The policy's name, for the log.
         name: Arc<str>,
+        /// The node's metrics (for `manifold_wasm_failures_total`), once bound.
+        metrics: Option<Arc<crate::metrics::Metrics>>,
     }
 
     impl Filter for Wasm {
@@ -244,7 +246,7 @@ mod with_wasm {
                 ));
             }
             match WasmPlugin::compile(cx.name, &module, plugin_config, limits) {
-                Ok(plugin) => Ok(Wasm { plugin, phase, name: cx.name.into() }),
+                Ok(plugin) => Ok(Wasm { plugin, phase, name: cx.name.into(), metrics: None }),
                 Err(WasmError::Configure(m)) => Err(cx.fail("config", format!("the module would not start: {m}"))),
                 Err(e) => Err(cx.fail(field, format!("{shown}{e}"))),
             }
@@ -252,6 +254,10 @@ mod with_wasm {
 
         fn phase(&self) -> Phase {
             self.phase
+        }
+
+        fn bind(&mut self, node: &Arc<Services>, _cx: &mut Bind<'_>) {
+            self.metrics = Some(node.metrics.clone());
         }
 
         fn rewrites_request(&self) -> bool {
@@ -405,6 +411,9 @@ mod with_wasm {
                 error = %e,
                 "wasm policy failed"
             );
+            if let Some(m) = &self.metrics {
+                m.wasm_failed(&self.name, callback);
+            }
         }
 
         /// A trap or the fuel running out: 500, the gateway's fault.
