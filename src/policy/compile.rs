@@ -80,7 +80,7 @@ pub fn compile(config: &Config, origins: &Origins) -> Result<PolicyPlan, Vec<Con
 /// errors) and its errors. Validation places each policy's errors beside
 /// its other checks.
 pub fn compile_each(config: &Config, origins: &Origins) -> (Vec<Option<Planned>>, Vec<Vec<ConfigError>>) {
-    let ids = Arc::new(Identities::build(config));
+    let ids = Arc::new(Identities::names(config));
     // Consumers that did not parse still exist for references: their own
     // errors were reported, a reference to them would only add noise.
     let consumers: HashSet<&str> =

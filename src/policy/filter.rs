@@ -163,6 +163,7 @@ pub struct Compile<'a> {
     pub file: Option<Arc<str>>,
     base: String,
     origins: &'a Origins,
+    /// The consumers by name (no credentials: see `Identities::names`).
     ids: &'a Arc<Identities>,
     /// Consumers that exist (also those that did not parse).
     consumers: &'a HashSet<&'a str>,

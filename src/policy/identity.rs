@@ -50,6 +50,17 @@ pub struct Identities {
 }
 
 impl Identities {
+    /// The consumers by name only, without their credentials: what a
+    /// policy's compile needs (its `anonymous` consumer). Credentials come
+    /// when the policies are bound ([`Identities::build`]).
+    pub fn names(config: &Config) -> Identities {
+        let mut ids = Identities::default();
+        for c in &config.consumers {
+            ids.by_name.insert(c.name.clone(), Arc::new(ConsumerInfo::new(&c.name, &c.groups)));
+        }
+        ids
+    }
+
     pub fn build(config: &Config) -> Identities {
         let mut ids = Identities::default();
         for c in &config.consumers {
