@@ -237,9 +237,9 @@ fn parse_share(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Logs on stdout, JSON unless stdout is a terminal; the access log
-/// (target `manifold::access`) on stdout too, or only in
-/// `--access-log-file`, always as JSON lines.
+/// Logs on stdout (`serve`; stderr for the other commands), JSON unless
+/// stdout is a terminal; the access log (target `manifold::access`) on
+/// stdout too, or only in `--access-log-file`, always as JSON lines.
 fn init_logging(cli: &Cli) -> anyhow::Result<()> {
     use tracing_subscriber::layer::{Layered, SubscriberExt};
     use tracing_subscriber::util::SubscriberInitExt;
@@ -267,10 +267,17 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
         None => None,
     };
     let to_file = file.is_some();
+    // The other commands print their answer on stdout (YAML, JSON, a
+    // plan): their logs (a config's warnings, a plugin's own lines) go to
+    // stderr, so the answer stays whole.
+    let writer = || match &cli.command {
+        Command::Serve(_) => fmt::writer::BoxMakeWriter::new(std::io::stdout),
+        _ => fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    };
     let stdout: Boxed = if json {
-        fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(std::io::stdout).boxed()
+        fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(writer()).boxed()
     } else {
-        fmt::layer().with_writer(std::io::stdout).boxed()
+        fmt::layer().with_writer(writer()).boxed()
     };
     let mut layers =
         vec![stdout.with_filter(filter::filter_fn(move |meta| !(to_file && meta.target() == crate::access_log::TARGET))).boxed()];

@@ -393,10 +393,22 @@ mod with_wasm {
         assert_eq!(code, Some(1), "{stderr}");
         assert!(stderr.contains(&format!("{shown}: policies.plugin.config.config: the module would not start")), "{stderr}");
 
-        // And the valid one passes.
-        std::fs::write(&file, config("http://127.0.0.1:9", "module: plugins/headers.wasm")).unwrap();
+        // The text format given by its file: the hint, also for a file that
+        // starts with a comment (as the fixtures do).
+        std::fs::copy(format!("{}/fixtures/wasm/headers.wat", env!("CARGO_MANIFEST_DIR")), dir.path().join("plugins/headers.wat")).unwrap();
+        std::fs::write(&file, config("http://127.0.0.1:9", "module: plugins/headers.wat")).unwrap();
         let (code, stderr) = validate(&file);
-        assert_eq!(code, Some(0), "{stderr}");
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(stderr.contains("policies.plugin.config.module: ") && stderr.contains("this is the WebAssembly text format"), "{stderr}");
+
+        // And the valid one passes. headers.wat logs as it starts: that goes
+        // to stderr, and stdout is only the answer.
+        std::fs::write(&file, config("http://127.0.0.1:9", "module: plugins/headers.wasm")).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_manifold")).arg("validate").arg(&file).output().unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(stdout.starts_with("ok: ") && stdout.lines().count() == 1, "{stdout}");
+        assert!(stderr.contains("instance configured"), "{stderr}");
     }
 
     #[tokio::test(flavor = "multi_thread")]

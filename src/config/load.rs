@@ -390,13 +390,17 @@ pub fn parse_document(file: Option<Arc<str>>, text: &str, format: Format) -> (Lo
             }),
         }
     }
-    // A wasm policy's `module` path is relative to its file: joined here,
-    // since the snapshot compiles the policies without file names.
+    // A wasm policy's `module` path is relative to its file: made absolute
+    // here, since the snapshot compiles the policies without file names,
+    // and a path relative to this process's working directory would mean
+    // another file to a gateway that `sync` sends it to, or to the file
+    // an `export` is written into.
     if let Some(dir) = file.as_deref().and_then(|f| std::path::Path::new(f).parent()) {
         for p in c.policies.iter_mut().filter(|p| p.kind == super::PolicyKind::Wasm) {
             if let Some(Value::String(m)) = p.config.get_mut("module") {
                 if std::path::Path::new(m.as_str()).is_relative() {
-                    *m = dir.join(m.as_str()).to_string_lossy().into_owned();
+                    let joined = dir.join(m.as_str());
+                    *m = std::path::absolute(&joined).unwrap_or(joined).to_string_lossy().into_owned();
                 }
             }
         }
@@ -522,6 +526,19 @@ pub fn name_files(paths: &[PathBuf], errors: &mut ConfigErrors) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wasm_module_path_is_made_absolute_from_its_file() {
+        let yaml = "policies:\n  - { name: p, type: wasm, config: { module: plugins/f.wasm } }\n  - { name: q, type: wasm, config: { module: /opt/g.wasm } }\n";
+        let (loaded, _) = parse_document(Some(Arc::from("cfg/gateway.yaml")), yaml, Format::Yaml);
+        let module = |i: usize| loaded.config.policies[i].config["module"].as_str().unwrap().to_string();
+        let expected = std::env::current_dir().unwrap().join("cfg/plugins/f.wasm");
+        assert_eq!(module(0), expected.to_string_lossy(), "relative to the file, then absolute");
+        assert_eq!(module(1), "/opt/g.wasm");
+        // A request body has no file: its path stays as sent.
+        let (loaded, _) = parse_document(None, yaml, Format::Yaml);
+        assert_eq!(loaded.config.policies[0].config["module"], "plugins/f.wasm");
+    }
 
     #[test]
     fn hidden_entries_of_a_config_dir_are_skipped() {

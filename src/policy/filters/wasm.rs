@@ -145,7 +145,15 @@ fn module_source(c: &WasmConfig, cx: &mut Compile<'_>) -> Option<Vec<u8>> {
             match std::fs::read(path) {
                 Ok(bytes) => Some(bytes),
                 Err(e) => {
-                    cx.error("module", format!("cannot read {path}: {e}"));
+                    // Only a config sent to the admin API can still hold a
+                    // relative path: say which file that was.
+                    let whose = match std::path::absolute(path) {
+                        Ok(p) if std::path::Path::new(path).is_relative() => {
+                            format!(" ({}: a relative path is the gateway's working directory's)", p.display())
+                        }
+                        _ => String::new(),
+                    };
+                    cx.error("module", format!("cannot read {path}{whose}: {e}"));
                     None
                 }
             }
@@ -239,7 +247,12 @@ mod with_wasm {
             };
             let field = if c.module.is_some() { "module" } else { "module_base64" };
             let shown = c.module.as_deref().map(|p| format!("{p}: ")).unwrap_or_default();
-            if module.trim_ascii_start().starts_with(b"(") {
+            // The text format: not the binary's magic, and a `.wat` name or
+            // what text starts with (a form, or a `;;` comment).
+            let text = !module.starts_with(b"\0asm")
+                && (c.module.as_deref().is_some_and(|p| p.ends_with(".wat"))
+                    || matches!(module.trim_ascii_start().first(), Some(b'(' | b';')));
+            if text {
                 return Err(cx.fail(
                     field,
                     format!("{shown}this is the WebAssembly text format (.wat); give the binary module, e.g. `wat2wasm filter.wat -o filter.wasm`"),
