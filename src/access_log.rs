@@ -64,6 +64,10 @@ struct Line {
     kind: Option<&'static str>,
     consumer: Option<String>,
     status: u16,
+    /// A gRPC answer's status when its head carries one (a trailers-only
+    /// answer: every error the gateway makes, and a backend's without a
+    /// body); its HTTP status is 200 whatever the outcome.
+    grpc_status: Option<u16>,
     calls: Option<String>,
 }
 
@@ -78,6 +82,7 @@ impl Line {
             client = %self.client.ip(),
             method = %self.method,
             status = self.status,
+            grpc_status = self.grpc_status,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             bytes_in = self.bytes_in,
             bytes_out,
@@ -107,6 +112,7 @@ impl Start {
             kind: route.map(RouteMetrics::kind),
             consumer: consumer.map(str::to_string),
             status: resp.status().as_u16(),
+            grpc_status: text("grpc-status").and_then(|s| s.parse().ok()),
             calls: text("server-timing").map(str::to_string),
             method: self.method,
             client: self.client,

@@ -167,7 +167,8 @@ fn an_access_log_file_that_cannot_be_opened_stops_the_start() {
 }
 
 /// A backend that answers every request with a chunked body, "hello world"
-/// in two chunks, or, on /cut, one chunk and then a closed connection.
+/// in two chunks, or, on /cut, one chunk and then a closed connection; on
+/// /grpc, a trailers-only gRPC error (grpc-status 14).
 async fn chunked_backend() -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -183,6 +184,13 @@ async fn chunked_backend() -> std::net::SocketAddr {
                         Ok(0) | Err(_) => return,
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
+                }
+                if String::from_utf8_lossy(&head).starts_with("GET /grpc") {
+                    // A gRPC error without a body: its status in the head.
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ngrpc-status: 14\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
                 }
                 let cut = String::from_utf8_lossy(&head).starts_with("GET /cut");
                 let _ = conn
@@ -215,11 +223,18 @@ async fn a_streamed_answer_is_logged_with_the_bytes_sent_once_it_ends() {
     let cut = reqwest::Client::new().get(format!("http://{}/cut", gw.proxy)).header("x-request-id", "s-2").send().await.unwrap();
     assert!(cut.text().await.is_err(), "a body cut short is an error for the client");
 
-    let lines = wait_for_lines(&gw, 2).await;
+    // A gRPC answer's status is its own field (the HTTP status is 200).
+    let grpc = reqwest::Client::new().get(format!("http://{}/grpc", gw.proxy)).header("x-request-id", "s-3").send().await.unwrap();
+    assert_eq!(grpc.headers()["grpc-status"], "14");
+
+    let lines = wait_for_lines(&gw, 3).await;
     let by_id = |id: &str| lines.iter().find(|l| l["request_id"] == id).unwrap_or_else(|| panic!("no line for {id}: {lines:#?}")).clone();
     let whole = by_id("s-1");
     assert_eq!((whole["status"].as_u64(), whole["bytes_out"].as_u64()), (Some(200), Some(11)), "{whole}");
     assert!(whole.get("aborted").is_none_or(Value::is_null), "{whole}");
     let cut = by_id("s-2");
     assert_eq!((cut["bytes_out"].as_u64(), cut["aborted"].as_bool()), (Some(5), Some(true)), "{cut}");
+    let grpc = by_id("s-3");
+    assert_eq!((grpc["status"].as_u64(), grpc["grpc_status"].as_u64()), (Some(200), Some(14)), "{grpc}");
+    assert!(whole.get("grpc_status").is_none_or(Value::is_null), "{whole}");
 }
