@@ -247,10 +247,14 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
 
     type Boxed = Box<dyn Layer<Layered<tracing_subscriber::EnvFilter, Registry>> + Send + Sync>;
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Pretty on a terminal, JSON otherwise: the terminal being the one the
+    // logs go to (stdout for `serve`, stderr for the other commands).
+    let serving = matches!(cli.command, Command::Serve(_));
     let json = match cli.log_format {
         Some(LogFormat::Json) => true,
         Some(LogFormat::Pretty) => false,
-        None => !std::io::stdout().is_terminal(),
+        None if serving => !std::io::stdout().is_terminal(),
+        None => !std::io::stderr().is_terminal(),
     };
     let access_file = match &cli.command {
         Command::Serve(args) => args.access_log_file.as_deref(),

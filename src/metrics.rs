@@ -217,7 +217,7 @@ impl Metrics {
         let wasm_failures = IntCounterVec::new(
             Opts::new(
                 "manifold_wasm_failures_total",
-                "Requests a wasm policy failed (a trap, fuel run out, an instance that would not start: 500), by policy and callback",
+                "wasm policy callbacks that failed (a trap, fuel run out, an instance that would not start; before the answer, the request's 500), by policy and callback",
             ),
             &["policy", "callback"],
         )

@@ -326,6 +326,29 @@ fn modules_that_cannot_run_are_refused_with_their_reason() {
     assert!(matches!(&err, WasmError::Configure(m) if m.starts_with("proxy_on_vm_start trapped")), "{err}");
 }
 
+/// An answer a module makes as its request is cleaned up (proxy_on_done)
+/// has no request to go to, and must not become the next request's.
+#[test]
+fn an_answer_made_at_clean_up_never_reaches_the_next_request() {
+    let bytes = wat::parse_str(format!(
+        r#"(module
+           (import "env" "proxy_send_local_response" (func $respond (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+           {PRELUDE}
+           (func (export "proxy_on_context_create") (param i32 i32))
+           (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+           (func (export "proxy_on_done") (param i32) (result i32)
+             (drop (call $respond (i32.const 403) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
+             (i32.const 1)))"#
+    ))
+    .unwrap();
+    let plugin = WasmPlugin::compile("late", &bytes, Vec::new(), Limits::default()).unwrap();
+    for _ in 0..2 {
+        let mut ctx = plugin.http_context(RequestInfo::default());
+        assert_eq!(ctx.on_request_headers(&mut HeaderMap::new(), true), Ok(Action::Continue));
+    }
+    assert_eq!(plugin.instances_started(), 1);
+}
+
 #[test]
 fn a_filter_built_with_the_assemblyscript_sdk_runs() {
     // fixtures/wasm/assemblyscript: source, lock file and the built module.

@@ -400,7 +400,7 @@ pub fn parse_document(file: Option<Arc<str>>, text: &str, format: Format) -> (Lo
             if let Some(Value::String(m)) = p.config.get_mut("module") {
                 if std::path::Path::new(m.as_str()).is_relative() {
                     let joined = dir.join(m.as_str());
-                    *m = std::path::absolute(&joined).unwrap_or(joined).to_string_lossy().into_owned();
+                    *m = lexically_normal(&std::path::absolute(&joined).unwrap_or(joined)).to_string_lossy().into_owned();
                 }
             }
         }
@@ -432,6 +432,24 @@ pub fn finish(mut loaded: LoadedConfig, mut errors: Vec<ConfigError>, previous: 
         return Err(ConfigErrors(errors));
     }
     loaded.validated_against(previous)
+}
+
+/// `path` without `.` and with each `..` taking its parent away (as text:
+/// symbolic links are not followed), so `cfg/../plugins/f.wasm` is shown
+/// and compared as `plugins/f.wasm`.
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Every `*.yaml`, `*.yml` and `*.json` file under `dir`, sorted, recursively.
@@ -535,6 +553,13 @@ mod tests {
         let expected = std::env::current_dir().unwrap().join("cfg/plugins/f.wasm");
         assert_eq!(module(0), expected.to_string_lossy(), "relative to the file, then absolute");
         assert_eq!(module(1), "/opt/g.wasm");
+        let (loaded, _) = parse_document(
+            Some(Arc::from("cfg/./gateway.yaml")),
+            "policies:\n  - { name: p, type: wasm, config: { module: ../plugins/f.wasm } }\n",
+            Format::Yaml,
+        );
+        let expected = std::env::current_dir().unwrap().join("plugins/f.wasm");
+        assert_eq!(loaded.config.policies[0].config["module"], expected.to_string_lossy().as_ref(), "no . or .. left");
         // A request body has no file: its path stays as sent.
         let (loaded, _) = parse_document(None, yaml, Format::Yaml);
         assert_eq!(loaded.config.policies[0].config["module"], "plugins/f.wasm");

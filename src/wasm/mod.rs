@@ -464,7 +464,16 @@ fn pick(exports: &Exports, callback: Callback) -> Option<Run> {
 impl Drop for HttpContext {
     fn drop(&mut self) {
         if self.generation == 0 {
-            return;
+            // No callback of the request ran (a module with none before
+            // the answer, and the answer never came): its context is made
+            // now, for proxy_on_log.
+            if self.logged || !self.plugin.phases.log {
+                return;
+            }
+            let _ = self.on_log();
+            if self.generation == 0 {
+                return;
+            }
         }
         // During thread teardown the cache may be gone: nothing to tell.
         let _ = PLUGINS.try_with(|cell| {
@@ -500,9 +509,13 @@ impl Drop for HttpContext {
                 callback = Callback::Done;
                 result = delete.call(&mut worker.store, self.id);
             }
+            // What the module left: an answer made here has no request to
+            // go to (and must not reach the next one), a status no owner.
             let stream = &mut worker.store.data_mut().stream;
             stream.context_id = 0;
             stream.info = placeholder();
+            stream.status = None;
+            stream.local_response = None;
             if let Err(e) = result {
                 let error = instance::classify(callback, self.plugin.limits.fuel, e);
                 tracing::warn!(target: "manifold::wasm", plugin = &*self.plugin.name, %error, "request clean-up failed; the instance is restarted");
