@@ -467,7 +467,10 @@ impl Drop for HttpContext {
             // No callback of the request ran (a module with none before
             // the answer, and the answer never came): its context is made
             // now, for proxy_on_log.
-            if self.logged || !self.plugin.phases.log {
+            // (Not during thread teardown, nor inside another call: the
+            // thread's cache must be there and free.)
+            let usable = PLUGINS.try_with(|cell| cell.try_borrow_mut().is_ok()).unwrap_or(false);
+            if self.logged || !self.plugin.phases.log || !usable {
                 return;
             }
             let _ = self.on_log();
