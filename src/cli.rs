@@ -238,8 +238,8 @@ fn parse_share(s: &str) -> Result<f64, String> {
 }
 
 /// Logs on stdout (`serve`; stderr for the other commands), JSON unless
-/// stdout is a terminal; the access log (target `manifold::access`) on
-/// stdout too, or only in `--access-log-file`, always as JSON lines.
+/// that is a terminal; the access log (target `manifold::access`) with
+/// them, or only in `--access-log-file`, always as JSON lines.
 fn init_logging(cli: &Cli) -> anyhow::Result<()> {
     use tracing_subscriber::layer::{Layered, SubscriberExt};
     use tracing_subscriber::util::SubscriberInitExt;
