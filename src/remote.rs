@@ -98,18 +98,30 @@ pub async fn sync(path: &PathBuf, admins: &[String], token: Option<&str>, dry_ru
     // Validated here first, so a bad file is reported as file: field: message.
     // A redacted secret (from an export without --include-secrets) is left
     // for each gateway to match against the secret it stores.
-    if let Err(mut errors) = load_paths(std::slice::from_ref(path)) {
-        errors.0.retain(|e| e.message != crate::config::secrets::UNMATCHED && e.message != crate::config::secrets::KEY_UNMATCHED);
-        if !errors.0.is_empty() {
-            bail!("{errors}");
+    let validated = match load_paths(std::slice::from_ref(path)) {
+        Ok(validated) => Some(validated),
+        Err(mut errors) => {
+            errors.0.retain(|e| e.message != crate::config::secrets::UNMATCHED && e.message != crate::config::secrets::KEY_UNMATCHED);
+            if !errors.0.is_empty() {
+                bail!("{errors}");
+            }
+            None
         }
-    }
+    };
     // Sent as written (secrets not yet hashed): each gateway hashes, and
     // keeps the hashes of passwords it already holds.
     let mut raw: Config = crate::config::load::parse_paths(std::slice::from_ref(path)).0.config;
-    // With each module file's digest: a module rebuilt under the same path
-    // is a change, and a gateway whose file differs says so.
-    crate::policy::filters::wasm::stamp_module_digests(&mut raw);
+    // With the digest of each module file validation compiled: a module
+    // rebuilt under the same path is a change, and a gateway whose file
+    // differs says so. (A config that only validated up to its redacted
+    // secrets goes without: each gateway records its own file's.)
+    if let Some(validated) = &validated {
+        for (sent, checked) in raw.policies.iter_mut().zip(&validated.policies) {
+            if let (Some(digest), serde_json::Value::Object(c)) = (checked.config.get("module_sha256"), &mut sent.config) {
+                c.insert("module_sha256".into(), digest.clone());
+            }
+        }
+    }
     let body = serde_json::to_vec(&raw)?;
     let http = client()?;
     let mut ok = true;

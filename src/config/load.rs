@@ -135,10 +135,12 @@ impl LoadedConfig {
     pub fn validated_against(mut self, previous: Option<&Config>) -> Result<Validated, ConfigErrors> {
         // A redacted secret sent back keeps the stored one (secrets.rs).
         super::secrets::restore(&mut self.config, previous);
-        crate::policy::filters::wasm::stamp_module_digests(&mut self.config);
         let (errors, plan) = validate::validate_compiling(&self.config, &self.origins);
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
+        }
+        if let Some(plan) = &plan {
+            plan.record_in(&mut self.config);
         }
         // The policies do not depend on the secrets: consumers' credentials
         // reach them when the snapshot binds them (`policy::compile`).

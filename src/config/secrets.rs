@@ -35,8 +35,7 @@ pub const UNMATCHED: &str = "a redacted value (sha256:...) that matches no store
 
 /// The redacted form of a stored secret.
 pub fn redact(value: &str) -> String {
-    let digest = hex::encode(Sha256::digest(value.as_bytes()));
-    format!("{PREFIX}{}", &digest[..SHOWN_HEX])
+    format!("{PREFIX}{}", &sha256_hex(value)[..SHOWN_HEX])
 }
 
 /// Whether `value` is a redaction (and so never a secret of its own).
@@ -141,10 +140,11 @@ pub fn restore(config: &mut Config, previous: Option<&Config>) {
     }
 }
 
-/// The SHA-256 digest of `s`, as lowercase hex: a key-auth key's
-/// `key_sha256`, a certificate key's digest.
-pub fn sha256_hex(s: &str) -> String {
-    hex::encode(Sha256::digest(s.as_bytes()))
+/// The SHA-256 digest of `data`, as lowercase hex: a key-auth key's
+/// `key_sha256`, a certificate key's digest, a wasm module's
+/// `module_sha256`.
+pub fn sha256_hex(data: impl AsRef<[u8]>) -> String {
+    hex::encode(Sha256::digest(data.as_ref()))
 }
 
 /// The argon2 hash `previous` already holds for this consumer's username,

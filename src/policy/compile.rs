@@ -35,6 +35,20 @@ impl PolicyPlan {
     pub fn complete(planned: Vec<Option<Planned>>) -> Option<PolicyPlan> {
         planned.into_iter().collect::<Option<Vec<_>>>().map(|policies| PolicyPlan { policies })
     }
+
+    /// Writes into `config` (the one this plan was compiled from) what the
+    /// compile learnt that the config should say: each wasm module file's
+    /// SHA-256 as `module_sha256`, so the config names the bytes it runs
+    /// (a module rebuilt under the same path is a change to the config,
+    /// and a node whose file differs refuses it).
+    pub fn record_in(&self, config: &mut Config) {
+        for (policy, planned) in config.policies.iter_mut().zip(&self.policies) {
+            let AnyFilter::Wasm(wasm) = &planned.filter else { continue };
+            if let (Some(digest), serde_json::Value::Object(c)) = (wasm.module_sha256(), &mut policy.config) {
+                c.insert("module_sha256".into(), serde_json::Value::String(digest.to_string()));
+            }
+        }
+    }
 }
 
 /// A config's policies bound to the node: what chains are built from.

@@ -437,10 +437,8 @@ async fn route_and_run(
                     upgrading,
                     request_id,
                 };
-                match policies.request_body(&mut admission, &req, &mut whole) {
-                    Ok(()) => {}
-                    Err(BodyStop::Error(e)) => return Err((e, false)),
-                    Err(BodyStop::Answer(resp)) => return Ok(finish(*resp, &admission)),
+                if let Some(end) = body_phase(&policies, &mut admission, &req, &mut whole) {
+                    return end;
                 }
                 let bytes = whole.into_bytes();
                 parts.headers.remove(header::TRANSFER_ENCODING);
@@ -503,10 +501,8 @@ async fn route_and_run(
                     upgrading,
                     request_id,
                 };
-                match policies.request_body(&mut admission, &req, &mut whole) {
-                    Ok(()) => {}
-                    Err(BodyStop::Error(e)) => return Err((e, false)),
-                    Err(BodyStop::Answer(resp)) => return Ok(finish(*resp, &admission)),
+                if let Some(end) = body_phase(&policies, &mut admission, &req, &mut whole) {
+                    return end;
                 }
                 body = whole.into_json();
             }
@@ -537,6 +533,22 @@ async fn route_and_run(
     // SPEC's phase order says.
     let resp = policies.respond(&mut admission, &ResponseCx { head, request_id }, resp).await;
     Ok(finish(resp, &admission))
+}
+
+/// The request-body phase: `None` lets the request on; `Some` is how it
+/// ends (a gateway error, or a filter's own answer with the chain's
+/// headers).
+fn body_phase(
+    policies: &crate::policy::PolicyChain,
+    admission: &mut Admission,
+    req: &Outgoing<'_>,
+    whole: &mut WholeBody,
+) -> Option<Result<Response<Body>, (GatewayError, bool)>> {
+    match policies.request_body(admission, req, whole) {
+        Ok(()) => None,
+        Err(BodyStop::Error(e)) => Some(Err((e, false))),
+        Err(BodyStop::Answer(resp)) => Some(Ok(finish(*resp, admission))),
+    }
 }
 
 /// The client's HTTP/2 extended CONNECT as the HTTP/1.1 handshake the

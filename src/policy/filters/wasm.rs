@@ -70,41 +70,13 @@ fn phase_of(c: &WasmConfig, cx: &mut Compile<'_>) -> Phase {
     }
 }
 
-/// Gives each wasm policy whose module is a file, and that names no digest
-/// yet, the file's SHA-256 as `module_sha256` (a file that cannot be read
-/// is left for the compile to report). Run on every config as it is
-/// loaded or sent, before validation: the config then says which bytes it
-/// runs, so a module rebuilt under the same path is a change to the config
-/// (`dry_run`, `manifold sync`), and a node whose file differs refuses it.
-pub fn stamp_module_digests(config: &mut crate::config::Config) {
-    use serde_json::Value;
-    for p in config.policies.iter_mut().filter(|p| p.kind == crate::config::PolicyKind::Wasm) {
-        let Value::Object(c) = &mut p.config else { continue };
-        match c.get_mut("module_sha256") {
-            // Written as the config diff and `sha256sum` may show it.
-            Some(Value::String(d)) => {
-                d.make_ascii_lowercase();
-                continue;
-            }
-            None | Some(Value::Null) => {}
-            Some(_) => continue, // the compile says what is wrong with it
-        }
-        let Some(Value::String(path)) = c.get("module") else { continue };
-        if let Ok(bytes) = std::fs::read(path) {
-            c.insert("module_sha256".into(), Value::String(sha256_hex(&bytes)));
-        }
-    }
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
-}
-
 /// The module's bytes from `module` (a path; a relative one was made
 /// relative to the policy's file when it was loaded) or `module_base64`:
 /// exactly one; they must be the bytes `module_sha256` names, if it does.
-fn module_bytes(c: &WasmConfig, cx: &mut Compile<'_>) -> Option<Vec<u8>> {
+/// With their SHA-256, which validation writes into the config as
+/// `module_sha256` for a `module` file ([`Wasm::module_sha256`]): the
+/// digest of the bytes compiled, read once.
+fn module_bytes(c: &WasmConfig, cx: &mut Compile<'_>) -> Option<(Vec<u8>, String)> {
     let want = match c.module_sha256.as_deref() {
         Some(d) if d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()) => Some(d.to_ascii_lowercase()),
         Some(d) => {
@@ -114,7 +86,7 @@ fn module_bytes(c: &WasmConfig, cx: &mut Compile<'_>) -> Option<Vec<u8>> {
         None => None,
     };
     let bytes = module_source(c, cx)?;
-    let have = sha256_hex(&bytes);
+    let have = crate::config::secrets::sha256_hex(&bytes);
     match want {
         Some(want) if want != have => {
             let what = c.module.as_deref().map_or_else(|| "module_base64".to_string(), |p| format!("the module {p}"));
@@ -126,7 +98,7 @@ fn module_bytes(c: &WasmConfig, cx: &mut Compile<'_>) -> Option<Vec<u8>> {
             );
             None
         }
-        _ => Some(bytes),
+        _ => Some((bytes, have)),
     }
 }
 
@@ -190,6 +162,13 @@ impl Filter for Wasm {
     }
 }
 
+#[cfg(not(feature = "wasm"))]
+impl Wasm {
+    pub fn module_sha256(&self) -> Option<&str> {
+        None
+    }
+}
+
 #[cfg(feature = "wasm")]
 pub use with_wasm::Wasm;
 
@@ -216,6 +195,8 @@ mod with_wasm {
         name: Arc<str>,
         /// The node's metrics (for `manifold_wasm_failures_total`), once bound.
         metrics: Option<Arc<crate::metrics::Metrics>>,
+        /// The SHA-256 of the module compiled, when it came from a file.
+        module_sha256: Option<Arc<str>>,
     }
 
     impl Filter for Wasm {
@@ -242,9 +223,10 @@ mod with_wasm {
                 v => serde_json::to_vec(v).unwrap_or_default(),
             };
             let module = module_bytes(c, cx);
-            let (Some(module), false) = (module, cx.has_errors()) else {
+            let (Some((module, digest)), false) = (module, cx.has_errors()) else {
                 return Err(cx.invalid());
             };
+            let module_sha256 = c.module.is_some().then(|| Arc::from(digest));
             let field = if c.module.is_some() { "module" } else { "module_base64" };
             let shown = c.module.as_deref().map(|p| format!("{p}: ")).unwrap_or_default();
             // The text format: not the binary's magic, and a `.wat` name or
@@ -259,7 +241,7 @@ mod with_wasm {
                 ));
             }
             match WasmPlugin::compile(cx.name, &module, plugin_config, limits) {
-                Ok(plugin) => Ok(Wasm { plugin, phase, name: cx.name.into(), metrics: None }),
+                Ok(plugin) => Ok(Wasm { plugin, phase, name: cx.name.into(), metrics: None, module_sha256 }),
                 Err(WasmError::Configure(m)) => Err(cx.fail("config", format!("the module would not start: {m}"))),
                 Err(e) => Err(cx.fail(field, format!("{shown}{e}"))),
             }
@@ -396,6 +378,12 @@ mod with_wasm {
     }
 
     impl Wasm {
+        /// The SHA-256 of the module file compiled (`None` for
+        /// `module_base64`, whose bytes the config holds).
+        pub fn module_sha256(&self) -> Option<&str> {
+            self.module_sha256.as_deref()
+        }
+
         /// This filter's key among a request's contexts (it lives in an
         /// `Arc` for as long as any request uses it).
         fn key(&self) -> usize {
